@@ -1,0 +1,306 @@
+"""Configuration: what the model looks like and how it is trained.
+
+Two dataclasses hold every setting: `ModelConfig` (the shape of the network) and `TrainConfig`
+(data, optimisation, schedule, logging, output). A run is configured in three layers, each
+overriding the one before:
+
+    1. a named preset (`tiny`, `small`, `medium`, `large`) or the dataclass defaults,
+    2. a TOML or JSON file with `[model]` and `[train]` tables (and an optional `preset = "..."`),
+    3. command-line flags, applied as dotted overrides such as `{"model.n_layer": 6}`.
+
+`validate` then turns any impossible combination into one plain sentence (a `UserInputError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from minigpt.errors import UserInputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+@dataclass
+class ModelConfig:
+    """The decoder's shape. `vocab_size = 0` means: use the tokenizer's vocabulary size."""
+
+    vocab_size: int = 0
+    block_size: int = 256  # longest context the model sees (rotary tables are built this long)
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 0  # key/value heads; fewer than n_head = grouped-query attention; 0 = n_head
+    n_embd: int = 128
+    ffn_hidden: int = 0  # SwiGLU hidden width; 0 = 8/3 of n_embd rounded up to a multiple of 64
+    dropout: float = 0.0
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        # SwiGLU has three matrices instead of two, so 8/3 of the width keeps the parameter
+        # count of a classic 4x MLP; rounding to 64 keeps the matrix shapes fast.
+        return 64 * ((8 * self.n_embd // 3 + 63) // 64)
+
+
+@dataclass
+class TrainConfig:
+    """Everything about a training run except the model's shape."""
+
+    # data
+    data_files: list[str] = field(default_factory=list)  # empty = the built-in corpus
+    val_data_files: list[str] = field(default_factory=list)  # empty = hold out val_fraction
+    val_fraction: float = 0.01
+    use_full_data: bool = False  # train on every .jsonl/.txt file under data/
+    max_data_size: int = 0  # cap on training documents; 0 = no cap
+    text_field: str = "text"
+    shuffle_buffer: int = 1000  # blocks held for shuffling; 0 = read in order
+    # tokenizer
+    tokenizer_type: str = "bpe"
+    tokenizer_vocab_size: int = 6400
+    tokenizer_samples: int = 0  # documents used to train the tokenizer; 0 = all
+    retrain_tokenizer: bool = False
+    # optimisation
+    learning_rate: float = 1e-3
+    min_learning_rate: float = 1e-4
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0 = no clipping
+    batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    # length of the run
+    max_steps: int = 5000
+    max_time: float = 0.0  # wall-clock budget in seconds; 0 = none
+    # evaluation, checkpoints, logging
+    eval_steps: int = 250
+    eval_batches: int = 20
+    save_steps: int = 500
+    keep_checkpoints: int = 3
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
+    log_steps: int = 10
+    sample_tokens: int = 48  # tokens generated as a sample at each evaluation; 0 = none
+    plot_loss: bool = False
+    # output
+    output_dir: str = "checkpoints"
+    run_name: str = ""  # empty = "<preset>-<date>-<time>"
+    resume: str = ""  # "" = fresh run; "latest" = latest checkpoint of the run; or a checkpoint directory
+    # runtime
+    seed: int = 1337
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
+
+
+@dataclass
+class RunConfig:
+    """The full configuration of a run: model shape plus training settings."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "configuration") -> "RunConfig":
+        unknown = set(values) - {"model", "train", "preset"}
+        if unknown:
+            raise UserInputError(
+                f"{source} has unknown top-level key(s) {sorted(unknown)}; use 'preset', [model] and [train]."
+            )
+        config = preset_config(values["preset"]) if values.get("preset") else cls()
+        overrides = {f"{section}.{key}": value for section in ("model", "train") for key, value in values.get(section, {}).items()}
+        return apply_overrides(config, overrides, source=source)
+
+
+# Named presets: a starting point for each scale. Each is a set of overrides on the defaults.
+PRESETS: dict[str, dict[str, Any]] = {
+    # Trains in seconds on a laptop CPU: for tests, tutorials and trying things out.
+    "tiny": {
+        "model.block_size": 64, "model.n_layer": 2, "model.n_head": 4, "model.n_kv_head": 2, "model.n_embd": 64,
+        "train.tokenizer_vocab_size": 512, "train.batch_size": 8, "train.learning_rate": 3e-3,
+        "train.min_learning_rate": 3e-4, "train.warmup_steps": 10, "train.max_steps": 200, "train.eval_steps": 50,
+        "train.eval_batches": 4, "train.save_steps": 100, "train.log_steps": 10, "train.shuffle_buffer": 64,
+    },
+    # About 12M parameters: a real little model that trains on a CPU in an hour or so.
+    "small": {
+        "model.block_size": 256, "model.n_layer": 6, "model.n_head": 6, "model.n_kv_head": 2, "model.n_embd": 384,
+        "train.batch_size": 16, "train.learning_rate": 1e-3, "train.warmup_steps": 100, "train.max_steps": 5000,
+        "train.eval_steps": 100, "train.save_steps": 200,
+    },
+    # About 26M parameters, the size of MiniMind2-Small (8 layers of width 512, 2 key/value heads).
+    # A step is 2,048 tokens so a CPU shows progress within minutes; raise batch_size on a GPU.
+    "medium": {
+        "model.block_size": 512, "model.n_layer": 8, "model.n_head": 8, "model.n_kv_head": 2, "model.n_embd": 512,
+        "train.batch_size": 4, "train.learning_rate": 6e-4, "train.min_learning_rate": 6e-5, "train.warmup_steps": 50,
+        "train.max_steps": 20000, "train.eval_steps": 50, "train.eval_batches": 10, "train.save_steps": 50,
+        "train.log_steps": 5,
+    },
+    # About 105M parameters (16 layers of width 768): a GPU model.
+    "large": {
+        "model.block_size": 512, "model.n_layer": 16, "model.n_head": 12, "model.n_kv_head": 4, "model.n_embd": 768,
+        "train.batch_size": 16, "train.gradient_accumulation_steps": 4, "train.learning_rate": 3e-4,
+        "train.min_learning_rate": 3e-5, "train.warmup_steps": 500, "train.max_steps": 50000, "train.eval_steps": 500,
+        "train.save_steps": 1000,
+    },
+}
+
+CHOICES = {
+    "train.lr_scheduler": ("cosine", "linear", "constant"),
+    "train.tokenizer_type": ("bpe", "char"),
+    "train.device": ("auto", "cpu", "cuda", "mps"),
+    "train.dtype": ("auto", "float32", "bfloat16", "float16"),
+}
+
+
+def preset_config(name: str) -> RunConfig:
+    """The configuration of a named preset."""
+    if name not in PRESETS:
+        raise UserInputError(f"Unknown preset '{name}'; choose one of {', '.join(PRESETS)} or give a .toml/.json file.")
+    return apply_overrides(RunConfig(preset=name), PRESETS[name], source=f"preset '{name}'")
+
+
+def load_config(name_or_path: str) -> RunConfig:
+    """A preset by name, or a configuration read from a TOML or JSON file."""
+    if name_or_path in PRESETS:
+        return preset_config(name_or_path)
+    path = Path(name_or_path)
+    if path.suffix not in (".toml", ".json"):
+        raise UserInputError(
+            f"--config '{name_or_path}' is neither a preset ({', '.join(PRESETS)}) nor a .toml/.json file."
+        )
+    if not path.is_file():
+        raise UserInputError(f"Configuration file {path} does not exist.")
+    try:
+        text = path.read_text(encoding="utf-8")
+        values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UserInputError(f"Configuration file {path} could not be parsed: {error}.") from None
+    if not isinstance(values, dict):
+        raise UserInputError(f"Configuration file {path} must hold a table/object at the top level.")
+    return RunConfig.from_dict(values, source=str(path))
+
+
+def apply_overrides(config: RunConfig, overrides: Mapping[str, Any], source: str = "override") -> RunConfig:
+    """Return a copy of `config` with dotted keys (`"model.n_layer"`, `"train.learning_rate"`) replaced.
+
+    Values may be strings (as typed on a command line); they are converted to the field's type.
+    """
+    sections = {"model": dataclasses.replace(config.model), "train": dataclasses.replace(config.train)}
+    for key, value in overrides.items():
+        section_name, _, field_name = key.partition(".")
+        section = sections.get(section_name)
+        fields = {f.name: f for f in dataclasses.fields(section)} if section is not None else {}
+        if field_name not in fields:
+            raise UserInputError(f"{source}: unknown setting '{key}'.")
+        setattr(section, field_name, _convert(value, fields[field_name], key, source))
+    return RunConfig(model=sections["model"], train=sections["train"], preset=config.preset)
+
+
+def _convert(value: Any, spec: dataclasses.Field, key: str, source: str) -> Any:
+    """Convert a value to the type of a dataclass field, or explain why it cannot be."""
+    default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+    expected = type(default)
+    if expected is list:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise UserInputError(f"{source}: '{key}' must be a list, got {value!r}.")
+        return [str(item) for item in items if str(item)]
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise UserInputError(f"{source}: '{key}' must be true or false, got {value!r}.")
+    try:
+        if expected is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return expected(value)
+    except (TypeError, ValueError):
+        raise UserInputError(f"{source}: '{key}' must be {expected.__name__}, got {value!r}.") from None
+
+
+def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None:
+    """Raise a `UserInputError` with one sentence if the configuration cannot work."""
+    model, train = config.model, config.train
+    positive = {
+        "model.block_size": model.block_size, "model.n_layer": model.n_layer, "model.n_head": model.n_head,
+        "model.n_embd": model.n_embd, "train.batch_size": train.batch_size,
+        "train.gradient_accumulation_steps": train.gradient_accumulation_steps, "train.eval_steps": train.eval_steps,
+        "train.eval_batches": train.eval_batches, "train.save_steps": train.save_steps,
+        "train.keep_checkpoints": train.keep_checkpoints, "train.log_steps": train.log_steps,
+        "train.learning_rate": train.learning_rate,
+    }
+    for key, value in positive.items():
+        if value < 1 if isinstance(value, int) else value <= 0:
+            raise UserInputError(f"{key} must be positive, got {value}.")
+    non_negative = {
+        "model.vocab_size": model.vocab_size, "model.n_kv_head": model.n_kv_head, "model.ffn_hidden": model.ffn_hidden,
+        "train.max_data_size": train.max_data_size, "train.shuffle_buffer": train.shuffle_buffer,
+        "train.tokenizer_samples": train.tokenizer_samples, "train.min_learning_rate": train.min_learning_rate,
+        "train.warmup_steps": train.warmup_steps, "train.weight_decay": train.weight_decay,
+        "train.grad_clip": train.grad_clip, "train.max_steps": train.max_steps, "train.max_time": train.max_time,
+        "train.early_stopping_patience": train.early_stopping_patience, "train.sample_tokens": train.sample_tokens,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise UserInputError(f"{key} must not be negative, got {value}.")
+    if model.n_embd % model.n_head:
+        raise UserInputError(
+            f"model.n_head ({model.n_head}) must divide model.n_embd ({model.n_embd}); pick a width that is a multiple of the head count."
+        )
+    if model.head_dim % 2:
+        raise UserInputError(
+            f"Each attention head is {model.head_dim} wide, but rotary embeddings need an even head width; change n_embd or n_head."
+        )
+    if model.n_head % model.kv_heads:
+        raise UserInputError(
+            f"model.n_kv_head ({model.kv_heads}) must divide model.n_head ({model.n_head}) so query heads share key/value heads evenly."
+        )
+    if not 0.0 <= model.dropout < 1.0:
+        raise UserInputError(f"model.dropout must be in [0, 1), got {model.dropout}.")
+    if not 0.0 <= train.val_fraction < 1.0:
+        raise UserInputError(f"train.val_fraction must be in [0, 1), got {train.val_fraction}.")
+    if train.min_learning_rate > train.learning_rate:
+        raise UserInputError(
+            f"The minimum learning rate ({train.min_learning_rate}) is above the learning rate ({train.learning_rate})."
+        )
+    if not (0.0 <= train.beta1 < 1.0 and 0.0 <= train.beta2 < 1.0):
+        raise UserInputError("train.beta1 and train.beta2 must be in [0, 1).")
+    if train.max_steps == 0 and train.max_time == 0:
+        raise UserInputError("Give the run an end: set max_steps or max_time (or both) above 0.")
+    for key, allowed in CHOICES.items():
+        value = getattr(train, key.split(".")[1])
+        if value not in allowed:
+            raise UserInputError(f"{key} must be one of {', '.join(allowed)}, got '{value}'.")
+    if train.tokenizer_type == "bpe" and train.tokenizer_vocab_size < 260:
+        raise UserInputError(
+            f"A byte-level BPE vocabulary needs at least 260 tokens (256 bytes + 4 special), got {train.tokenizer_vocab_size}."
+        )
+    if tokenizer_vocab_size is not None and model.vocab_size and model.vocab_size < tokenizer_vocab_size:
+        raise UserInputError(
+            f"model.vocab_size ({model.vocab_size}) is smaller than the tokenizer's vocabulary ({tokenizer_vocab_size}); "
+            "set it to 0 to follow the tokenizer."
+        )

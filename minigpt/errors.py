@@ -1,0 +1,9 @@
+"""The one exception type for mistakes a user can fix.
+
+Library code raises `UserInputError` with one plain sentence that says what is wrong and how to
+fix it; the scripts print that sentence (no traceback) and exit with status 2.
+"""
+
+
+class UserInputError(Exception):
+    """A bad flag, file, data line or configuration: the message is shown to the user as is."""

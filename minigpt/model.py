@@ -1,0 +1,243 @@
+"""The MiniGPT model: a decoder-only transformer, written out in full.
+
+Read it top to bottom:
+    RMSNorm            -> normalises each token's vector (cheaper than LayerNorm, no mean, no bias)
+    rotary embeddings  -> tell attention where each token is by rotating queries and keys
+    CausalSelfAttention-> each token looks at the tokens before it (grouped-query heads optional)
+    SwiGLUMLP          -> each token thinks on its own through a gated feed-forward network
+    Block              -> pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))
+    GPT                -> embeddings, a stack of blocks, a final norm, and the output head
+
+The layout follows Llama (pre-norm RMSNorm, rotary positions, SwiGLU, no biases, tied
+embeddings), so exporting to the Hugging Face `LlamaForCausalLM` layout is a renaming of tensors.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minigpt.config import ModelConfig
+
+IGNORE_INDEX = -100  # targets equal to this are left out of the loss (prompt tokens in chat fine-tuning)
+
+
+class RMSNorm(nn.Module):
+    """Scale each vector to unit root-mean-square, then by a learned per-channel gain."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x / sqrt(mean(x^2) + eps) * weight, fused into one kernel by PyTorch.
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def rotary_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (length, head_dim) for rotary position embeddings.
+
+    Channel pair i rotates at frequency theta^(-2i/head_dim): fast-turning pairs tell nearby
+    positions apart, slow-turning pairs tell far ones apart.
+    """
+    frequencies = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), frequencies)  # (length, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)  # the two halves of a head share frequencies
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (x[i], x[i + d/2]) channel pair of x (batch, heads, time, d) by its position's angle.
+
+    Because q and k are both rotated, their dot product depends only on the distance between
+    two positions, which is exactly what attention needs to know.
+    """
+    first, second = x.chunk(2, dim=-1)
+    rotated_half = torch.cat([-second, first], dim=-1)
+    return x * cos + rotated_half * sin
+
+
+class KVCache:
+    """Keys and values of past positions, one pair of tensors per layer, for fast generation.
+
+    Without a cache every new token recomputes attention inputs for the whole prefix; with it,
+    each step computes keys and values for the new token only and appends them here.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
+        shape = (batch_size, config.kv_heads, config.block_size, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.length = 0  # positions filled so far
+        self.capacity = config.block_size
+
+    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values of `layer` after the cached ones; return all of them."""
+        end = self.length + key.size(2)
+        self.keys[layer][:, :, self.length : end] = key
+        self.values[layer][:, :, self.length : end] = value
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head attention in which a token sees only itself and the tokens before it.
+
+    With n_kv_head < n_head (grouped-query attention) several query heads share one key/value
+    head: the KV cache shrinks by n_head / n_kv_head at almost no cost in quality.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+        self.dropout = config.dropout
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        batch, time, _ = x.shape
+        # Project, then split the channels into heads: (batch, heads, time, head_dim).
+        q = self.q_proj(x).view(batch, time, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, time, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, time, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.append(layer, k, v)
+        # Causal masking: with no past, the usual lower-triangular mask (is_causal). A single new
+        # token may see everything cached. Several new tokens after a past need an explicit mask.
+        mask = None
+        if past and time > 1:
+            mask = torch.ones(time, past + time, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=(past == 0 and time > 1),
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head,
+        )
+        y = y.transpose(1, 2).contiguous().view(batch, time, self.n_head * self.head_dim)  # heads side by side again
+        return self.o_proj(y)
+
+
+class SwiGLUMLP(nn.Module):
+    """Feed-forward network with a gate: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(config.hidden_dim, config.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """One transformer layer. Pre-norm: the residual stream x is never normalised itself, which
+    keeps gradients flowing straight through deep stacks."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attention = CausalSelfAttention(config)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = SwiGLUMLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+    ) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache, layer))
+        x = x + self.dropout(self.mlp(self.mlp_norm(x)))
+        return x
+
+
+class GPT(nn.Module):
+    """The whole model: token ids in, next-token logits (and optionally the loss) out."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.vocab_size < 1:
+            raise ValueError("ModelConfig.vocab_size must be set (to the tokenizer's vocabulary size) before building GPT.")
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.final_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            # Reading a token (embedding) and writing one (output head) share one matrix: fewer
+            # parameters, and rare tokens learn from both directions.
+            self.lm_head.weight = self.token_embedding.weight
+        cos, sin = rotary_tables(config.head_dim, config.block_size, config.rope_theta)
+        self.register_buffer("rotary_cos", cos, persistent=False)  # derived from the config: not saved
+        self.register_buffer("rotary_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2's trick: each residual branch adds to the stream, so shrink the layers that write
+        # into it by 1/sqrt(2 * n_layer) to keep the stream's variance steady with depth.
+        for name, parameter in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(parameter, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        loss_reduction: str = "mean",
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits for every position of idx (batch, time); with targets, also the cross-entropy loss.
+
+        Targets equal to IGNORE_INDEX (-100) do not count. `loss_reduction="sum"` returns the
+        summed loss so a caller can divide by the number of targets across several micro-batches.
+        """
+        time = idx.size(1)
+        start = cache.length if cache is not None else 0
+        if start + time > self.config.block_size:
+            raise ValueError(f"Sequence of {start + time} tokens is longer than block_size {self.config.block_size}.")
+        cos, sin = self.rotary_cos[start : start + time], self.rotary_sin[start : start + time]
+        x = self.dropout(self.token_embedding(idx))
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, layer)
+        if cache is not None:
+            cache.length += time
+        logits = self.lm_head(self.final_norm(x))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(
+            logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
+            ignore_index=IGNORE_INDEX, reduction=loss_reduction,
+        )
+        return logits, loss
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameter count (a tied matrix counts once); optionally without the token embedding."""
+        total = sum(parameter.numel() for parameter in self.parameters())
+        if exclude_embeddings:
+            total -= self.token_embedding.weight.numel()
+        return total
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: forward + backward through every matrix multiply.
+
+        Each weight does a multiply and an add per token (2 FLOPs) forward and twice that
+        backward: 6 FLOPs per weight. Attention scores add 2 * 2 * block_size * width per layer
+        forward (q @ k and weights @ v), again x3 with the backward pass. The embedding lookup
+        is not a multiply; the output head is, tied or not.
+        """
+        config = self.config
+        matrix_weights = sum(module.weight.numel() for module in self.modules() if isinstance(module, nn.Linear))
+        attention = 12 * config.n_layer * config.block_size * config.n_head * config.head_dim
+        return 6 * matrix_weights + attention

@@ -1,0 +1,147 @@
+"""The model: it learns, it cannot see the future, and its cache, counts and loss are right."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from minigpt.config import ModelConfig
+from minigpt.generate import SamplingConfig, generate, next_token_distribution
+from minigpt.model import GPT, IGNORE_INDEX, KVCache
+
+
+def tiny_config(**changes) -> ModelConfig:
+    base = ModelConfig(vocab_size=96, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    return dataclasses.replace(base, **changes)
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    batch = torch.randint(0, 96, (4, 33))
+    x, y = batch[:, :-1], batch[:, 1:]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    first_loss = None
+    for _ in range(300):
+        _, loss = model(x, y)
+        first_loss = first_loss if first_loss is not None else loss.item()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.05:
+            break
+    assert first_loss == pytest.approx(torch.log(torch.tensor(96.0)).item(), abs=0.3)  # starts near uniform
+    assert loss.item() < 0.05  # random tokens: only memorising the batch gets there
+
+
+def test_future_tokens_never_change_past_logits():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    idx = torch.randint(0, 96, (2, 20))
+    changed = idx.clone()
+    changed[:, 12] = (changed[:, 12] + 1) % 96
+    with torch.no_grad():
+        before, _ = model(idx)
+        after, _ = model(changed)
+    torch.testing.assert_close(before[:, :12], after[:, :12], rtol=0, atol=0)
+    assert not torch.allclose(before[:, 12], after[:, 12])
+
+
+def test_grouped_query_attention_equals_multi_head_with_shared_key_value_weights():
+    torch.manual_seed(0)
+    grouped = GPT(tiny_config(n_kv_head=2)).eval()
+    full = GPT(tiny_config(n_kv_head=4)).eval()
+    full_state = grouped.state_dict()
+    head_dim = grouped.config.head_dim
+    for name, tensor in grouped.state_dict().items():
+        if name.endswith(("k_proj.weight", "v_proj.weight")):
+            # Query heads 0,1 use key/value head 0 and heads 2,3 use head 1: repeat each kv head's rows.
+            heads = tensor.view(2, head_dim, -1)
+            full_state[name] = heads.repeat_interleave(2, dim=0).reshape(4 * head_dim, -1)
+    full.load_state_dict(full_state)
+    idx = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(grouped(idx)[0], full(idx)[0])
+
+
+def test_kv_cache_logits_match_full_forward():
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    idx = torch.randint(0, 96, (1, 24))
+    cache = KVCache(model.config, 1, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        full, _ = model(idx)
+        prefix, _ = model(idx[:, :10], cache=cache)  # prefill
+        chunk, _ = model(idx[:, 10:14], cache=cache)  # several tokens after a past
+        steps = [model(idx[:, t : t + 1], cache=cache)[0] for t in range(14, 24)]
+    torch.testing.assert_close(torch.cat([prefix, chunk, *steps], dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("new_tokens", [10, 60])  # 60 runs past the 32-token window
+def test_greedy_generation_is_the_same_with_and_without_cache(new_tokens):
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    prompt = [5, 17, 42]
+    with_cache = generate(model, prompt, SamplingConfig(max_new_tokens=new_tokens, temperature=0, use_kv_cache=True))
+    without = generate(model, prompt, SamplingConfig(max_new_tokens=new_tokens, temperature=0, use_kv_cache=False))
+    assert with_cache == without
+    assert len(with_cache) == new_tokens
+    assert model.training  # generation restores the mode it found
+
+
+def test_sampling_is_reproducible_with_a_seed_and_stops_on_stop_tokens():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    sampling = SamplingConfig(max_new_tokens=20, temperature=1.0, top_k=10, top_p=0.9, repetition_penalty=1.3, seed=7)
+    first = generate(model, [1, 2, 3], sampling)
+    assert first == generate(model, [1, 2, 3], sampling)
+    stop = first[5]
+    stopped = generate(model, [1, 2, 3], dataclasses.replace(sampling, stop_ids=(stop,)))
+    assert stopped == first[: first.index(stop)]
+
+
+def test_distribution_filters():
+    logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
+    context = torch.tensor([0])
+    top_k = next_token_distribution(logits, context, SamplingConfig(top_k=2))
+    assert (top_k[2:] == 0).all() and top_k.sum().item() == pytest.approx(1.0)
+    full = torch.softmax(logits, dim=-1)
+    top_p = next_token_distribution(logits, context, SamplingConfig(top_p=0.8))
+    kept = int((top_p > 0).sum())
+    assert full[: kept - 1].sum() < 0.8 <= full[:kept].sum()  # the smallest set that reaches p
+    greedy = next_token_distribution(logits, context, SamplingConfig(temperature=0, repetition_penalty=10.0))
+    assert greedy.argmax().item() == 1  # the penalty pushed the seen token 0 below token 1
+
+
+def test_ignored_targets_leave_the_loss():
+    torch.manual_seed(0)
+    model = GPT(tiny_config())
+    idx = torch.randint(0, 96, (2, 16))
+    targets = torch.randint(0, 96, (2, 16))
+    masked = targets.clone()
+    masked[:, :8] = IGNORE_INDEX
+    logits, loss = model(idx, masked)
+    expected = torch.nn.functional.cross_entropy(logits[:, 8:].reshape(-1, 96), targets[:, 8:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+    _, summed = model(idx, masked, loss_reduction="sum")
+    torch.testing.assert_close(summed, expected * 16)
+
+
+def test_parameter_count_and_flops():
+    config = tiny_config()
+    model = GPT(config)
+    d, hidden, kv = config.n_embd, config.hidden_dim, config.kv_heads * config.head_dim
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * hidden + 2 * d  # q, o, k, v, gate/up/down, two norms
+    embedding = config.vocab_size * d
+    assert model.num_parameters() == embedding + config.n_layer * per_layer + d  # tied head counts once
+    assert model.num_parameters(exclude_embeddings=True) == config.n_layer * per_layer + d
+    matrix_weights = config.n_layer * (per_layer - 2 * d) + embedding  # the tied head is still a multiply
+    assert model.flops_per_token() == 6 * matrix_weights + 12 * config.n_layer * config.block_size * d
+    untied = GPT(tiny_config(tie_embeddings=False))
+    assert untied.num_parameters() == model.num_parameters() + embedding
+
+
+def test_too_long_input_is_refused():
+    model = GPT(tiny_config())
+    with pytest.raises(ValueError, match="longer than block_size"):
+        model(torch.zeros(1, 33, dtype=torch.long))
