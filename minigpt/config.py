@@ -74,6 +74,7 @@ class TrainConfig:
     text_field: str = "text"
     shuffle_buffer: int = 1000  # blocks held for shuffling; 0 = read in order
     # tokenizer
+    tokenizer_path: str = ""  # an existing tokenizer.json to use; empty = train one (or reuse the cached one)
     tokenizer_type: str = "bpe"
     tokenizer_vocab_size: int = 6400
     tokenizer_samples: int = 0  # documents used to train the tokenizer; 0 = all

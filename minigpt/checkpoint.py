@@ -1,0 +1,215 @@
+"""Saving and loading runs so that nothing is ever lost.
+
+Every file and directory is written atomically: first under a temporary name, flushed to disk
+(fsync), then renamed into place. A rename is atomic on POSIX file systems, so a crash, a
+`kill -9` or a power cut at any instant leaves either the old version or the new one, never
+half of a file. Loading never unpickles arbitrary objects: weights are safetensors and the
+training state goes through `torch.load(weights_only=True)`.
+
+A checkpoint directory `checkpoint_step_<N>/` holds:
+    model.safetensors  the weights
+    state.pt           optimizer, data-stream position, RNG states, counters
+    meta.json          step, validation loss, time (small and human-readable)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from minigpt.config import RunConfig, load_config
+from minigpt.errors import UserInputError
+from minigpt.model import GPT
+from minigpt.tokenizer import Tokenizer, load_tokenizer
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint_step_(\d+)$")
+TEMPORARY_PREFIX = ".tmp-"
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename inside `directory` durable (the directory entry itself is data too)."""
+    try:
+        descriptor = os.open(directory, os.O_RDONLY)
+    except OSError:  # not possible on every platform (Windows); the rename is still atomic
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old content or the new, never a mix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def atomic_write_json(path: str | Path, value: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def write_directory_atomically(path: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Create directory `path` by letting `fill` write into a temporary sibling, then renaming it.
+
+    If `path` already exists it is replaced; at every instant one complete version exists.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{path.name}-", dir=path.parent))
+    try:
+        fill(temporary)
+        for file in temporary.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_directory(temporary)
+        if path.exists():
+            retired = path.parent / f"{TEMPORARY_PREFIX}old-{path.name}-{os.getpid()}"
+            os.replace(path, retired)
+            os.replace(temporary, path)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(temporary, path)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def remove_temporary_files(run_dir: str | Path) -> None:
+    """Clear what an interrupted write left behind (it never has a final name, so nothing reads it)."""
+    for leftover in Path(run_dir).glob(f"{TEMPORARY_PREFIX}*"):
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def save_checkpoint(
+    run_dir: str | Path, step: int, model: torch.nn.Module, training_state: dict[str, Any], meta: dict[str, Any]
+) -> Path:
+    """Write `checkpoint_step_<step>/` atomically; `training_state` must hold only tensors and plain values."""
+
+    def fill(directory: Path) -> None:
+        save_model(model, str(directory / "model.safetensors"))  # drops the tied duplicate matrix
+        torch.save(training_state, directory / "state.pt")
+        (directory / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2, sort_keys=True) + "\n")
+
+    return write_directory_atomically(Path(run_dir) / f"checkpoint_step_{step}", fill)
+
+
+def load_checkpoint(checkpoint_dir: str | Path, model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load weights into `model`; return (training_state, meta)."""
+    directory = Path(checkpoint_dir)
+    missing = [name for name in ("model.safetensors", "state.pt", "meta.json") if not (directory / name).is_file()]
+    if missing:
+        raise UserInputError(f"{directory} is not a complete checkpoint (missing {', '.join(missing)}).")
+    load_weights(model, directory / "model.safetensors")
+    training_state = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
+    meta = json.loads((directory / "meta.json").read_text())
+    return training_state, meta
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load a safetensors file into `model`, explaining a mismatch in one sentence."""
+    try:
+        load_model(model, str(path), device=str(next(model.parameters()).device))
+    except RuntimeError as error:
+        raise UserInputError(f"The weights in {path} do not fit this model's configuration ({str(error).splitlines()[0]}).") from None
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(match.group(1)), entry) for entry in run_dir.iterdir() if (match := CHECKPOINT_PATTERN.match(entry.name))]
+    return [entry for _, entry in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    checkpoints = list_checkpoints(run_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the `keep` newest checkpoints, always sparing the best by validation loss."""
+    checkpoints = list_checkpoints(run_dir)
+    scored = []
+    for checkpoint in checkpoints:
+        val_loss = json.loads((checkpoint / "meta.json").read_text()).get("val_loss")
+        if val_loss is not None:
+            scored.append((val_loss, checkpoint))
+    spared = set(checkpoints[-keep:])
+    if scored:
+        spared.add(min(scored, key=lambda pair: pair[0])[1])
+    removed = [checkpoint for checkpoint in checkpoints if checkpoint not in spared]
+    for checkpoint in removed:
+        # Rename first: a crash halfway through the deletion must not leave a broken checkpoint
+        # under a name that looks complete.
+        retired = checkpoint.parent / f"{TEMPORARY_PREFIX}{checkpoint.name}"
+        os.replace(checkpoint, retired)
+        shutil.rmtree(retired)
+    return removed
+
+
+def save_model_directory(directory: str | Path, model: torch.nn.Module, config: RunConfig, tokenizer: Tokenizer) -> Path:
+    """A self-contained model directory (weights, config.json, tokenizer.json), e.g. `final_model/`."""
+
+    def fill(temporary: Path) -> None:
+        save_model(model, str(temporary / "model.safetensors"))
+        (temporary / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        tokenizer.save(temporary / "tokenizer.json")
+
+    return write_directory_atomically(directory, fill)
+
+
+def resolve_model_directory(path: str | Path) -> tuple[Path, Path]:
+    """(weights directory, directory holding config.json and tokenizer.json) for a path a user gives:
+    a model directory such as final_model/, a checkpoint directory, or a run directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserInputError(f"Model path {path} does not exist or is not a directory.")
+    if (path / "model.safetensors").is_file():
+        home = path if (path / "config.json").is_file() else path.parent  # a checkpoint: its run directory
+        if (home / "config.json").is_file() and (home / "tokenizer.json").is_file():
+            return path, home
+    elif (path / "final_model" / "model.safetensors").is_file():
+        return resolve_model_directory(path / "final_model")
+    elif latest_checkpoint(path) is not None:
+        return resolve_model_directory(latest_checkpoint(path))
+    raise UserInputError(
+        f"{path} holds no model: give a final_model/ directory, a checkpoint_step_<N>/ directory or a run directory."
+    )
+
+
+def load_model_directory(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, RunConfig]:
+    """Load the model, its tokenizer and its configuration from a path accepted by `resolve_model_directory`."""
+    weights_dir, home = resolve_model_directory(path)
+    config = load_config(str(home / "config.json"))
+    tokenizer = load_tokenizer(home / "tokenizer.json")
+    model = GPT(config.model).to(device)
+    load_weights(model, weights_dir / "model.safetensors")
+    model.eval()
+    return model, tokenizer, config

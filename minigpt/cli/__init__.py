@@ -1,0 +1,1 @@
+"""Command-line front doors. Each module parses arguments and calls into the library."""

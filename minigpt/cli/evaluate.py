@@ -1,0 +1,55 @@
+"""`python scripts/evaluate.py MODEL --data-files ...`: loss, perplexity and bits per byte on data."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from minigpt.checkpoint import load_model_directory
+from minigpt.cli.common import ArgumentParser, run_command
+from minigpt.data import TokenBlockStream, resolve_data_files
+from minigpt.errors import UserInputError
+from minigpt.evaluate import evaluate
+from minigpt.runtime import select_device
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="evaluate.py", description="Evaluate a model on .jsonl/.txt data.")
+    parser.add_argument("model", help="a final_model/ directory, a checkpoint_step_<N>/ directory, or a run directory")
+    parser.add_argument("--data-files", nargs="+", required=True, help="files, directories or globs")
+    parser.add_argument("--text-field", default="text")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--block-size", type=int, default=0, help="context length (default: the model's)")
+    parser.add_argument("--max-batches", type=int, default=0, help="stop after this many batches (0 = all the data)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    return parser
+
+
+@run_command
+def main(argv: list[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    model, tokenizer, _ = load_model_directory(arguments.model, select_device(arguments.device))
+    block_size = arguments.block_size or model.config.block_size
+    if not 1 <= block_size <= model.config.block_size:
+        raise UserInputError(f"--block-size must be between 1 and the model's {model.config.block_size}, got {block_size}.")
+    if arguments.batch_size < 1 or arguments.max_batches < 0:
+        raise UserInputError("--batch-size must be at least 1 and --max-batches not negative.")
+    stream = TokenBlockStream(
+        resolve_data_files(arguments.data_files), tokenizer, block_size, arguments.batch_size, split="all", loop=False,
+        text_field=arguments.text_field,
+    )
+    stream.check_not_empty()
+    byte_lengths = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.long)
+    result = evaluate(model, stream, byte_lengths, arguments.max_batches)
+    if arguments.json:
+        print(json.dumps({"loss": result.loss, "perplexity": result.perplexity, "bits_per_byte": result.bits_per_byte,
+                          "tokens": result.tokens, "bytes": result.bytes}))
+    else:
+        print(f"loss           {result.loss:.4f} nats/token")
+        print(f"perplexity     {result.perplexity:.2f}")
+        print(f"bits per byte  {result.bits_per_byte:.4f}")
+        print(f"tokens         {result.tokens:,} ({result.bytes:,} bytes, {result.bytes / result.tokens:.2f} bytes/token)")
+    return 0 if math.isfinite(result.loss) else 1

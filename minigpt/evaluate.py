@@ -1,0 +1,69 @@
+"""Measuring a model: loss, perplexity and bits per byte.
+
+    loss           mean cross-entropy per predicted token, in nats
+    perplexity     exp(loss): as unsure as a uniform choice among this many tokens
+    bits per byte  total cross-entropy in bits divided by the UTF-8 bytes the targets stand for
+
+Loss and perplexity depend on the tokenizer (bigger tokens carry more text each, so their loss
+is higher); bits per byte does not, so it compares runs with different tokenizers fairly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from itertools import islice
+from typing import Iterable
+
+import torch
+
+from minigpt.model import GPT, IGNORE_INDEX
+from minigpt.runtime import autocast
+
+
+@dataclass
+class EvaluationResult:
+    loss: float
+    perplexity: float
+    bits_per_byte: float
+    tokens: int
+    bytes: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {
+            "val_loss": self.loss, "val_perplexity": self.perplexity, "val_bits_per_byte": self.bits_per_byte,
+            "val_tokens": self.tokens,
+        }
+
+
+@torch.no_grad()
+def evaluate(
+    model: GPT,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    token_byte_lengths: torch.Tensor,
+    max_batches: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> EvaluationResult:
+    """Evaluate on up to `max_batches` (0 = all) batches of (inputs, targets)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    token_byte_lengths = token_byte_lengths.to(device)
+    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    total_tokens = torch.zeros((), dtype=torch.long, device=device)
+    total_bytes = torch.zeros((), dtype=torch.long, device=device)
+    for inputs, targets in islice(batches, max_batches or None):
+        inputs, targets = inputs.to(device), targets.to(device)
+        with autocast(device, dtype):
+            _, losses = model(inputs, targets, loss_reduction="none")
+        counted = targets.view(-1) != IGNORE_INDEX
+        total_nats += losses.double().sum()  # ignored positions contribute 0
+        total_tokens += counted.sum()
+        total_bytes += token_byte_lengths[targets.view(-1)[counted]].sum()
+    model.train(was_training)
+    tokens, byte_count = int(total_tokens), int(total_bytes)
+    if tokens == 0:
+        raise ValueError("Evaluation saw no target tokens: the validation data is empty.")
+    loss = float(total_nats) / tokens
+    bits_per_byte = float(total_nats) / math.log(2) / byte_count if byte_count else float("nan")
+    return EvaluationResult(loss, math.exp(min(loss, 700.0)), bits_per_byte, tokens, byte_count)

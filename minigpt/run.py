@@ -1,0 +1,173 @@
+"""Setting up a training run: its directory, tokenizer, data streams and model.
+
+`prepare_run(config)` does everything between "here is a configuration" and "start the loop",
+and checks every input first, so a mistake (a missing file, an impossible configuration, a run
+that already exists) is reported before any work is done or any file is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from minigpt.checkpoint import atomic_write_json, latest_checkpoint, remove_temporary_files
+from minigpt.config import RunConfig, validate
+from minigpt.corpus import BUILTIN_CORPUS, builtin_corpus_fingerprint
+from minigpt.data import TokenBlockStream, iter_documents, resolve_data_files
+from minigpt.errors import UserInputError
+from minigpt.metrics import truncate_metrics
+from minigpt.model import GPT
+from minigpt.runtime import select_device, select_dtype, seed_everything
+from minigpt.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from minigpt.trainer import LossPlotCallback, Trainer
+
+log = logging.getLogger("minigpt.run")
+
+FULL_DATA_DIRECTORY = "data"
+
+
+@dataclass
+class RunPaths:
+    run_dir: Path
+    resume_from: Path | None  # the checkpoint to continue from, if resuming
+
+
+def training_sources(config: RunConfig) -> list:
+    """The training sources: --data-files, every file under data/ (--use-full-data), or the built-in corpus."""
+    train = config.train
+    if train.use_full_data and train.data_files:
+        raise UserInputError("Give either --data-files or --use-full-data, not both.")
+    if train.use_full_data:
+        if not Path(FULL_DATA_DIRECTORY).is_dir():
+            raise UserInputError(f"--use-full-data reads every .jsonl/.txt file under ./{FULL_DATA_DIRECTORY}/, which does not exist.")
+        return resolve_data_files([FULL_DATA_DIRECTORY])
+    if train.data_files:
+        return resolve_data_files(train.data_files)
+    return [BUILTIN_CORPUS]
+
+
+def resolve_run_paths(config: RunConfig) -> RunPaths:
+    """Where the run lives, and which checkpoint it resumes from.
+
+    --resume alone continues the latest checkpoint of the run named by --run-name (or of the most
+    recent run under the output directory); --resume DIR continues that checkpoint directory.
+    """
+    train = config.train
+    output_dir = Path(train.output_dir)
+    if train.resume and train.resume != "latest":
+        checkpoint = Path(train.resume)
+        if not (checkpoint / "model.safetensors").is_file():
+            raise UserInputError(f"--resume {checkpoint} is not a checkpoint directory (no model.safetensors in it).")
+        return RunPaths(checkpoint.parent, checkpoint)
+    if train.resume:
+        if train.run_name:
+            run_dir = output_dir / train.run_name
+        else:
+            runs = [entry for entry in output_dir.glob("*/config.json")] if output_dir.is_dir() else []
+            if not runs:
+                raise UserInputError(f"--resume found no run under {output_dir}; name one with --run-name.")
+            run_dir = max(runs, key=lambda path: path.stat().st_mtime).parent
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise UserInputError(f"--resume: run {run_dir} has no checkpoint yet; start it again without --resume.")
+        return RunPaths(run_dir, checkpoint)
+    name = train.run_name or f"{config.preset or 'custom'}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir = output_dir / name
+    if latest_checkpoint(run_dir) is not None or (run_dir / "final_model").exists():
+        raise UserInputError(
+            f"Run directory {run_dir} already holds a run; continue it with --resume or choose another --run-name."
+        )
+    return RunPaths(run_dir, None)
+
+
+def _sources_fingerprint(sources: list, config: RunConfig) -> str:
+    """A key that changes when the tokenizer's training input or settings change."""
+    parts = []
+    for source in sources:
+        if source == BUILTIN_CORPUS:
+            parts.append(["builtin", builtin_corpus_fingerprint()])
+        else:
+            stat = Path(source).stat()
+            parts.append([str(Path(source).resolve()), stat.st_size, stat.st_mtime_ns])
+    train = config.train
+    key = [parts, train.tokenizer_type, train.tokenizer_vocab_size, train.tokenizer_samples, train.text_field]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
+
+
+def obtain_tokenizer(config: RunConfig, sources: list, show_progress: bool = True) -> Tokenizer:
+    """The --tokenizer file if given; else the tokenizer trained before on the same sources and settings, or a new one."""
+    train = config.train
+    if train.tokenizer_path:
+        return load_tokenizer(train.tokenizer_path)
+    cache = Path(train.output_dir) / "tokenizers" / (
+        f"{train.tokenizer_type}-{train.tokenizer_vocab_size}-{_sources_fingerprint(sources, config)}.json"
+    )
+    if cache.is_file() and not train.retrain_tokenizer:
+        log.info("Reusing tokenizer %s", cache)
+        return load_tokenizer(cache)
+    log.info("Training a %s tokenizer (vocabulary %d) on %s", train.tokenizer_type, train.tokenizer_vocab_size, ", ".join(map(str, sources)))
+    texts = iter_documents(sources, text_field=train.text_field)
+    tokenizer = train_tokenizer(train.tokenizer_type, texts, train.tokenizer_vocab_size, train.tokenizer_samples, show_progress)
+    tokenizer.save(cache)
+    log.info("Saved tokenizer %s", cache)
+    return tokenizer
+
+
+def build_streams(config: RunConfig, sources: list, tokenizer: Tokenizer) -> tuple[TokenBlockStream, TokenBlockStream]:
+    """The endless, shuffled training stream and the finite validation stream."""
+    train = config.train
+    common = dict(tokenizer=tokenizer, block_size=config.model.block_size, batch_size=train.batch_size, text_field=train.text_field)
+    if train.val_data_files:
+        val_sources = resolve_data_files(train.val_data_files)
+        train_stream = TokenBlockStream(sources, split="all", shuffle_buffer=train.shuffle_buffer, seed=train.seed,
+                                        max_documents=train.max_data_size, **common)
+        val_stream = TokenBlockStream(val_sources, split="all", loop=False, **common)
+    else:
+        train_stream = TokenBlockStream(sources, split="train", val_fraction=train.val_fraction, shuffle_buffer=train.shuffle_buffer,
+                                        seed=train.seed, max_documents=train.max_data_size, **common)
+        val_stream = TokenBlockStream(sources, split="val", val_fraction=train.val_fraction, loop=False, **common)
+    train_stream.check_not_empty()
+    val_stream.check_not_empty()
+    return train_stream, val_stream
+
+
+def prepare_run(config: RunConfig, show_progress: bool = True) -> Trainer:
+    """Check everything, create the run directory, and return a Trainer ready to `train()`."""
+    validate(config)
+    paths = resolve_run_paths(config)
+    device = select_device(config.train.device)
+    dtype = select_dtype(config.train.dtype, device)
+    sources = training_sources(config)
+    if paths.resume_from is not None:
+        tokenizer = load_tokenizer(paths.run_dir / "tokenizer.json")
+    else:
+        tokenizer = obtain_tokenizer(config, sources, show_progress)
+    if not config.model.vocab_size:
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size))
+    validate(config, tokenizer.vocab_size)
+    seed_everything(config.train.seed)
+    train_stream, val_stream = build_streams(config, sources, tokenizer)
+
+    run_dir = paths.run_dir
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, run_name=run_dir.name, resume=""))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    remove_temporary_files(run_dir)
+    atomic_write_json(run_dir / "config.json", config.to_dict())
+    if paths.resume_from is None:
+        tokenizer.save(run_dir / "tokenizer.json")
+    model = GPT(config.model).to(device)
+    callbacks = [LossPlotCallback()] if config.train.plot_loss else []
+    trainer = Trainer(config, model, tokenizer, train_stream, val_stream, run_dir, device, dtype, callbacks, show_progress)
+    if paths.resume_from is not None:
+        trainer.resume(paths.resume_from)
+        truncate_metrics(run_dir / "metrics.jsonl", trainer.progress.step)
+    log.info(
+        "Run %s: %s parameters (%s without embeddings), device %s, %s",
+        run_dir, f"{model.num_parameters():,}", f"{model.num_parameters(exclude_embeddings=True):,}", device, str(dtype).replace("torch.", ""),
+    )
+    return trainer

@@ -1,0 +1,170 @@
+"""Text to token ids and back.
+
+Two tokenizers behind one interface, both stored as a standard Hugging Face `tokenizer.json`
+(loadable with `tokenizers.Tokenizer.from_file` and no MiniGPT code):
+
+    byte-level BPE  text is first turned into UTF-8 bytes, so any string can be encoded with no
+                    unknown token; training then merges the most frequent adjacent pairs into
+                    new tokens until the vocabulary is full. Round trips are exact for any text.
+    character       one token per character seen in training: the classic tiny-Shakespeare
+                    setup, and the easiest tokenizer to reason about while learning.
+
+Ids 0-3 are always the special tokens below, so code can rely on them.
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import islice
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HuggingFaceTokenizer
+from tqdm import tqdm
+
+from minigpt.errors import UserInputError
+
+EOS_TOKEN = "<|endoftext|>"  # ends a document; also where generation starts a new one
+IM_START_TOKEN = "<|im_start|>"  # opens a chat turn: <|im_start|>role\ncontent<|im_end|>\n
+IM_END_TOKEN = "<|im_end|>"
+PAD_TOKEN = "<|pad|>"
+SPECIAL_TOKENS = [EOS_TOKEN, IM_START_TOKEN, IM_END_TOKEN, PAD_TOKEN]
+UNKNOWN_TOKEN = "<|unk|>"  # character tokenizer only: a character not seen in training
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class Tokenizer:
+    """A trained tokenizer: encode, decode, chat rendering, save. Wraps a `tokenizers.Tokenizer`."""
+
+    def __init__(self, backend: HuggingFaceTokenizer):
+        self.backend = backend
+        model_type = json.loads(backend.to_str())["model"]["type"]
+        self.kind = {"BPE": "bpe", "WordLevel": "char"}.get(model_type)
+        if self.kind is None:
+            raise UserInputError(f"Unsupported tokenizer model type '{model_type}'; MiniGPT uses byte-level BPE or characters.")
+        ids = [backend.token_to_id(token) for token in SPECIAL_TOKENS]
+        if ids != [0, 1, 2, 3]:
+            raise UserInputError(f"This tokenizer lacks MiniGPT's special tokens {SPECIAL_TOKENS} at ids 0-3.")
+        self.eos_id, self.im_start_id, self.im_end_id, self.pad_id = ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many texts at once (in parallel inside `tokenizers`): the fast path for data."""
+        return [encoding.ids for encoding in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+    def token_byte_lengths(self) -> list[int]:
+        """How many UTF-8 bytes of text each token id stands for (0 for special tokens).
+
+        Dividing a loss by bytes rather than tokens gives bits per byte, which compares models
+        with different tokenizers fairly.
+        """
+        special = set(SPECIAL_TOKENS) | {UNKNOWN_TOKEN}  # an unseen character's bytes are unknown: 0
+        lengths = [0] * self.vocab_size
+        for token, index in self.backend.get_vocab(with_added_tokens=True).items():
+            if token not in special:
+                # A byte-level BPE token is written with one printable character per byte.
+                lengths[index] = len(token) if self.kind == "bpe" else len(token.encode("utf-8"))
+        return lengths
+
+    def save(self, path: str | Path) -> None:
+        from minigpt.checkpoint import atomic_write_bytes  # here to keep tokenizer importable on its own
+
+        atomic_write_bytes(path, self.backend.to_str(pretty=True).encode("utf-8"))
+
+    def render_chat(self, conversations: list[dict]) -> tuple[list[int], list[bool]]:
+        """Token ids of a conversation, and a mask that is True on what the assistant says.
+
+        Each turn is `<|im_start|>role\\ncontent<|im_end|>\\n`. The mask covers the assistant's
+        content and its closing <|im_end|> (so the model learns to stop), and nothing else: in
+        chat fine-tuning the loss is computed only where the mask is True.
+        """
+        ids: list[int] = []
+        mask: list[bool] = []
+        for turn in conversations:
+            role, content = self._check_turn(turn)
+            header = [self.im_start_id] + self.encode(f"{role}\n")
+            body = self.encode(content) + [self.im_end_id]
+            newline = self.encode("\n")
+            ids += header + body + newline
+            mask += [False] * len(header) + [role == "assistant"] * len(body) + [False] * len(newline)
+        return ids, mask
+
+    def chat_prompt(self, conversations: list[dict]) -> list[int]:
+        """The conversation so far, followed by the header of the assistant's reply, for generation."""
+        ids, _ = self.render_chat(conversations)
+        return ids + [self.im_start_id] + self.encode("assistant\n")
+
+    @staticmethod
+    def _check_turn(turn: object) -> tuple[str, str]:
+        if not isinstance(turn, dict) or turn.get("role") not in CHAT_ROLES or not isinstance(turn.get("content"), str):
+            raise UserInputError(
+                f"A chat turn must be an object with 'role' ({', '.join(CHAT_ROLES)}) and string 'content', got {str(turn)[:80]}."
+            )
+        return turn["role"], turn["content"]
+
+
+def _limited(texts: Iterable[str], max_samples: int, show_progress: bool, description: str) -> Iterator[str]:
+    """The training texts, capped at max_samples (0 = all), with a progress bar."""
+    texts = islice(texts, max_samples) if max_samples else texts
+    return iter(tqdm(texts, total=max_samples or None, unit="doc", desc=description, disable=not show_progress))
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, max_samples: int = 0, show_progress: bool = True) -> Tokenizer:
+    """Train a byte-level BPE tokenizer, streaming the texts (they are never all in memory)."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise UserInputError(f"A byte-level BPE vocabulary needs at least {256 + len(SPECIAL_TOKENS)} tokens, got {vocab_size}.")
+    backend = HuggingFaceTokenizer(models.BPE())
+    # add_prefix_space=False keeps decode(encode(text)) == text exactly; use_regex splits text
+    # into words, numbers and punctuation first (GPT-2's rule), so merges never cross them.
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_limited(texts, max_samples, show_progress, "tokenizer"), trainer=trainer)
+    return Tokenizer(backend)
+
+
+def train_char_tokenizer(texts: Iterable[str], max_samples: int = 0, show_progress: bool = True) -> Tokenizer:
+    """A character tokenizer over every character in the texts (sorted, so training is deterministic)."""
+    characters: set[str] = set()
+    for text in _limited(texts, max_samples, show_progress, "characters"):
+        characters.update(text)
+    vocabulary = {token: index for index, token in enumerate(SPECIAL_TOKENS + [UNKNOWN_TOKEN] + sorted(characters))}
+    backend = HuggingFaceTokenizer(models.WordLevel(vocabulary, unk_token=UNKNOWN_TOKEN))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
+    backend.decoder = decoders.Fuse()  # join the characters back with nothing in between
+    backend.add_special_tokens(SPECIAL_TOKENS)
+    return Tokenizer(backend)
+
+
+def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, max_samples: int = 0, show_progress: bool = True) -> Tokenizer:
+    """Train a tokenizer of `kind` ("bpe" or "char"; the character vocabulary has no set size)."""
+    if kind == "bpe":
+        return train_bpe_tokenizer(texts, vocab_size, max_samples, show_progress)
+    if kind == "char":
+        return train_char_tokenizer(texts, max_samples, show_progress)
+    raise UserInputError(f"Unknown tokenizer type '{kind}'; choose bpe or char.")
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer.json written by MiniGPT (or any byte-level BPE file with its special tokens)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"Tokenizer file {path} does not exist.")
+    try:
+        backend = HuggingFaceTokenizer.from_file(str(path))
+    except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception for bad files
+        raise UserInputError(f"Tokenizer file {path} could not be read ({str(error).splitlines()[0]}).") from None
+    return Tokenizer(backend)

@@ -1,0 +1,435 @@
+"""The training loop, written out by hand.
+
+One optimiser step:
+    1. set the learning rate from the schedule
+    2. take `gradient_accumulation_steps` micro-batches; for each, forward, loss, backward
+       (the loss is divided by the number of target tokens in the whole step, so accumulating
+       k micro-batches gives exactly the gradient of one k-times larger batch)
+    3. clip the gradient norm, skip the step if the loss or gradient is NaN/Inf
+    4. AdamW update
+Around it: logging, evaluation with a generated sample, checkpoints, early stopping, a time
+budget, and a clean stop on Ctrl-C or SIGTERM. Everything that varies between kinds of training
+(pretraining, chat fine-tuning, adapters) lives in `compute_loss` and in callbacks, never in a
+second copy of this loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from minigpt.checkpoint import (
+    atomic_write_json, load_checkpoint, prune_checkpoints, save_checkpoint, save_model_directory,
+)
+from minigpt.config import RunConfig
+from minigpt.evaluate import EvaluationResult, evaluate
+from minigpt.generate import SamplingConfig, generate
+from minigpt.metrics import MetricsWriter, read_metrics
+from minigpt.model import GPT, IGNORE_INDEX
+from minigpt.optim import build_optimizer, learning_rate_at
+from minigpt.plots import save_loss_curve
+from minigpt.runtime import autocast, compile_model, rng_state, set_rng_state
+from minigpt.tokenizer import Tokenizer
+
+log = logging.getLogger("minigpt.trainer")
+
+MAX_CONSECUTIVE_BAD_STEPS = 5  # NaN/Inf steps in a row before the run gives up
+
+
+@dataclass
+class Progress:
+    """Counters that a checkpoint carries across a resume."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed_seconds: float = 0.0  # training wall-clock time, summed over resumed sessions
+    best_val_loss: float = math.inf
+    evaluations_without_improvement: int = 0
+    skipped_steps: int = 0
+
+
+class Callback:
+    """Hooks for what varies between runs; each receives the trainer and the row just written."""
+
+    def on_log(self, trainer: "Trainer", row: dict[str, Any]) -> None: ...
+
+    def on_evaluate(self, trainer: "Trainer", row: dict[str, Any]) -> None: ...
+
+    def on_checkpoint(self, trainer: "Trainer", path: Path) -> None: ...
+
+    def on_end(self, trainer: "Trainer", summary: dict[str, Any]) -> None: ...
+
+
+class LossPlotCallback(Callback):
+    """--plot-loss: redraw the loss curve at every checkpoint and at the end of the run."""
+
+    def _plot(self, trainer: "Trainer", names: list[str]) -> None:
+        rows = read_metrics(trainer.run_dir / "metrics.jsonl")
+        train = [(row["step"], row["loss"]) for row in rows if row.get("type") == "train"]
+        validation = [(row["step"], row["val_loss"]) for row in rows if row.get("type") == "eval"]
+        if not train:
+            return
+        plots = trainer.run_dir / "plots"
+        try:
+            first = save_loss_curve(plots / names[0], train, validation, title=trainer.run_dir.name)
+            for name in names[1:]:
+                (plots / name).write_bytes(first.read_bytes())
+        except Exception as error:  # noqa: BLE001 - a plot must never stop training
+            log.warning("Could not draw the loss curve: %s", error)
+
+    def on_checkpoint(self, trainer: "Trainer", path: Path) -> None:
+        self._plot(trainer, [f"loss_curve_step_{trainer.progress.step}.png", "loss_curve_latest.png"])
+
+    def on_end(self, trainer: "Trainer", summary: dict[str, Any]) -> None:
+        self._plot(trainer, [f"loss_curve_final_step_{trainer.progress.step}.png", "loss_curve_latest.png"])
+
+
+class Trainer:
+    def __init__(
+        self,
+        config: RunConfig,
+        model: GPT,
+        tokenizer: Tokenizer,
+        train_batches: Any,
+        val_batches: Any,
+        run_dir: str | Path,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        callbacks: list[Callback] | None = None,
+        show_progress: bool = True,
+    ):
+        self.config, self.train_config = config, config.train
+        self.model, self.tokenizer = model, tokenizer
+        self.train_batches, self.val_batches = train_batches, val_batches
+        self.run_dir = Path(run_dir)
+        self.device, self.dtype = device, dtype
+        self.callbacks = list(callbacks or [])
+        self.show_progress = show_progress
+        self.optimizer = build_optimizer(model, self.train_config, device.type)
+        # float16 has a narrow range: scale the loss up so small gradients do not flush to zero.
+        self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+        self.token_byte_lengths = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.long)
+        self.progress = Progress()
+        self.stop_reason: str | None = None
+        self.process = psutil.Process()
+
+    # ----------------------------------------------------------------------------------------
+    # what one step computes (override or replace for other kinds of training)
+
+    def compute_loss(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy over the batch's target tokens."""
+        _, loss = model(inputs, targets, loss_reduction="sum")
+        return loss
+
+    # ----------------------------------------------------------------------------------------
+    # saving and resuming
+
+    def training_state(self) -> dict[str, Any]:
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "train_stream": self.train_batches.state_dict(),
+            "rng": rng_state(),
+            "progress": asdict(self.progress),
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def save_checkpoint(self, val_loss: float | None = None) -> Path:
+        meta = {"val_loss": val_loss, "tokens_seen": self.progress.tokens_seen, "saved_at": time.time()}
+        path = save_checkpoint(self.run_dir, self.progress.step, self.model, self.training_state(), meta)
+        prune_checkpoints(self.run_dir, self.train_config.keep_checkpoints)
+        log.info("Saved checkpoint %s", path)
+        for callback in self.callbacks:
+            callback.on_checkpoint(self, path)
+        return path
+
+    def resume(self, checkpoint_dir: str | Path) -> None:
+        """Continue from a checkpoint exactly where it left off: weights, optimizer, data, RNGs."""
+        state, _ = load_checkpoint(checkpoint_dir, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.train_batches.load_state_dict(state["train_stream"])
+        set_rng_state(state["rng"])
+        self.progress = Progress(**state["progress"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        log.info("Resumed from %s at step %d", checkpoint_dir, self.progress.step)
+
+    # ----------------------------------------------------------------------------------------
+    # the loop
+
+    def train(self) -> dict[str, Any]:
+        """Train until max_steps, max_time, early stopping, a stop signal or repeated NaN losses."""
+        config = self.train_config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        metrics = MetricsWriter(self.run_dir / "metrics.jsonl")
+        batches = iter(self.train_batches)
+        session_start = time.perf_counter()
+        elapsed_before = self.progress.elapsed_seconds
+        resources = self.process.cpu_times()
+
+        model: torch.nn.Module = self.model
+        model.train()
+        if config.compile:
+            inputs, targets = self._peek_batch(batches)
+            model = compile_model(self.model, inputs, targets)
+
+        self._write_status("running")
+        previous_handlers = self._catch_stop_signals()
+        bar = tqdm(
+            total=config.max_steps or None, initial=self.progress.step, unit="step", dynamic_ncols=True,
+            disable=None if self.show_progress else True, desc="training",  # None: only on a terminal
+        )
+        consecutive_bad_steps = 0
+        window_losses: list[float] = []
+        window_seconds = 0.0  # time spent in training steps since the last log row
+        window_tokens = 0
+        last_evaluation: EvaluationResult | None = None
+        evaluated_at = -1
+        try:
+            while self.stop_reason is None:
+                elapsed = elapsed_before + time.perf_counter() - session_start
+                if config.max_steps and self.progress.step >= config.max_steps:
+                    self.stop_reason = "max_steps"
+                    break
+                if config.max_time and elapsed >= config.max_time:
+                    self.stop_reason = "max_time"
+                    break
+
+                learning_rate = learning_rate_at(self.progress.step, config, elapsed)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = learning_rate
+
+                step_start = time.perf_counter()
+                micro_batches = [next(batches) for _ in range(config.gradient_accumulation_steps)]
+                data_seconds = time.perf_counter() - step_start
+                loss, grad_norm, step_tokens = self._optimizer_step(model, micro_batches)
+                finite = math.isfinite(loss) and math.isfinite(grad_norm)
+                step_seconds = time.perf_counter() - step_start
+
+                if not finite:
+                    consecutive_bad_steps += 1
+                    self.progress.skipped_steps += 1
+                    log.warning("Step %d: loss %s, gradient norm %s; the update was skipped.", self.progress.step + 1, loss, grad_norm)
+                    if consecutive_bad_steps >= MAX_CONSECUTIVE_BAD_STEPS:
+                        self.stop_reason = "non_finite_loss"
+                else:
+                    consecutive_bad_steps = 0
+                self.progress.step += 1
+                self.progress.tokens_seen += step_tokens
+                window_losses.append(loss)
+                window_tokens += step_tokens
+                window_seconds += step_seconds
+                bar.update(1)
+
+                step = self.progress.step
+                if step % config.log_steps == 0 or self.stop_reason:
+                    row = self._log_row(
+                        window_losses, learning_rate, grad_norm, window_tokens / window_seconds,
+                        data_seconds, step_seconds, elapsed_before + time.perf_counter() - session_start, resources,
+                    )
+                    resources = self.process.cpu_times()
+                    metrics.write(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{learning_rate:.2e}")
+                    log.info(
+                        "step %d | loss %.4f | lr %.2e | %s tok/s | mem %.1f GB", step, row["loss"], learning_rate,
+                        f"{row['tokens_per_second']:,.0f}", row["rss_bytes"] / 1e9,
+                    )
+                    for callback in self.callbacks:
+                        callback.on_log(self, row)
+                    window_losses, window_tokens, window_seconds = [], 0, 0.0
+                    self._write_status("running")
+
+                if step % config.eval_steps == 0:
+                    last_evaluation = self._evaluate(metrics)
+                    evaluated_at = step
+                if step % config.save_steps == 0:
+                    self.save_checkpoint(last_evaluation.loss if evaluated_at == step else None)
+        finally:
+            bar.close()
+            self._restore_signals(previous_handlers)
+
+        self.progress.elapsed_seconds = elapsed_before + time.perf_counter() - session_start
+        if self.progress.step > 0 and evaluated_at != self.progress.step and self.stop_reason != "non_finite_loss":
+            last_evaluation = self._evaluate(metrics)
+            evaluated_at = self.progress.step
+        if self.progress.step > 0:
+            saved_val = last_evaluation.loss if last_evaluation and evaluated_at == self.progress.step else None
+            if self.progress.step % config.save_steps:
+                self.save_checkpoint(saved_val)
+            save_model_directory(self.run_dir / "final_model", self.model, self.config, self.tokenizer)
+        metrics.close()
+        summary = self._summary(last_evaluation)
+        atomic_write_json(self.run_dir / "summary.json", summary)
+        state = {"max_steps": "finished", "max_time": "finished", "early_stopping": "finished"}.get(self.stop_reason, "stopped")
+        if self.stop_reason == "non_finite_loss":
+            state = "failed"
+        self._write_status(state, message=self.stop_message())
+        for callback in self.callbacks:
+            callback.on_end(self, summary)
+        return summary
+
+    def _peek_batch(self, batches: Iterator) -> tuple[torch.Tensor, torch.Tensor]:
+        """An example batch for compilation that the data stream does not lose (a fixed random batch)."""
+        generator = torch.Generator().manual_seed(0)
+        shape = (self.train_config.batch_size, self.model.config.block_size)
+        tokens = torch.randint(0, self.model.config.vocab_size, shape, generator=generator)
+        return tokens.to(self.device), tokens.to(self.device)
+
+    def _optimizer_step(self, model: torch.nn.Module, micro_batches: list) -> tuple[float, float, int]:
+        """Forward, backward and update on one step's micro-batches; returns (loss, grad norm, tokens)."""
+        # Divide by the target count of the whole step, not of each micro-batch: micro-batches
+        # with more counted targets (chat data with masked prompts) then weigh correctly.
+        target_count = sum(int((targets != IGNORE_INDEX).sum()) for _, targets in micro_batches)
+        total_loss = torch.zeros((), device=self.device)
+        for inputs, targets in micro_batches:
+            inputs = inputs.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            with autocast(self.device, self.dtype):
+                loss = self.compute_loss(model, inputs, targets) / max(target_count, 1)
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total_loss += loss.detach()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        max_norm = self.train_config.grad_clip or math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        # One read-back per step: it decides whether this update is safe to apply.
+        loss_value, norm_value = (float(value) for value in torch.stack([total_loss, grad_norm.float()]).tolist())
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the update itself when gradients overflowed
+            self.scaler.update()
+        elif math.isfinite(loss_value) and math.isfinite(norm_value):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        tokens = sum(inputs.numel() for inputs, _ in micro_batches)
+        return loss_value, norm_value, tokens
+
+    def _evaluate(self, metrics: MetricsWriter) -> EvaluationResult:
+        config = self.train_config
+        result = evaluate(self.model, self.val_batches, self.token_byte_lengths, config.eval_batches, self.dtype)
+        row = {"type": "eval", "step": self.progress.step, "tokens": self.progress.tokens_seen, **result.as_dict()}
+        if result.loss < self.progress.best_val_loss:
+            self.progress.best_val_loss = result.loss
+            self.progress.evaluations_without_improvement = 0
+        else:
+            self.progress.evaluations_without_improvement += 1
+        log.info(
+            "step %d | val loss %.4f | perplexity %.2f | %.4f bits/byte", self.progress.step, result.loss,
+            result.perplexity, result.bits_per_byte,
+        )
+        if config.sample_tokens:
+            sampling = SamplingConfig(max_new_tokens=config.sample_tokens, temperature=0.8, top_k=50, seed=config.seed)
+            sample = self.tokenizer.decode(generate(self.model, [self.tokenizer.eos_id], sampling))
+            row["sample"] = sample
+            log.info("sample: %r", sample)
+        metrics.write(row)
+        for callback in self.callbacks:
+            callback.on_evaluate(self, row)
+        patience = config.early_stopping_patience
+        if patience and self.progress.evaluations_without_improvement >= patience:
+            self.stop_reason = "early_stopping"
+        return result
+
+    def _log_row(
+        self, losses: list[float], learning_rate: float, grad_norm: float, tokens_per_second: float,
+        data_seconds: float, step_seconds: float, elapsed: float, cpu_times_before: Any,
+    ) -> dict[str, Any]:
+        finite = [loss for loss in losses if math.isfinite(loss)]
+        step = self.progress.step
+        cpu_times = self.process.cpu_times()
+        cpu_seconds = (cpu_times.user + cpu_times.system) - (cpu_times_before.user + cpu_times_before.system)
+        remaining_steps = (self.train_config.max_steps - step) if self.train_config.max_steps else None
+        seconds_per_step = elapsed / max(step, 1)
+        eta = remaining_steps * seconds_per_step if remaining_steps is not None else None
+        if self.train_config.max_time:
+            time_left = max(0.0, self.train_config.max_time - elapsed)
+            eta = time_left if eta is None else min(eta, time_left)
+        return {
+            "type": "train",
+            "step": step,
+            "tokens": self.progress.tokens_seen,
+            "loss": sum(finite) / len(finite) if finite else float("nan"),  # mean over the steps since the last row
+            "lr": learning_rate,
+            "grad_norm": grad_norm,
+            "tokens_per_second": tokens_per_second,
+            "data_ms": 1000 * data_seconds,
+            "step_ms": 1000 * step_seconds,
+            "skipped_steps": self.progress.skipped_steps,
+            "cpu_seconds": cpu_seconds,
+            "rss_bytes": self.process.memory_info().rss,
+            "elapsed_seconds": elapsed,
+            "eta_seconds": eta,
+        }
+
+    def _summary(self, evaluation: EvaluationResult | None) -> dict[str, Any]:
+        rows = read_metrics(self.run_dir / "metrics.jsonl")
+        train_rows = [row for row in rows if row.get("type") == "train"]
+        elapsed = self.progress.elapsed_seconds
+        return {
+            "steps": self.progress.step,
+            "tokens": self.progress.tokens_seen,
+            "training_seconds": elapsed,
+            "tokens_per_second": self.progress.tokens_seen / elapsed if elapsed else 0.0,
+            "last_train_loss": train_rows[-1]["loss"] if train_rows else None,
+            "best_val_loss": self.progress.best_val_loss if math.isfinite(self.progress.best_val_loss) else None,
+            "last_val_loss": evaluation.loss if evaluation else None,
+            "last_val_bits_per_byte": evaluation.bits_per_byte if evaluation else None,
+            "skipped_steps": self.progress.skipped_steps,
+            "stop_reason": self.stop_reason,
+            "parameters": self.model.num_parameters(),
+        }
+
+    def stop_message(self) -> str:
+        """One sentence on why the run ended and what to do next."""
+        messages = {
+            "max_steps": "Reached max_steps.",
+            "max_time": "Reached the --max-time budget.",
+            "early_stopping": "Stopped early: the validation loss stopped improving.",
+            "signal": "Stopped on request; continue with --resume.",
+            "non_finite_loss": (
+                f"Stopped: the loss or gradient was NaN/Inf for {MAX_CONSECUTIVE_BAD_STEPS} steps in a row. "
+                "Lower the learning rate, keep gradient clipping on (--grad-clip 1.0), and check the data."
+            ),
+        }
+        return messages.get(self.stop_reason or "", "Stopped.")
+
+    # ----------------------------------------------------------------------------------------
+    # status and signals
+
+    def _write_status(self, state: str, message: str = "") -> None:
+        atomic_write_json(self.run_dir / "status.json", {
+            "state": state, "pid": os.getpid(), "step": self.progress.step, "max_steps": self.train_config.max_steps,
+            "updated_at": time.time(), "message": message,
+        })
+
+    def _catch_stop_signals(self) -> dict:
+        """Ctrl-C or SIGTERM: finish the current step, save, and exit cleanly. A second one stops at once."""
+
+        def request_stop(signum: int, _frame: Any) -> None:
+            if self.stop_reason == "signal":
+                raise KeyboardInterrupt
+            self.stop_reason = "signal"
+            log.warning("Received %s: saving a checkpoint after this step (press again to stop at once).", signal.Signals(signum).name)
+
+        previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[signum] = signal.signal(signum, request_stop)
+            except ValueError:  # not in the main thread: leave signals alone
+                pass
+        return previous
+
+    @staticmethod
+    def _restore_signals(previous: dict) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

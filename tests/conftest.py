@@ -1,0 +1,45 @@
+"""Shared fixtures: a small JSONL corpus and a tokenizer trained on it once per test session."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minigpt.corpus import builtin_documents
+from minigpt.tokenizer import train_bpe_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def corpus_jsonl(tmp_path_factory) -> Path:
+    """About 300 KB of English documentation as JSONL, one document per line."""
+    path = tmp_path_factory.mktemp("data") / "docs.jsonl"
+    size = 0
+    with open(path, "w", encoding="utf-8") as file:
+        for document in builtin_documents():
+            file.write(json.dumps({"text": document}) + "\n")
+            size += len(document)
+            if size > 300_000:
+                break
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(corpus_jsonl, tmp_path_factory) -> Path:
+    texts = (json.loads(line)["text"] for line in corpus_jsonl.read_text().splitlines())
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
+    train_bpe_tokenizer(texts, vocab_size=512, show_progress=False).save(path)
+    return path
+
+
+def run_script(script: str, *arguments: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run one of scripts/ as a user would, in `cwd`, capturing its output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / script), *arguments],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )

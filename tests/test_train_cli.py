@@ -1,0 +1,169 @@
+"""scripts/train.py end to end, as a user runs it: a subprocess on the tiny preset."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_script
+from minigpt.checkpoint import load_model_directory
+from minigpt.generate import SamplingConfig, generate
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_run(corpus_jsonl, tokenizer_file, *extra: str) -> list[str]:
+    return ["--config", "tiny", "--data-files", str(corpus_jsonl), "--tokenizer", str(tokenizer_file),
+            "--output-dir", "runs", "--sample-tokens", "8", "--val-fraction", "0.1", *extra]
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    message = result.stderr.strip()
+    assert message.count("\n") == 0, message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_a_run_leaves_a_complete_run_directory(tmp_path, corpus_jsonl, tokenizer_file):
+    result = run_script("train.py", *tiny_run(corpus_jsonl, tokenizer_file, "--max-steps", "30", "--eval-steps", "15",
+                                              "--save-steps", "15", "--log-steps", "5", "--plot-loss", "--run-name", "e2e"),
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "runs" / "e2e"
+    for name in ["config.json", "tokenizer.json", "metrics.jsonl", "status.json", "summary.json",
+                 "checkpoint_step_15/model.safetensors", "checkpoint_step_30/state.pt", "checkpoint_step_30/meta.json",
+                 "final_model/model.safetensors", "final_model/config.json", "final_model/tokenizer.json"]:
+        assert (run / name).is_file(), name
+    for name in ["loss_curve_step_15.png", "loss_curve_step_30.png", "loss_curve_latest.png", "loss_curve_final_step_30.png"]:
+        assert (run / "plots" / name).read_bytes()[:8] == PNG_SIGNATURE, name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [row for row in rows if row["type"] == "train"]
+    eval_rows = [row for row in rows if row["type"] == "eval"]
+    assert [row["step"] for row in train_rows] == [5, 10, 15, 20, 25, 30]
+    assert [row["step"] for row in eval_rows] == [15, 30]
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]  # it learns
+    assert all(row["val_bits_per_byte"] > 0 for row in eval_rows)
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "finished" and status["step"] == 30
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 30 and summary["stop_reason"] == "max_steps" and summary["tokens"] == 30 * 8 * 64
+    assert "step 30 | loss" in result.stdout and "tok/s" in result.stdout
+    model, tokenizer, config = load_model_directory(run / "final_model")
+    assert config.model.vocab_size == tokenizer.vocab_size
+    text = tokenizer.decode(generate(model, [tokenizer.eos_id], SamplingConfig(max_new_tokens=10, seed=0)))
+    assert isinstance(text, str) and len(text) > 0
+
+
+def test_killed_and_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, corpus_jsonl, tokenizer_file):
+    steps = ["--max-steps", "160", "--save-steps", "40", "--eval-steps", "40", "--log-steps", "10"]
+    straight = run_script("train.py", *tiny_run(corpus_jsonl, tokenizer_file, *steps, "--run-name", "straight"), cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+
+    command = [sys.executable, str(REPO / "scripts" / "train.py"),
+               *tiny_run(corpus_jsonl, tokenizer_file, *steps, "--run-name", "killed")]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_checkpoint = tmp_path / "runs" / "killed" / "checkpoint_step_40"
+    deadline = time.time() + 120
+    while not first_checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "runs" / "killed" / "final_model").exists()
+
+    resumed = run_script("train.py", "--resume", "--run-name", "killed", "--output-dir", "runs", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "Resumed from" in resumed.stdout
+    expected = load_file(tmp_path / "runs" / "straight" / "final_model" / "model.safetensors")
+    actual = load_file(tmp_path / "runs" / "killed" / "final_model" / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    steps_logged = [json.loads(line)["step"] for line in (tmp_path / "runs" / "killed" / "metrics.jsonl").read_text().splitlines()
+                    if json.loads(line)["type"] == "train"]
+    assert steps_logged == list(range(10, 161, 10))  # rows logged after the checkpoint by the killed run were dropped
+
+
+def test_a_time_budget_stops_cleanly_with_a_saved_model(tmp_path, corpus_jsonl, tokenizer_file):
+    result = run_script("train.py", *tiny_run(corpus_jsonl, tokenizer_file, "--max-steps", "1000000", "--max-time", "4",
+                                              "--run-name", "timed"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "runs" / "timed"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stop_reason"] == "max_time" and 4 <= summary["training_seconds"] < 30
+    assert (run / "final_model" / "model.safetensors").is_file()
+    assert summary["last_val_loss"] is not None  # evaluated before stopping
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus_jsonl, tokenizer_file):
+    command = [sys.executable, str(REPO / "scripts" / "train.py"),
+               *tiny_run(corpus_jsonl, tokenizer_file, "--max-steps", "1000000", "--run-name", "stopped")]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "runs" / "stopped" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.stat().st_size) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    run = tmp_path / "runs" / "stopped"
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "stopped" and "--resume" in status["message"]
+    assert (run / f"checkpoint_step_{status['step']}" / "model.safetensors").is_file()
+
+
+def test_the_built_in_corpus_is_used_when_no_data_is_given(tmp_path):
+    result = run_script("train.py", "--config", "tiny", "--max-steps", "4", "--eval-batches", "1", "--tokenizer-samples", "300",
+                        "--output-dir", "runs", "--run-name", "builtin", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Training a bpe tokenizer" in result.stdout
+    assert list((tmp_path / "runs" / "tokenizers").glob("bpe-512-*.json"))
+    again = run_script("train.py", "--config", "tiny", "--max-steps", "2", "--eval-batches", "1", "--tokenizer-samples", "300",
+                       "--output-dir", "runs", "--run-name", "builtin-again", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "Reusing tokenizer" in again.stdout
+
+
+@pytest.mark.parametrize(
+    "arguments, fragments",
+    [
+        (["--lr-scheduler", "exponential"], ["invalid choice", "exponential"]),
+        (["--batch-size", "0"], ["batch_size must be positive"]),
+        (["--batch-size", "many"], ["invalid int value", "many"]),
+        (["--set", "model.n_head=3"], ["must divide model.n_embd"]),
+        (["--config", "enormous"], ["neither a preset"]),
+        (["--data-files", "missing.jsonl"], ["missing.jsonl"]),
+        (["--resume", "--run-name", "never-ran"], ["never-ran"]),
+    ],
+)
+def test_bad_input_gets_one_clear_line_and_exit_status_2(tmp_path, tokenizer_file, arguments, fragments):
+    result = run_script("train.py", "--config", "tiny", "--tokenizer", str(tokenizer_file), "--output-dir", "runs",
+                        *arguments, cwd=tmp_path)
+    assert_one_line_error(result, *fragments)
+    assert not any(path.is_file() for path in (tmp_path / "runs").rglob("*")) if (tmp_path / "runs").exists() else True
+
+
+def test_a_broken_jsonl_file_is_refused_in_one_line(tmp_path, tokenizer_file):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("this is not json\n" * 50)
+    result = run_script("train.py", "--config", "tiny", "--tokenizer", str(tokenizer_file), "--output-dir", "runs",
+                        "--data-files", str(broken), cwd=tmp_path)
+    assert_one_line_error(result, "broken.jsonl")
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.json"))
+
+
+def test_a_few_broken_lines_are_reported_and_skipped(tmp_path, corpus_jsonl, tokenizer_file):
+    lines = corpus_jsonl.read_text().splitlines()
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(lines[:40] + ["{broken", '{"title": "no text"}'] + lines[40:]) + "\n")
+    result = run_script("train.py", *tiny_run(mixed, tokenizer_file, "--max-steps", "3", "--run-name", "mixed"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert "mixed.jsonl:41" in output and "mixed.jsonl:42" in output
