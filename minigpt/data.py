@@ -40,7 +40,7 @@ log = logging.getLogger("minigpt.data")
 
 DATA_SUFFIXES = (".jsonl", ".txt")
 MAX_TEXT_PIECE_BYTES = 64 * 1024  # a .txt piece ends at a blank line, or at a line boundary past this size
-BAD_LINE_FRACTION = 0.1  # a file with more bad lines than this (once 20 lines are read) is refused
+BAD_LINE_FRACTION = 0.5  # a file with more bad lines than this (once 20 lines are read) is refused
 BAD_LINE_GRACE = 20
 WARNINGS_PER_FILE = 10  # report this many bad lines of a file one by one, then only count them
 
