@@ -1,7 +1,7 @@
 """scripts/train.py end to end, as a user runs it: a subprocess on the tiny preset."""
 
 import json
-import os
+import math
 import signal
 import subprocess
 import sys
@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from conftest import REPO, run_script
 from minigpt.checkpoint import load_model_directory
 from minigpt.generate import SamplingConfig, generate
+from minigpt.tokenizer import load_tokenizer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -32,12 +33,19 @@ def assert_one_line_error(result, *fragments: str) -> None:
         assert fragment in message
 
 
-def test_a_run_leaves_a_complete_run_directory(tmp_path, corpus_jsonl, tokenizer_file):
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, corpus_jsonl, tokenizer_file):
+    """A complete 30-step tiny run, shared by the tests that read its outputs."""
+    directory = tmp_path_factory.mktemp("finished")
     result = run_script("train.py", *tiny_run(corpus_jsonl, tokenizer_file, "--max-steps", "30", "--eval-steps", "15",
                                               "--save-steps", "15", "--log-steps", "5", "--plot-loss", "--run-name", "e2e"),
-                        cwd=tmp_path)
+                        cwd=directory)
     assert result.returncode == 0, result.stderr
-    run = tmp_path / "runs" / "e2e"
+    return directory / "runs" / "e2e", result
+
+
+def test_a_run_leaves_a_complete_run_directory(finished_run):
+    run, result = finished_run
     for name in ["config.json", "tokenizer.json", "metrics.jsonl", "status.json", "summary.json",
                  "checkpoint_step_15/model.safetensors", "checkpoint_step_30/state.pt", "checkpoint_step_30/meta.json",
                  "final_model/model.safetensors", "final_model/config.json", "final_model/tokenizer.json"]:
@@ -167,3 +175,50 @@ def test_a_few_broken_lines_are_reported_and_skipped(tmp_path, corpus_jsonl, tok
     assert result.returncode == 0, result.stderr
     output = result.stdout + result.stderr
     assert "mixed.jsonl:41" in output and "mixed.jsonl:42" in output
+
+
+def test_generate_script_streams_text_from_a_model(finished_run, tmp_path):
+    run, _ = finished_run
+    result = run_script("generate.py", str(run / "final_model"), "--prompt", "The", "--prompt", "def", "--max-new-tokens", "12",
+                        "--seed", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert result.stdout.startswith("The") and len(result.stdout) > 10
+    again = run_script("generate.py", str(run), "--prompt", "The", "--prompt", "def", "--max-new-tokens", "12", "--seed", "1",
+                       "--no-kv-cache", cwd=tmp_path)  # a run directory works too, and the cache changes nothing
+    assert again.stdout == result.stdout and lines
+    checkpoint = run_script("generate.py", str(run / "checkpoint_step_15"), "--max-new-tokens", "5", cwd=tmp_path)
+    assert checkpoint.returncode == 0, checkpoint.stderr
+
+
+def test_evaluate_script_reports_loss_perplexity_and_bits_per_byte(finished_run, corpus_jsonl, tmp_path):
+    run, _ = finished_run
+    result = run_script("evaluate.py", str(run / "final_model"), "--data-files", str(corpus_jsonl), "--max-batches", "3",
+                        "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout)
+    assert figures["perplexity"] == pytest.approx(math.exp(figures["loss"]), rel=1e-6)
+    assert 0 < figures["bits_per_byte"] < 8 and figures["tokens"] == 3 * 8 * 64
+
+
+def test_train_tokenizer_script(tmp_path, corpus_jsonl):
+    result = run_script("train_tokenizer.py", "--data-files", str(corpus_jsonl), "--vocab-size", "300", "--output", "tok.json",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert load_tokenizer(tmp_path / "tok.json").vocab_size == 300
+    assert "characters per token" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "script, arguments, fragments",
+    [
+        ("generate.py", ["nowhere"], ["nowhere", "does not exist"]),
+        ("generate.py", ["{run}", "--top-p", "0"], ["--top-p"]),
+        ("evaluate.py", ["{run}", "--data-files", "missing.jsonl"], ["missing.jsonl"]),
+        ("train_tokenizer.py", ["--vocab-size", "10"], ["at least 260"]),
+    ],
+)
+def test_companion_scripts_refuse_bad_input_in_one_line(finished_run, tmp_path, script, arguments, fragments):
+    run, _ = finished_run
+    result = run_script(script, *[argument.format(run=run) for argument in arguments], cwd=tmp_path)
+    assert_one_line_error(result, *fragments)
