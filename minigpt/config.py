@@ -111,6 +111,16 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    # monitoring and resources
+    max_cpu: float = 0.0  # hold the process at or below this % of the machine's CPU; 0 = no limit
+    max_memory: float = 0.0  # stop cleanly (with a checkpoint) past this % of system memory; 0 = no limit
+    disable_monitoring: bool = False  # no CPU/memory sampling, no anomaly checks, no governor
+    # debugging
+    overfit_batch: bool = False  # train on one fixed batch: the loss must go to ~0
+    profile: bool = False  # print where the step time goes after a few steps
+    # sinks
+    tensorboard: bool = False
+    wandb: bool = False
 
 
 @dataclass
@@ -264,6 +274,7 @@ def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None
         "train.warmup_steps": train.warmup_steps, "train.weight_decay": train.weight_decay,
         "train.grad_clip": train.grad_clip, "train.max_steps": train.max_steps, "train.max_time": train.max_time,
         "train.early_stopping_patience": train.early_stopping_patience, "train.sample_tokens": train.sample_tokens,
+        "train.max_cpu": train.max_cpu, "train.max_memory": train.max_memory,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -290,6 +301,9 @@ def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None
         )
     if not (0.0 <= train.beta1 < 1.0 and 0.0 <= train.beta2 < 1.0):
         raise UserInputError("train.beta1 and train.beta2 must be in [0, 1).")
+    for key in ("max_cpu", "max_memory"):
+        if getattr(train, key) > 100:
+            raise UserInputError(f"train.{key} is a percentage of the machine; give a value up to 100, got {getattr(train, key)}.")
     if train.max_steps == 0 and train.max_time == 0:
         raise UserInputError("Give the run an end: set max_steps or max_time (or both) above 0.")
     for key, allowed in CHOICES.items():

@@ -462,3 +462,25 @@ class TokenBlockStream(IterableDataset):
         self.document_index = self.accepted_documents = self.shard_documents = 0
         self.reader.seek([0, 0, 0])
         self.reader.warn = False  # bad lines were reported in the first epoch
+
+
+class RepeatedBatch:
+    """The same batch forever (--overfit-batch): the first check when a run will not learn.
+
+    A model that cannot drive the loss on one batch to about zero has a bug, not a data problem.
+    """
+
+    def __init__(self, stream: TokenBlockStream):
+        self.inputs, self.targets = next(iter(stream))
+
+    def __iter__(self) -> "RepeatedBatch":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inputs, self.targets
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"inputs": self.inputs, "targets": self.targets}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.inputs, self.targets = state["inputs"], state["targets"]

@@ -18,13 +18,14 @@ from pathlib import Path
 from minigpt.checkpoint import atomic_write_json, latest_checkpoint, remove_temporary_files
 from minigpt.config import RunConfig, validate
 from minigpt.corpus import BUILTIN_CORPUS, builtin_corpus_fingerprint
-from minigpt.data import TokenBlockStream, iter_documents, resolve_data_files
+from minigpt.data import RepeatedBatch, TokenBlockStream, iter_documents, resolve_data_files
 from minigpt.errors import UserInputError
 from minigpt.metrics import truncate_metrics
 from minigpt.model import GPT
 from minigpt.runtime import select_device, select_dtype, seed_everything
 from minigpt.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
-from minigpt.trainer import LossPlotCallback, Trainer
+from minigpt.sinks import TensorBoardCallback, WandbCallback
+from minigpt.trainer import Callback, LossPlotCallback, Trainer
 
 log = logging.getLogger("minigpt.run")
 
@@ -118,8 +119,8 @@ def obtain_tokenizer(config: RunConfig, sources: list, show_progress: bool = Tru
     return tokenizer
 
 
-def build_streams(config: RunConfig, sources: list, tokenizer: Tokenizer) -> tuple[TokenBlockStream, TokenBlockStream]:
-    """The endless, shuffled training stream and the finite validation stream."""
+def build_streams(config: RunConfig, sources: list, tokenizer: Tokenizer) -> tuple[TokenBlockStream | RepeatedBatch, TokenBlockStream]:
+    """The endless, shuffled training stream (or its first batch, repeated) and the finite validation stream."""
     train = config.train
     common = dict(tokenizer=tokenizer, block_size=config.model.block_size, batch_size=train.batch_size, text_field=train.text_field)
     if train.val_data_files:
@@ -133,7 +134,20 @@ def build_streams(config: RunConfig, sources: list, tokenizer: Tokenizer) -> tup
         val_stream = TokenBlockStream(sources, split="val", val_fraction=train.val_fraction, loop=False, **common)
     train_stream.check_not_empty()
     val_stream.check_not_empty()
+    if train.overfit_batch:
+        return RepeatedBatch(train_stream), val_stream
     return train_stream, val_stream
+
+
+def build_callbacks(config: RunConfig, run_dir: Path) -> list[Callback]:
+    """Loss plots and the optional TensorBoard / W&B sinks the configuration asks for."""
+    train = config.train
+    callbacks: list[Callback] = [LossPlotCallback()] if train.plot_loss else []
+    if train.tensorboard:
+        callbacks.append(TensorBoardCallback(run_dir, config.to_dict(), histogram_steps=train.eval_steps))
+    if train.wandb:
+        callbacks.append(WandbCallback(run_dir, config.to_dict()))
+    return callbacks
 
 
 def prepare_run(config: RunConfig, show_progress: bool = True) -> Trainer:
@@ -155,13 +169,13 @@ def prepare_run(config: RunConfig, show_progress: bool = True) -> Trainer:
 
     run_dir = paths.run_dir
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, run_name=run_dir.name, resume=""))
+    callbacks = build_callbacks(config, run_dir)  # before writing anything: a missing sink package is an error
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_temporary_files(run_dir)
     atomic_write_json(run_dir / "config.json", config.to_dict())
     if paths.resume_from is None:
         tokenizer.save(run_dir / "tokenizer.json")
     model = GPT(config.model).to(device)
-    callbacks = [LossPlotCallback()] if config.train.plot_loss else []
     trainer = Trainer(config, model, tokenizer, train_stream, val_stream, run_dir, device, dtype, callbacks, show_progress)
     if paths.resume_from is not None:
         trainer.resume(paths.resume_from)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import time
 from typing import ContextManager
 
 import numpy as np
@@ -112,3 +113,38 @@ def compile_model(model: torch.nn.Module, example_input: torch.Tensor, example_t
         compiled = model
     model.zero_grad(set_to_none=True)
     return compiled
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the accelerator to finish queued work (so a timer measures the work, not its launch)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def accelerator_memory_bytes(device: torch.device) -> int | None:
+    """Memory the accelerator holds for tensors now (None on the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    if device.type == "mps":
+        return torch.mps.current_allocated_memory()
+    return None
+
+
+def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.3) -> float:
+    """FLOP/s of a large matrix multiply on this machine: the yardstick for model FLOPs utilisation.
+
+    A multiply of two n x n matrices is 2 n^3 FLOPs. Measured, not looked up, so MFU compares a
+    run against what this very machine (its cores, its threads, its other load) can do.
+    """
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm up
+    synchronize(device)
+    repeats, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        repeats += 1
+        synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start)

@@ -20,14 +20,15 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import psutil
 import torch
 from tqdm import tqdm
 
+from minigpt.anomalies import diagnose
 from minigpt.checkpoint import (
     atomic_write_json, load_checkpoint, prune_checkpoints, save_checkpoint, save_model_directory,
 )
@@ -38,12 +39,29 @@ from minigpt.metrics import MetricsWriter, read_metrics
 from minigpt.model import GPT, IGNORE_INDEX
 from minigpt.optim import build_optimizer, learning_rate_at
 from minigpt.plots import save_loss_curve
-from minigpt.runtime import autocast, compile_model, rng_state, set_rng_state
+from minigpt.resources import ResourceGovernor
+from minigpt.runtime import (
+    accelerator_memory_bytes, autocast, compile_model, measure_matmul_peak, rng_state, set_rng_state, synchronize,
+)
 from minigpt.tokenizer import Tokenizer
 
 log = logging.getLogger("minigpt.trainer")
 
 MAX_CONSECUTIVE_BAD_STEPS = 5  # NaN/Inf steps in a row before the run gives up
+PROFILE_STEPS = (3, 13)  # --profile times steps 3 to 12 (the first ones warm caches up)
+HISTORY_ROWS = 500  # metric rows kept in memory for the anomaly rules
+PHASES = ("data", "forward", "backward", "optimizer")
+
+
+@dataclass
+class LogWindow:
+    """What happened since the last log row."""
+
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0  # time inside training steps (evaluation and saving excluded)
+    wall_start: float = field(default_factory=time.perf_counter)
+    cpu_start: float = 0.0
 
 
 @dataclass
@@ -60,6 +78,9 @@ class Progress:
 
 class Callback:
     """Hooks for what varies between runs; each receives the trainer and the row just written."""
+
+    def on_gradients(self, trainer: "Trainer") -> None:
+        """Called on logged steps after backward, before the update: the gradients are in place."""
 
     def on_log(self, trainer: "Trainer", row: dict[str, Any]) -> None: ...
 
@@ -122,6 +143,16 @@ class Trainer:
         self.progress = Progress()
         self.stop_reason: str | None = None
         self.process = psutil.Process()
+        config = self.train_config
+        self.monitoring = not config.disable_monitoring
+        self.governor = ResourceGovernor(config.max_cpu, config.max_memory) if self.monitoring else None
+        # Model FLOPs utilisation compares against a matrix-multiply peak measured right here.
+        peak_dtype = torch.float32 if device.type == "cpu" else dtype
+        self.peak_flops = measure_matmul_peak(device, peak_dtype) if self.monitoring else None
+        self.history: list[dict[str, Any]] = []  # recent metric rows, for the anomaly rules
+        self.active_anomalies: set[str] = set()
+        self.phase_seconds = dict.fromkeys(PHASES, 0.0)  # of the last timed step
+        self.profile_totals = dict.fromkeys(PHASES, 0.0)
 
     # ----------------------------------------------------------------------------------------
     # what one step computes (override or replace for other kinds of training)
@@ -169,20 +200,21 @@ class Trainer:
     # the loop
 
     def train(self) -> dict[str, Any]:
-        """Train until max_steps, max_time, early stopping, a stop signal or repeated NaN losses."""
+        """Train until max_steps, max_time, early stopping, a stop signal, a memory limit or repeated NaN losses."""
         config = self.train_config
         self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics = MetricsWriter(self.run_dir / "metrics.jsonl")
         batches = iter(self.train_batches)
         session_start = time.perf_counter()
         elapsed_before = self.progress.elapsed_seconds
-        resources = self.process.cpu_times()
+
+        def elapsed() -> float:
+            return elapsed_before + time.perf_counter() - session_start
 
         model: torch.nn.Module = self.model
         model.train()
         if config.compile:
-            inputs, targets = self._peek_batch(batches)
-            model = compile_model(self.model, inputs, targets)
+            model = compile_model(self.model, *self._example_batch())
 
         self._write_status("running")
         previous_handlers = self._catch_stop_signals()
@@ -191,65 +223,57 @@ class Trainer:
             disable=None if self.show_progress else True, desc="training",  # None: only on a terminal
         )
         consecutive_bad_steps = 0
-        window_losses: list[float] = []
-        window_seconds = 0.0  # time spent in training steps since the last log row
-        window_tokens = 0
+        window = LogWindow(cpu_start=self._cpu_seconds())
         last_evaluation: EvaluationResult | None = None
         evaluated_at = -1
         try:
             while self.stop_reason is None:
-                elapsed = elapsed_before + time.perf_counter() - session_start
                 if config.max_steps and self.progress.step >= config.max_steps:
                     self.stop_reason = "max_steps"
                     break
-                if config.max_time and elapsed >= config.max_time:
+                if config.max_time and elapsed() >= config.max_time:
                     self.stop_reason = "max_time"
                     break
 
-                learning_rate = learning_rate_at(self.progress.step, config, elapsed)
+                learning_rate = learning_rate_at(self.progress.step, config, elapsed())
                 for group in self.optimizer.param_groups:
                     group["lr"] = learning_rate
+                step = self.progress.step + 1
+                profiling = config.profile and PROFILE_STEPS[0] <= step < PROFILE_STEPS[1]
+                timed = profiling or step % config.log_steps == 0  # only these steps wait for the device
 
                 step_start = time.perf_counter()
                 micro_batches = [next(batches) for _ in range(config.gradient_accumulation_steps)]
-                data_seconds = time.perf_counter() - step_start
-                loss, grad_norm, step_tokens = self._optimizer_step(model, micro_batches)
-                finite = math.isfinite(loss) and math.isfinite(grad_norm)
+                self.phase_seconds["data"] = time.perf_counter() - step_start
+                loss, grad_norm, step_tokens = self._optimizer_step(model, micro_batches, timed)
                 step_seconds = time.perf_counter() - step_start
 
-                if not finite:
+                if math.isfinite(loss) and math.isfinite(grad_norm):
+                    consecutive_bad_steps = 0
+                else:
                     consecutive_bad_steps += 1
                     self.progress.skipped_steps += 1
-                    log.warning("Step %d: loss %s, gradient norm %s; the update was skipped.", self.progress.step + 1, loss, grad_norm)
+                    log.warning("Step %d: loss %s, gradient norm %s; the update was skipped.", step, loss, grad_norm)
                     if consecutive_bad_steps >= MAX_CONSECUTIVE_BAD_STEPS:
                         self.stop_reason = "non_finite_loss"
-                else:
-                    consecutive_bad_steps = 0
-                self.progress.step += 1
+                self.progress.step = step
                 self.progress.tokens_seen += step_tokens
-                window_losses.append(loss)
-                window_tokens += step_tokens
-                window_seconds += step_seconds
+                window.losses.append(loss)
+                window.tokens += step_tokens
+                window.seconds += step_seconds
                 bar.update(1)
+                if profiling:
+                    for phase in PHASES:
+                        self.profile_totals[phase] += self.phase_seconds[phase]
+                    if step == PROFILE_STEPS[1] - 1:
+                        self._print_profile()
+                if self.governor is not None and not self.governor.after_step():
+                    self.stop_reason = "memory_limit"
 
-                step = self.progress.step
                 if step % config.log_steps == 0 or self.stop_reason:
-                    row = self._log_row(
-                        window_losses, learning_rate, grad_norm, window_tokens / window_seconds,
-                        data_seconds, step_seconds, elapsed_before + time.perf_counter() - session_start, resources,
-                    )
-                    resources = self.process.cpu_times()
-                    metrics.write(row)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{learning_rate:.2e}")
-                    log.info(
-                        "step %d | loss %.4f | lr %.2e | %s tok/s | mem %.1f GB", step, row["loss"], learning_rate,
-                        f"{row['tokens_per_second']:,.0f}", row["rss_bytes"] / 1e9,
-                    )
-                    for callback in self.callbacks:
-                        callback.on_log(self, row)
-                    window_losses, window_tokens, window_seconds = [], 0, 0.0
-                    self._write_status("running")
-
+                    self._log(metrics, window, learning_rate, grad_norm, step_seconds, elapsed())
+                    bar.set_postfix(loss=f"{window.losses[-1]:.4f}", lr=f"{learning_rate:.2e}")
+                    window = LogWindow(cpu_start=self._cpu_seconds())
                 if step % config.eval_steps == 0:
                     last_evaluation = self._evaluate(metrics)
                     evaluated_at = step
@@ -259,35 +283,41 @@ class Trainer:
             bar.close()
             self._restore_signals(previous_handlers)
 
-        self.progress.elapsed_seconds = elapsed_before + time.perf_counter() - session_start
-        if self.progress.step > 0 and evaluated_at != self.progress.step and self.stop_reason != "non_finite_loss":
+        self.progress.elapsed_seconds = elapsed()
+        failed = self.stop_reason in ("non_finite_loss", "memory_limit")
+        if self.progress.step > 0 and evaluated_at != self.progress.step and not failed:
             last_evaluation = self._evaluate(metrics)
             evaluated_at = self.progress.step
         if self.progress.step > 0:
             saved_val = last_evaluation.loss if last_evaluation and evaluated_at == self.progress.step else None
             if self.progress.step % config.save_steps:
                 self.save_checkpoint(saved_val)
-            save_model_directory(self.run_dir / "final_model", self.model, self.config, self.tokenizer)
+            if not failed:
+                save_model_directory(self.run_dir / "final_model", self.model, self.config, self.tokenizer)
         metrics.close()
         summary = self._summary(last_evaluation)
         atomic_write_json(self.run_dir / "summary.json", summary)
-        state = {"max_steps": "finished", "max_time": "finished", "early_stopping": "finished"}.get(self.stop_reason, "stopped")
-        if self.stop_reason == "non_finite_loss":
-            state = "failed"
-        self._write_status(state, message=self.stop_message())
+        finished = self.stop_reason in ("max_steps", "max_time", "early_stopping")
+        self._write_status("finished" if finished else "failed" if failed else "stopped", message=self.stop_message())
         for callback in self.callbacks:
             callback.on_end(self, summary)
         return summary
 
-    def _peek_batch(self, batches: Iterator) -> tuple[torch.Tensor, torch.Tensor]:
-        """An example batch for compilation that the data stream does not lose (a fixed random batch)."""
+    def _example_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A fixed random batch to compile with, so the data stream loses nothing."""
         generator = torch.Generator().manual_seed(0)
         shape = (self.train_config.batch_size, self.model.config.block_size)
         tokens = torch.randint(0, self.model.config.vocab_size, shape, generator=generator)
         return tokens.to(self.device), tokens.to(self.device)
 
-    def _optimizer_step(self, model: torch.nn.Module, micro_batches: list) -> tuple[float, float, int]:
-        """Forward, backward and update on one step's micro-batches; returns (loss, grad norm, tokens)."""
+    def _optimizer_step(self, model: torch.nn.Module, micro_batches: list, timed: bool) -> tuple[float, float, int]:
+        """Forward, backward and update on one step's micro-batches; returns (loss, grad norm, tokens).
+
+        On `timed` steps the device is synchronised between phases so that phase_seconds holds
+        the true forward / backward / optimizer times (elsewhere that wait would only slow the run).
+        """
+        clock = time.perf_counter
+        forward = backward = 0.0
         # Divide by the target count of the whole step, not of each micro-batch: micro-batches
         # with more counted targets (chat data with masked prompts) then weigh correctly.
         target_count = sum(int((targets != IGNORE_INDEX).sum()) for _, targets in micro_batches)
@@ -295,14 +325,25 @@ class Trainer:
         for inputs, targets in micro_batches:
             inputs = inputs.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
+            start = clock()
             with autocast(self.device, self.dtype):
                 loss = self.compute_loss(model, inputs, targets) / max(target_count, 1)
+            if timed:
+                synchronize(self.device)
+            middle = clock()
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total_loss += loss.detach()
+            if timed:
+                synchronize(self.device)
+            forward, backward = forward + middle - start, backward + clock() - middle
+        start = clock()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         max_norm = self.train_config.grad_clip or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if timed:
+            for callback in self.callbacks:
+                callback.on_gradients(self)
         # One read-back per step: it decides whether this update is safe to apply.
         loss_value, norm_value = (float(value) for value in torch.stack([total_loss, grad_norm.float()]).tolist())
         if self.scaler is not None:
@@ -311,8 +352,25 @@ class Trainer:
         elif math.isfinite(loss_value) and math.isfinite(norm_value):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if timed:
+            synchronize(self.device)
+        self.phase_seconds.update(forward=forward, backward=backward, optimizer=clock() - start)
         tokens = sum(inputs.numel() for inputs, _ in micro_batches)
         return loss_value, norm_value, tokens
+
+    def _print_profile(self) -> None:
+        steps = PROFILE_STEPS[1] - PROFILE_STEPS[0]
+        total = sum(self.profile_totals.values())
+        lines = [f"Where the step time goes (mean of steps {PROFILE_STEPS[0]}-{PROFILE_STEPS[1] - 1}):"]
+        for phase in PHASES:
+            seconds = self.profile_totals[phase]
+            lines.append(f"  {phase:<10} {1000 * seconds / steps:9.1f} ms  {100 * seconds / total:5.1f}%")
+        lines.append(f"  {'step':<10} {1000 * total / steps:9.1f} ms")
+        log.info("\n".join(lines))
+
+    def _cpu_seconds(self) -> float:
+        times = self.process.cpu_times()
+        return times.user + times.system
 
     def _evaluate(self, metrics: MetricsWriter) -> EvaluationResult:
         config = self.train_config
@@ -335,26 +393,22 @@ class Trainer:
         metrics.write(row)
         for callback in self.callbacks:
             callback.on_evaluate(self, row)
+        self._check_anomalies(metrics, row)
         patience = config.early_stopping_patience
         if patience and self.progress.evaluations_without_improvement >= patience:
             self.stop_reason = "early_stopping"
         return result
 
-    def _log_row(
-        self, losses: list[float], learning_rate: float, grad_norm: float, tokens_per_second: float,
-        data_seconds: float, step_seconds: float, elapsed: float, cpu_times_before: Any,
-    ) -> dict[str, Any]:
-        finite = [loss for loss in losses if math.isfinite(loss)]
-        step = self.progress.step
-        cpu_times = self.process.cpu_times()
-        cpu_seconds = (cpu_times.user + cpu_times.system) - (cpu_times_before.user + cpu_times_before.system)
-        remaining_steps = (self.train_config.max_steps - step) if self.train_config.max_steps else None
-        seconds_per_step = elapsed / max(step, 1)
-        eta = remaining_steps * seconds_per_step if remaining_steps is not None else None
-        if self.train_config.max_time:
-            time_left = max(0.0, self.train_config.max_time - elapsed)
-            eta = time_left if eta is None else min(eta, time_left)
-        return {
+    def _log(self, metrics: MetricsWriter, window: LogWindow, learning_rate: float, grad_norm: float,
+             step_seconds: float, elapsed: float) -> None:
+        """Write one train row to metrics.jsonl and the log, then check it for anomalies."""
+        config, step = self.train_config, self.progress.step
+        finite = [loss for loss in window.losses if math.isfinite(loss)]
+        tokens_per_second = window.tokens / window.seconds
+        remaining = [(config.max_steps - step) * elapsed / step] if config.max_steps else []
+        if config.max_time:
+            remaining.append(max(0.0, config.max_time - elapsed))
+        row: dict[str, Any] = {
             "type": "train",
             "step": step,
             "tokens": self.progress.tokens_seen,
@@ -362,14 +416,41 @@ class Trainer:
             "lr": learning_rate,
             "grad_norm": grad_norm,
             "tokens_per_second": tokens_per_second,
-            "data_ms": 1000 * data_seconds,
             "step_ms": 1000 * step_seconds,
+            **{f"{phase}_ms": 1000 * seconds for phase, seconds in self.phase_seconds.items()},
             "skipped_steps": self.progress.skipped_steps,
-            "cpu_seconds": cpu_seconds,
-            "rss_bytes": self.process.memory_info().rss,
             "elapsed_seconds": elapsed,
-            "eta_seconds": eta,
+            "eta_seconds": min(remaining) if remaining else None,
         }
+        if self.peak_flops:
+            row["mfu"] = self.model.flops_per_token() * tokens_per_second / self.peak_flops
+        if self.monitoring:
+            wall = time.perf_counter() - window.wall_start
+            row["cpu_percent"] = 100 * (self._cpu_seconds() - window.cpu_start) / wall / (psutil.cpu_count() or 1)
+            row["rss_bytes"] = self.process.memory_info().rss
+            row["system_memory_percent"] = psutil.virtual_memory().percent
+            row["accelerator_memory_bytes"] = accelerator_memory_bytes(self.device)
+            if self.governor is not None:
+                row["paused_seconds"] = self.governor.paused_seconds
+        metrics.write(row)
+        memory = f" | mem {row['rss_bytes'] / 1e9:.1f} GB" if "rss_bytes" in row else ""
+        log.info("step %d | loss %.4f | lr %.2e | %s tok/s%s", step, row["loss"], learning_rate, f"{tokens_per_second:,.0f}", memory)
+        for callback in self.callbacks:
+            callback.on_log(self, row)
+        self._check_anomalies(metrics, row)
+        self._write_status("running")
+
+    def _check_anomalies(self, metrics: MetricsWriter, row: dict[str, Any]) -> None:
+        """Run the anomaly rules on recent rows; report each finding when it first appears."""
+        if not self.monitoring:
+            return
+        self.history = self.history[-HISTORY_ROWS:] + [row]
+        findings = diagnose(self.history)
+        for anomaly in findings:
+            if anomaly.kind not in self.active_anomalies:
+                log.warning("Anomaly at step %d: %s %s", anomaly.step, anomaly.message, anomaly.advice)
+                metrics.write({"type": "anomaly", **anomaly.as_dict()})
+        self.active_anomalies = {anomaly.kind for anomaly in findings}
 
     def _summary(self, evaluation: EvaluationResult | None) -> dict[str, Any]:
         rows = read_metrics(self.run_dir / "metrics.jsonl")
@@ -399,6 +480,10 @@ class Trainer:
             "non_finite_loss": (
                 f"Stopped: the loss or gradient was NaN/Inf for {MAX_CONSECUTIVE_BAD_STEPS} steps in a row. "
                 "Lower the learning rate, keep gradient clipping on (--grad-clip 1.0), and check the data."
+            ),
+            "memory_limit": (
+                f"Stopped with a checkpoint: system memory stayed above --max-memory {self.train_config.max_memory:g}%. "
+                "Lower --batch-size or --block-size, or free memory, then --resume."
             ),
         }
         return messages.get(self.stop_reason or "", "Stopped.")

@@ -47,12 +47,19 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--seed": ("train.seed", int, "random seed"),
     "--device": ("train.device", str, "auto, cpu, cuda or mps"),
     "--dtype": ("train.dtype", str, "auto, float32, bfloat16 or float16"),
+    "--max-cpu": ("train.max_cpu", float, "hold this process at or below PERCENT of the machine's CPU (0 = no limit)"),
+    "--max-memory": ("train.max_memory", float, "save and stop cleanly if system memory stays above PERCENT (0 = no limit)"),
 }
 SWITCHES: dict[str, tuple[str, str]] = {
     "--use-full-data": ("train.use_full_data", "train on every .jsonl/.txt file under ./data/"),
     "--retrain-tokenizer": ("train.retrain_tokenizer", "train a new tokenizer even if one is cached"),
     "--plot-loss": ("train.plot_loss", "save loss-curve PNGs under plots/ at every checkpoint and at the end"),
     "--enable-compile": ("train.compile", "torch.compile the model (slow first step, faster after)"),
+    "--disable-monitoring": ("train.disable_monitoring", "no CPU/memory sampling, anomaly checks or resource governor"),
+    "--overfit-batch": ("train.overfit_batch", "train on one fixed batch: the loss must fall to about 0"),
+    "--profile": ("train.profile", "print where the step time goes (data, forward, backward, optimizer) after a few steps"),
+    "--tensorboard": ("train.tensorboard", "also write TensorBoard event files (needs the 'tensorboard' extra)"),
+    "--wandb": ("train.wandb", "also log to Weights & Biases, offline unless WANDB_MODE=online (needs the 'wandb' extra)"),
 }
 LIST_KEYS = {"train.data_files", "train.val_data_files"}
 
@@ -127,4 +134,4 @@ def main(argv: list[str] | None = None) -> int:
     if config.train.plot_loss:
         log.info("Loss curves:    %s", Path(run_dir) / "plots")
     log.info("Summary:        %s", run_dir / "summary.json")
-    return 1 if summary["stop_reason"] == "non_finite_loss" else 0
+    return 1 if summary["stop_reason"] in ("non_finite_loss", "memory_limit") else 0  # the run did not finish

@@ -1,0 +1,95 @@
+"""What the trainer reports about itself: metrics fields, anomalies, profiling, sinks, guards."""
+
+import json
+import sys
+
+import pytest
+
+from conftest import run_script
+from minigpt.config import apply_overrides, preset_config
+from minigpt.errors import UserInputError
+from minigpt.metrics import read_metrics
+from minigpt.run import prepare_run
+
+
+def tiny_config(tmp_path, corpus_jsonl, tokenizer_file, **overrides):
+    settings = {
+        "train.data_files": [str(corpus_jsonl)], "train.tokenizer_path": str(tokenizer_file), "train.val_fraction": 0.1,
+        "train.output_dir": str(tmp_path / "runs"), "train.run_name": "run", "train.sample_tokens": 0,
+        "train.eval_batches": 2, **overrides,
+    }
+    return apply_overrides(preset_config("tiny"), settings)
+
+
+def test_overfit_batch_drives_the_loss_to_zero_and_reports_everything(tmp_path, corpus_jsonl, tokenizer_file):
+    result = run_script(
+        "train.py", "--config", "tiny", "--data-files", str(corpus_jsonl), "--tokenizer", str(tokenizer_file),
+        "--val-fraction", "0.1", "--output-dir", "runs", "--run-name", "overfit", "--overfit-batch", "--profile",
+        "--tensorboard", "--max-steps", "250", "--log-steps", "25", "--eval-steps", "250", "--sample-tokens", "0",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Where the step time goes" in result.stdout and "backward" in result.stdout
+    rows = read_metrics(tmp_path / "runs" / "overfit" / "metrics.jsonl")
+    train = [row for row in rows if row["type"] == "train"]
+    assert train[-1]["loss"] < 0.1  # a single batch is memorised
+    for field in ("tokens_per_second", "mfu", "forward_ms", "backward_ms", "optimizer_ms", "data_ms", "cpu_percent",
+                  "rss_bytes", "system_memory_percent", "elapsed_seconds", "eta_seconds", "grad_norm", "lr"):
+        assert field in train[-1], field
+    assert 0 < train[-1]["mfu"] < 1
+    assert any(row["type"] == "anomaly" and row["kind"] == "vanishing_gradient" for row in rows)  # memorised: nothing left to learn
+    assert list((tmp_path / "runs" / "overfit" / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_disable_monitoring_leaves_sampling_out(tmp_path, corpus_jsonl, tokenizer_file):
+    config = tiny_config(tmp_path, corpus_jsonl, tokenizer_file, **{"train.max_steps": 20, "train.disable_monitoring": True})
+    trainer = prepare_run(config, show_progress=False)
+    trainer.train()
+    train = [row for row in read_metrics(trainer.run_dir / "metrics.jsonl") if row["type"] == "train"]
+    assert train and all("cpu_percent" not in row and "mfu" not in row for row in train)
+
+
+def test_repeated_non_finite_losses_stop_the_run_with_a_checkpoint(tmp_path, corpus_jsonl, tokenizer_file):
+    config = tiny_config(tmp_path, corpus_jsonl, tokenizer_file, **{"train.max_steps": 100})
+    trainer = prepare_run(config, show_progress=False)
+    trainer.compute_loss = lambda model, inputs, targets: model(inputs, targets, loss_reduction="sum")[1] * float("nan")
+    summary = trainer.train()
+    assert summary["stop_reason"] == "non_finite_loss" and summary["skipped_steps"] == 5 and summary["steps"] == 5
+    status = json.loads((trainer.run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and "NaN" in status["message"]
+    assert (trainer.run_dir / "checkpoint_step_5" / "model.safetensors").is_file()
+    assert not (trainer.run_dir / "final_model").exists()
+    assert any(row["type"] == "anomaly" and row["kind"] == "non_finite_loss" for row in read_metrics(trainer.run_dir / "metrics.jsonl"))
+
+
+def test_memory_limit_saves_and_stops_instead_of_being_killed(tmp_path, corpus_jsonl, tokenizer_file, monkeypatch):
+    config = tiny_config(tmp_path, corpus_jsonl, tokenizer_file, **{"train.max_steps": 100, "train.max_memory": 50.0})
+    trainer = prepare_run(config, show_progress=False)
+    readings = iter([40.0] * 7 + [97.0] * 100)  # fine for 7 steps, then memory fills up and stays full
+    trainer.governor.memory_percent = lambda: next(readings)
+    trainer.governor.sleep = lambda seconds: None
+    summary = trainer.train()
+    assert summary["stop_reason"] == "memory_limit" and summary["steps"] == 8
+    assert (trainer.run_dir / "checkpoint_step_8").is_dir()
+    assert json.loads((trainer.run_dir / "status.json").read_text())["state"] == "failed"
+
+
+def test_a_missing_sink_package_is_one_clear_sentence(tmp_path, corpus_jsonl, tokenizer_file, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    config = tiny_config(tmp_path, corpus_jsonl, tokenizer_file, **{"train.tensorboard": True})
+    with pytest.raises(UserInputError, match=r'pip install -e "\.\[tensorboard\]"'):
+        prepare_run(config, show_progress=False)
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    config = tiny_config(tmp_path, corpus_jsonl, tokenizer_file, **{"train.wandb": True, "train.run_name": "w"})
+    with pytest.raises(UserInputError, match=r"\[wandb\]"):
+        prepare_run(config, show_progress=False)
+    assert not (tmp_path / "runs" / "run").exists() and not (tmp_path / "runs" / "w").exists()  # nothing half-written
+
+
+def test_wandb_logs_offline_with_no_network(tmp_path, corpus_jsonl, tokenizer_file, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    config = tiny_config(tmp_path, corpus_jsonl, tokenizer_file, **{"train.max_steps": 10, "train.wandb": True})
+    trainer = prepare_run(config, show_progress=False)
+    trainer.train()
+    assert list((trainer.run_dir / "wandb").glob("offline-run-*"))
