@@ -99,3 +99,46 @@ def save_loss_curve(
     figure.savefig(buffer, format="png")
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
+
+
+CURVE_PANELS = [  # (metric, title, logarithmic y axis)
+    ("loss", "loss (validation: markers)", False),
+    ("lr", "learning rate", False),
+    ("grad_norm", "gradient norm", True),
+    ("tokens_per_second", "tokens per second", False),
+]
+
+
+def save_training_curves(path: str | Path, runs: dict[str, Sequence[dict]]) -> Path:
+    """One PNG of a run's (or several runs') metrics.jsonl rows: loss, learning rate, gradient
+    norm and throughput against the step, each run in its own colour."""
+    figure = Figure(figsize=(12, 8), dpi=100)
+    FigureCanvasAgg(figure)
+    panels = figure.subplots(2, 2).flatten()
+    drawn = 0
+    for color_index, (name, rows) in enumerate(runs.items()):
+        color = f"C{color_index % 10}"
+        train = [row for row in rows if row.get("type") == "train"]
+        for axes, (metric, _, _) in zip(panels, CURVE_PANELS):
+            steps, values, _ = _finite_points([(row["step"], row.get(metric)) for row in train])
+            if values:
+                axes.plot(*_thin(steps, values), color=color, linewidth=1.2, label=name)
+                drawn += 1
+        val_steps, val_losses, _ = _finite_points([(row["step"], row.get("val_loss")) for row in rows if row.get("type") == "eval"])
+        if val_losses:
+            panels[0].plot(val_steps, val_losses, color=color, marker="o", markersize=4, linestyle="--", linewidth=1)
+    if not drawn:
+        raise ValueError("The runs have no training metrics to draw yet.")
+    for axes, (_, title, logarithmic) in zip(panels, CURVE_PANELS):
+        axes.set_title(title)
+        axes.set_xlabel("step")
+        axes.grid(alpha=0.3)
+        if logarithmic and axes.lines:
+            axes.set_yscale("log")
+        if axes.lines:
+            axes.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)

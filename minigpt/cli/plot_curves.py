@@ -1,0 +1,40 @@
+"""`python scripts/plot_training_curves.py --checkpoint-dir RUN [RUN ...]`: draw runs' metrics to PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from minigpt.cli.common import ArgumentParser, run_command
+from minigpt.errors import UserInputError
+from minigpt.metrics import read_metrics
+from minigpt.plots import save_training_curves
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="plot_training_curves.py", description="Plot loss, learning rate, gradient norm and throughput of runs.")
+    parser.add_argument("--checkpoint-dir", nargs="+", required=True, metavar="RUN", help="one or more run directories")
+    parser.add_argument("--output", help="the PNG to write (default: <run>/plots/training_curves.png, or ./training_curves.png for several runs)")
+    return parser
+
+
+@run_command
+def main(argv: list[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    runs = {}
+    for directory in map(Path, arguments.checkpoint_dir):
+        rows = read_metrics(directory / "metrics.jsonl")
+        if not rows:
+            raise UserInputError(f"{directory} has no metrics.jsonl rows to plot; is it a run directory?")
+        runs[directory.name if directory.name not in runs else str(directory)] = rows
+    if arguments.output:
+        output = Path(arguments.output)
+    elif len(runs) == 1:
+        output = Path(arguments.checkpoint_dir[0]) / "plots" / "training_curves.png"
+    else:
+        output = Path("training_curves.png")
+    try:
+        save_training_curves(output, runs)
+    except ValueError as error:
+        raise UserInputError(str(error)) from None
+    print(f"Saved {output}")
+    return 0
