@@ -111,6 +111,9 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "auto"
     compile: bool = False
+    compile_mode: str = "auto"  # torch.compile mode; auto = max-autotune on CUDA, default elsewhere
+    disable_optimizations: bool = False  # eager, float32, plain AdamW loops, math attention: for debugging
+    num_threads: int = 0  # CPU threads; 0 = the physical cores available to the process
     # monitoring and resources
     max_cpu: float = 0.0  # hold the process at or below this % of the machine's CPU; 0 = no limit
     max_memory: float = 0.0  # stop cleanly (with a checkpoint) past this % of system memory; 0 = no limit
@@ -183,6 +186,7 @@ CHOICES = {
     "train.tokenizer_type": ("bpe", "char"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
     "train.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "train.compile_mode": ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
 
@@ -274,7 +278,7 @@ def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None
         "train.warmup_steps": train.warmup_steps, "train.weight_decay": train.weight_decay,
         "train.grad_clip": train.grad_clip, "train.max_steps": train.max_steps, "train.max_time": train.max_time,
         "train.early_stopping_patience": train.early_stopping_patience, "train.sample_tokens": train.sample_tokens,
-        "train.max_cpu": train.max_cpu, "train.max_memory": train.max_memory,
+        "train.max_cpu": train.max_cpu, "train.max_memory": train.max_memory, "train.num_threads": train.num_threads,
     }
     for key, value in non_negative.items():
         if value < 0:

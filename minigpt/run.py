@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import torch
+
 from minigpt.checkpoint import atomic_write_json, latest_checkpoint, remove_temporary_files
 from minigpt.config import RunConfig, validate
 from minigpt.corpus import BUILTIN_CORPUS, builtin_corpus_fingerprint
@@ -22,9 +24,9 @@ from minigpt.data import RepeatedBatch, TokenBlockStream, iter_documents, resolv
 from minigpt.errors import UserInputError
 from minigpt.metrics import truncate_metrics
 from minigpt.model import GPT
-from minigpt.runtime import select_device, select_dtype, seed_everything
-from minigpt.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from minigpt.runtime import configure_threads, select_device, select_dtype, seed_everything
 from minigpt.sinks import TensorBoardCallback, WandbCallback
+from minigpt.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from minigpt.trainer import Callback, LossPlotCallback, Trainer
 
 log = logging.getLogger("minigpt.run")
@@ -155,7 +157,8 @@ def prepare_run(config: RunConfig, show_progress: bool = True) -> Trainer:
     validate(config)
     paths = resolve_run_paths(config)
     device = select_device(config.train.device)
-    dtype = select_dtype(config.train.dtype, device)
+    dtype = torch.float32 if config.train.disable_optimizations else select_dtype(config.train.dtype, device)
+    threads = configure_threads(config.train.num_threads)
     sources = training_sources(config)
     if paths.resume_from is not None:
         tokenizer = load_tokenizer(paths.run_dir / "tokenizer.json")
@@ -181,7 +184,8 @@ def prepare_run(config: RunConfig, show_progress: bool = True) -> Trainer:
         trainer.resume(paths.resume_from)
         truncate_metrics(run_dir / "metrics.jsonl", trainer.progress.step)
     log.info(
-        "Run %s: %s parameters (%s without embeddings), device %s, %s",
-        run_dir, f"{model.num_parameters():,}", f"{model.num_parameters(exclude_embeddings=True):,}", device, str(dtype).replace("torch.", ""),
+        "Run %s: %s parameters (%s without embeddings), device %s, %s, %d CPU threads",
+        run_dir, f"{model.num_parameters():,}", f"{model.num_parameters(exclude_embeddings=True):,}", device,
+        str(dtype).replace("torch.", ""), threads,
     )
     return trainer

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import time
+from pathlib import Path
 from typing import ContextManager
 
 import numpy as np
+import psutil
 import torch
 
 from minigpt.errors import UserInputError
@@ -98,13 +101,23 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def compile_model(model: torch.nn.Module, example_input: torch.Tensor, example_targets: torch.Tensor) -> torch.nn.Module:
+def compile_mode(device: torch.device, requested: str = "auto") -> str:
+    """torch.compile's mode: on CUDA "max-autotune" tries several kernels per matrix shape and keeps
+    the fastest (a longer first compile, faster steps after); elsewhere the default mode."""
+    if requested != "auto":
+        return requested
+    return "max-autotune" if device.type == "cuda" else "default"
+
+
+def compile_model(
+    model: torch.nn.Module, example_input: torch.Tensor, example_targets: torch.Tensor, mode: str = "default"
+) -> torch.nn.Module:
     """torch.compile the model, or return it unchanged with one warning if compilation fails.
 
     Compilation happens lazily at the first call, so the check runs one forward and backward
     pass on an example batch (gradients are cleared afterwards).
     """
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, mode=mode)
     try:
         _, loss = compiled(example_input, example_targets)
         loss.backward()
@@ -113,6 +126,43 @@ def compile_model(model: torch.nn.Module, example_input: torch.Tensor, example_t
         compiled = model
     model.zero_grad(set_to_none=True)
     return compiled
+
+
+def _container_cpu_quota() -> float | None:
+    """CPUs a container may use (cgroup v2 `cpu.max`), or None without a limit."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else int(quota) / int(period)
+
+
+def available_cpu_cores() -> int:
+    """Physical cores this process may use, honouring CPU affinity and a container's CPU quota.
+
+    Physical, not logical: two hyper-threads share one core's matrix units, so a thread per
+    hyper-thread only adds contention to matrix-multiply-bound training.
+    """
+    logical = psutil.cpu_count() or 1
+    physical = psutil.cpu_count(logical=False) or logical
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else logical
+    cores = max(1, allowed * physical // logical)
+    quota = _container_cpu_quota()
+    return max(1, min(cores, int(quota))) if quota else cores
+
+
+def configure_threads(num_threads: int = 0) -> int:
+    """Use `num_threads` CPU threads (0 = the available physical cores); return the number used."""
+    threads = num_threads or available_cpu_cores()
+    # Worker processes started from here read these when their OpenMP/MKL runtimes start.
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = str(threads)
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(max(1, threads // 2))
+    except RuntimeError:  # only possible before the first inter-op parallel work of the process
+        pass
+    return threads
 
 
 def synchronize(device: torch.device) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import psutil
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from minigpt.anomalies import diagnose
@@ -41,7 +42,7 @@ from minigpt.optim import build_optimizer, learning_rate_at
 from minigpt.plots import save_loss_curve
 from minigpt.resources import ResourceGovernor
 from minigpt.runtime import (
-    accelerator_memory_bytes, autocast, compile_model, measure_matmul_peak, rng_state, set_rng_state, synchronize,
+    accelerator_memory_bytes, autocast, compile_mode, compile_model, measure_matmul_peak, rng_state, set_rng_state, synchronize,
 )
 from minigpt.tokenizer import Tokenizer
 
@@ -201,6 +202,13 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         """Train until max_steps, max_time, early stopping, a stop signal, a memory limit or repeated NaN losses."""
+        if self.train_config.disable_optimizations:
+            # The plain textbook attention (softmax(q k^T) v, no fused kernel): slower, easiest to debug.
+            with sdpa_kernel([SDPBackend.MATH]):
+                return self._train()
+        return self._train()
+
+    def _train(self) -> dict[str, Any]:
         config = self.train_config
         self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics = MetricsWriter(self.run_dir / "metrics.jsonl")
@@ -213,8 +221,8 @@ class Trainer:
 
         model: torch.nn.Module = self.model
         model.train()
-        if config.compile:
-            model = compile_model(self.model, *self._example_batch())
+        if config.compile and not config.disable_optimizations:
+            model = compile_model(self.model, *self._example_batch(), mode=compile_mode(self.device, config.compile_mode))
 
         self._write_status("running")
         previous_handlers = self._catch_stop_signals()

@@ -47,6 +47,8 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--seed": ("train.seed", int, "random seed"),
     "--device": ("train.device", str, "auto, cpu, cuda or mps"),
     "--dtype": ("train.dtype", str, "auto, float32, bfloat16 or float16"),
+    "--num-threads": ("train.num_threads", int, "CPU threads (default: the physical cores available to the process)"),
+    "--compile-mode": ("train.compile_mode", str, "torch.compile mode with --enable-compile (auto: max-autotune on CUDA, default elsewhere)"),
     "--max-cpu": ("train.max_cpu", float, "hold this process at or below PERCENT of the machine's CPU (0 = no limit)"),
     "--max-memory": ("train.max_memory", float, "save and stop cleanly if system memory stays above PERCENT (0 = no limit)"),
 }
@@ -55,6 +57,7 @@ SWITCHES: dict[str, tuple[str, str]] = {
     "--retrain-tokenizer": ("train.retrain_tokenizer", "train a new tokenizer even if one is cached"),
     "--plot-loss": ("train.plot_loss", "save loss-curve PNGs under plots/ at every checkpoint and at the end"),
     "--enable-compile": ("train.compile", "torch.compile the model (slow first step, faster after)"),
+    "--disable-optimizations": ("train.disable_optimizations", "eager float32, plain AdamW, math attention: every optimisation off, for debugging"),
     "--disable-monitoring": ("train.disable_monitoring", "no CPU/memory sampling, anomaly checks or resource governor"),
     "--overfit-batch": ("train.overfit_batch", "train on one fixed batch: the loss must fall to about 0"),
     "--profile": ("train.profile", "print where the step time goes (data, forward, backward, optimizer) after a few steps"),

@@ -1,0 +1,109 @@
+"""Training throughput: tokens/s, ms/step, model FLOPs utilisation and memory, eager and compiled.
+
+    python benchmarks/train_throughput.py [--shapes baby nanogpt-10.7M tiny small medium] [--modes eager compiled]
+
+Each shape trains on random tokens (the data pipeline has its own benchmark) with MiniGPT's
+optimizer, in float32 on the CPU. The figures:
+    ms/step      median time of one optimizer step over the timed steps
+    tokens/s     batch_size * block_size / (ms/step)
+    MFU          model FLOPs (6 per weight per token, plus attention) per second, divided by the
+                 float32 matrix-multiply peak this script measures on this machine first
+    RSS          the process's resident memory after the shape's steps
+"baby" and "nanogpt-10.7M" are the two reference shapes of nanoGPT's README (character
+vocabulary of 65), for comparison with nanoGPT run on the same machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from minigpt.config import ModelConfig, TrainConfig, preset_config  # noqa: E402
+from minigpt.model import GPT  # noqa: E402
+from minigpt.optim import build_optimizer  # noqa: E402
+from minigpt.runtime import compile_model, configure_threads, measure_matmul_peak  # noqa: E402
+
+REFERENCE_SHAPES = {
+    # name: (model, batch size)
+    "baby": (ModelConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128), 12),
+    "nanogpt-10.7M": (ModelConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384), 16),
+}
+
+
+def shape(name: str) -> tuple[ModelConfig, int]:
+    if name in REFERENCE_SHAPES:
+        return REFERENCE_SHAPES[name]
+    preset = preset_config(name)
+    return dataclasses.replace(preset.model, vocab_size=preset.train.tokenizer_vocab_size), preset.train.batch_size
+
+
+def measure(config: ModelConfig, batch_size: int, compiled: bool, steps: int, warmup: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = GPT(config)
+    optimizer = build_optimizer(model, TrainConfig(), "cpu")
+    tokens = torch.randint(0, config.vocab_size, (batch_size, config.block_size + 1))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    compile_start = time.perf_counter()
+    runner = compile_model(model, inputs, targets) if compiled else model
+    compile_seconds = time.perf_counter() - compile_start if compiled else 0.0
+    times = []
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        _, loss = runner(inputs, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    tokens_per_second = batch_size * config.block_size / seconds
+    return {
+        "parameters": model.num_parameters(), "ms_per_step": 1000 * seconds, "tokens_per_second": tokens_per_second,
+        "flops_per_token": model.flops_per_token(), "compile_seconds": compile_seconds,
+        "rss_megabytes": psutil.Process().memory_info().rss / 1e6,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["baby", "nanogpt-10.7M", "tiny", "small", "medium"])
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per shape and mode")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--num-threads", type=int, default=0)
+    parser.add_argument("--json", help="also write the figures to this file")
+    arguments = parser.parse_args()
+
+    threads = configure_threads(arguments.num_threads)
+    peak = measure_matmul_peak(torch.device("cpu"), seconds=1.0)
+    print(f"{threads} threads; float32 matmul peak measured here: {peak / 1e9:.1f} GFLOP/s")
+    print(f"{'shape':<14} {'mode':<9} {'params':>8} | {'ms/step':>9} | {'tokens/s':>9} | {'MFU':>6} | {'compile s':>9} | {'RSS MB':>7}")
+    results = []
+    for name in arguments.shapes:
+        config, batch_size = shape(name)
+        for mode in arguments.modes:
+            figures = measure(config, batch_size, mode == "compiled", arguments.steps, arguments.warmup)
+            figures.update(shape=name, mode=mode, batch_size=batch_size, block_size=config.block_size,
+                           mfu=figures["flops_per_token"] * figures["tokens_per_second"] / peak)
+            results.append(figures)
+            print(f"{name:<14} {mode:<9} {figures['parameters'] / 1e6:>7.2f}M | {figures['ms_per_step']:>9.1f} | "
+                  f"{figures['tokens_per_second']:>9,.0f} | {figures['mfu']:>6.1%} | {figures['compile_seconds']:>9.1f} | "
+                  f"{figures['rss_megabytes']:>7,.0f}", flush=True)
+    if arguments.json:
+        Path(arguments.json).write_text(json.dumps({"peak_flops": peak, "threads": threads, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

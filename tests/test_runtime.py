@@ -1,0 +1,66 @@
+"""Device, precision, threads and compilation choices."""
+
+import os
+import random
+
+import numpy
+import pytest
+import torch
+
+from minigpt.config import ModelConfig
+from minigpt.errors import UserInputError
+from minigpt.model import GPT
+from minigpt.runtime import (
+    available_cpu_cores, compile_mode, compile_model, configure_threads, rng_state, select_device, select_dtype,
+    set_rng_state,
+)
+
+
+def test_device_and_dtype_choices_on_this_machine():
+    assert select_device("cpu").type == "cpu"
+    assert select_device("auto").type in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserInputError, match="no CUDA GPU"):
+            select_device("cuda")
+    assert select_dtype("auto", torch.device("cpu")) == torch.float32  # no bf16 units on this CPU class
+    with pytest.raises(UserInputError, match="float16 training is not supported on the CPU"):
+        select_dtype("float16", torch.device("cpu"))
+
+
+def test_threads_follow_the_available_cores():
+    cores = available_cpu_cores()
+    assert 1 <= cores <= len(os.sched_getaffinity(0))
+    previous = torch.get_num_threads()
+    try:
+        assert configure_threads(1) == 1 and torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+        assert configure_threads(0) == cores
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_compile_modes_per_device():
+    assert compile_mode(torch.device("cuda")) == "max-autotune"
+    assert compile_mode(torch.device("cpu")) == "default"
+    assert compile_mode(torch.device("cpu"), "reduce-overhead") == "reduce-overhead"
+
+
+def test_rng_state_round_trip():
+    state = rng_state()
+    first = (torch.rand(3), random.random(), numpy.random.rand())
+    set_rng_state(state)
+    second = (torch.rand(3), random.random(), numpy.random.rand())
+    assert torch.equal(first[0], second[0]) and first[1:] == second[1:]
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
+    model = GPT(ModelConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16))
+
+    def broken_compile(module, mode="default"):
+        def fail(*args, **kwargs):
+            raise RuntimeError("inductor exploded")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    tokens = torch.zeros(1, 8, dtype=torch.long)
+    assert compile_model(model, tokens, tokens) is model
+    assert "torch.compile failed (inductor exploded)" in caplog.text
