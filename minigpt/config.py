@@ -73,6 +73,7 @@ class TrainConfig:
     max_data_size: int = 0  # cap on training documents; 0 = no cap
     text_field: str = "text"
     shuffle_buffer: int = 1000  # blocks held for shuffling; 0 = read in order
+    token_cache: bool = False  # tokenize the sources once into <output_dir>/token_cache/ and train from it
     # tokenizer
     tokenizer_path: str = ""  # an existing tokenizer.json to use; empty = train one (or reuse the cached one)
     tokenizer_type: str = "bpe"

@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from minigpt.corpus import BUILTIN_CORPUS, builtin_corpus
+from minigpt.corpus import BUILTIN_CORPUS, builtin_corpus, builtin_corpus_fingerprint
 from minigpt.errors import UserInputError
 from minigpt.model import IGNORE_INDEX
+from minigpt.token_cache import TokenCache
 from minigpt.tokenizer import Tokenizer
 
 log = logging.getLogger("minigpt.data")
@@ -79,7 +80,9 @@ class Document:
     """One unit of training text, with where the next one starts."""
 
     text: str | None = None  # plain text ...
-    conversations: list | None = None  # ... or a chat record
+    conversations: list | None = None  # ... or a chat record ...
+    tokens: np.ndarray | None = None  # ... or token ids from a token cache (<|endoftext|> included)
+    hash_fraction: float | None = None  # known in advance for cached documents
     ends_document: bool = True  # append <|endoftext|> after it (a .txt file's pieces: only the last)
 
 
@@ -111,11 +114,26 @@ def _parse_jsonl_line(raw: bytes, text_field: str) -> Document | str:
     return f"no string field '{text_field}' (nor a 'conversations' list)"
 
 
-def _document_hash_fraction(document: Document) -> float:
+def document_hash_fraction(document: Document) -> float:
     """A stable number in [0, 1) per document (Python's hash() changes between runs; this does not)."""
+    if document.hash_fraction is not None:
+        return document.hash_fraction
     content = document.text if document.text is not None else json.dumps(document.conversations, sort_keys=True)
     digest = hashlib.blake2b(content.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
+
+
+def sources_fingerprint(sources: Sequence[Path | str]) -> list:
+    """What identifies the content of the sources: each file's path, size and modification time
+    (the built-in corpus: its own fingerprint). It changes when any file changes."""
+    parts = []
+    for source in sources:
+        if source == BUILTIN_CORPUS:
+            parts.append(["builtin", builtin_corpus_fingerprint()])
+        else:
+            stat = Path(source).stat()
+            parts.append([str(Path(source).resolve()), stat.st_size, stat.st_mtime_ns])
+    return parts
 
 
 def iter_documents(sources: Sequence[Path | str], text_field: str = "text") -> Iterator[str]:
@@ -123,7 +141,7 @@ def iter_documents(sources: Sequence[Path | str], text_field: str = "text") -> I
 
     Used to train tokenizers; bad lines are reported and skipped exactly as in training.
     """
-    reader = _DocumentReader(list(sources), text_field)
+    reader = DocumentReader(list(sources), text_field)
     while (document := reader.next_document()) is not None:
         if document.text is not None:
             yield document.text
@@ -131,7 +149,7 @@ def iter_documents(sources: Sequence[Path | str], text_field: str = "text") -> I
             yield "\n".join(str(turn.get("content", "")) for turn in document.conversations if isinstance(turn, dict))
 
 
-class _DocumentReader:
+class DocumentReader:
     """Reads documents one at a time from a list of sources; its position is three integers."""
 
     def __init__(self, sources: list, text_field: str, report: DataReport | None = None):
@@ -158,7 +176,9 @@ class _DocumentReader:
         """The next document, or None at the end of the last source."""
         while self.source_index < len(self.sources):
             source = self.sources[self.source_index]
-            if source == BUILTIN_CORPUS:
+            if isinstance(source, TokenCache):
+                document = self._next_cached(source)
+            elif source == BUILTIN_CORPUS:
                 document = self._next_builtin()
             elif Path(source).suffix == ".txt":
                 document = self._next_text_piece(Path(source))
@@ -172,7 +192,7 @@ class _DocumentReader:
 
     def _finish_source(self) -> None:
         source = self.sources[self.source_index]
-        if source != BUILTIN_CORPUS and self.lines_read and self.bad_in_file == self.lines_read:
+        if self.lines_read and self.bad_in_file == self.lines_read:
             raise UserInputError(f"Every line of {source} is bad (see the warnings above); check its format or --text-field.")
         self.close()
         self.source_index += 1
@@ -190,6 +210,13 @@ class _DocumentReader:
             return None
         self.offset += 1
         return Document(text=documents[self.offset - 1])
+
+    def _next_cached(self, cache: TokenCache) -> Document | None:
+        if self.offset >= cache.documents:
+            return None
+        self.offset += 1
+        index = self.offset - 1
+        return Document(tokens=cache.document(index), hash_fraction=float(cache.hash_fractions[index]), ends_document=False)
 
     def _next_jsonl(self, path: Path) -> Document | None:
         file = self._open(path)
@@ -293,7 +320,7 @@ class TokenBlockStream(IterableDataset):
     # -- position ------------------------------------------------------------------------------
 
     def _reset(self) -> None:
-        self.reader = _DocumentReader(self.sources, self.text_field, self.report)
+        self.reader = DocumentReader(self.sources, self.text_field, self.report)
         self.epoch = 0
         self.document_index = 0  # documents read this epoch (all splits), for sharding
         self.accepted_documents = 0  # documents of this split read this epoch, for max_documents
@@ -408,14 +435,16 @@ class TokenBlockStream(IterableDataset):
         encoded = iter(self.tokenizer.encode_batch(texts)) if texts else iter(())
         token_chunks, mask_chunks = [self.pending_tokens], [self.pending_mask]
         for document in documents:
-            if document.text is not None:
+            if document.tokens is not None:  # already tokenized, in a token cache
+                ids, mask = document.tokens, [True] * len(document.tokens)
+            elif document.text is not None:
                 ids = next(encoded)
                 mask = [True] * len(ids)
             else:
                 ids, assistant = self._render_chat(document)
                 mask = assistant if self.assistant_only_loss else [True] * len(ids)
             if document.ends_document:
-                ids = ids + [self.tokenizer.eos_id]
+                ids = list(ids) + [self.tokenizer.eos_id]
                 mask = mask + [True]
             token_chunks.append(np.asarray(ids, dtype=np.int64))
             mask_chunks.append(np.asarray(mask, dtype=bool))
@@ -449,7 +478,7 @@ class TokenBlockStream(IterableDataset):
                 continue
             index = self.document_index
             self.document_index += 1
-            if self.split != "all" and (_document_hash_fraction(document) < self.val_fraction) != (self.split == "val"):
+            if self.split != "all" and (document_hash_fraction(document) < self.val_fraction) != (self.split == "val"):
                 continue
             self.accepted_documents += 1
             if index % self.num_shards == self.shard:

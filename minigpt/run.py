@@ -19,13 +19,14 @@ import torch
 
 from minigpt.checkpoint import atomic_write_json, latest_checkpoint, remove_temporary_files
 from minigpt.config import RunConfig, validate
-from minigpt.corpus import BUILTIN_CORPUS, builtin_corpus_fingerprint
-from minigpt.data import RepeatedBatch, TokenBlockStream, iter_documents, resolve_data_files
+from minigpt.corpus import BUILTIN_CORPUS
+from minigpt.data import RepeatedBatch, TokenBlockStream, iter_documents, resolve_data_files, sources_fingerprint
 from minigpt.errors import UserInputError
 from minigpt.metrics import truncate_metrics
 from minigpt.model import GPT
 from minigpt.runtime import configure_threads, select_device, select_dtype, seed_everything
 from minigpt.sinks import TensorBoardCallback, WandbCallback
+from minigpt.token_cache import build_token_cache
 from minigpt.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from minigpt.trainer import Callback, LossPlotCallback, Trainer
 
@@ -88,17 +89,10 @@ def resolve_run_paths(config: RunConfig) -> RunPaths:
     return RunPaths(run_dir, None)
 
 
-def _sources_fingerprint(sources: list, config: RunConfig) -> str:
+def _tokenizer_key(sources: list, config: RunConfig) -> str:
     """A key that changes when the tokenizer's training input or settings change."""
-    parts = []
-    for source in sources:
-        if source == BUILTIN_CORPUS:
-            parts.append(["builtin", builtin_corpus_fingerprint()])
-        else:
-            stat = Path(source).stat()
-            parts.append([str(Path(source).resolve()), stat.st_size, stat.st_mtime_ns])
     train = config.train
-    key = [parts, train.tokenizer_type, train.tokenizer_vocab_size, train.tokenizer_samples, train.text_field]
+    key = [sources_fingerprint(sources), train.tokenizer_type, train.tokenizer_vocab_size, train.tokenizer_samples, train.text_field]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
 
 
@@ -108,7 +102,7 @@ def obtain_tokenizer(config: RunConfig, sources: list, show_progress: bool = Tru
     if train.tokenizer_path:
         return load_tokenizer(train.tokenizer_path)
     cache = Path(train.output_dir) / "tokenizers" / (
-        f"{train.tokenizer_type}-{train.tokenizer_vocab_size}-{_sources_fingerprint(sources, config)}.json"
+        f"{train.tokenizer_type}-{train.tokenizer_vocab_size}-{_tokenizer_key(sources, config)}.json"
     )
     if cache.is_file() and not train.retrain_tokenizer:
         log.info("Reusing tokenizer %s", cache)
@@ -125,8 +119,12 @@ def build_streams(config: RunConfig, sources: list, tokenizer: Tokenizer) -> tup
     """The endless, shuffled training stream (or its first batch, repeated) and the finite validation stream."""
     train = config.train
     common = dict(tokenizer=tokenizer, block_size=config.model.block_size, batch_size=train.batch_size, text_field=train.text_field)
-    if train.val_data_files:
-        val_sources = resolve_data_files(train.val_data_files)
+    val_sources = resolve_data_files(train.val_data_files) if train.val_data_files else []
+    if train.token_cache:
+        cache_root = Path(train.output_dir) / "token_cache"
+        sources = [build_token_cache(sources, tokenizer, cache_root, train.text_field)]
+        val_sources = [build_token_cache(val_sources, tokenizer, cache_root, train.text_field)] if val_sources else []
+    if val_sources:
         train_stream = TokenBlockStream(sources, split="all", shuffle_buffer=train.shuffle_buffer, seed=train.seed,
                                         max_documents=train.max_data_size, **common)
         val_stream = TokenBlockStream(val_sources, split="all", loop=False, **common)

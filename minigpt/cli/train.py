@@ -54,6 +54,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
 }
 SWITCHES: dict[str, tuple[str, str]] = {
     "--use-full-data": ("train.use_full_data", "train on every .jsonl/.txt file under ./data/"),
+    "--token-cache": ("train.token_cache", "tokenize the data once into <output-dir>/token_cache/ (reused while the files and tokenizer stay the same)"),
     "--retrain-tokenizer": ("train.retrain_tokenizer", "train a new tokenizer even if one is cached"),
     "--plot-loss": ("train.plot_loss", "save loss-curve PNGs under plots/ at every checkpoint and at the end"),
     "--enable-compile": ("train.compile", "torch.compile the model (slow first step, faster after)"),

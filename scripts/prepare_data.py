@@ -1,0 +1,12 @@
+#!/usr/bin/env python3
+"""Build the pre-tokenized token cache: `python scripts/prepare_data.py --tokenizer tokenizer.json --data-files ...`."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from minigpt.cli.prepare_data import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
