@@ -24,7 +24,7 @@ from minigpt.data import RepeatedBatch, TokenBlockStream, iter_documents, resolv
 from minigpt.errors import UserInputError
 from minigpt.metrics import truncate_metrics
 from minigpt.model import GPT
-from minigpt.runtime import configure_threads, select_device, select_dtype, seed_everything
+from minigpt.runtime import configure_threads, fastest_cpu_dtype, select_device, select_dtype, seed_everything
 from minigpt.sinks import TensorBoardCallback, WandbCallback
 from minigpt.token_cache import build_token_cache
 from minigpt.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
@@ -171,12 +171,16 @@ def prepare_run(config: RunConfig, show_progress: bool = True) -> Trainer:
     run_dir = paths.run_dir
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, run_name=run_dir.name, resume=""))
     callbacks = build_callbacks(config, run_dir)  # before writing anything: a missing sink package is an error
+    model = GPT(config.model).to(device)
+    if device.type == "cpu" and config.train.dtype == "auto" and not config.train.disable_optimizations:
+        dtype = fastest_cpu_dtype(model, config.model.block_size, config.model.vocab_size)
+    # Record the precision chosen, so that a resumed run computes exactly as this one did.
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, dtype=str(dtype).replace("torch.", "")))
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_temporary_files(run_dir)
     atomic_write_json(run_dir / "config.json", config.to_dict())
     if paths.resume_from is None:
         tokenizer.save(run_dir / "tokenizer.json")
-    model = GPT(config.model).to(device)
     trainer = Trainer(config, model, tokenizer, train_stream, val_stream, run_dir, device, dtype, callbacks, show_progress)
     if paths.resume_from is not None:
         trainer.resume(paths.resume_from)

@@ -148,8 +148,7 @@ class Trainer:
         self.monitoring = not config.disable_monitoring
         self.governor = ResourceGovernor(config.max_cpu, config.max_memory) if self.monitoring else None
         # Model FLOPs utilisation compares against a matrix-multiply peak measured right here.
-        peak_dtype = torch.float32 if device.type == "cpu" else dtype
-        self.peak_flops = measure_matmul_peak(device, peak_dtype) if self.monitoring else None
+        self.peak_flops = measure_matmul_peak(device, dtype) if self.monitoring else None
         self.history: list[dict[str, Any]] = []  # recent metric rows, for the anomaly rules
         self.active_anomalies: set[str] = set()
         self.phase_seconds = dict.fromkeys(PHASES, 0.0)  # of the last timed step
