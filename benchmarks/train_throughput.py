@@ -3,11 +3,11 @@
     python benchmarks/train_throughput.py [--shapes baby nanogpt-10.7M tiny small medium] [--modes eager compiled]
 
 Each shape trains on random tokens (the data pipeline has its own benchmark) with MiniGPT's
-optimizer, in float32 on the CPU. The figures:
+optimizer on the CPU, in each of --dtypes (bfloat16 = autocast, weights stay float32). The figures:
     ms/step      median time of one optimizer step over the timed steps
     tokens/s     batch_size * block_size / (ms/step)
     MFU          model FLOPs (6 per weight per token, plus attention) per second, divided by the
-                 float32 matrix-multiply peak this script measures on this machine first
+                 matrix-multiply peak of the same dtype, measured by this script on this machine
     RSS          the process's resident memory after the shape's steps
 "baby" and "nanogpt-10.7M" are the two reference shapes of nanoGPT's README (character
 vocabulary of 65), for comparison with nanoGPT run on the same machine.
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minigpt.config import ModelConfig, TrainConfig, preset_config  # noqa: E402
 from minigpt.model import GPT  # noqa: E402
 from minigpt.optim import build_optimizer  # noqa: E402
-from minigpt.runtime import compile_model, configure_threads, measure_matmul_peak  # noqa: E402
+from minigpt.runtime import DTYPES, autocast, compile_model, configure_threads, measure_matmul_peak  # noqa: E402
 
 REFERENCE_SHAPES = {
     # name: (model, batch size)
@@ -47,7 +47,7 @@ def shape(name: str) -> tuple[ModelConfig, int]:
     return dataclasses.replace(preset.model, vocab_size=preset.train.tokenizer_vocab_size), preset.train.batch_size
 
 
-def measure(config: ModelConfig, batch_size: int, compiled: bool, steps: int, warmup: int) -> dict[str, float]:
+def measure(config: ModelConfig, batch_size: int, compiled: bool, dtype: torch.dtype, steps: int, warmup: int) -> dict[str, float]:
     torch.manual_seed(0)
     model = GPT(config)
     optimizer = build_optimizer(model, TrainConfig(), "cpu")
@@ -59,7 +59,8 @@ def measure(config: ModelConfig, batch_size: int, compiled: bool, steps: int, wa
     times = []
     for step in range(warmup + steps):
         start = time.perf_counter()
-        _, loss = runner(inputs, targets)
+        with autocast(torch.device("cpu"), dtype):
+            _, loss = runner(inputs, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -80,6 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["baby", "nanogpt-10.7M", "tiny", "small", "medium"])
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per shape and mode")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--num-threads", type=int, default=0)
@@ -87,22 +89,24 @@ def main() -> None:
     arguments = parser.parse_args()
 
     threads = configure_threads(arguments.num_threads)
-    peak = measure_matmul_peak(torch.device("cpu"), seconds=1.0)
-    print(f"{threads} threads; float32 matmul peak measured here: {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'shape':<14} {'mode':<9} {'params':>8} | {'ms/step':>9} | {'tokens/s':>9} | {'MFU':>6} | {'compile s':>9} | {'RSS MB':>7}")
+    peaks = {name: measure_matmul_peak(torch.device("cpu"), DTYPES[name], seconds=1.0) for name in arguments.dtypes}
+    print(f"{threads} threads; matmul peak measured here: " + ", ".join(f"{name} {peak / 1e9:.0f} GFLOP/s" for name, peak in peaks.items()))
+    print(f"{'shape':<14} {'mode':<18} {'params':>8} | {'ms/step':>9} | {'tokens/s':>9} | {'MFU':>6} | {'compile s':>9} | {'RSS MB':>7}")
     results = []
     for name in arguments.shapes:
         config, batch_size = shape(name)
-        for mode in arguments.modes:
-            figures = measure(config, batch_size, mode == "compiled", arguments.steps, arguments.warmup)
-            figures.update(shape=name, mode=mode, batch_size=batch_size, block_size=config.block_size,
-                           mfu=figures["flops_per_token"] * figures["tokens_per_second"] / peak)
-            results.append(figures)
-            print(f"{name:<14} {mode:<9} {figures['parameters'] / 1e6:>7.2f}M | {figures['ms_per_step']:>9.1f} | "
-                  f"{figures['tokens_per_second']:>9,.0f} | {figures['mfu']:>6.1%} | {figures['compile_seconds']:>9.1f} | "
-                  f"{figures['rss_megabytes']:>7,.0f}", flush=True)
+        for dtype in arguments.dtypes:
+            for mode in arguments.modes:
+                figures = measure(config, batch_size, mode == "compiled", DTYPES[dtype], arguments.steps, arguments.warmup)
+                figures.update(shape=name, mode=mode, dtype=dtype, batch_size=batch_size, block_size=config.block_size,
+                               mfu=figures["flops_per_token"] * figures["tokens_per_second"] / peaks[dtype])
+                results.append(figures)
+                label = f"{mode} {dtype}"
+                print(f"{name:<14} {label:<18} {figures['parameters'] / 1e6:>7.2f}M | {figures['ms_per_step']:>9.1f} | "
+                      f"{figures['tokens_per_second']:>9,.0f} | {figures['mfu']:>6.1%} | {figures['compile_seconds']:>9.1f} | "
+                      f"{figures['rss_megabytes']:>7,.0f}", flush=True)
     if arguments.json:
-        Path(arguments.json).write_text(json.dumps({"peak_flops": peak, "threads": threads, "results": results}, indent=2))
+        Path(arguments.json).write_text(json.dumps({"peak_flops": peaks, "threads": threads, "results": results}, indent=2))
 
 
 if __name__ == "__main__":
