@@ -31,7 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minigpt.config import ModelConfig, TrainConfig, preset_config  # noqa: E402
 from minigpt.model import GPT  # noqa: E402
 from minigpt.optim import build_optimizer  # noqa: E402
-from minigpt.runtime import DTYPES, autocast, compile_model, configure_threads, measure_matmul_peak  # noqa: E402
+from minigpt.runtime import (  # noqa: E402
+    DTYPES, autocast, compile_model, configure_threads, cpu_has_fast_bfloat16, measure_matmul_peak,
+)
 
 REFERENCE_SHAPES = {
     # name: (model, batch size)
@@ -81,7 +83,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["baby", "nanogpt-10.7M", "tiny", "small", "medium"])
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"],
+                        help="default: float32, plus bfloat16 where this CPU multiplies it fast (elsewhere it is emulated, and very slow)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per shape and mode")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--num-threads", type=int, default=0)
@@ -89,6 +92,7 @@ def main() -> None:
     arguments = parser.parse_args()
 
     threads = configure_threads(arguments.num_threads)
+    arguments.dtypes = arguments.dtypes or ["float32"] + (["bfloat16"] if cpu_has_fast_bfloat16() else [])
     peaks = {name: measure_matmul_peak(torch.device("cpu"), DTYPES[name], seconds=1.0) for name in arguments.dtypes}
     print(f"{threads} threads; matmul peak measured here: " + ", ".join(f"{name} {peak / 1e9:.0f} GFLOP/s" for name, peak in peaks.items()))
     print(f"{'shape':<14} {'mode':<18} {'params':>8} | {'ms/step':>9} | {'tokens/s':>9} | {'MFU':>6} | {'compile s':>9} | {'RSS MB':>7}")

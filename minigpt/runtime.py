@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import os
 import random
@@ -66,10 +67,28 @@ def select_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+@functools.lru_cache(maxsize=None)
+def cpu_has_fast_bfloat16(size: int = 512, margin: float = 0.8) -> bool:
+    """Whether this CPU multiplies bfloat16 matrices faster than float32 ones (it has matrix units
+    for them). A quick check before any real measurement: where bfloat16 is emulated, one
+    multiply of a training step's size would take minutes."""
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.ones(size, size, dtype=dtype), torch.ones(size, size, dtype=dtype)
+        a @ b
+        start = time.perf_counter()
+        a @ b
+        timings[dtype] = time.perf_counter() - start
+    return timings[torch.bfloat16] < margin * timings[torch.float32]
+
+
 def fastest_cpu_dtype(model: torch.nn.Module, block_size: int, vocab_size: int, margin: float = 0.8) -> torch.dtype:
     """bfloat16 if a training step of this model (one sequence, forward and backward) runs in
     under `margin` of its float32 time on this CPU, else float32. Measured on a copy of the
     model with a private random generator, so the run's own random state is untouched."""
+    if not cpu_has_fast_bfloat16():
+        log.info("CPU precision: this CPU has no fast bfloat16 multiply; using float32.")
+        return torch.float32
     probe = copy.deepcopy(model).train(False)
     tokens = torch.randint(0, vocab_size, (1, block_size + 1), generator=torch.Generator().manual_seed(0))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
