@@ -1,5 +1,6 @@
 """Device, precision, threads and compilation choices."""
 
+import logging
 import os
 import random
 
@@ -69,6 +70,7 @@ def test_a_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch, capl
 def test_cpu_precision_is_float32_without_fast_bfloat16_and_measured_with_it(monkeypatch, caplog):
     from minigpt import runtime
 
+    caplog.set_level(logging.INFO, logger="minigpt.runtime")
     model = GPT(ModelConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16))
     monkeypatch.setattr(runtime, "cpu_has_fast_bfloat16", lambda: False)
     assert runtime.fastest_cpu_dtype(model, 8, 32) == torch.float32
