@@ -115,6 +115,7 @@ class TrainConfig:
     compile_mode: str = "auto"  # torch.compile mode; auto = max-autotune on CUDA, default elsewhere
     disable_optimizations: bool = False  # eager, float32, plain AdamW loops, math attention: for debugging
     num_threads: int = 0  # CPU threads; 0 = the physical cores available to the process
+    dataloader_workers: int = -1  # processes reading data; -1 = auto (CUDA: up to 4; CPU, MPS: 0, the main process)
     # monitoring and resources
     max_cpu: float = 0.0  # hold the process at or below this % of the machine's CPU; 0 = no limit
     max_memory: float = 0.0  # stop cleanly (with a checkpoint) past this % of system memory; 0 = no limit
@@ -309,6 +310,8 @@ def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None
     for key in ("max_cpu", "max_memory"):
         if getattr(train, key) > 100:
             raise UserInputError(f"train.{key} is a percentage of the machine; give a value up to 100, got {getattr(train, key)}.")
+    if train.dataloader_workers < -1:
+        raise UserInputError(f"train.dataloader_workers must be -1 (auto), 0 or more, got {train.dataloader_workers}.")
     if train.max_steps == 0 and train.max_time == 0:
         raise UserInputError("Give the run an end: set max_steps or max_time (or both) above 0.")
     for key, allowed in CHOICES.items():

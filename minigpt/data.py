@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from minigpt.corpus import BUILTIN_CORPUS, builtin_corpus, builtin_corpus_fingerprint
 from minigpt.errors import UserInputError
@@ -513,3 +513,34 @@ class RepeatedBatch:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.inputs, self.targets = state["inputs"], state["targets"]
+
+
+class ParallelBatches:
+    """Training batches read by `workers` DataLoader processes, each streaming its own share of
+    the documents (the stream shards itself by worker), so tokenizing never waits in line with
+    the model.
+
+    A worker's position lives in another process, so a checkpoint records how many batches were
+    consumed instead, and a resumed run replays that many: the DataLoader hands out the workers'
+    batches in a fixed round-robin order, so the replay reaches exactly the same place (at the
+    cost of reading the data up to it again).
+    """
+
+    def __init__(self, stream: TokenBlockStream, workers: int, pin_memory: bool = False):
+        self.stream, self.workers, self.pin_memory = stream, workers, pin_memory
+        self.consumed = 0
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        loader = DataLoader(self.stream, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory)
+        batches = iter(loader)
+        for _ in range(self.consumed):  # replay up to the saved position
+            next(batches)
+        for batch in batches:
+            self.consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed_batches": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.consumed = state["consumed_batches"]

@@ -20,11 +20,11 @@ import torch
 from minigpt.checkpoint import atomic_write_json, latest_checkpoint, remove_temporary_files
 from minigpt.config import RunConfig, validate
 from minigpt.corpus import BUILTIN_CORPUS
-from minigpt.data import RepeatedBatch, TokenBlockStream, iter_documents, resolve_data_files, sources_fingerprint
+from minigpt.data import ParallelBatches, RepeatedBatch, TokenBlockStream, iter_documents, resolve_data_files, sources_fingerprint
 from minigpt.errors import UserInputError
 from minigpt.metrics import truncate_metrics
 from minigpt.model import GPT
-from minigpt.runtime import configure_threads, fastest_cpu_dtype, select_device, select_dtype, seed_everything
+from minigpt.runtime import available_cpu_cores, configure_threads, fastest_cpu_dtype, select_device, select_dtype, seed_everything
 from minigpt.sinks import TensorBoardCallback, WandbCallback
 from minigpt.token_cache import build_token_cache
 from minigpt.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
@@ -115,7 +115,17 @@ def obtain_tokenizer(config: RunConfig, sources: list, show_progress: bool = Tru
     return tokenizer
 
 
-def build_streams(config: RunConfig, sources: list, tokenizer: Tokenizer) -> tuple[TokenBlockStream | RepeatedBatch, TokenBlockStream]:
+def dataloader_workers(requested: int, device: torch.device) -> int:
+    """-1 (auto): on a CUDA GPU, up to 4 processes so tokenizing never holds the GPU up; on a CPU or
+    MPS, none: the model needs the cores, and tokenizing is a small share of a step there."""
+    if requested >= 0:
+        return requested
+    return min(4, max(1, available_cpu_cores() // 2)) if device.type == "cuda" else 0
+
+
+def build_streams(
+    config: RunConfig, sources: list, tokenizer: Tokenizer, device: torch.device = torch.device("cpu")
+) -> tuple[TokenBlockStream | RepeatedBatch | ParallelBatches, TokenBlockStream]:
     """The endless, shuffled training stream (or its first batch, repeated) and the finite validation stream."""
     train = config.train
     common = dict(tokenizer=tokenizer, block_size=config.model.block_size, batch_size=train.batch_size, text_field=train.text_field)
@@ -136,6 +146,9 @@ def build_streams(config: RunConfig, sources: list, tokenizer: Tokenizer) -> tup
     val_stream.check_not_empty()
     if train.overfit_batch:
         return RepeatedBatch(train_stream), val_stream
+    workers = dataloader_workers(train.dataloader_workers, device)
+    if workers:
+        return ParallelBatches(train_stream, workers, pin_memory=device.type == "cuda"), val_stream
     return train_stream, val_stream
 
 
@@ -166,7 +179,7 @@ def prepare_run(config: RunConfig, show_progress: bool = True) -> Trainer:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size))
     validate(config, tokenizer.vocab_size)
     seed_everything(config.train.seed)
-    train_stream, val_stream = build_streams(config, sources, tokenizer)
+    train_stream, val_stream = build_streams(config, sources, tokenizer, device)
 
     run_dir = paths.run_dir
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, run_name=run_dir.name, resume=""))

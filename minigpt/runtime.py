@@ -227,6 +227,17 @@ def accelerator_memory_bytes(device: torch.device) -> int | None:
     return None
 
 
+def accelerator_utilisation(device: torch.device) -> float | None:
+    """Percent of the last sample period the CUDA GPU was busy (None elsewhere, or without the
+    NVIDIA management library that PyTorch reads it through)."""
+    if device.type != "cuda":
+        return None
+    try:
+        return float(torch.cuda.utilization(device))
+    except Exception:  # noqa: BLE001 - pynvml missing or the driver does not say
+        return None
+
+
 def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.3) -> float:
     """FLOP/s of a large matrix multiply on this machine: the yardstick for model FLOPs utilisation.
 

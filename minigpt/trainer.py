@@ -42,7 +42,8 @@ from minigpt.optim import build_optimizer, learning_rate_at
 from minigpt.plots import save_loss_curve
 from minigpt.resources import ResourceGovernor
 from minigpt.runtime import (
-    accelerator_memory_bytes, autocast, compile_mode, compile_model, measure_matmul_peak, rng_state, set_rng_state, synchronize,
+    accelerator_memory_bytes, accelerator_utilisation, autocast, compile_mode, compile_model, measure_matmul_peak,
+    rng_state, set_rng_state, synchronize,
 )
 from minigpt.tokenizer import Tokenizer
 
@@ -437,6 +438,7 @@ class Trainer:
             row["rss_bytes"] = self.process.memory_info().rss
             row["system_memory_percent"] = psutil.virtual_memory().percent
             row["accelerator_memory_bytes"] = accelerator_memory_bytes(self.device)
+            row["accelerator_utilisation"] = accelerator_utilisation(self.device)
             if self.governor is not None:
                 row["paused_seconds"] = self.governor.paused_seconds
         metrics.write(row)

@@ -191,3 +191,24 @@ def test_chat_records_mask_everything_but_the_assistant(tmp_path):
     expected = [token if keep else IGNORE_INDEX for token, keep in zip(ids[1:] + [tokenizer.eos_id], mask[1:] + [True])]
     assert targets[0].tolist() == expected
     assert tokenizer.decode([t for t in targets[0].tolist() if t != IGNORE_INDEX]) == "there friend<|im_end|><|endoftext|>"
+
+
+def test_parallel_batches_resume_exactly_by_replaying(tmp_path, tokenizer):
+    from minigpt.data import ParallelBatches
+
+    path = write_jsonl(tmp_path / "a.jsonl", 200)
+
+    def make():
+        stream = TokenBlockStream([path], tokenizer, block_size=16, batch_size=2, shuffle_buffer=8, seed=2)
+        return ParallelBatches(stream, workers=2)
+
+    uninterrupted = batches(make(), 30)
+    first = make()
+    batches(first, 12)
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    assert resumed.state_dict() == {"consumed_batches": 12}
+    for expected, actual in zip(uninterrupted[12:], batches(resumed, 18)):
+        assert torch.equal(expected[0], actual[0]) and torch.equal(expected[1], actual[1])
+    single_process = batches(TokenBlockStream([path], tokenizer, block_size=16, batch_size=2, shuffle_buffer=8, seed=2), 30)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(single_process, uninterrupted))  # two shards interleave

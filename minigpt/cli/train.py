@@ -48,6 +48,7 @@ FLAGS: dict[str, tuple[str, type, str]] = {
     "--device": ("train.device", str, "auto, cpu, cuda or mps"),
     "--dtype": ("train.dtype", str, "auto, float32, bfloat16 or float16"),
     "--num-threads": ("train.num_threads", int, "CPU threads (default: the physical cores available to the process)"),
+    "--dataloader-workers": ("train.dataloader_workers", int, "processes that read and tokenize data (-1 = auto: up to 4 on CUDA, 0 elsewhere)"),
     "--compile-mode": ("train.compile_mode", str, "torch.compile mode with --enable-compile (auto: max-autotune on CUDA, default elsewhere)"),
     "--max-cpu": ("train.max_cpu", float, "hold this process at or below PERCENT of the machine's CPU (0 = no limit)"),
     "--max-memory": ("train.max_memory", float, "save and stop cleanly if system memory stays above PERCENT (0 = no limit)"),
