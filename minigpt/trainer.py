@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from minigpt.anomalies import diagnose
 from minigpt.checkpoint import (
-    atomic_write_json, load_checkpoint, prune_checkpoints, save_checkpoint, save_model_directory,
+    atomic_write_bytes, atomic_write_json, load_checkpoint, prune_checkpoints, save_checkpoint, save_model_directory,
 )
 from minigpt.config import RunConfig
 from minigpt.evaluate import EvaluationResult, evaluate
@@ -106,7 +106,7 @@ class LossPlotCallback(Callback):
         try:
             first = save_loss_curve(plots / names[0], train, validation, title=trainer.run_dir.name)
             for name in names[1:]:
-                (plots / name).write_bytes(first.read_bytes())
+                atomic_write_bytes(plots / name, first.read_bytes())  # a reader never sees half a PNG
         except Exception as error:  # noqa: BLE001 - a plot must never stop training
             log.warning("Could not draw the loss curve: %s", error)
 
