@@ -57,9 +57,10 @@ PHASES = ("data", "forward", "backward", "optimizer")
 
 @dataclass
 class LogWindow:
-    """What happened since the last log row."""
+    """What happened since the last log row. The loss sums stay on the device until the row is written."""
 
-    losses: list[float] = field(default_factory=list)
+    loss_sum: torch.Tensor
+    finite_steps: torch.Tensor
     tokens: int = 0
     seconds: float = 0.0  # time inside training steps (evaluation and saving excluded)
     wall_start: float = field(default_factory=time.perf_counter)
@@ -154,6 +155,13 @@ class Trainer:
         self.active_anomalies: set[str] = set()
         self.phase_seconds = dict.fromkeys(PHASES, 0.0)  # of the last timed step
         self.profile_totals = dict.fromkeys(PHASES, 0.0)
+        # Reading a number back from a GPU waits for all the work queued before it. There, the
+        # fused optimizer skips a NaN/Inf step on the device by itself (found_inf), and the
+        # counts of skipped steps are read back only at logging, evaluation and saving steps.
+        # On a CPU reading back costs nothing, so every step is checked at once.
+        self.defer_readback = device.type != "cpu" and bool(self.optimizer.defaults.get("fused")) and self.scaler is None
+        self.skipped_unsettled = torch.zeros((), dtype=torch.long, device=device)  # skipped steps not yet counted
+        self.bad_run = torch.zeros((), dtype=torch.long, device=device)  # NaN/Inf steps in a row
 
     # ----------------------------------------------------------------------------------------
     # what one step computes (override or replace for other kinds of training)
@@ -230,8 +238,7 @@ class Trainer:
             total=config.max_steps or None, initial=self.progress.step, unit="step", dynamic_ncols=True,
             disable=None if self.show_progress else True, desc="training",  # None: only on a terminal
         )
-        consecutive_bad_steps = 0
-        window = LogWindow(cpu_start=self._cpu_seconds())
+        window = self._new_window()
         last_evaluation: EvaluationResult | None = None
         evaluated_at = -1
         try:
@@ -253,20 +260,16 @@ class Trainer:
                 step_start = time.perf_counter()
                 micro_batches = [next(batches) for _ in range(config.gradient_accumulation_steps)]
                 self.phase_seconds["data"] = time.perf_counter() - step_start
-                loss, grad_norm, step_tokens = self._optimizer_step(model, micro_batches, timed)
+                loss, grad_norm, finite, step_tokens = self._optimizer_step(model, micro_batches, timed)
                 step_seconds = time.perf_counter() - step_start
 
-                if math.isfinite(loss) and math.isfinite(grad_norm):
-                    consecutive_bad_steps = 0
-                else:
-                    consecutive_bad_steps += 1
-                    self.progress.skipped_steps += 1
-                    log.warning("Step %d: loss %s, gradient norm %s; the update was skipped.", step, loss, grad_norm)
-                    if consecutive_bad_steps >= MAX_CONSECUTIVE_BAD_STEPS:
-                        self.stop_reason = "non_finite_loss"
+                # Tally on the device: the mean loss of the window, skipped steps, the run of bad steps.
+                window.loss_sum += torch.where(finite, loss, 0.0)
+                window.finite_steps += finite
+                self.skipped_unsettled += ~finite
+                self.bad_run = (self.bad_run + 1) * ~finite
                 self.progress.step = step
                 self.progress.tokens_seen += step_tokens
-                window.losses.append(loss)
                 window.tokens += step_tokens
                 window.seconds += step_seconds
                 bar.update(1)
@@ -278,10 +281,14 @@ class Trainer:
                 if self.governor is not None and not self.governor.after_step():
                     self.stop_reason = "memory_limit"
 
-                if step % config.log_steps == 0 or self.stop_reason:
-                    self._log(metrics, window, learning_rate, grad_norm, step_seconds, elapsed())
-                    bar.set_postfix(loss=f"{window.losses[-1]:.4f}", lr=f"{learning_rate:.2e}")
-                    window = LogWindow(cpu_start=self._cpu_seconds())
+                logging_step = step % config.log_steps == 0
+                settling_step = logging_step or step % config.eval_steps == 0 or step % config.save_steps == 0
+                if not self.defer_readback or settling_step or self.stop_reason:
+                    self._settle_skipped_steps()
+                if logging_step or self.stop_reason:
+                    row = self._log(metrics, window, learning_rate, grad_norm, step_seconds, elapsed())
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{learning_rate:.2e}")
+                    window = self._new_window()
                 if step % config.eval_steps == 0:
                     last_evaluation = self._evaluate(metrics)
                     evaluated_at = step
@@ -291,6 +298,7 @@ class Trainer:
             bar.close()
             self._restore_signals(previous_handlers)
 
+        self._settle_skipped_steps()
         self.progress.elapsed_seconds = elapsed()
         failed = self.stop_reason in ("non_finite_loss", "memory_limit")
         if self.progress.step > 0 and evaluated_at != self.progress.step and not failed:
@@ -318,8 +326,13 @@ class Trainer:
         tokens = torch.randint(0, self.model.config.vocab_size, shape, generator=generator)
         return tokens.to(self.device), tokens.to(self.device)
 
-    def _optimizer_step(self, model: torch.nn.Module, micro_batches: list, timed: bool) -> tuple[float, float, int]:
-        """Forward, backward and update on one step's micro-batches; returns (loss, grad norm, tokens).
+    def _optimizer_step(
+        self, model: torch.nn.Module, micro_batches: list, timed: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Forward, backward and update on one step's micro-batches.
+
+        Returns the loss, the gradient norm and whether both are finite (0-d tensors, left on the
+        device) and the number of tokens. A non-finite step is skipped, never applied.
 
         On `timed` steps the device is synchronised between phases so that phase_seconds holds
         the true forward / backward / optimizer times (elsewhere that wait would only slow the run).
@@ -352,19 +365,36 @@ class Trainer:
         if timed:
             for callback in self.callbacks:
                 callback.on_gradients(self)
-        # One read-back per step: it decides whether this update is safe to apply.
-        loss_value, norm_value = (float(value) for value in torch.stack([total_loss, grad_norm.float()]).tolist())
+        finite = torch.isfinite(total_loss) & torch.isfinite(grad_norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the update itself when gradients overflowed
             self.scaler.update()
-        elif math.isfinite(loss_value) and math.isfinite(norm_value):
+        elif self.defer_readback:
+            self.optimizer.found_inf = (~finite).float()  # the fused kernel skips the update when this is 1
+            self.optimizer.step()
+        elif bool(finite):  # a read-back: free on a CPU
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if timed:
             synchronize(self.device)
         self.phase_seconds.update(forward=forward, backward=backward, optimizer=clock() - start)
         tokens = sum(inputs.numel() for inputs, _ in micro_batches)
-        return loss_value, norm_value, tokens
+        return total_loss, grad_norm.detach(), finite, tokens
+
+    def _new_window(self) -> LogWindow:
+        zero = torch.zeros((), device=self.device)
+        return LogWindow(loss_sum=zero.clone(), finite_steps=zero.clone(), cpu_start=self._cpu_seconds())
+
+    def _settle_skipped_steps(self) -> None:
+        """Read the skipped-step tallies back from the device, report them, and stop after too many in a row."""
+        skipped, bad_run = (int(value) for value in torch.stack([self.skipped_unsettled, self.bad_run]).tolist())
+        if skipped:
+            log.warning("Step %d: %d update(s) skipped since the last check: the loss or gradient norm was NaN/Inf.",
+                        self.progress.step, skipped)
+            self.progress.skipped_steps += skipped
+            self.skipped_unsettled.zero_()
+        if bad_run >= MAX_CONSECUTIVE_BAD_STEPS:
+            self.stop_reason = "non_finite_loss"
 
     def _print_profile(self) -> None:
         steps = PROFILE_STEPS[1] - PROFILE_STEPS[0]
@@ -407,11 +437,11 @@ class Trainer:
             self.stop_reason = "early_stopping"
         return result
 
-    def _log(self, metrics: MetricsWriter, window: LogWindow, learning_rate: float, grad_norm: float,
-             step_seconds: float, elapsed: float) -> None:
-        """Write one train row to metrics.jsonl and the log, then check it for anomalies."""
+    def _log(self, metrics: MetricsWriter, window: LogWindow, learning_rate: float, grad_norm: torch.Tensor,
+             step_seconds: float, elapsed: float) -> dict[str, Any]:
+        """Write one train row to metrics.jsonl and the log, check it for anomalies, and return it."""
         config, step = self.train_config, self.progress.step
-        finite = [loss for loss in window.losses if math.isfinite(loss)]
+        loss_sum, finite_steps, grad_norm = torch.stack([window.loss_sum, window.finite_steps, grad_norm.float()]).tolist()
         tokens_per_second = window.tokens / window.seconds
         remaining = [(config.max_steps - step) * elapsed / step] if config.max_steps else []
         if config.max_time:
@@ -420,7 +450,7 @@ class Trainer:
             "type": "train",
             "step": step,
             "tokens": self.progress.tokens_seen,
-            "loss": sum(finite) / len(finite) if finite else float("nan"),  # mean over the steps since the last row
+            "loss": loss_sum / finite_steps if finite_steps else float("nan"),  # mean over the steps since the last row
             "lr": learning_rate,
             "grad_norm": grad_norm,
             "tokens_per_second": tokens_per_second,
@@ -448,6 +478,7 @@ class Trainer:
             callback.on_log(self, row)
         self._check_anomalies(metrics, row)
         self._write_status("running")
+        return row
 
     def _check_anomalies(self, metrics: MetricsWriter, row: dict[str, Any]) -> None:
         """Run the anomaly rules on recent rows; report each finding when it first appears."""

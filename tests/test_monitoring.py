@@ -4,12 +4,14 @@ import json
 import sys
 
 import pytest
+import torch
 
 from conftest import run_script
 from minigpt.config import apply_overrides, preset_config
 from minigpt.errors import UserInputError
 from minigpt.metrics import read_metrics
 from minigpt.run import prepare_run
+from minigpt.trainer import Callback
 
 
 def tiny_config(tmp_path, corpus_jsonl, tokenizer_file, **overrides):
@@ -60,6 +62,27 @@ def test_repeated_non_finite_losses_stop_the_run_with_a_checkpoint(tmp_path, cor
     assert (trainer.run_dir / "checkpoint_step_5" / "model.safetensors").is_file()
     assert not (trainer.run_dir / "final_model").exists()
     assert any(row["type"] == "anomaly" and row["kind"] == "non_finite_loss" for row in read_metrics(trainer.run_dir / "metrics.jsonl"))
+
+
+def test_deferred_read_back_skips_bad_steps_on_the_device(tmp_path, corpus_jsonl, tokenizer_file):
+    """The GPU path, exercised on the CPU: no read-back per step, the fused optimizer skips NaN steps itself."""
+    trainer = prepare_run(tiny_config(tmp_path, corpus_jsonl, tokenizer_file, **{"train.max_steps": 100}), show_progress=False)
+    trainer.defer_readback = True
+    healthy = trainer.compute_loss
+    trainer.compute_loss = lambda model, inputs, targets: healthy(model, inputs, targets) * (
+        float("nan") if trainer.progress.step >= 20 else 1.0)
+    weights_at = {}
+
+    class Snapshot(Callback):
+        def on_log(self, trainer, row):
+            weights_at[row["step"]] = {name: tensor.clone() for name, tensor in trainer.model.state_dict().items()}
+
+    trainer.callbacks.append(Snapshot())
+    summary = trainer.train()
+    assert summary["stop_reason"] == "non_finite_loss"
+    assert summary["steps"] == 30 and summary["skipped_steps"] == 10  # noticed at the next logging step
+    for name, expected in weights_at[20].items():
+        assert torch.equal(expected, trainer.model.state_dict()[name]), name  # the poisoned updates never landed
 
 
 def test_memory_limit_saves_and_stops_instead_of_being_killed(tmp_path, corpus_jsonl, tokenizer_file, monkeypatch):
