@@ -3,13 +3,17 @@
 Two tokenizers behind one interface, both stored as a standard Hugging Face `tokenizer.json`
 (loadable with `tokenizers.Tokenizer.from_file` and no MiniGPT code):
 
-    byte-level BPE  text is first turned into UTF-8 bytes, so any string can be encoded with no
-                    unknown token; training then merges the most frequent adjacent pairs into
-                    new tokens until the vocabulary is full. Round trips are exact for any text.
-    character       one token per character seen in training: the classic tiny-Shakespeare
-                    setup, and the easiest tokenizer to reason about while learning.
+    BPETokenizer    byte-level BPE. Text is first turned into UTF-8 bytes, so any string can be
+                    encoded with no unknown token; training then merges the most frequent
+                    adjacent pairs into new tokens until the vocabulary is full. Round trips are
+                    exact for any text.
+    CharTokenizer   one token per character seen in training: the classic tiny-Shakespeare
+                    setup, and the easiest tokenizer to reason about while learning. A character
+                    not seen in training becomes <|unk|>, so round trips are exact only for
+                    text made of seen characters.
 
-Ids 0-3 are always the special tokens below, so code can rely on them.
+Ids 0-3 are always the special tokens below, so code can rely on them. Special tokens written
+literally in a text (say "<|endoftext|>" inside a document) are encoded as the special token.
 """
 
 from __future__ import annotations
@@ -30,29 +34,32 @@ IM_START_TOKEN = "<|im_start|>"  # opens a chat turn: <|im_start|>role\ncontent<
 IM_END_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|pad|>"
 SPECIAL_TOKENS = [EOS_TOKEN, IM_START_TOKEN, IM_END_TOKEN, PAD_TOKEN]
-UNKNOWN_TOKEN = "<|unk|>"  # character tokenizer only: a character not seen in training
+UNKNOWN_TOKEN = "<|unk|>"  # character tokenizer only: a character not seen in training (id 4)
 CHAT_ROLES = ("system", "user", "assistant")
 
 
 class Tokenizer:
-    """A trained tokenizer: encode, decode, chat rendering, save. Wraps a `tokenizers.Tokenizer`."""
+    """What both kinds share: encode, decode, chat rendering, save. Wraps a `tokenizers.Tokenizer`."""
+
+    kind: str  # "bpe" or "char", set by each subclass
 
     def __init__(self, backend: HuggingFaceTokenizer):
         self.backend = backend
-        model_type = json.loads(backend.to_str())["model"]["type"]
-        self.kind = {"BPE": "bpe", "WordLevel": "char"}.get(model_type)
-        if self.kind is None:
-            raise UserInputError(f"Unsupported tokenizer model type '{model_type}'; MiniGPT uses byte-level BPE or characters.")
         ids = [backend.token_to_id(token) for token in SPECIAL_TOKENS]
         if ids != [0, 1, 2, 3]:
-            raise UserInputError(f"This tokenizer lacks MiniGPT's special tokens {SPECIAL_TOKENS} at ids 0-3.")
+            raise UserInputError(
+                f"This tokenizer lacks MiniGPT's special tokens {SPECIAL_TOKENS} at ids 0-3; "
+                "train one with scripts/train_tokenizer.py."
+            )
         self.eos_id, self.im_start_id, self.im_end_id, self.pad_id = ids
 
     @property
     def vocab_size(self) -> int:
+        """How many token ids there are, special tokens included: the model's embedding rows."""
         return self.backend.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
+        """The token ids of `text`, with no special tokens added around it."""
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
@@ -60,6 +67,7 @@ class Tokenizer:
         return [encoding.ids for encoding in self.backend.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Sequence[int]) -> str:
+        """The text of `ids`, special tokens included, so decode(encode(text)) == text."""
         return self.backend.decode(list(ids), skip_special_tokens=False)
 
     def token_byte_lengths(self) -> list[int]:
@@ -68,16 +76,18 @@ class Tokenizer:
         Dividing a loss by bytes rather than tokens gives bits per byte, which compares models
         with different tokenizers fairly.
         """
-        special = set(SPECIAL_TOKENS) | {UNKNOWN_TOKEN}  # an unseen character's bytes are unknown: 0
         lengths = [0] * self.vocab_size
         for token, index in self.backend.get_vocab(with_added_tokens=True).items():
-            if token not in special:
-                # A byte-level BPE token is written with one printable character per byte.
-                lengths[index] = len(token) if self.kind == "bpe" else len(token.encode("utf-8"))
+            if token not in SPECIAL_TOKENS:
+                lengths[index] = self._byte_length(token)
         return lengths
 
+    def _byte_length(self, token: str) -> int:
+        raise NotImplementedError  # each kind writes its tokens differently
+
     def save(self, path: str | Path) -> None:
-        from minigpt.checkpoint import atomic_write_bytes  # here to keep tokenizer importable on its own
+        """Write tokenizer.json atomically: a reader sees the old file or the new one, never half."""
+        from minigpt.checkpoint import atomic_write_bytes  # imported here: checkpoint imports this module
 
         atomic_write_bytes(path, self.backend.to_str(pretty=True).encode("utf-8"))
 
@@ -90,11 +100,11 @@ class Tokenizer:
         """
         ids: list[int] = []
         mask: list[bool] = []
+        newline = self.encode("\n")
         for turn in conversations:
-            role, content = self._check_turn(turn)
+            role, content = _check_turn(turn)
             header = [self.im_start_id] + self.encode(f"{role}\n")
             body = self.encode(content) + [self.im_end_id]
-            newline = self.encode("\n")
             ids += header + body + newline
             mask += [False] * len(header) + [role == "assistant"] * len(body) + [False] * len(newline)
         return ids, mask
@@ -104,52 +114,91 @@ class Tokenizer:
         ids, _ = self.render_chat(conversations)
         return ids + [self.im_start_id] + self.encode("assistant\n")
 
-    @staticmethod
-    def _check_turn(turn: object) -> tuple[str, str]:
-        if not isinstance(turn, dict) or turn.get("role") not in CHAT_ROLES or not isinstance(turn.get("content"), str):
+
+class BPETokenizer(Tokenizer):
+    """Byte-level BPE: any text encodes, and decodes back exactly."""
+
+    kind = "bpe"
+
+    def _byte_length(self, token: str) -> int:
+        # Byte-level BPE writes each byte of a token as one printable character ("Ġ" is a space).
+        return len(token)
+
+
+class CharTokenizer(Tokenizer):
+    """One token per character seen in training; any other character becomes `unknown_id`."""
+
+    kind = "char"
+
+    def __init__(self, backend: HuggingFaceTokenizer):
+        super().__init__(backend)
+        self.unknown_id = backend.token_to_id(UNKNOWN_TOKEN)
+        if self.unknown_id is None:
             raise UserInputError(
-                f"A chat turn must be an object with 'role' ({', '.join(CHAT_ROLES)}) and string 'content', got {str(turn)[:80]}."
+                f"This character tokenizer lacks the unknown token {UNKNOWN_TOKEN}; "
+                "train one with scripts/train_tokenizer.py --tokenizer-type char."
             )
-        return turn["role"], turn["content"]
+
+    def _byte_length(self, token: str) -> int:
+        return 0 if token == UNKNOWN_TOKEN else len(token.encode("utf-8"))  # an unseen character: unknown bytes
+
+
+def _check_turn(turn: object) -> tuple[str, str]:
+    if not isinstance(turn, dict) or turn.get("role") not in CHAT_ROLES or not isinstance(turn.get("content"), str):
+        raise UserInputError(
+            f"A chat turn must be an object with 'role' ({', '.join(CHAT_ROLES)}) and string 'content', got {str(turn)[:80]}."
+        )
+    return turn["role"], turn["content"]
 
 
 def _limited(texts: Iterable[str], max_samples: int, show_progress: bool, description: str) -> Iterator[str]:
-    """The training texts, capped at max_samples (0 = all), with a progress bar."""
+    """The training texts, capped at max_samples (0 = all), with a progress bar over texts read."""
     texts = islice(texts, max_samples) if max_samples else texts
     return iter(tqdm(texts, total=max_samples or None, unit="doc", desc=description, disable=not show_progress))
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, max_samples: int = 0, show_progress: bool = True) -> Tokenizer:
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, max_samples: int = 0, show_progress: bool = True
+) -> BPETokenizer:
     """Train a byte-level BPE tokenizer, streaming the texts (they are never all in memory)."""
     if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise UserInputError(f"A byte-level BPE vocabulary needs at least {256 + len(SPECIAL_TOKENS)} tokens, got {vocab_size}.")
+        raise UserInputError(
+            f"A byte-level BPE vocabulary needs at least {256 + len(SPECIAL_TOKENS)} tokens "
+            f"(256 bytes and {len(SPECIAL_TOKENS)} special tokens), got {vocab_size}; choose a larger vocab_size."
+        )
     backend = HuggingFaceTokenizer(models.BPE())
     # add_prefix_space=False keeps decode(encode(text)) == text exactly; use_regex splits text
     # into words, numbers and punctuation first (GPT-2's rule), so merges never cross them.
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,  # listed first, so they take ids 0-3
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, even ones never seen
+        show_progress=False,  # our own bar below counts texts read, which works for streams
     )
     backend.train_from_iterator(_limited(texts, max_samples, show_progress, "tokenizer"), trainer=trainer)
-    return Tokenizer(backend)
+    return BPETokenizer(backend)
 
 
-def train_char_tokenizer(texts: Iterable[str], max_samples: int = 0, show_progress: bool = True) -> Tokenizer:
+def train_char_tokenizer(texts: Iterable[str], max_samples: int = 0, show_progress: bool = True) -> CharTokenizer:
     """A character tokenizer over every character in the texts (sorted, so training is deterministic)."""
     characters: set[str] = set()
     for text in _limited(texts, max_samples, show_progress, "characters"):
         characters.update(text)
     vocabulary = {token: index for index, token in enumerate(SPECIAL_TOKENS + [UNKNOWN_TOKEN] + sorted(characters))}
+    # Written as a standard WordLevel tokenizer whose "words" are single characters, so the
+    # file works in the bare `tokenizers` library too.
     backend = HuggingFaceTokenizer(models.WordLevel(vocabulary, unk_token=UNKNOWN_TOKEN))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
     backend.decoder = decoders.Fuse()  # join the characters back with nothing in between
-    backend.add_special_tokens(SPECIAL_TOKENS)
-    return Tokenizer(backend)
+    backend.add_special_tokens(SPECIAL_TOKENS)  # matched in text before splitting, like BPE's
+    return CharTokenizer(backend)
 
 
-def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, max_samples: int = 0, show_progress: bool = True) -> Tokenizer:
+def train_tokenizer(
+    kind: str, texts: Iterable[str], vocab_size: int, max_samples: int = 0, show_progress: bool = True
+) -> Tokenizer:
     """Train a tokenizer of `kind` ("bpe" or "char"; the character vocabulary has no set size)."""
     if kind == "bpe":
         return train_bpe_tokenizer(texts, vocab_size, max_samples, show_progress)
@@ -159,12 +208,19 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int, max_sample
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer.json written by MiniGPT (or any byte-level BPE file with its special tokens)."""
+    """Load a tokenizer.json written by MiniGPT: BPE models are byte-level BPE, WordLevel ones characters."""
     path = Path(path)
     if not path.is_file():
-        raise UserInputError(f"Tokenizer file {path} does not exist.")
+        raise UserInputError(f"Tokenizer file {path} does not exist; train one with scripts/train_tokenizer.py.")
     try:
         backend = HuggingFaceTokenizer.from_file(str(path))
     except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception for bad files
-        raise UserInputError(f"Tokenizer file {path} could not be read ({str(error).splitlines()[0]}).") from None
-    return Tokenizer(backend)
+        reason = str(error).splitlines()[0]
+        raise UserInputError(f"Tokenizer file {path} could not be read ({reason}); train it again.") from None
+    model_type = json.loads(backend.to_str())["model"]["type"]
+    kinds = {"BPE": BPETokenizer, "WordLevel": CharTokenizer}
+    if model_type not in kinds:
+        raise UserInputError(
+            f"Tokenizer file {path} holds a {model_type} model; MiniGPT reads byte-level BPE or character tokenizers."
+        )
+    return kinds[model_type](backend)
