@@ -6,14 +6,16 @@ MiniGPT's default training text is Python's own documentation:
     2. for each standard-library module, read from its source file with `ast`: the docstrings
        of the module, its classes and functions, then its longer comment blocks.
 The sources are parsed, never imported (importing `antigravity` opens a web browser, and many
-modules do work when imported). The order is sorted, so the corpus is the same on every run of
-the same Python version.
+modules do work when imported). Test suites, IDLE and demos are left out: their text is about
+the code around it, not documentation. The order is sorted, so the corpus is the same on every
+run of the same Python version (about 3 MB of text on Python 3.11).
 """
 
 from __future__ import annotations
 
 import ast
 import hashlib
+import os
 import sys
 import sysconfig
 import warnings
@@ -22,20 +24,30 @@ from pathlib import Path
 from typing import Iterator
 
 BUILTIN_CORPUS = "builtin"  # the name that stands for this corpus among data sources
+CORPUS_VERSION = 2  # bump when the extraction below changes, so cached tokenizers are rebuilt
 
-# Installed third-party packages and generated files are not the standard library's text.
-SKIPPED_DIRECTORIES = {"site-packages", "dist-packages", "__pycache__", "pydoc_data"}
+# Installed packages, tests, the IDLE editor, demos and build files are not the library's documentation.
+SKIPPED_DIRECTORIES = {
+    "site-packages", "dist-packages", "__pycache__", "pydoc_data", "lib-dynload", "ensurepip",
+    "test", "tests", "idle_test", "idlelib", "turtledemo",
+}
 MINIMUM_DOCUMENT_CHARACTERS = 200
 MINIMUM_COMMENT_LINES = 3  # shorter comment blocks are mostly code notes, not prose
 
 
+def _stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
 def _stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
+    """The standard library's own .py files, sorted (skipped directories are never walked into)."""
     files = []
-    for path in root.rglob("*.py"):
-        parts = set(path.relative_to(root).parts[:-1])
-        if not parts & SKIPPED_DIRECTORIES and not any(part.startswith("config-") for part in parts):
-            files.append(path)
+    for directory, subdirectories, names in os.walk(_stdlib_root()):
+        # Pruning in place tells os.walk not to descend: site-packages alone can hold 10,000 files.
+        subdirectories[:] = [
+            name for name in subdirectories if name not in SKIPPED_DIRECTORIES and not name.startswith("config-")
+        ]
+        files += [Path(directory) / name for name in names if name.endswith(".py")]
     return sorted(files)
 
 
@@ -75,6 +87,8 @@ def _module_document(path: Path, module_name: str) -> str | None:
         sections.append(f"Module {module_name}\n\n{module_docstring}")
 
     def visit(body: list[ast.stmt], prefix: str) -> None:
+        # A heading line before each docstring ("class email.message.Message", "def name(args)")
+        # makes the text read like reference documentation.
         for node in body:
             if isinstance(node, ast.ClassDef):
                 docstring = ast.get_docstring(node)
@@ -95,31 +109,42 @@ def _module_document(path: Path, module_name: str) -> str | None:
     return text if len(text) >= MINIMUM_DOCUMENT_CHARACTERS else None
 
 
-@lru_cache(maxsize=1)
-def builtin_corpus() -> tuple[str, ...]:
-    """Every document of the corpus, in order (about 4 MB of English in all)."""
-    # Parsing the whole standard library takes seconds; the result (a few MB) is kept, since
-    # training reads the corpus once per epoch and evaluation reads its hold-out repeatedly.
-    from pydoc_data.topics import topics
+def builtin_documents() -> Iterator[str]:
+    """The corpus's documents one by one, read lazily: the first ones come at once.
 
-    documents = [topics[key].strip() + "\n" for key in sorted(topics)]
-    root = Path(sysconfig.get_paths()["stdlib"])
+    A full pass parses the whole standard library: about 1.2 s on one core.
+    """
+    from pydoc_data.topics import topics  # a plain dict of strings: importing it does nothing else
+
+    for key in sorted(topics):
+        yield topics[key].strip() + "\n"
+    root = _stdlib_root()
     for path in _stdlib_files():
         relative = path.relative_to(root).with_suffix("")
         parts = relative.parts[:-1] if relative.name == "__init__" else relative.parts
         document = _module_document(path, ".".join(parts))
         if document:
-            documents.append(document + "\n")
-    return tuple(documents)
+            yield document + "\n"
 
 
-def builtin_documents() -> Iterator[str]:
-    """The corpus's documents one by one."""
-    return iter(builtin_corpus())
+@lru_cache(maxsize=1)
+def builtin_corpus() -> tuple[str, ...]:
+    """Every document of the corpus, kept in memory after the first call (a few MB).
+
+    For readers that come back to it (an epoch of training, a validation hold-out) or need a
+    document by its index; a single pass should use builtin_documents().
+    """
+    return tuple(builtin_documents())
 
 
 @lru_cache(maxsize=1)
 def builtin_corpus_fingerprint() -> str:
-    """A short key for this corpus's version: the Python version and the list of its source files."""
-    listing = "\n".join(f"{path}:{path.stat().st_size}" for path in _stdlib_files())
-    return hashlib.sha256(f"{sys.version}\n{listing}".encode()).hexdigest()[:12]
+    """A short key for this corpus's content: the extraction version, Python's, and its source files.
+
+    Listing the files and their sizes takes milliseconds, where hashing the text itself would
+    need a full pass.
+    """
+    root = _stdlib_root()
+    topics_file = root / "pydoc_data" / "topics.py"
+    listing = "\n".join(f"{path.relative_to(root)}:{path.stat().st_size}" for path in [topics_file, *_stdlib_files()])
+    return hashlib.sha256(f"{CORPUS_VERSION}\n{sys.version}\n{listing}".encode()).hexdigest()[:12]
