@@ -11,9 +11,14 @@ The stream's position (which file, which byte, the tokens waiting to be packed, 
 buffer, the random generator) is all in `state_dict()`, so a resumed run sees exactly the
 batches the interrupted run would have seen.
 
+A .jsonl file holds one document per line: the `text` field (the name is configurable), or a
+chat record `{"conversations": [{"role": ..., "content": ...}, ...]}` rendered through the
+tokenizer's chat template. A .txt file is one document, read in pieces that end at blank lines
+(or after about 64 KB), with <|endoftext|> only after its last piece.
+
 Bad input is never silently dropped: a JSONL line that is not valid UTF-8, not JSON, not an
-object or lacks the text field is skipped and reported with its file and line number, and a
-file that is mostly bad is refused.
+object, lacks the text field or holds a malformed chat record is skipped and reported with its
+file and line number, and a file that is mostly bad is refused.
 """
 
 from __future__ import annotations
@@ -35,18 +40,22 @@ from minigpt.corpus import BUILTIN_CORPUS, builtin_corpus, builtin_corpus_finger
 from minigpt.errors import UserInputError
 from minigpt.model import IGNORE_INDEX
 from minigpt.token_cache import TokenCache
-from minigpt.tokenizer import Tokenizer
+from minigpt.tokenizer import CHAT_ROLES, Tokenizer
 
 log = logging.getLogger("minigpt.data")
 
 DATA_SUFFIXES = (".jsonl", ".txt")
-MAX_TEXT_PIECE_BYTES = 64 * 1024  # a .txt piece ends at a blank line, or at a line boundary past this size
+MAX_TEXT_PIECE_BYTES = 64 * 1024  # a .txt piece ends at a blank line, or at the first line end past this size
 BAD_LINE_FRACTION = 0.5  # a file with more bad lines than this (once 20 lines are read) is refused
 BAD_LINE_GRACE = 20
 WARNINGS_PER_FILE = 10  # report this many bad lines of a file one by one, then only count them
+REPORT_EXAMPLES = 10  # DataReport keeps this many "file:line: reason" examples
+
 
 def resolve_data_files(patterns: Sequence[str]) -> list[Path | str]:
-    """Expand files, directories (searched recursively for .jsonl/.txt) and globs into a sorted list."""
+    """Expand files, directories (searched recursively for .jsonl/.txt) and globs into a list of
+    files: each pattern's matches sorted, the patterns in the order given, no file twice.
+    "builtin" stands for the built-in corpus and is passed through as it is."""
     found: list[Path | str] = []
     for pattern in patterns:
         if pattern == BUILTIN_CORPUS:
@@ -56,20 +65,22 @@ def resolve_data_files(patterns: Sequence[str]) -> list[Path | str]:
         if path.is_dir():
             matches = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file())
             if not matches:
-                raise UserInputError(f"Directory {path} holds no .jsonl or .txt files.")
+                raise UserInputError(f"Directory {path} holds no .jsonl or .txt files; check the path or add files to it.")
         elif path.is_file():
             matches = [path]
         elif glob.has_magic(pattern):
             matches = sorted(Path(match) for match in glob.glob(pattern, recursive=True) if Path(match).is_file())
             if not matches:
-                raise UserInputError(f"No file matches {pattern}.")
+                raise UserInputError(f"No file matches {pattern}; check the directory and the pattern.")
         else:
-            raise UserInputError(f"Data file {path} does not exist.")
+            raise UserInputError(
+                f"Data file {path} does not exist; check the path (or use '{BUILTIN_CORPUS}' for the built-in corpus)."
+            )
         for match in matches:
             if match.suffix not in DATA_SUFFIXES:
                 raise UserInputError(f"Data file {match} is neither .jsonl nor .txt; convert it or leave it out.")
             if match.stat().st_size == 0:
-                raise UserInputError(f"Data file {match} is empty.")
+                raise UserInputError(f"Data file {match} is empty; fill it or leave it out.")
             if match not in found:
                 found.append(match)
     return found
@@ -108,10 +119,35 @@ def _parse_jsonl_line(raw: bytes, text_field: str) -> Document | str:
     if not isinstance(record, dict):
         return "not a JSON object"
     if isinstance(record.get(text_field), str):
+        if not _is_unicode_text(record[text_field]):
+            return f"field '{text_field}' holds a lone surrogate escape such as \\ud800"
         return Document(text=record[text_field])
     if isinstance(record.get("conversations"), list):
-        return Document(conversations=record["conversations"])
+        return _parse_conversations(record["conversations"])
     return f"no string field '{text_field}' (nor a 'conversations' list)"
+
+
+def _parse_conversations(turns: list) -> Document | str:
+    """A chat record, checked here so that a bad one is reported with its line like any other."""
+    if not turns:
+        return "'conversations' is an empty list"
+    for number, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict) or turn.get("role") not in CHAT_ROLES or not isinstance(turn.get("content"), str):
+            roles = ", ".join(CHAT_ROLES)
+            return f"turn {number} of 'conversations' is not an object with a 'role' ({roles}) and a string 'content'"
+        if not _is_unicode_text(turn["content"]):
+            return f"turn {number} of 'conversations' holds a lone surrogate escape such as \\ud800"
+    return Document(conversations=turns)
+
+
+def _is_unicode_text(text: str) -> bool:
+    """False for a string with a lone surrogate ("\\ud800" is valid JSON but not text): the tokenizer
+    would fail on it with an obscure TypeError in the middle of training."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def document_hash_fraction(document: Document) -> float:
@@ -119,7 +155,7 @@ def document_hash_fraction(document: Document) -> float:
     if document.hash_fraction is not None:
         return document.hash_fraction
     content = document.text if document.text is not None else json.dumps(document.conversations, sort_keys=True)
-    digest = hashlib.blake2b(content.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    digest = hashlib.blake2b(content.encode("utf-8"), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
 
 
@@ -136,36 +172,41 @@ def sources_fingerprint(sources: Sequence[Path | str]) -> list:
     return parts
 
 
-def iter_documents(sources: Sequence[Path | str], text_field: str = "text") -> Iterator[str]:
-    """The text of every document of the sources, in order (chat records as their plain turns).
+def iter_documents(sources: Sequence[Path | str], text_field: str = "text", report: DataReport | None = None) -> Iterator[str]:
+    """The text of every document of the sources, in order (chat records as their turns' contents).
 
-    Used to train tokenizers; bad lines are reported and skipped exactly as in training.
+    Used to train tokenizers; bad lines are reported and skipped exactly as in training, and
+    counted in `report` if one is given.
     """
-    reader = DocumentReader(list(sources), text_field)
+    reader = DocumentReader(list(sources), text_field, report)
     while (document := reader.next_document()) is not None:
         if document.text is not None:
             yield document.text
         else:
-            yield "\n".join(str(turn.get("content", "")) for turn in document.conversations if isinstance(turn, dict))
+            yield "\n".join(turn["content"] for turn in document.conversations)
 
 
 class DocumentReader:
-    """Reads documents one at a time from a list of sources; its position is three integers."""
+    """Reads documents one at a time from a list of sources; its position is five integers."""
 
     def __init__(self, sources: list, text_field: str, report: DataReport | None = None):
         self.sources, self.text_field = sources, text_field
-        self.report = report or DataReport()
+        self.report = report if report is not None else DataReport()
         self.source_index, self.offset, self.line_number = 0, 0, 0
         self.file: BinaryIO | None = None
         self.lines_read = self.bad_in_file = 0  # of the current file, for the bad-line rule
-        self.warn = True
+        self.first_bad_line = ""  # of the current file, to quote if every line turns out bad
+        self.warn = True  # log bad lines (off once a pass has reported them)
 
     def position(self) -> list[int]:
-        return [self.source_index, self.offset, self.line_number]
+        # The bad-line counts belong to it: a run resumed near the end of a file must judge the
+        # file on all its lines, not only on the few read since the restart.
+        return [self.source_index, self.offset, self.line_number, self.lines_read, self.bad_in_file]
 
     def seek(self, position: Sequence[int]) -> None:
         self.close()
-        self.source_index, self.offset, self.line_number = (int(value) for value in position)
+        self.source_index, self.offset, self.line_number, self.lines_read, self.bad_in_file = (int(value) for value in position)
+        self.first_bad_line = ""
 
     def close(self) -> None:
         if self.file is not None:
@@ -193,10 +234,11 @@ class DocumentReader:
     def _finish_source(self) -> None:
         source = self.sources[self.source_index]
         if self.lines_read and self.bad_in_file == self.lines_read:
-            raise UserInputError(f"Every line of {source} is bad (see the warnings above); check its format or --text-field.")
+            raise UserInputError(f"Every line of {source} is bad (e.g. {self.first_bad_line}); check its format or --text-field.")
         self.close()
         self.source_index += 1
         self.offset = self.line_number = self.lines_read = self.bad_in_file = 0
+        self.first_bad_line = ""
 
     def _open(self, path: Path) -> BinaryIO:
         if self.file is None:
@@ -236,7 +278,9 @@ class DocumentReader:
         self.bad_in_file += 1
         self.report.bad_lines += 1
         where = f"{path}:{self.line_number}"
-        if len(self.report.examples) < WARNINGS_PER_FILE:
+        if self.bad_in_file == 1:
+            self.first_bad_line = f"line {self.line_number}: {reason}"
+        if len(self.report.examples) < REPORT_EXAMPLES:
             self.report.examples.append(f"{where}: {reason}")
         if self.warn and self.bad_in_file <= WARNINGS_PER_FILE:
             log.warning("Skipping %s: %s", where, reason)
@@ -247,31 +291,52 @@ class DocumentReader:
             )
 
     def _next_text_piece(self, path: Path) -> Document | None:
-        """A paragraph of a .txt file: lines up to and including a blank line (or ~64 KB)."""
+        """A paragraph of a .txt file: lines up to and including a blank line.
+
+        A paragraph ends early at the first line boundary past MAX_TEXT_PIECE_BYTES, and a line
+        longer than that (a file with no line breaks at all, say) is cut on a character boundary,
+        so memory stays bounded whatever the file looks like.
+        """
         file = self._open(path)
-        lines: list[bytes] = []
-        size = 0
+        piece = bytearray()
+        has_content = False  # blank lines before any text stay with the piece they precede
         first_line = self.line_number + 1
-        while raw := file.readline():
+        while raw := file.readline(MAX_TEXT_PIECE_BYTES):
+            if len(raw) == MAX_TEXT_PIECE_BYTES and not raw.endswith(b"\n"):  # an overlong line: the rest comes next
+                whole = raw[: _whole_characters(raw)]
+                self.offset += len(whole)
+                piece += whole
+                break
             self.offset += len(raw)
             self.line_number += 1
-            lines.append(raw)
-            size += len(raw)
-            has_content = any(line.strip() for line in lines)
-            if (not raw.strip() and has_content) or size >= MAX_TEXT_PIECE_BYTES:
+            piece += raw
+            is_blank = not raw.strip()
+            if (is_blank and has_content) or len(piece) >= MAX_TEXT_PIECE_BYTES:
                 break
-        if not lines:
+            has_content = has_content or not is_blank
+        if not piece:
             return None
+        file.seek(self.offset)  # back to the end of the piece, where a cut line goes on
         at_end = file.read(1) == b""
         file.seek(self.offset)
-        try:
-            text = b"".join(lines).decode("utf-8")
-        except UnicodeDecodeError:
-            self.lines_read += 1
-            self._bad_line(path, f"lines {first_line}-{self.line_number} are not valid UTF-8")
-            return Document(text="", ends_document=at_end)
         self.lines_read += 1
-        return Document(text=text, ends_document=at_end)
+        try:
+            return Document(text=piece.decode("utf-8"), ends_document=at_end)
+        except UnicodeDecodeError:
+            self._bad_line(path, f"the paragraph starting at line {first_line} is not valid UTF-8")
+            return Document(text="", ends_document=at_end)
+
+
+def _whole_characters(chunk: bytes) -> int:
+    """The length of `chunk` without a UTF-8 character cut off at its end."""
+    for back in range(1, min(4, len(chunk)) + 1):
+        byte = chunk[-back]
+        if byte < 0x80:  # ASCII: nothing is cut
+            return len(chunk)
+        if byte >= 0xC0:  # the first byte of a character of 2, 3 or 4 bytes
+            length = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return len(chunk) if back >= length else len(chunk) - back
+    return len(chunk)  # not UTF-8 at all: the decoder will say so
 
 
 class TokenBlockStream(IterableDataset):
@@ -280,7 +345,9 @@ class TokenBlockStream(IterableDataset):
     split="train"/"val" keeps the documents on one side of a stable hash hold-out of
     `val_fraction`; "all" keeps every document. With loop=True (training) the stream starts a
     new epoch at the end of the data and never ends; with loop=False (evaluation) it ends, and
-    starts over from the beginning each time it is iterated.
+    starts over from the beginning each time it is iterated (so only a training stream's
+    position is worth saving). A stream that cannot fill a single block raises UserInputError
+    when first read; `check_not_empty()` finds that out up front.
     """
 
     def __init__(
@@ -314,7 +381,8 @@ class TokenBlockStream(IterableDataset):
         self.shard, self.num_shards = rank, world_size  # refined per DataLoader worker in __iter__
         self.text_field, self.max_documents = text_field, max_documents
         self.tokenize_batch_size, self.assistant_only_loss = tokenize_batch_size, assistant_only_loss
-        self.report = report or DataReport()
+        self.report = report if report is not None else DataReport()
+        self.passes = 0  # of a finite stream: bad lines are reported on the first pass only
         self._reset()
 
     # -- position ------------------------------------------------------------------------------
@@ -329,6 +397,7 @@ class TokenBlockStream(IterableDataset):
         self.pending_mask = np.zeros(0, dtype=bool)  # True where the token is a training target
         self.buffer: list[tuple[np.ndarray, np.ndarray]] = []  # the shuffle buffer of blocks
         self.rng = random.Random(self.seed)
+        self.blocks_this_pass = 0  # a finite stream that ends with none is empty: an error, not zero batches
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly here, as tensors and plain values."""
@@ -361,6 +430,8 @@ class TokenBlockStream(IterableDataset):
             self.num_shards = self.world_size * worker.num_workers
         if not self.loop:
             self._reset()
+            self.reader.warn = self.passes == 0
+            self.passes += 1
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,7 +442,10 @@ class TokenBlockStream(IterableDataset):
                 break
             blocks.append(block)
         if not blocks:
+            if self.blocks_this_pass == 0 and get_worker_info() is None:  # another worker may have data
+                raise self._empty_error()
             raise StopIteration
+        self.blocks_this_pass += len(blocks)
         tokens = torch.from_numpy(np.stack([tokens for tokens, _ in blocks]))
         mask = torch.from_numpy(np.stack([mask for _, mask in blocks]))
         inputs = tokens[:, :-1]
@@ -379,21 +453,33 @@ class TokenBlockStream(IterableDataset):
         return inputs, targets
 
     def check_not_empty(self) -> None:
-        """Read (on a fresh copy) until one block exists; explain in one sentence if none can."""
+        """Read (on a fresh copy, leaving this stream untouched) until one block exists; raise
+        UserInputError if none can, so a run fails at its start rather than at its first evaluation."""
         probe = TokenBlockStream(
             self.sources, self.tokenizer, self.block_size, 1, split=self.split, val_fraction=self.val_fraction,
             loop=False, rank=self.shard, world_size=self.num_shards, text_field=self.text_field,
             max_documents=self.max_documents, tokenize_batch_size=8, assistant_only_loss=self.assistant_only_loss,
         )
+        probe.reader.warn = False  # this stream reports the bad lines when it reads them itself
         if probe._next_block() is None:
-            where = ", ".join(str(source) for source in self.sources)
-            if self.split == "val":
-                raise UserInputError(
-                    f"No validation data: the {self.val_fraction:.1%} hold-out of {where} does not fill one block of "
-                    f"{self.block_size + 1} tokens; raise --val-fraction or pass --val-data-files."
-                )
-            raise UserInputError(f"{where} does not hold enough text for one block of {self.block_size + 1} tokens.")
+            raise self._empty_error()
         probe.reader.close()
+
+    def _empty_error(self) -> UserInputError:
+        where = ", ".join(str(source) for source in self.sources)
+        shard = f" for shard {self.shard} of {self.num_shards}" if self.num_shards > 1 else ""
+        block = f"one block of {self.block_size + 1} tokens"
+        if self.split == "val":
+            return UserInputError(
+                f"No validation data{shard}: the {self.val_fraction:.1%} hold-out of {where} does not fill {block}; "
+                "raise --val-fraction or pass --val-data-files."
+            )
+        if self.split == "train":
+            return UserInputError(
+                f"No training data{shard}: {where} without its {self.val_fraction:.1%} validation hold-out does not fill "
+                f"{block}; add data, lower --block-size or lower --val-fraction."
+            )
+        return UserInputError(f"No data{shard}: {where} does not fill {block}; add data or lower --block-size.")
 
     def _next_block(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The next block (tokens, target mask) of block_size + 1, through the shuffle buffer."""
@@ -441,7 +527,7 @@ class TokenBlockStream(IterableDataset):
                 ids = next(encoded)
                 mask = [True] * len(ids)
             else:
-                ids, assistant = self._render_chat(document)
+                ids, assistant = self.tokenizer.render_chat(document.conversations)
                 mask = assistant if self.assistant_only_loss else [True] * len(ids)
             if document.ends_document:
                 ids = list(ids) + [self.tokenizer.eos_id]
@@ -451,14 +537,6 @@ class TokenBlockStream(IterableDataset):
         self.pending_tokens = np.concatenate(token_chunks)
         self.pending_mask = np.concatenate(mask_chunks)
         return True
-
-    def _render_chat(self, document: Document) -> tuple[list[int], list[bool]]:
-        try:
-            return self.tokenizer.render_chat(document.conversations)
-        except UserInputError as error:
-            log.warning("Skipping a chat record before %s:%d: %s", self.reader.sources[self.reader.source_index],
-                        self.reader.line_number, error)
-            return [], []
 
     def _read_documents(self) -> list[Document]:
         """Up to tokenize_batch_size documents of this split and shard; [] when a finite stream ends."""
@@ -470,10 +548,7 @@ class TokenBlockStream(IterableDataset):
                 if not self.loop:
                     break
                 if self.shard_documents == 0:  # a whole epoch gave nothing: another would not either
-                    raise UserInputError(
-                        f"No {self.split} documents for this stream in {', '.join(map(str, self.sources))}"
-                        + (f" (shard {self.shard} of {self.num_shards})." if self.num_shards > 1 else ".")
-                    )
+                    raise self._empty_error()
                 self._start_next_epoch()
                 continue
             index = self.document_index
@@ -489,7 +564,7 @@ class TokenBlockStream(IterableDataset):
     def _start_next_epoch(self) -> None:
         self.epoch += 1
         self.document_index = self.accepted_documents = self.shard_documents = 0
-        self.reader.seek([0, 0, 0])
+        self.reader.seek([0, 0, 0, 0, 0])
         self.reader.warn = False  # bad lines were reported in the first epoch
 
 

@@ -3,11 +3,12 @@
 import json
 import logging
 import tracemalloc
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from minigpt.data import TokenBlockStream, iter_documents, resolve_data_files
+from minigpt.data import MAX_TEXT_PIECE_BYTES, DataReport, DocumentReader, TokenBlockStream, iter_documents, resolve_data_files
 from minigpt.errors import UserInputError
 from minigpt.model import IGNORE_INDEX
 from minigpt.tokenizer import train_bpe_tokenizer, train_char_tokenizer
@@ -26,6 +27,12 @@ def write_jsonl(path, count, start=0):
 @pytest.fixture(scope="module")
 def tokenizer():
     return train_char_tokenizer(["Document 0123456789: " + " ".join(WORDS) + "\n"], show_progress=False)
+
+
+def save(state, directory):
+    """Write a state with torch.save, as a checkpoint does; return the file."""
+    torch.save(state, directory / "state.pt")
+    return directory / "state.pt"
 
 
 def batches(stream, count):
@@ -63,27 +70,28 @@ def test_resume_from_state_gives_identical_batches(tmp_path, tokenizer, shuffle_
     uninterrupted = batches(make(), 120)  # several epochs of this small file
     first = make()
     head = batches(first, 37)
-    state_file = tmp_path / "state.pt"
-    torch.save(first.state_dict(), state_file)
     resumed = make()
-    resumed.load_state_dict(torch.load(state_file, weights_only=True))
+    resumed.load_state_dict(torch.load(save(first.state_dict(), tmp_path), weights_only=True))
     tail = batches(resumed, 120 - 37)
     for expected, actual in zip(uninterrupted, head + tail):
         assert torch.equal(expected[0], actual[0]) and torch.equal(expected[1], actual[1])
     assert first.epoch == 0 and resumed.epoch >= 1  # the resume crossed an epoch boundary
 
 
-def test_shards_partition_the_documents(tmp_path, tokenizer):
+def test_rank_and_worker_shards_partition_the_documents(tmp_path, tokenizer, monkeypatch):
     path = write_jsonl(tmp_path / "a.jsonl", 101)
     seen = []
-    for rank in range(3):
-        stream = TokenBlockStream([path], tokenizer, block_size=1_000_000, batch_size=1, rank=rank, world_size=3, loop=False)
+    for rank, worker in [(rank, worker) for rank in range(3) for worker in range(2)]:
+        # What torch.utils.data.get_worker_info() says inside DataLoader worker `worker` of 2.
+        monkeypatch.setattr("minigpt.data.get_worker_info", lambda: SimpleNamespace(id=worker, num_workers=2))
+        stream = iter(TokenBlockStream([path], tokenizer, block_size=1_000_000, batch_size=1, rank=rank, world_size=3, loop=False))
         documents = []
         while chunk := stream._read_documents():
             documents += [document.text for document in chunk]
         seen.append(document_ids(documents))
     assert set().union(*seen) == set(range(101))
     assert sum(len(shard) for shard in seen) == 101  # pairwise disjoint
+    assert all(16 <= len(shard) <= 17 for shard in seen)  # and even
 
 
 def test_dataloader_workers_split_the_stream(tmp_path, tokenizer):
@@ -122,6 +130,23 @@ def test_text_pieces_reassemble_the_file(tmp_path):
     assert len(list(iter_documents([path]))) == 4
 
 
+def test_a_text_file_without_line_breaks_is_cut_into_bounded_pieces(tmp_path, tokenizer):
+    path = tmp_path / "one_line.txt"
+    content = "Document 7: 中文 and text " * 20_000  # 560 KB on one line; 3-byte characters straddle the cuts
+    path.write_text(content, encoding="utf-8")
+    pieces = list(iter_documents([path]))
+    assert "".join(pieces) == content and len(pieces) >= 9
+    assert all(len(piece.encode("utf-8")) <= MAX_TEXT_PIECE_BYTES for piece in pieces)
+    long_lines = tmp_path / "long_lines.txt"
+    long_lines.write_text("A line of eighty characters, give or take, with no blank line between any two.\n" * 10_000)
+    pieces = list(iter_documents([long_lines]))  # a paragraph of 800 KB ends at line boundaries past 64 KB
+    assert "".join(pieces) == long_lines.read_text() and all(piece.endswith("\n") for piece in pieces) and len(pieces) == 13
+    # The whole file is one document: a single end-of-text token, after its last piece.
+    stream = TokenBlockStream([path], train_char_tokenizer([content], show_progress=False), block_size=1000, batch_size=64, loop=False)
+    tokens = torch.cat([torch.cat([inputs[:, :1], targets], dim=1).flatten() for inputs, targets in stream])
+    assert (tokens == tokenizer.eos_id).sum() == 1
+
+
 def test_memory_stays_flat_as_the_file_grows(tmp_path):
     tokenizer = train_bpe_tokenizer([" ".join(WORDS)] * 20, vocab_size=300, show_progress=False)
     peaks = []
@@ -145,12 +170,29 @@ def test_broken_lines_are_reported_and_skipped(tmp_path, tokenizer, caplog):
     lines[14] = b'{"title": "no text field"}\n'
     lines[19] = b'{"text": "bad \xff utf-8"}\n'
     lines[-1] = lines[-1][:25]  # a truncated last line
+    lines[24] = b'{"text": "a lone surrogate \\ud800 escape"}\n'
+    lines[29] = json.dumps({"conversations": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}]}).encode() + b"\n"
     path.write_bytes(b"".join(lines))
+    report = DataReport()
     with caplog.at_level(logging.WARNING, logger="minigpt.data"):
-        texts = list(iter_documents([path]))
-    assert len(texts) == 95
-    for line, reason in [(5, "not valid JSON"), (10, "not a JSON object"), (15, "no string field 'text'"), (20, "not valid UTF-8"), (100, "not valid JSON")]:
+        texts = list(iter_documents([path], report=report))
+    assert len(texts) == report.documents == 93 and report.bad_lines == 7
+    expected = [(5, "not valid JSON"), (10, "not a JSON object"), (15, "no string field 'text'"), (20, "not valid UTF-8"),
+                (25, "field 'text' holds a lone surrogate"), (30, "turn 2 of 'conversations'"), (100, "not valid JSON")]
+    for line, reason in expected:
         assert f"a.jsonl:{line}: {reason}" in caplog.text
+    assert [example.split(": ")[0].rsplit(":", 1)[1] for example in report.examples] == [str(line) for line, _ in expected]
+
+
+def test_a_resume_just_before_a_broken_last_line_goes_on(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "a.jsonl", 30)
+    path.write_bytes(path.read_bytes() + b'{"text": "cut off')
+    reader = DocumentReader([path], "text")
+    for _ in range(30):
+        reader.next_document()
+    resumed = DocumentReader([path], "text")
+    resumed.seek(torch.load(save(reader.position(), tmp_path), weights_only=True))
+    assert resumed.next_document() is None  # one bad line of 31, not "every line of the file is bad"
 
 
 def test_a_mostly_broken_file_is_refused(tmp_path):
@@ -162,6 +204,33 @@ def test_a_mostly_broken_file_is_refused(tmp_path):
     all_bad.write_text("garbage\n" * 3)
     with pytest.raises(UserInputError, match="Every line of .*all_bad.jsonl is bad"):
         list(iter_documents([all_bad]))
+
+
+def test_a_validation_stream_reports_bad_lines_once_and_can_be_read_again(tmp_path, tokenizer, caplog):
+    path = write_jsonl(tmp_path / "a.jsonl", 300)
+    path.write_bytes(path.read_bytes() + b"{not json\n")
+    stream = TokenBlockStream([path], tokenizer, block_size=32, batch_size=4, split="val", val_fraction=0.2, loop=False)
+    with caplog.at_level(logging.WARNING, logger="minigpt.data"):
+        stream.check_not_empty()  # reads only a little, and says nothing
+        assert "a.jsonl:301" not in caplog.text
+        passes = [[inputs for inputs, _ in stream] for _ in range(3)]
+    assert caplog.text.count("a.jsonl:301: not valid JSON") == 1
+    assert all(len(batches) == len(passes[0]) > 0 and all(map(torch.equal, batches, passes[0])) for batches in passes)
+
+
+def test_a_stream_that_cannot_fill_a_block_says_so(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "a.jsonl", 20)
+    too_big = TokenBlockStream([path], tokenizer, block_size=100_000, batch_size=1, loop=False)
+    with pytest.raises(UserInputError, match="No data: .*a.jsonl does not fill one block of 100001 tokens"):
+        too_big.check_not_empty()
+    with pytest.raises(UserInputError, match="No data"):  # the same, when first read
+        next(iter(too_big))
+    hold_out = TokenBlockStream([path], tokenizer, block_size=32, batch_size=1, split="val", val_fraction=0.001, loop=False)
+    with pytest.raises(UserInputError, match="No validation data.*raise --val-fraction or pass --val-data-files"):
+        hold_out.check_not_empty()
+    nothing_left = TokenBlockStream([path], tokenizer, block_size=32, batch_size=1, split="train", val_fraction=0.999)
+    with pytest.raises(UserInputError, match="No training data.*lower --val-fraction"):
+        next(iter(nothing_left))  # a looping stream too: an epoch with no documents would repeat forever
 
 
 def test_missing_empty_and_unmatched_sources_are_named(tmp_path):
