@@ -2,6 +2,8 @@
 
 Drawn with matplotlib's object API on the Agg (PNG) canvas: no window, no display, and no
 pyplot global state, so plotting from inside a training run is safe on a headless server.
+A figure made this way is not registered anywhere, so it is freed like any other Python object
+once the function returns (pyplot figures, by contrast, live until `plt.close`).
 """
 
 from __future__ import annotations
@@ -11,50 +13,111 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from minigpt.checkpoint import atomic_write_bytes
 
-MAX_DRAWN_POINTS = 4000  # more points than pixels only slows drawing down
+MAX_DRAWN_POINTS = 4000  # a 1200-pixel-wide figure cannot show more; drawing them only costs time
+MIN_POINTS_TO_SMOOTH = 20  # below this a smoothed line says nothing the raw points do not
+TRAIN_COLOR, VALIDATION_COLOR = "tab:blue", "tab:orange"
 
 
-def _finite_points(points: Sequence[tuple[int, float]]) -> tuple[list[int], list[float], int]:
-    """Split (step, loss) pairs into steps and losses, leaving out NaN/Inf; also count those left out."""
-    kept = [(step, loss) for step, loss in points if loss is not None and math.isfinite(loss)]
-    return [step for step, _ in kept], [loss for _, loss in kept], len(points) - len(kept)
+def _finite_points(points: Sequence[tuple[int, float | None]]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Split (step, value) pairs into steps and values, leaving out NaN/Inf/None; also count those left out."""
+    pairs = np.asarray(points, dtype=float).reshape(-1, 2)  # None becomes NaN
+    finite = np.isfinite(pairs[:, 1])
+    return pairs[finite, 0], pairs[finite, 1], int((~finite).sum())
 
 
-def _thin(steps: list[int], losses: list[float]) -> tuple[list[int], list[float]]:
-    stride = max(1, len(steps) // MAX_DRAWN_POINTS)
-    return steps[::stride], losses[::stride]
+def _decimate(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """At most about MAX_DRAWN_POINTS points to draw, without losing spikes.
+
+    Taking every k-th point would silently drop the one-step loss spikes we most want to see, so
+    from each bucket of k points we keep the lowest and the highest one instead.
+    """
+    count = len(values)
+    if count <= MAX_DRAWN_POINTS:
+        return steps, values
+    bucket = math.ceil(2 * count / MAX_DRAWN_POINTS)
+    buckets = math.ceil(count / bucket)
+    # Repeat the last value to fill the last bucket. argmin/argmax return the first of equal
+    # values, so they pick the real last point, never one of its repeats.
+    grid = np.pad(values, (0, buckets * bucket - count), mode="edge").reshape(buckets, bucket)
+    starts = np.arange(buckets) * bucket
+    keep = np.concatenate([starts + grid.argmin(axis=1), starts + grid.argmax(axis=1), [0, count - 1]])
+    keep = np.unique(keep)  # sorted, so the line still runs left to right
+    return steps[keep], values[keep]
 
 
-def _smooth(losses: list[float]) -> list[float]:
-    """Exponential moving average over about 1/20 of the points, bias-corrected so the first
-    points are not pulled toward 0."""
-    span = max(2.0, len(losses) / 20)
-    weight = 1 - 2 / (span + 1)
-    smoothed, average = [], 0.0
-    for index, loss in enumerate(losses, start=1):
-        average = weight * average + (1 - weight) * loss
-        smoothed.append(average / (1 - weight**index))
-    return smoothed
+def _rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Mean of each value with the `window // 2` values on either side of it.
+
+    Centred, because a trailing mean (or TensorBoard's moving average) lags the raw curve by half
+    a window and so floats above a steeply falling loss. Near the ends the window shrinks
+    equally on both sides, so the line starts and ends on the raw values instead of being
+    pulled toward the middle. A running sum gives every mean at once.
+    """
+    sums = np.concatenate([[0.0], np.cumsum(values)])
+    index = np.arange(len(values))
+    reach = np.minimum(window // 2, np.minimum(index, len(values) - 1 - index))
+    return (sums[index + reach + 1] - sums[index - reach]) / (2 * reach + 1)
 
 
-def _draw(axes, train: tuple[list[int], list[float]], validation: tuple[list[int], list[float]], title: str) -> None:
+def _smoothed(losses: np.ndarray, shown: np.ndarray) -> np.ndarray | None:
+    """The rolling mean of all losses, cut to the `shown` ones; its window is 1/30 of the shown
+    points, so both panels are equally smooth for their width. Computed over the whole run
+    so that a zoomed panel's line goes on smoothly past its left edge."""
+    count = int(shown.sum())
+    if count < MIN_POINTS_TO_SMOOTH:
+        return None
+    return _rolling_mean(losses, max(5, count // 30))[shown]
+
+
+def _draw_panel(
+    axes: Axes,
+    train: tuple[np.ndarray, np.ndarray],
+    smoothed: np.ndarray | None,
+    validation: tuple[np.ndarray, np.ndarray],
+    title: str,
+) -> None:
     steps, losses = train
-    drawn_steps, drawn_losses = _thin(steps, losses)
-    axes.plot(drawn_steps, drawn_losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="train")
-    if len(losses) >= 10:
-        axes.plot(drawn_steps, _thin(steps, _smooth(losses))[1], color="tab:blue", linewidth=1.6, label="train (smoothed)")
-    if validation[0]:
-        axes.plot(*validation, color="tab:orange", marker="o", markersize=3, linewidth=1.2, label="validation")
-    axes.set_title(title)
+    # Raw losses are faint when a smoothed line carries the trend, solid when they are all there is.
+    # A line through a single point draws nothing, so a run's first point gets a marker.
+    faint = smoothed is not None
+    axes.plot(*_decimate(steps, losses), color=TRAIN_COLOR, alpha=0.35 if faint else 1.0,
+              linewidth=0.8 if faint else 1.4, marker="o" if len(losses) == 1 else None, label="train")
+    if smoothed is not None:
+        axes.plot(*_decimate(steps, smoothed), color=TRAIN_COLOR, linewidth=1.8, label="train (centred rolling mean)")
+    if len(validation[1]):
+        axes.plot(*validation, color=VALIDATION_COLOR, marker="o", markersize=4, linewidth=1.2, label="validation")
+    axes.set_title(title, fontsize=10)
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
+    axes.xaxis.set_major_locator(MaxNLocator("auto", steps=[1, 2, 2.5, 5, 10], integer=True))  # no "step 2.5"
     axes.grid(alpha=0.3)
-    axes.legend(loc="upper right", fontsize=8)
+
+
+def _statistics_text(
+    train: tuple[np.ndarray, np.ndarray], validation: tuple[np.ndarray, np.ndarray], left_out: tuple[int, int]
+) -> str:
+    """The numbers a reader wants without squinting at the axes; taken over every point, not the drawn ones."""
+    steps, losses = train
+    lines = [
+        f"{'steps':<11}{steps[0]:.0f} to {steps[-1]:.0f} ({len(losses)} train points)",
+        f"{'train':<11}last {losses[-1]:.4f}  min {losses.min():.4f}  max {losses.max():.4f}  mean {losses.mean():.4f}",
+    ]
+    val_steps, val_losses = validation
+    if len(val_losses):
+        best = int(val_losses.argmin())
+        lines.append(f"{'validation':<11}last {val_losses[-1]:.4f}  "
+                     f"best {val_losses[best]:.4f} at step {val_steps[best]:.0f}")
+    if sum(left_out):
+        lines.append(f"{'left out':<11}{left_out[0]} train and {left_out[1]} validation NaN/Inf losses")
+    return "\n".join(lines)
 
 
 def save_loss_curve(
@@ -64,37 +127,45 @@ def save_loss_curve(
     title: str = "",
     recent_steps: int = 1000,
 ) -> Path:
-    """Save a PNG with the whole run and its last `recent_steps` steps, with loss statistics written on it."""
-    steps, losses, left_out = _finite_points(train)
-    if not losses:
+    """Save a PNG of (step, loss) pairs: the whole run beside its last `recent_steps` steps, with
+    the loss statistics written above. NaN/Inf losses are left out (and counted).
+
+    Raises ValueError when there is no finite training loss yet. The file is replaced atomically,
+    so a monitor reading it never sees half an image.
+    """
+    if recent_steps < 1:
+        raise ValueError(f"recent_steps must be at least 1, not {recent_steps}.")
+    steps, losses, train_left_out = _finite_points(train)
+    if not len(losses):
         raise ValueError("There is no finite training loss to plot yet.")
-    val_steps, val_losses, _ = _finite_points(validation)
+    val_steps, val_losses, val_left_out = _finite_points(validation)
 
-    figure = Figure(figsize=(12, 4.8), dpi=100)
-    FigureCanvasAgg(figure)
-    whole, recent = figure.subplots(1, 2)
-    _draw(whole, (steps, losses), (val_steps, val_losses), "whole run")
-    start = steps[-1] - recent_steps
-    recent_train = [(s, l) for s, l in zip(steps, losses) if s > start]
-    recent_val = [(s, l) for s, l in zip(val_steps, val_losses) if s > start]
-    _draw(recent, ([s for s, _ in recent_train], [l for _, l in recent_train]),
-          ([s for s, _ in recent_val], [l for _, l in recent_val]), f"last {recent_steps} steps")
+    figure = Figure(figsize=(12, 5), dpi=100)
+    FigureCanvasAgg(figure)  # attaches itself to the figure: savefig then renders PNG, no pyplot involved
+    whole_axes, recent_axes = figure.subplots(1, 2)
+    # Fixed margins (not tight_layout): the top band holds title, legend and statistics, and
+    # the panels never move between redraws, which makes a refreshing monitor view calmer.
+    figure.subplots_adjust(left=0.055, right=0.985, bottom=0.1, top=0.76, wspace=0.16)
 
-    lines = [
-        f"steps {steps[0]}-{steps[-1]}",
-        f"train loss: current {losses[-1]:.4f}",
-        f"min {min(losses):.4f}  max {max(losses):.4f}  mean {sum(losses) / len(losses):.4f}",
-    ]
-    if val_losses:
-        lines.append(f"validation: last {val_losses[-1]:.4f}  best {min(val_losses):.4f}")
-    if left_out:
-        lines.append(f"{left_out} NaN/Inf point(s) left out")
-    figure.text(0.995, 0.995, "\n".join(lines), ha="right", va="top", fontsize=8, family="monospace",
-                bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85, "edgecolor": "0.7"})
-    figure.suptitle(title or "loss", x=0.01, ha="left", fontsize=11)
-    figure.tight_layout(rect=(0, 0, 1, 0.88))
+    everything = np.ones(len(losses), dtype=bool)
+    _draw_panel(whole_axes, (steps, losses), _smoothed(losses, everything), (val_steps, val_losses), "whole run")
 
-    # Render in memory, then write atomically: a reader (the monitor) never sees half a PNG.
+    window_start = steps[-1] - recent_steps  # the window holds steps after this one
+    recent, recent_val = steps > window_start, val_steps > window_start
+    recent_title = f"last {recent_steps} steps" + (" (the whole run)" if steps[0] > window_start else "")
+    _draw_panel(recent_axes, (steps[recent], losses[recent]), _smoothed(losses, recent),
+                (val_steps[recent_val], val_losses[recent_val]), recent_title)
+
+    figure.suptitle(title or "training loss", x=0.01, y=0.97, ha="left", va="top", fontsize=12)
+    # One legend for both panels, in the top band, so it never hides a curve; the whole-run
+    # panel has every kind of line the recent one has.
+    figure.legend(*whole_axes.get_legend_handles_labels(), loc="upper left", bbox_to_anchor=(0.005, 0.9),
+                  ncol=3, frameon=False, fontsize=9)
+    statistics = _statistics_text((steps, losses), (val_steps, val_losses), (train_left_out, val_left_out))
+    figure.text(0.985, 0.97, statistics, ha="right", va="top", multialignment="left", fontsize=8.5, family="monospace",
+                bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "0.7"})
+
+    # Render in memory, then write atomically (temporary file beside the target, then rename).
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     atomic_write_bytes(path, buffer.getvalue())
@@ -121,11 +192,11 @@ def save_training_curves(path: str | Path, runs: dict[str, Sequence[dict]]) -> P
         train = [row for row in rows if row.get("type") == "train"]
         for axes, (metric, _, _) in zip(panels, CURVE_PANELS):
             steps, values, _ = _finite_points([(row["step"], row.get(metric)) for row in train])
-            if values:
-                axes.plot(*_thin(steps, values), color=color, linewidth=1.2, label=name)
+            if len(values):
+                axes.plot(*_decimate(steps, values), color=color, linewidth=1.2, label=name)
                 drawn += 1
         val_steps, val_losses, _ = _finite_points([(row["step"], row.get("val_loss")) for row in rows if row.get("type") == "eval"])
-        if val_losses:
+        if len(val_losses):
             panels[0].plot(val_steps, val_losses, color=color, marker="o", markersize=4, linestyle="--", linewidth=1)
     if not drawn:
         raise ValueError("The runs have no training metrics to draw yet.")
