@@ -7,7 +7,8 @@ import torch
 
 from minigpt.config import ModelConfig
 from minigpt.generate import SamplingConfig, generate, next_token_distribution
-from minigpt.model import GPT, IGNORE_INDEX, KVCache
+import minigpt.model
+from minigpt.model import CPU_FLOAT32_ATTENTION_MAX_KEYS, GPT, IGNORE_INDEX, KVCache
 
 
 def tiny_config(**changes) -> ModelConfig:
@@ -139,6 +140,30 @@ def test_parameter_count_and_flops():
     assert model.flops_per_token() == 6 * matrix_weights + 12 * config.n_layer * config.block_size * d
     untied = GPT(tiny_config(tie_embeddings=False))
     assert untied.num_parameters() == model.num_parameters() + embedding
+
+
+@pytest.mark.parametrize("length, attention_dtype", [(32, torch.float32), (CPU_FLOAT32_ATTENTION_MAX_KEYS + 8, torch.bfloat16)])
+def test_cpu_bfloat16_autocast_attends_over_short_sequences_in_float32(monkeypatch, length, attention_dtype):
+    """The projections run in bfloat16 either way; only attention over short sequences is upcast."""
+    seen = []
+    attention = torch.nn.functional.scaled_dot_product_attention
+
+    def recording_attention(q, k, v, **options):
+        output = attention(q, k, v, **options)
+        seen.append(output.dtype)  # autocast decides the computing dtype inside the call: look at what comes out
+        return output
+
+    monkeypatch.setattr(minigpt.model.F, "scaled_dot_product_attention", recording_attention)
+    torch.manual_seed(0)
+    model = GPT(tiny_config(block_size=length))
+    batch = torch.randint(0, 96, (2, length + 1))
+    _, float32_loss = model(batch[:, :-1], batch[:, 1:])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+    loss.backward()
+    assert seen[-2:] == [attention_dtype] * 2  # both layers, under autocast
+    assert loss.item() == pytest.approx(float32_loss.item(), rel=0.02)
+    assert all(torch.isfinite(parameter.grad).all() for parameter in model.parameters())
 
 
 def test_too_long_input_is_refused():
