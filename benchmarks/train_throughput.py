@@ -55,14 +55,18 @@ def measure(config: ModelConfig, batch_size: int, compiled: bool, dtype: torch.d
     optimizer = build_optimizer(model, TrainConfig(), "cpu")
     tokens = torch.randint(0, config.vocab_size, (batch_size, config.block_size + 1))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def loss_of(runner: torch.nn.Module) -> torch.Tensor:
+        with autocast(torch.device("cpu"), dtype):
+            return runner(inputs, targets)[1]
+
     compile_start = time.perf_counter()
-    runner = compile_model(model, inputs, targets) if compiled else model
+    runner = compile_model(model, loss_of) if compiled else model
     compile_seconds = time.perf_counter() - compile_start if compiled else 0.0
     times = []
     for step in range(warmup + steps):
         start = time.perf_counter()
-        with autocast(torch.device("cpu"), dtype):
-            _, loss = runner(inputs, targets)
+        loss = loss_of(runner)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -107,7 +107,8 @@ def obtain_tokenizer(config: RunConfig, sources: list, show_progress: bool = Tru
     if cache.is_file() and not train.retrain_tokenizer:
         log.info("Reusing tokenizer %s", cache)
         return load_tokenizer(cache)
-    log.info("Training a %s tokenizer (vocabulary %d) on %s", train.tokenizer_type, train.tokenizer_vocab_size, ", ".join(map(str, sources)))
+    size = f" (vocabulary {train.tokenizer_vocab_size})" if train.tokenizer_type == "bpe" else ""  # a char vocabulary is what the text holds
+    log.info("Training a %s tokenizer%s on %s", train.tokenizer_type, size, ", ".join(map(str, sources)))
     texts = iter_documents(sources, text_field=train.text_field)
     tokenizer = train_tokenizer(train.tokenizer_type, texts, train.tokenizer_vocab_size, train.tokenizer_samples, show_progress)
     tokenizer.save(cache)
@@ -186,7 +187,7 @@ def prepare_run(config: RunConfig, show_progress: bool = True) -> Trainer:
     callbacks = build_callbacks(config, run_dir)  # before writing anything: a missing sink package is an error
     model = GPT(config.model).to(device)
     if device.type == "cpu" and config.train.dtype == "auto" and not config.train.disable_optimizations:
-        dtype = fastest_cpu_dtype(model, config.model.block_size, config.model.vocab_size)
+        dtype = fastest_cpu_dtype(model, config.train.batch_size, config.model.block_size, config.model.vocab_size)
     # Record the precision chosen, so that a resumed run computes exactly as this one did.
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, dtype=str(dtype).replace("torch.", "")))
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import ContextManager
+from typing import Callable, ContextManager
 
 import numpy as np
 import psutil
@@ -82,15 +82,25 @@ def cpu_has_fast_bfloat16(size: int = 512, margin: float = 0.8) -> bool:
     return timings[torch.bfloat16] < margin * timings[torch.float32]
 
 
-def fastest_cpu_dtype(model: torch.nn.Module, block_size: int, vocab_size: int, margin: float = 0.8) -> torch.dtype:
-    """bfloat16 if a training step of this model (one sequence, forward and backward) runs in
-    under `margin` of its float32 time on this CPU, else float32. Measured on a copy of the
-    model with a private random generator, so the run's own random state is untouched."""
+PROBE_TOKENS = 1024  # enough for realistic matrix shapes, few enough for a probe of seconds
+
+
+def fastest_cpu_dtype(
+    model: torch.nn.Module, batch_size: int, block_size: int, vocab_size: int, margin: float = 0.8
+) -> torch.dtype:
+    """bfloat16 if a forward and backward pass of this model runs in under `margin` of its
+    float32 time on this CPU, else float32. Measured on a copy of the model with a private
+    random generator, so the run's own random state is untouched.
+
+    The probe batch is the training batch, capped at PROBE_TOKENS: which precision wins depends
+    on the matrix shapes (small ones lose to the cost of converting), so they must be the real ones.
+    """
     if not cpu_has_fast_bfloat16():
         log.info("CPU precision: this CPU has no fast bfloat16 multiply; using float32.")
         return torch.float32
     probe = copy.deepcopy(model).train(False)
-    tokens = torch.randint(0, vocab_size, (1, block_size + 1), generator=torch.Generator().manual_seed(0))
+    sequences = max(1, min(batch_size, PROBE_TOKENS // block_size))
+    tokens = torch.randint(0, vocab_size, (sequences, block_size + 1), generator=torch.Generator().manual_seed(0))
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
     def seconds(dtype: torch.dtype) -> float:
@@ -155,17 +165,19 @@ def compile_mode(device: torch.device, requested: str = "auto") -> str:
 
 
 def compile_model(
-    model: torch.nn.Module, example_input: torch.Tensor, example_targets: torch.Tensor, mode: str = "default"
+    model: torch.nn.Module, example_loss: Callable[[torch.nn.Module], torch.Tensor], mode: str = "default"
 ) -> torch.nn.Module:
     """torch.compile the model, or return it unchanged with one warning if compilation fails.
 
-    Compilation happens lazily at the first call, so the check runs one forward and backward
-    pass on an example batch (gradients are cleared afterwards).
+    Compilation happens lazily, at the first call, and the graph is specialised to that call:
+    its arguments, their shapes and memory layout, the autocast state. A later call that differs
+    compiles again. So the check runs `example_loss(compiled_model)`, which should make the very
+    call training makes, on an example batch, and then its backward pass (the gradients are
+    cleared afterwards).
     """
     compiled = torch.compile(model, mode=mode)
     try:
-        _, loss = compiled(example_input, example_targets)
-        loss.backward()
+        example_loss(compiled).backward()
     except Exception as error:  # noqa: BLE001 - any compiler failure means: run eagerly
         log.warning("torch.compile failed (%s); continuing without compilation.", str(error).splitlines()[0])
         compiled = model

@@ -230,7 +230,7 @@ class Trainer:
         model: torch.nn.Module = self.model
         model.train()
         if config.compile and not config.disable_optimizations:
-            model = compile_model(self.model, *self._example_batch(), mode=compile_mode(self.device, config.compile_mode))
+            model = compile_model(self.model, self._example_loss, mode=compile_mode(self.device, config.compile_mode))
 
         self._write_status("running")
         previous_handlers = self._catch_stop_signals()
@@ -319,12 +319,15 @@ class Trainer:
             callback.on_end(self, summary)
         return summary
 
-    def _example_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A fixed random batch to compile with, so the data stream loses nothing."""
+    def _example_loss(self, model: torch.nn.Module) -> torch.Tensor:
+        """The loss of a training step's forward pass on a fixed random batch: compiling with it
+        leaves the data stream untouched."""
         generator = torch.Generator().manual_seed(0)
-        shape = (self.train_config.batch_size, self.model.config.block_size)
-        tokens = torch.randint(0, self.model.config.vocab_size, shape, generator=generator)
-        return tokens.to(self.device), tokens.to(self.device)
+        shape = (self.train_config.batch_size, self.model.config.block_size + 1)
+        tokens = torch.randint(0, self.model.config.vocab_size, shape, generator=generator).to(self.device)
+        inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # laid out as in _optimizer_step
+        with autocast(self.device, self.dtype):
+            return self.compute_loss(model, inputs, targets)
 
     def _optimizer_step(
         self, model: torch.nn.Module, micro_batches: list, timed: bool
@@ -344,8 +347,10 @@ class Trainer:
         target_count = sum(int((targets != IGNORE_INDEX).sum()) for _, targets in micro_batches)
         total_loss = torch.zeros((), device=self.device)
         for inputs, targets in micro_batches:
-            inputs = inputs.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
+            # One memory layout for every batch: a compiled graph is specialised to its inputs'
+            # strides, and a batch laid out differently would make it compile again.
+            inputs = inputs.to(self.device, non_blocking=True).contiguous()
+            targets = targets.to(self.device, non_blocking=True).contiguous()
             start = clock()
             with autocast(self.device, self.dtype):
                 loss = self.compute_loss(model, inputs, targets) / max(target_count, 1)

@@ -63,7 +63,7 @@ def test_a_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch, capl
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     tokens = torch.zeros(1, 8, dtype=torch.long)
-    assert compile_model(model, tokens, tokens) is model
+    assert compile_model(model, lambda runner: runner(tokens, tokens)[1]) is model
     assert "torch.compile failed (inductor exploded)" in caplog.text
 
 
@@ -73,10 +73,10 @@ def test_cpu_precision_is_float32_without_fast_bfloat16_and_measured_with_it(mon
     caplog.set_level(logging.INFO, logger="minigpt.runtime")
     model = GPT(ModelConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16))
     monkeypatch.setattr(runtime, "cpu_has_fast_bfloat16", lambda: False)
-    assert runtime.fastest_cpu_dtype(model, 8, 32) == torch.float32
+    assert runtime.fastest_cpu_dtype(model, 2, 8, 32) == torch.float32
     assert "no fast bfloat16" in caplog.text
     monkeypatch.setattr(runtime, "cpu_has_fast_bfloat16", lambda: True)
     state = torch.get_rng_state()
-    assert runtime.fastest_cpu_dtype(model, 8, 32) == torch.float32  # a model this small loses to conversions
+    assert runtime.fastest_cpu_dtype(model, 2, 8, 32) == torch.float32  # a model this small loses to conversions
     assert torch.equal(state, torch.get_rng_state())  # the measurement draws nothing from the run's generator
     assert "ms in float32" in caplog.text
