@@ -32,7 +32,7 @@ from minigpt.config import ModelConfig, TrainConfig, preset_config  # noqa: E402
 from minigpt.model import GPT  # noqa: E402
 from minigpt.optim import build_optimizer  # noqa: E402
 from minigpt.runtime import (  # noqa: E402
-    DTYPES, autocast, compile_model, configure_threads, cpu_has_fast_bfloat16, measure_matmul_peak,
+    DTYPES, autocast, compile_model, configure_threads, cpu_has_fast_bfloat16, keep_freed_memory_for_reuse, measure_matmul_peak,
 )
 
 REFERENCE_SHAPES = {
@@ -96,6 +96,7 @@ def main() -> None:
     arguments = parser.parse_args()
 
     threads = configure_threads(arguments.num_threads)
+    keep_freed_memory_for_reuse()  # as scripts/train.py does
     arguments.dtypes = arguments.dtypes or ["float32"] + (["bfloat16"] if cpu_has_fast_bfloat16() else [])
     peaks = {name: measure_matmul_peak(torch.device("cpu"), DTYPES[name], seconds=1.0) for name in arguments.dtypes}
     print(f"{threads} threads; matmul peak measured here: " + ", ".join(f"{name} {peak / 1e9:.0f} GFLOP/s" for name, peak in peaks.items()))

@@ -24,7 +24,10 @@ from minigpt.data import ParallelBatches, RepeatedBatch, TokenBlockStream, iter_
 from minigpt.errors import UserInputError
 from minigpt.metrics import truncate_metrics
 from minigpt.model import GPT
-from minigpt.runtime import available_cpu_cores, configure_threads, fastest_cpu_dtype, select_device, select_dtype, seed_everything
+from minigpt.runtime import (
+    available_cpu_cores, configure_threads, fastest_cpu_dtype, keep_freed_memory_for_reuse, select_device, select_dtype,
+    seed_everything,
+)
 from minigpt.sinks import TensorBoardCallback, WandbCallback
 from minigpt.token_cache import build_token_cache
 from minigpt.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
@@ -171,6 +174,8 @@ def prepare_run(config: RunConfig, show_progress: bool = True) -> Trainer:
     device = select_device(config.train.device)
     dtype = torch.float32 if config.train.disable_optimizations else select_dtype(config.train.dtype, device)
     threads = configure_threads(config.train.num_threads)
+    if not config.train.disable_optimizations:
+        keep_freed_memory_for_reuse()
     sources = training_sources(config)
     if paths.resume_from is not None:
         tokenizer = load_tokenizer(paths.run_dir / "tokenizer.json")

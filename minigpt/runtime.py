@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import functools
 import logging
 import os
+import platform
 import random
 import time
 from pathlib import Path
@@ -220,6 +222,27 @@ def configure_threads(num_threads: int = 0) -> int:
     except RuntimeError:  # only possible before the first inter-op parallel work of the process
         pass
     return threads
+
+
+GLIBC_MMAP_THRESHOLD, GLIBC_TRIM_THRESHOLD = -3, -1  # mallopt() parameter numbers, from glibc's malloc.h
+MMAP_THRESHOLD_BYTES = 32 * 2**20  # the largest glibc accepts
+TRIM_THRESHOLD_BYTES = 256 * 2**20
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Tune glibc's malloc to keep freed blocks in the process for the next training step.
+
+    A step allocates and frees the same activation buffers again and again. By default glibc
+    gives every block over 128 KB its own fresh pages from the OS (each one faulted in and zeroed
+    on first touch) and returns them on free, and it returns the free top of its heap too; with
+    both thresholds raised, the next step reuses the same memory. Measured on a 2-core CPU: the
+    baby shape's compiled bfloat16 step fell from 16.9-18.7 ms to 14.3-15.5 ms. Raising only one
+    threshold makes it slower. Returns False where the C library is not glibc (macOS, Windows).
+    """
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    return bool(libc.mallopt(GLIBC_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and libc.mallopt(GLIBC_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
 
 def synchronize(device: torch.device) -> None:

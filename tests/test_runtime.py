@@ -2,6 +2,7 @@
 
 import logging
 import os
+import platform
 import random
 
 import numpy
@@ -80,3 +81,12 @@ def test_cpu_precision_is_float32_without_fast_bfloat16_and_measured_with_it(mon
     assert runtime.fastest_cpu_dtype(model, 2, 8, 32) == torch.float32  # a model this small loses to conversions
     assert torch.equal(state, torch.get_rng_state())  # the measurement draws nothing from the run's generator
     assert "ms in float32" in caplog.text
+
+
+def test_malloc_tuning_applies_on_glibc_and_is_skipped_elsewhere(monkeypatch):
+    from minigpt import runtime
+
+    on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert runtime.keep_freed_memory_for_reuse() is on_glibc  # glibc accepted both thresholds
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("musl", "1.2"))
+    assert runtime.keep_freed_memory_for_reuse() is False
