@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from minigpt.checkpoint import atomic_write_bytes  # noqa: E402
+from minigpt.files import atomic_write_bytes  # noqa: E402
 from minigpt.cli.common import setup_logging  # noqa: E402
 from minigpt.config import apply_overrides, preset_config  # noqa: E402
 from minigpt.data import TokenBlockStream  # noqa: E402

@@ -17,7 +17,8 @@ from typing import Iterable
 
 import torch
 
-from minigpt.model import GPT, IGNORE_INDEX
+from minigpt.loss import IGNORE_INDEX
+from minigpt.model import GPT
 from minigpt.runtime import autocast
 
 

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from minigpt.checkpoint import atomic_write_bytes
+from minigpt.files import atomic_write_bytes
 
 
 def encode_row(row: dict[str, Any]) -> str:

@@ -22,9 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minigpt.config import ModelConfig
+from minigpt.loss import next_token_loss
 
 CPU_FLOAT32_ATTENTION_MAX_KEYS = 256  # under bfloat16 autocast a CPU attends over this many keys or fewer in float32
-IGNORE_INDEX = -100  # targets equal to this are left out of the loss (prompt tokens in chat fine-tuning)
 
 
 class RMSNorm(nn.Module):
@@ -200,6 +200,21 @@ class GPT(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The trunk: token embeddings -> the blocks -> the final norm, one vector per position
+        (batch, time, n_embd). Heads sit on it: the language-model head here, classification heads elsewhere."""
+        time = idx.size(1)
+        start = cache.length if cache is not None else 0
+        if start + time > self.config.block_size:
+            raise ValueError(f"Sequence of {start + time} tokens is longer than block_size {self.config.block_size}.")
+        cos, sin = self.rotary_cos[start : start + time], self.rotary_sin[start : start + time]
+        x = self.dropout(self.token_embedding(idx))
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache, layer)
+        if cache is not None:
+            cache.length += time
+        return self.final_norm(x)
+
     def forward(
         self,
         idx: torch.Tensor,
@@ -212,24 +227,10 @@ class GPT(nn.Module):
         Targets equal to IGNORE_INDEX (-100) do not count. `loss_reduction="sum"` returns the
         summed loss so a caller can divide by the number of targets across several micro-batches.
         """
-        time = idx.size(1)
-        start = cache.length if cache is not None else 0
-        if start + time > self.config.block_size:
-            raise ValueError(f"Sequence of {start + time} tokens is longer than block_size {self.config.block_size}.")
-        cos, sin = self.rotary_cos[start : start + time], self.rotary_sin[start : start + time]
-        x = self.dropout(self.token_embedding(idx))
-        for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, layer)
-        if cache is not None:
-            cache.length += time
-        logits = self.lm_head(self.final_norm(x))
+        logits = self.lm_head(self.hidden_states(idx, cache))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(
-            logits.view(-1, logits.size(-1)).float(), targets.reshape(-1),
-            ignore_index=IGNORE_INDEX, reduction=loss_reduction,
-        )
-        return logits, loss
+        return logits, next_token_loss(logits, targets, loss_reduction)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameter count (a tied matrix counts once); optionally without the token embedding."""

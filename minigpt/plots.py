@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from minigpt.checkpoint import atomic_write_bytes
+from minigpt.files import atomic_write_bytes
 
 MAX_DRAWN_POINTS = 4000  # a 1200-pixel-wide figure cannot show more; drawing them only costs time
 MIN_POINTS_TO_SMOOTH = 20  # below this a smoothed line says nothing the raw points do not

@@ -17,10 +17,12 @@ from pathlib import Path
 
 import torch
 
-from minigpt.checkpoint import atomic_write_json, latest_checkpoint, remove_temporary_files
+from minigpt.checkpoint import latest_checkpoint
+from minigpt.files import atomic_write_json, remove_temporary_files
 from minigpt.config import RunConfig, validate
 from minigpt.corpus import BUILTIN_CORPUS
-from minigpt.data import ParallelBatches, RepeatedBatch, TokenBlockStream, iter_documents, resolve_data_files, sources_fingerprint
+from minigpt.data import ParallelBatches, RepeatedBatch, TokenBlockStream
+from minigpt.sources import iter_documents, resolve_data_files, sources_fingerprint
 from minigpt.errors import UserInputError
 from minigpt.metrics import truncate_metrics
 from minigpt.model import GPT

@@ -28,6 +28,7 @@ from tokenizers import Tokenizer as HuggingFaceTokenizer
 from tqdm import tqdm
 
 from minigpt.errors import UserInputError
+from minigpt.files import atomic_write_bytes
 
 EOS_TOKEN = "<|endoftext|>"  # ends a document; also where generation starts a new one
 IM_START_TOKEN = "<|im_start|>"  # opens a chat turn: <|im_start|>role\ncontent<|im_end|>\n
@@ -87,8 +88,6 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         """Write tokenizer.json atomically: a reader sees the old file or the new one, never half."""
-        from minigpt.checkpoint import atomic_write_bytes  # imported here: checkpoint imports this module
-
         atomic_write_bytes(path, self.backend.to_str(pretty=True).encode("utf-8"))
 
     def render_chat(self, conversations: list[dict]) -> tuple[list[int], list[bool]]:

@@ -30,14 +30,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from minigpt.anomalies import diagnose
-from minigpt.checkpoint import (
-    atomic_write_bytes, atomic_write_json, load_checkpoint, prune_checkpoints, save_checkpoint, save_model_directory,
-)
+from minigpt.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint, save_model_directory
 from minigpt.config import RunConfig
 from minigpt.evaluate import EvaluationResult, evaluate
+from minigpt.files import atomic_write_bytes, atomic_write_json
 from minigpt.generate import SamplingConfig, generate
 from minigpt.metrics import MetricsWriter, read_metrics
-from minigpt.model import GPT, IGNORE_INDEX
+from minigpt.loss import IGNORE_INDEX
+from minigpt.model import GPT
 from minigpt.optim import build_optimizer, learning_rate_at
 from minigpt.plots import save_loss_curve
 from minigpt.resources import ResourceGovernor

@@ -7,10 +7,11 @@ import torch
 
 from minigpt import checkpoint as checkpoint_module
 from minigpt.checkpoint import (
-    atomic_write_bytes, latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint,
+    latest_checkpoint, list_checkpoints, load_checkpoint, prune_checkpoints, save_checkpoint,
 )
 from minigpt.config import ModelConfig
 from minigpt.errors import UserInputError
+from minigpt.files import atomic_write_bytes
 from minigpt.model import GPT
 
 

@@ -8,9 +8,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from minigpt.data import MAX_TEXT_PIECE_BYTES, DataReport, DocumentReader, TokenBlockStream, iter_documents, resolve_data_files
+from minigpt.data import ParallelBatches, TokenBlockStream
+from minigpt.sources import MAX_TEXT_PIECE_BYTES, DataReport, DocumentReader, iter_documents, resolve_data_files
 from minigpt.errors import UserInputError
-from minigpt.model import IGNORE_INDEX
+from minigpt.loss import IGNORE_INDEX
 from minigpt.tokenizer import train_bpe_tokenizer, train_char_tokenizer
 
 WORDS = "the model reads text and learns to predict the next token from those before it".split()
@@ -263,8 +264,6 @@ def test_chat_records_mask_everything_but_the_assistant(tmp_path):
 
 
 def test_parallel_batches_resume_exactly_by_replaying(tmp_path, tokenizer):
-    from minigpt.data import ParallelBatches
-
     path = write_jsonl(tmp_path / "a.jsonl", 200)
 
     def make():

@@ -8,7 +8,8 @@ import torch
 from minigpt.config import ModelConfig
 from minigpt.generate import SamplingConfig, generate, next_token_distribution
 import minigpt.model
-from minigpt.model import CPU_FLOAT32_ATTENTION_MAX_KEYS, GPT, IGNORE_INDEX, KVCache
+from minigpt.loss import IGNORE_INDEX
+from minigpt.model import CPU_FLOAT32_ATTENTION_MAX_KEYS, GPT, KVCache
 
 
 def tiny_config(**changes) -> ModelConfig:

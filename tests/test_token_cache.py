@@ -9,7 +9,8 @@ import torch
 
 from conftest import run_script
 from minigpt.data import TokenBlockStream
-from minigpt.token_cache import TokenCache, build_token_cache
+from minigpt.sources import TokenCache
+from minigpt.token_cache import build_token_cache
 
 
 def stream(sources, tokenizer, **options):
@@ -30,7 +31,7 @@ def test_cached_stream_equals_the_on_the_fly_stream(tmp_path, corpus_jsonl, toke
     lines = corpus_jsonl.read_text().splitlines()
     assert cache.documents == len(lines) and cache.tokens.dtype == np.uint16
     first_text = json.loads(lines[0])["text"]
-    assert cache.document(0).tolist() == tokenizer.encode(first_text) + [tokenizer.eos_id]
+    assert cache.document(0).tokens.tolist() == tokenizer.encode(first_text) + [tokenizer.eos_id]
     on_the_fly, cached = take(stream([corpus_jsonl], tokenizer), 30), take(stream([cache], tokenizer), 30)
     for expected, actual in zip(on_the_fly, cached):
         assert torch.equal(expected[0], actual[0]) and torch.equal(expected[1], actual[1])

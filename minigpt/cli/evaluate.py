@@ -9,7 +9,8 @@ import torch
 
 from minigpt.checkpoint import load_model_directory
 from minigpt.cli.common import ArgumentParser, run_command
-from minigpt.data import TokenBlockStream, resolve_data_files
+from minigpt.data import TokenBlockStream
+from minigpt.sources import resolve_data_files
 from minigpt.errors import UserInputError
 from minigpt.evaluate import evaluate
 from minigpt.runtime import select_device

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from minigpt.cli.common import ArgumentParser, run_command
 from minigpt.corpus import BUILTIN_CORPUS
-from minigpt.data import resolve_data_files
+from minigpt.sources import resolve_data_files
 from minigpt.token_cache import build_token_cache, cache_key
 from minigpt.tokenizer import load_tokenizer
 

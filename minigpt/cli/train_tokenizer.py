@@ -8,7 +8,7 @@ from pathlib import Path
 
 from minigpt.cli.common import ArgumentParser, run_command
 from minigpt.corpus import BUILTIN_CORPUS
-from minigpt.data import iter_documents, resolve_data_files
+from minigpt.sources import iter_documents, resolve_data_files
 from minigpt.errors import UserInputError
 from minigpt.tokenizer import train_tokenizer
 

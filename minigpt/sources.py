@@ -1,0 +1,401 @@
+"""Where documents come from: data files, the built-in corpus and token caches, read lazily.
+
+    resolve_data_files   what the user named (files, directories, globs, "builtin") -> a list of sources
+    DocumentReader       sources -> one Document at a time; its position is five integers, so a
+                         resumed run continues at the same byte of the same file
+    TokenCache           an opened pre-tokenized cache (built by `minigpt.token_cache`)
+
+A .jsonl file holds one document per line: the `text` field (the name is configurable), or a
+chat record `{"conversations": [{"role": ..., "content": ...}, ...]}`. A .txt file is one
+document, read in pieces that end at blank lines (or after about 64 KB), with <|endoftext|>
+only after its last piece.
+
+Bad input is never silently dropped: a JSONL line that is not valid UTF-8, not JSON, not an
+object, lacks the text field or holds a malformed chat record is skipped and reported with its
+file and line number, and a file that is mostly bad is refused.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterator, Sequence
+
+import numpy as np
+
+from minigpt.corpus import BUILTIN_CORPUS, builtin_corpus, builtin_corpus_fingerprint
+from minigpt.errors import UserInputError
+from minigpt.tokenizer import CHAT_ROLES, Tokenizer
+
+log = logging.getLogger("minigpt.data")
+
+DATA_SUFFIXES = (".jsonl", ".txt")
+MAX_TEXT_PIECE_BYTES = 64 * 1024  # a .txt piece ends at a blank line, or at the first line end past this size
+BAD_LINE_FRACTION = 0.5  # a file with more bad lines than this (once 20 lines are read) is refused
+BAD_LINE_GRACE = 20
+WARNINGS_PER_FILE = 10  # report this many bad lines of a file one by one, then only count them
+REPORT_EXAMPLES = 10  # DataReport keeps this many "file:line: reason" examples
+
+
+
+
+def resolve_data_files(patterns: Sequence[str]) -> list[Path | str]:
+    """Expand files, directories (searched recursively for .jsonl/.txt) and globs into a list of
+    files: each pattern's matches sorted, the patterns in the order given, no file twice.
+    "builtin" stands for the built-in corpus and is passed through as it is."""
+    found: list[Path | str] = []
+    for pattern in patterns:
+        if pattern == BUILTIN_CORPUS:
+            found.append(BUILTIN_CORPUS)
+            continue
+        path = Path(pattern)
+        if path.is_dir():
+            matches = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file())
+            if not matches:
+                raise UserInputError(f"Directory {path} holds no .jsonl or .txt files; check the path or add files to it.")
+        elif path.is_file():
+            matches = [path]
+        elif glob.has_magic(pattern):
+            matches = sorted(Path(match) for match in glob.glob(pattern, recursive=True) if Path(match).is_file())
+            if not matches:
+                raise UserInputError(f"No file matches {pattern}; check the directory and the pattern.")
+        else:
+            raise UserInputError(
+                f"Data file {path} does not exist; check the path (or use '{BUILTIN_CORPUS}' for the built-in corpus)."
+            )
+        for match in matches:
+            if match.suffix not in DATA_SUFFIXES:
+                raise UserInputError(f"Data file {match} is neither .jsonl nor .txt; convert it or leave it out.")
+            if match.stat().st_size == 0:
+                raise UserInputError(f"Data file {match} is empty; fill it or leave it out.")
+            if match not in found:
+                found.append(match)
+    return found
+
+
+@dataclass
+class Document:
+    """One unit of training text, with where the next one starts."""
+
+    text: str | None = None  # plain text ...
+    conversations: list | None = None  # ... or a chat record ...
+    tokens: np.ndarray | None = None  # ... or token ids from a token cache (<|endoftext|> included)
+    assistant_mask: np.ndarray | None = None  # with `tokens`: True where the assistant speaks
+    hash_fraction: float | None = None  # known in advance for cached documents
+    ends_document: bool = True  # append <|endoftext|> after it (a .txt file's pieces: only the last)
+
+
+@dataclass
+class DataReport:
+    """What was read: kept documents and skipped lines, with the first few reasons."""
+
+    documents: int = 0
+    bad_lines: int = 0
+    examples: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TokenCache:
+    """An opened cache (built by `minigpt.token_cache.build_token_cache`): read-only arrays over its files."""
+
+    directory: Path
+    tokens: np.ndarray
+    offsets: np.ndarray
+    hash_fractions: np.ndarray
+    assistant_mask: np.ndarray | None  # True where the assistant speaks; None: a cache without chat documents
+
+    @classmethod
+    def open(cls, directory: str | Path) -> "TokenCache":
+        directory = Path(directory)
+        try:
+            index = json.loads((directory / "index.json").read_text())
+
+            def array(name: str, dtype: str) -> np.ndarray:
+                if not index["tokens"]:
+                    return np.zeros(0, dtype=dtype)
+                return np.memmap(directory / name, dtype=dtype, mode="r", shape=(index["tokens"],))
+
+            tokens = array("tokens.bin", index["dtype"])
+            mask = array("assistant_mask.bin", "bool") if index["has_chat"] else None
+            offsets = np.load(directory / "offsets.npy")
+            hash_fractions = np.load(directory / "hash_fractions.npy")
+        except (OSError, ValueError, KeyError) as error:
+            raise UserInputError(f"Token cache {directory} is unreadable ({error}); delete it to have it rebuilt.") from None
+        return cls(directory, tokens, offsets, hash_fractions, mask)
+
+    @property
+    def documents(self) -> int:
+        return len(self.offsets) - 1
+
+    def document(self, index: int) -> Document:
+        """Document `index`, already tokenized: ids, assistant mask and its hold-out hash."""
+        start, end = self.offsets[index], self.offsets[index + 1]
+        tokens = np.asarray(self.tokens[start:end], dtype=np.int64)
+        mask = np.ones(len(tokens), dtype=bool) if self.assistant_mask is None else np.array(self.assistant_mask[start:end])
+        return Document(tokens=tokens, assistant_mask=mask, hash_fraction=float(self.hash_fractions[index]), ends_document=False)
+
+    def __str__(self) -> str:
+        return f"token cache {self.directory}"
+
+
+def _parse_jsonl_line(raw: bytes, text_field: str) -> Document | str:
+    """A Document, or the reason the line is bad."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not valid UTF-8"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        return f"not valid JSON ({error.msg})"
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if isinstance(record.get(text_field), str):
+        if not _is_unicode_text(record[text_field]):
+            return f"field '{text_field}' holds a lone surrogate escape such as \\ud800"
+        return Document(text=record[text_field])
+    if isinstance(record.get("conversations"), list):
+        return _parse_conversations(record["conversations"])
+    return f"no string field '{text_field}' (nor a 'conversations' list)"
+
+
+def _parse_conversations(turns: list) -> Document | str:
+    """A chat record, checked here so that a bad one is reported with its line like any other."""
+    if not turns:
+        return "'conversations' is an empty list"
+    for number, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict) or turn.get("role") not in CHAT_ROLES or not isinstance(turn.get("content"), str):
+            roles = ", ".join(CHAT_ROLES)
+            return f"turn {number} of 'conversations' is not an object with a 'role' ({roles}) and a string 'content'"
+        if not _is_unicode_text(turn["content"]):
+            return f"turn {number} of 'conversations' holds a lone surrogate escape such as \\ud800"
+    return Document(conversations=turns)
+
+
+def _is_unicode_text(text: str) -> bool:
+    """False for a string with a lone surrogate ("\\ud800" is valid JSON but not text): the tokenizer
+    would fail on it with an obscure TypeError in the middle of training."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def document_hash_fraction(document: Document) -> float:
+    """A stable number in [0, 1) per document (Python's hash() changes between runs; this does not)."""
+    if document.hash_fraction is not None:
+        return document.hash_fraction
+    content = document.text if document.text is not None else json.dumps(document.conversations, sort_keys=True)
+    digest = hashlib.blake2b(content.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def sources_fingerprint(sources: Sequence[Path | str]) -> list:
+    """What identifies the content of the sources: each file's path, size and modification time
+    (the built-in corpus: its own fingerprint). It changes when any file changes."""
+    parts = []
+    for source in sources:
+        if source == BUILTIN_CORPUS:
+            parts.append(["builtin", builtin_corpus_fingerprint()])
+        else:
+            stat = Path(source).stat()
+            parts.append([str(Path(source).resolve()), stat.st_size, stat.st_mtime_ns])
+    return parts
+
+
+def iter_documents(sources: Sequence[Path | str], text_field: str = "text", report: DataReport | None = None) -> Iterator[str]:
+    """The text of every document of the sources, in order (chat records as their turns' contents).
+
+    Used to train tokenizers; bad lines are reported and skipped exactly as in training, and
+    counted in `report` if one is given.
+    """
+    reader = DocumentReader(list(sources), text_field, report)
+    while (document := reader.next_document()) is not None:
+        if document.text is not None:
+            yield document.text
+        else:
+            yield "\n".join(turn["content"] for turn in document.conversations)
+
+
+class DocumentReader:
+    """Reads documents one at a time from a list of sources; its position is five integers."""
+
+    def __init__(self, sources: list, text_field: str, report: DataReport | None = None):
+        self.sources, self.text_field = sources, text_field
+        self.report = report if report is not None else DataReport()
+        self.source_index, self.offset, self.line_number = 0, 0, 0
+        self.file: BinaryIO | None = None
+        self.lines_read = self.bad_in_file = 0  # of the current file, for the bad-line rule
+        self.first_bad_line = ""  # of the current file, to quote if every line turns out bad
+        self.warn = True  # log bad lines (off once a pass has reported them)
+
+    def position(self) -> list[int]:
+        # The bad-line counts belong to it: a run resumed near the end of a file must judge the
+        # file on all its lines, not only on the few read since the restart.
+        return [self.source_index, self.offset, self.line_number, self.lines_read, self.bad_in_file]
+
+    def seek(self, position: Sequence[int]) -> None:
+        self.close()
+        self.source_index, self.offset, self.line_number, self.lines_read, self.bad_in_file = (int(value) for value in position)
+        self.first_bad_line = ""
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def next_document(self) -> Document | None:
+        """The next document, or None at the end of the last source."""
+        while self.source_index < len(self.sources):
+            source = self.sources[self.source_index]
+            if isinstance(source, TokenCache):
+                document = self._next_cached(source)
+            elif source == BUILTIN_CORPUS:
+                document = self._next_builtin()
+            elif Path(source).suffix == ".txt":
+                document = self._next_text_piece(Path(source))
+            else:
+                document = self._next_jsonl(Path(source))
+            if document is not None:
+                self.report.documents += 1
+                return document
+            self._finish_source()
+        return None
+
+    def _finish_source(self) -> None:
+        source = self.sources[self.source_index]
+        if self.lines_read and self.bad_in_file == self.lines_read:
+            raise UserInputError(f"Every line of {source} is bad (e.g. {self.first_bad_line}); check its format or --text-field.")
+        self.close()
+        self.source_index += 1
+        self.offset = self.line_number = self.lines_read = self.bad_in_file = 0
+        self.first_bad_line = ""
+
+    def _open(self, path: Path) -> BinaryIO:
+        if self.file is None:
+            self.file = open(path, "rb")
+            self.file.seek(self.offset)
+        return self.file
+
+    def _next_builtin(self) -> Document | None:
+        documents = builtin_corpus()  # held in memory: the position is simply an index
+        if self.offset >= len(documents):
+            return None
+        self.offset += 1
+        return Document(text=documents[self.offset - 1])
+
+    def _next_cached(self, cache: TokenCache) -> Document | None:
+        if self.offset >= cache.documents:
+            return None
+        self.offset += 1
+        return cache.document(self.offset - 1)
+
+    def _next_jsonl(self, path: Path) -> Document | None:
+        file = self._open(path)
+        while raw := file.readline():
+            self.offset += len(raw)
+            self.line_number += 1
+            if not raw.strip():
+                continue
+            self.lines_read += 1
+            parsed = _parse_jsonl_line(raw, self.text_field)
+            if isinstance(parsed, Document):
+                return parsed
+            self._bad_line(path, parsed)
+        return None
+
+    def _bad_line(self, path: Path, reason: str) -> None:
+        self.bad_in_file += 1
+        self.report.bad_lines += 1
+        where = f"{path}:{self.line_number}"
+        if self.bad_in_file == 1:
+            self.first_bad_line = f"line {self.line_number}: {reason}"
+        if len(self.report.examples) < REPORT_EXAMPLES:
+            self.report.examples.append(f"{where}: {reason}")
+        if self.warn and self.bad_in_file <= WARNINGS_PER_FILE:
+            log.warning("Skipping %s: %s", where, reason)
+        if self.lines_read >= BAD_LINE_GRACE and self.bad_in_file > BAD_LINE_FRACTION * self.lines_read:
+            raise UserInputError(
+                f"{path} has {self.bad_in_file} bad lines in its first {self.lines_read} (e.g. line {self.line_number}: {reason}); "
+                "fix the file or check --text-field."
+            )
+
+    def _next_text_piece(self, path: Path) -> Document | None:
+        """A paragraph of a .txt file: lines up to and including a blank line.
+
+        A paragraph ends early at the first line boundary past MAX_TEXT_PIECE_BYTES, and a line
+        longer than that (a file with no line breaks at all, say) is cut on a character boundary,
+        so memory stays bounded whatever the file looks like.
+        """
+        file = self._open(path)
+        piece = bytearray()
+        has_content = False  # blank lines before any text stay with the piece they precede
+        first_line = self.line_number + 1
+        while raw := file.readline(MAX_TEXT_PIECE_BYTES):
+            if len(raw) == MAX_TEXT_PIECE_BYTES and not raw.endswith(b"\n"):  # an overlong line: the rest comes next
+                whole = raw[: _whole_characters(raw)]
+                self.offset += len(whole)
+                piece += whole
+                break
+            self.offset += len(raw)
+            self.line_number += 1
+            piece += raw
+            is_blank = not raw.strip()
+            if (is_blank and has_content) or len(piece) >= MAX_TEXT_PIECE_BYTES:
+                break
+            has_content = has_content or not is_blank
+        if not piece:
+            return None
+        file.seek(self.offset)  # back to the end of the piece, where a cut line goes on
+        at_end = file.read(1) == b""
+        file.seek(self.offset)
+        self.lines_read += 1
+        try:
+            return Document(text=piece.decode("utf-8"), ends_document=at_end)
+        except UnicodeDecodeError:
+            self._bad_line(path, f"the paragraph starting at line {first_line} is not valid UTF-8")
+            return Document(text="", ends_document=at_end)
+
+
+def _whole_characters(chunk: bytes) -> int:
+    """The length of `chunk` without a UTF-8 character cut off at its end."""
+    for back in range(1, min(4, len(chunk)) + 1):
+        byte = chunk[-back]
+        if byte < 0x80:  # ASCII: nothing is cut
+            return len(chunk)
+        if byte >= 0xC0:  # the first byte of a character of 2, 3 or 4 bytes
+            length = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return len(chunk) if back >= length else len(chunk) - back
+    return len(chunk)  # not UTF-8 at all: the decoder will say so
+
+
+def encode_documents(documents: Sequence[Document], tokenizer: Tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each document as (token ids, assistant mask): the one path from a document to tokens,
+    shared by training streams and token caches.
+
+    Plain text is encoded in one batch (fast, in parallel), chat records through the chat
+    template, and cached documents are already ids. The mask is True on every token of plain
+    text and, in a conversation, on what the assistant says (its content and closing
+    <|im_end|>). <|endoftext|> ends each document (mask True: the model learns where text ends).
+    """
+    texts = [document.text for document in documents if document.text is not None]
+    encoded = iter(tokenizer.encode_batch(texts)) if texts else iter(())
+    results = []
+    for document in documents:
+        if document.tokens is not None:
+            ids, mask = document.tokens, document.assistant_mask
+        elif document.text is not None:
+            ids = np.asarray(next(encoded), dtype=np.int64)
+            mask = np.ones(len(ids), dtype=bool)
+        else:
+            chat_ids, assistant = tokenizer.render_chat(document.conversations)
+            ids, mask = np.asarray(chat_ids, dtype=np.int64), np.asarray(assistant, dtype=bool)
+        if document.ends_document:
+            ids, mask = np.append(ids, tokenizer.eos_id), np.append(mask, True)
+        results.append((ids, mask))
+    return results
