@@ -2,8 +2,9 @@
 
     python benchmarks/train_throughput.py [--shapes baby nanogpt-10.7M tiny small medium] [--modes eager compiled]
 
-Each shape trains on random tokens (the data pipeline has its own benchmark) with MiniGPT's
-optimizer on the CPU, in each of --dtypes (bfloat16 = autocast, weights stay float32). The figures:
+Each shape trains on random tokens (the data pipeline has its own benchmark) through the
+trainer's own optimizer step (`Trainer.optimizer_step`: forward, backward, clipping, the NaN
+guard, AdamW) on the CPU, in each of --dtypes (bfloat16 = autocast, weights stay float32). The figures:
     ms/step      median time of one optimizer step over the timed steps
     tokens/s     batch_size * block_size / (ms/step)
     MFU          model FLOPs (6 per weight per token, plus attention) per second, divided by the
@@ -20,6 +21,7 @@ import dataclasses
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,12 +30,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from minigpt.config import ModelConfig, TrainConfig, preset_config  # noqa: E402
+from minigpt.config import ModelConfig, RunConfig, TrainConfig, preset_config  # noqa: E402
 from minigpt.model import GPT  # noqa: E402
-from minigpt.optim import build_optimizer  # noqa: E402
+from minigpt.objective import LanguageModelObjective  # noqa: E402
 from minigpt.runtime import (  # noqa: E402
-    DTYPES, autocast, compile_model, configure_threads, cpu_has_fast_bfloat16, keep_freed_memory_for_reuse, measure_matmul_peak,
+    DTYPES, compile_model, configure_threads, cpu_has_fast_bfloat16, keep_freed_memory_for_reuse, measure_matmul_peak,
 )
+from minigpt.tokenizer import train_char_tokenizer  # noqa: E402
+from minigpt.trainer import Trainer  # noqa: E402
 
 REFERENCE_SHAPES = {
     # name: (model, batch size)
@@ -52,25 +56,19 @@ def shape(name: str) -> tuple[ModelConfig, int]:
 def measure(config: ModelConfig, batch_size: int, compiled: bool, dtype: torch.dtype, steps: int, warmup: int) -> dict[str, float]:
     torch.manual_seed(0)
     model = GPT(config)
-    optimizer = build_optimizer(model, TrainConfig(), "cpu")
-    tokens = torch.randint(0, config.vocab_size, (batch_size, config.block_size + 1))
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-
-    def loss_of(runner: torch.nn.Module) -> torch.Tensor:
-        with autocast(torch.device("cpu"), dtype):
-            return runner(inputs, targets)[1]
-
+    # A character tokenizer of exactly the shape's vocabulary: the batches are random ids anyway.
+    tokenizer = train_char_tokenizer(["".join(chr(0x4E00 + index) for index in range(config.vocab_size - 5))], show_progress=False)
+    objective = LanguageModelObjective(tokenizer)
+    run = RunConfig(model=config, train=TrainConfig(batch_size=batch_size, disable_monitoring=True))
+    trainer = Trainer(run, model, tokenizer, objective, None, None, tempfile.mkdtemp(), torch.device("cpu"), dtype, show_progress=False)
+    batch = objective.example_batch(batch_size, config.block_size)
     compile_start = time.perf_counter()
-    runner = compile_model(model, loss_of) if compiled else model
+    runner = compile_model(model, trainer.example_loss) if compiled else model
     compile_seconds = time.perf_counter() - compile_start if compiled else 0.0
     times = []
     for step in range(warmup + steps):
         start = time.perf_counter()
-        loss = loss_of(runner)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, _, _, _ = trainer.optimizer_step(runner, [batch], timed=False)
         loss.item()
         if step >= warmup:
             times.append(time.perf_counter() - start)

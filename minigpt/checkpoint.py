@@ -13,6 +13,7 @@ A checkpoint directory `checkpoint_step_<N>/` holds:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -78,14 +79,15 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
-def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
-    """Delete all but the `keep` newest checkpoints, always sparing the best by validation loss."""
+def prune_checkpoints(run_dir: str | Path, keep: int, metric: str = "val_loss", higher_is_better: bool = False) -> list[Path]:
+    """Delete all but the `keep` newest checkpoints, always sparing the best by `metric` (read
+    from each checkpoint's meta.json; checkpoints saved without an evaluation have none)."""
     checkpoints = list_checkpoints(run_dir)
     scored = []
     for checkpoint in checkpoints:
-        val_loss = json.loads((checkpoint / "meta.json").read_text()).get("val_loss")
-        if val_loss is not None:
-            scored.append((val_loss, checkpoint))
+        value = json.loads((checkpoint / "meta.json").read_text()).get(metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            scored.append((-value if higher_is_better else value, checkpoint))
     spared = set(checkpoints[-keep:])
     if scored:
         spared.add(min(scored, key=lambda pair: pair[0])[1])

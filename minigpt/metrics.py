@@ -15,6 +15,15 @@ from typing import Any
 from minigpt.files import atomic_write_bytes
 
 
+ROW_KEYS = ("type", "step", "tokens")  # where a row is, not what was measured
+
+
+def evaluation_scalars(row: dict[str, Any]) -> dict[str, float]:
+    """Every number an evaluation row holds: whatever metrics the run's objective reports."""
+    return {name: value for name, value in row.items()
+            if name not in ROW_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
 def encode_row(row: dict[str, Any]) -> str:
     """One JSON line. NaN and infinity are not JSON: they are written as "nan", "inf", "-inf"."""
     safe = {key: str(value) if isinstance(value, float) and not math.isfinite(value) else value for key, value in row.items()}

@@ -19,7 +19,7 @@ import psutil
 
 from minigpt.anomalies import Anomaly, diagnose
 from minigpt.errors import UserInputError
-from minigpt.metrics import read_metrics
+from minigpt.metrics import evaluation_scalars, read_metrics
 
 LOSS_WINDOW = 20  # logged rows in the "recent mean" of the loss
 CHART_LEVELS = "▁▂▃▄▅▆▇█"
@@ -37,11 +37,17 @@ class RunReport:
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     anomalies: list[Anomaly] = field(default_factory=list)
     message: str = ""
+    monitor_metric: str = "val_loss"  # the metric the run's objective calls better (status.json says which)
+    monitor_mode: str = "min"
 
     @property
-    def best_val_loss(self) -> float | None:
-        losses = [row["val_loss"] for row in self.evaluations if isinstance(row.get("val_loss"), (int, float)) and math.isfinite(row["val_loss"])]
-        return min(losses) if losses else None
+    def best(self) -> float | None:
+        """The best value of the monitored metric over the run's evaluations."""
+        values = [row[self.monitor_metric] for row in self.evaluations
+                  if isinstance(row.get(self.monitor_metric), (int, float)) and math.isfinite(row[self.monitor_metric])]
+        if not values:
+            return None
+        return max(values) if self.monitor_mode == "max" else min(values)
 
 
 def process_alive(pid: int | None) -> bool:
@@ -84,11 +90,12 @@ def read_run(run_dir: str | Path, now: float | None = None) -> RunReport:
         elif (now or time.time()) - status.get("updated_at", 0) > STALE_SECONDS:
             state = "stalled"
     train = [row for row in rows if row.get("type") == "train"]
+    monitor = status.get("monitor", {})
     return RunReport(
         run_dir=run_dir, state=state, step=status.get("step", train[-1]["step"] if train else 0),
         max_steps=config.get("train", {}).get("max_steps", 0), config=config, train=train,
         evaluations=[row for row in rows if row.get("type") == "eval"], anomalies=diagnose(rows),
-        message=status.get("message", ""),
+        message=status.get("message", ""), monitor_metric=monitor.get("metric", "val_loss"), monitor_mode=monitor.get("mode", "min"),
     )
 
 
@@ -147,8 +154,9 @@ def render_report(report: RunReport, width: int = 60) -> str:
         lines.append(f"  {loss_chart(losses, width)}")
     if report.evaluations:
         evaluation = report.evaluations[-1]
-        lines.append(f"  validation at step {evaluation['step']:,}: loss {evaluation['val_loss']:.4f} | perplexity "
-                     f"{evaluation['val_perplexity']:.2f} | {evaluation['val_bits_per_byte']:.4f} bits/byte | best {report.best_val_loss:.4f}")
+        scores = " | ".join(f"{name.removeprefix('val_')} {value:.4f}" for name, value in evaluation_scalars(evaluation).items())
+        best = f"{report.best:.4f}" if report.best is not None else "-"
+        lines.append(f"  validation at step {evaluation['step']:,}: {scores} | best {report.monitor_metric} {best}")
     figures = [
         ("tokens_per_second", "{:,.0f} tokens/s", 1), ("mfu", "MFU {:.1%}", 1), ("cpu_percent", "CPU {:.0f}%", 1),
         ("rss_bytes", "RSS {:.2f} GB", 1e-9), ("system_memory_percent", "system memory {:.0f}%", 1),
@@ -170,13 +178,17 @@ IGNORED_IN_COMPARISON = {"train.run_name", "train.resume", "train.output_dir"}
 
 
 def compare_runs(reports: list[RunReport]) -> str:
-    """A table of the runs side by side: the settings that differ, and the best validation loss."""
+    """A table of the runs side by side: the settings that differ, and the best of each run's monitored metric."""
     settings = [_flatten(report.config) for report in reports]
     keys = sorted({key for flat in settings for key in flat} - IGNORED_IN_COMPARISON)
     differing = [key for key in keys if len({json.dumps(flat.get(key), sort_keys=True) for flat in settings}) > 1]
-    best = [report.best_val_loss for report in reports]
-    best_index = min((index for index, value in enumerate(best) if value is not None), key=lambda index: best[index], default=None)
-    header = ["run", "state", "step", *differing, "best val loss"]
+    best = [report.best for report in reports]
+    metrics = {(report.monitor_metric, report.monitor_mode) for report in reports}
+    metric, mode = metrics.pop() if len(metrics) == 1 else ("", "min")  # runs judged by different metrics are not ranked
+    sign = -1 if mode == "max" else 1
+    scored = [index for index, value in enumerate(best) if value is not None and metric]
+    best_index = min(scored, key=lambda index: sign * best[index], default=None)
+    header = ["run", "state", "step", *differing, f"best {metric.replace('_', ' ') or 'metric'}"]
     rows = []
     for index, (report, flat) in enumerate(zip(reports, settings)):
         mark = " <- best" if index == best_index else ""

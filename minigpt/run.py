@@ -1,4 +1,4 @@
-"""Setting up a training run: its directory, tokenizer, data streams and model.
+"""Setting up a training run: its directory, tokenizer, data streams, model and objective.
 
 `prepare_run(config)` does everything between "here is a configuration" and "start the loop",
 and checks every input first, so a mistake (a missing file, an impossible configuration, a run
@@ -26,9 +26,10 @@ from minigpt.sources import iter_documents, resolve_data_files, sources_fingerpr
 from minigpt.errors import UserInputError
 from minigpt.metrics import truncate_metrics
 from minigpt.model import GPT
+from minigpt.objective import LanguageModelObjective, Objective
 from minigpt.runtime import (
-    available_cpu_cores, configure_threads, fastest_cpu_dtype, keep_freed_memory_for_reuse, select_device, select_dtype,
-    seed_everything,
+    PROBE_TOKENS, available_cpu_cores, configure_threads, fastest_cpu_dtype, keep_freed_memory_for_reuse, select_device,
+    select_dtype, seed_everything,
 )
 from minigpt.sinks import TensorBoardCallback, WandbCallback
 from minigpt.token_cache import build_token_cache
@@ -169,8 +170,22 @@ def build_callbacks(config: RunConfig, run_dir: Path) -> list[Callback]:
     return callbacks
 
 
-def prepare_run(config: RunConfig, show_progress: bool = True) -> Trainer:
-    """Check everything, create the run directory, and return a Trainer ready to `train()`."""
+def build_objective(config: RunConfig, tokenizer: Tokenizer) -> Objective:
+    """The objective the configuration trains: next-token prediction."""
+    return LanguageModelObjective(tokenizer, sample_tokens=config.train.sample_tokens, seed=config.train.seed)
+
+
+def prepare_run(
+    config: RunConfig,
+    show_progress: bool = True,
+    callbacks: list[Callback] | None = None,
+    objective: Objective | None = None,
+) -> Trainer:
+    """Check everything, create the run directory, and return a Trainer ready to `train()`.
+
+    `callbacks` are added to those the configuration asks for (plots, sinks): a notebook or a
+    script hooks into the loop this way. `objective` replaces the one the configuration implies.
+    """
     validate(config)
     paths = resolve_run_paths(config)
     device = select_device(config.train.device)
@@ -191,10 +206,13 @@ def prepare_run(config: RunConfig, show_progress: bool = True) -> Trainer:
 
     run_dir = paths.run_dir
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, run_name=run_dir.name, resume=""))
-    callbacks = build_callbacks(config, run_dir)  # before writing anything: a missing sink package is an error
+    callbacks = build_callbacks(config, run_dir) + list(callbacks or [])  # first: a missing sink package is an error
+    objective = objective or build_objective(config, tokenizer)
     model = GPT(config.model).to(device)
     if device.type == "cpu" and config.train.dtype == "auto" and not config.train.disable_optimizations:
-        dtype = fastest_cpu_dtype(model, config.train.batch_size, config.model.block_size, config.model.vocab_size)
+        sequences = max(1, min(config.train.batch_size, PROBE_TOKENS // config.model.block_size))
+        probe_batch = objective.example_batch(sequences, config.model.block_size)
+        dtype = fastest_cpu_dtype(model, lambda probe: objective.loss(probe, probe_batch))
     # Record the precision chosen, so that a resumed run computes exactly as this one did.
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, dtype=str(dtype).replace("torch.", "")))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -202,7 +220,7 @@ def prepare_run(config: RunConfig, show_progress: bool = True) -> Trainer:
     atomic_write_json(run_dir / "config.json", config.to_dict())
     if paths.resume_from is None:
         tokenizer.save(run_dir / "tokenizer.json")
-    trainer = Trainer(config, model, tokenizer, train_stream, val_stream, run_dir, device, dtype, callbacks, show_progress)
+    trainer = Trainer(config, model, tokenizer, objective, train_stream, val_stream, run_dir, device, dtype, callbacks, show_progress)
     if paths.resume_from is not None:
         trainer.resume(paths.resume_from)
         truncate_metrics(run_dir / "metrics.jsonl", trainer.progress.step)

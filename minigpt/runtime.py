@@ -88,29 +88,27 @@ PROBE_TOKENS = 1024  # enough for realistic matrix shapes, few enough for a prob
 
 
 def fastest_cpu_dtype(
-    model: torch.nn.Module, batch_size: int, block_size: int, vocab_size: int, margin: float = 0.8
+    model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.Tensor], margin: float = 0.8
 ) -> torch.dtype:
     """bfloat16 if a forward and backward pass of this model runs in under `margin` of its
-    float32 time on this CPU, else float32. Measured on a copy of the model with a private
-    random generator, so the run's own random state is untouched.
+    float32 time on this CPU, else float32. `loss_of(model)` computes the loss of an example
+    batch; it runs on a copy of the model, so the model itself (and its gradients) is untouched.
 
-    The probe batch is the training batch, capped at PROBE_TOKENS: which precision wins depends
-    on the matrix shapes (small ones lose to the cost of converting), so they must be the real ones.
+    The example batch should be the training batch's shape, capped at about PROBE_TOKENS tokens:
+    which precision wins depends on the matrix shapes (small ones lose to the cost of
+    converting), so they must be the real ones.
     """
     if not cpu_has_fast_bfloat16():
         log.info("CPU precision: this CPU has no fast bfloat16 multiply; using float32.")
         return torch.float32
     probe = copy.deepcopy(model).train(False)
-    sequences = max(1, min(batch_size, PROBE_TOKENS // block_size))
-    tokens = torch.randint(0, vocab_size, (sequences, block_size + 1), generator=torch.Generator().manual_seed(0))
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
     def seconds(dtype: torch.dtype) -> float:
         times = []
         for _ in range(3):  # the first warms up; the faster of the other two counts
             start = time.perf_counter()
             with autocast(torch.device("cpu"), dtype):
-                _, loss = probe(inputs, targets)
+                loss = loss_of(probe)
             loss.backward()
             times.append(time.perf_counter() - start)
         return min(times[1:])

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from minigpt.errors import UserInputError
+from minigpt.metrics import evaluation_scalars
 from minigpt.trainer import Callback, Trainer
 
 SCALAR_FIELDS = ("loss", "lr", "grad_norm", "tokens_per_second", "mfu", "cpu_percent", "system_memory_percent")
-EVAL_FIELDS = ("val_loss", "val_perplexity", "val_bits_per_byte")
 
 
 def _missing_extra(flag: str, extra: str) -> UserInputError:
@@ -56,8 +56,8 @@ class TensorBoardCallback(Callback):
         self.writer.flush()
 
     def on_evaluate(self, trainer: Trainer, row: dict[str, Any]) -> None:
-        for name in EVAL_FIELDS:
-            self.writer.add_scalar(f"eval/{name}", row[name], row["step"])
+        for name, value in evaluation_scalars(row).items():
+            self.writer.add_scalar(f"eval/{name}", value, row["step"])
         self.writer.flush()
 
     def on_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
@@ -82,7 +82,7 @@ class WandbCallback(Callback):
         self.run.log({f"train/{name}": row[name] for name in SCALAR_FIELDS if row.get(name) is not None}, step=row["step"])
 
     def on_evaluate(self, trainer: Trainer, row: dict[str, Any]) -> None:
-        self.run.log({f"eval/{name}": row[name] for name in EVAL_FIELDS}, step=row["step"])
+        self.run.log({f"eval/{name}": value for name, value in evaluation_scalars(row).items()}, step=row["step"])
 
     def on_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
         self.run.summary.update({key: value for key, value in summary.items() if value is not None})

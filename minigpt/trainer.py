@@ -3,14 +3,15 @@
 One optimiser step:
     1. set the learning rate from the schedule
     2. take `gradient_accumulation_steps` micro-batches; for each, forward, loss, backward
-       (the loss is divided by the number of target tokens in the whole step, so accumulating
-       k micro-batches gives exactly the gradient of one k-times larger batch)
+       (the summed loss is divided by the weight of the whole step, for a language model its
+       target tokens, so accumulating k micro-batches gives exactly the gradient of one
+       k-times larger batch)
     3. clip the gradient norm, skip the step if the loss or gradient is NaN/Inf
     4. AdamW update
-Around it: logging, evaluation with a generated sample, checkpoints, early stopping, a time
-budget, and a clean stop on Ctrl-C or SIGTERM. Everything that varies between kinds of training
-(pretraining, chat fine-tuning, adapters) lives in `compute_loss` and in callbacks, never in a
-second copy of this loop.
+Around it: logging, evaluation, checkpoints, early stopping, a time budget, and a clean stop on
+Ctrl-C or SIGTERM. What a batch means (its loss, its weight, its tokens, how to evaluate, which
+metric is "better") belongs to the objective (`minigpt.objective`); what else varies between
+runs (plots, sinks, notebooks) lives in callbacks. There is never a second copy of this loop.
 """
 
 from __future__ import annotations
@@ -32,12 +33,10 @@ from tqdm import tqdm
 from minigpt.anomalies import diagnose
 from minigpt.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint, save_model_directory
 from minigpt.config import RunConfig
-from minigpt.evaluate import EvaluationResult, evaluate
 from minigpt.files import atomic_write_bytes, atomic_write_json
-from minigpt.generate import SamplingConfig, generate
-from minigpt.metrics import MetricsWriter, read_metrics
-from minigpt.loss import IGNORE_INDEX
+from minigpt.metrics import MetricsWriter, evaluation_scalars, read_metrics
 from minigpt.model import GPT
+from minigpt.objective import Batch, Objective
 from minigpt.optim import build_optimizer, learning_rate_at
 from minigpt.plots import save_loss_curve
 from minigpt.resources import ResourceGovernor
@@ -74,7 +73,7 @@ class Progress:
     step: int = 0
     tokens_seen: int = 0
     elapsed_seconds: float = 0.0  # training wall-clock time, summed over resumed sessions
-    best_val_loss: float = math.inf
+    best_metric: float | None = None  # the best value so far of the objective's monitored metric
     evaluations_without_improvement: int = 0
     skipped_steps: int = 0
 
@@ -124,6 +123,7 @@ class Trainer:
         config: RunConfig,
         model: GPT,
         tokenizer: Tokenizer,
+        objective: Objective,
         train_batches: Any,
         val_batches: Any,
         run_dir: str | Path,
@@ -133,7 +133,7 @@ class Trainer:
         show_progress: bool = True,
     ):
         self.config, self.train_config = config, config.train
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.objective = model, tokenizer, objective
         self.train_batches, self.val_batches = train_batches, val_batches
         self.run_dir = Path(run_dir)
         self.device, self.dtype = device, dtype
@@ -142,8 +142,8 @@ class Trainer:
         self.optimizer = build_optimizer(model, self.train_config, device.type)
         # float16 has a narrow range: scale the loss up so small gradients do not flush to zero.
         self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-        self.token_byte_lengths = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.long)
         self.progress = Progress()
+        self.session_start = time.perf_counter()  # of this session's training (set again when the loop starts)
         self.stop_reason: str | None = None
         self.process = psutil.Process()
         config = self.train_config
@@ -164,31 +164,32 @@ class Trainer:
         self.bad_run = torch.zeros((), dtype=torch.long, device=device)  # NaN/Inf steps in a row
 
     # ----------------------------------------------------------------------------------------
-    # what one step computes (override or replace for other kinds of training)
-
-    def compute_loss(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Summed cross-entropy over the batch's target tokens."""
-        _, loss = model(inputs, targets, loss_reduction="sum")
-        return loss
-
-    # ----------------------------------------------------------------------------------------
     # saving and resuming
 
+    def elapsed(self) -> float:
+        """Training wall-clock seconds, over this session and every session before a resume."""
+        return self.progress.elapsed_seconds + time.perf_counter() - self.session_start
+
     def training_state(self) -> dict[str, Any]:
+        progress = asdict(self.progress)
+        progress["elapsed_seconds"] = self.elapsed()  # a resumed run continues the clock (and its --max-time)
         state = {
             "optimizer": self.optimizer.state_dict(),
             "train_stream": self.train_batches.state_dict(),
             "rng": rng_state(),
-            "progress": asdict(self.progress),
+            "progress": progress,
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         return state
 
-    def save_checkpoint(self, val_loss: float | None = None) -> Path:
-        meta = {"val_loss": val_loss, "tokens_seen": self.progress.tokens_seen, "saved_at": time.time()}
+    def save_checkpoint(self, evaluation: dict[str, Any] | None = None) -> Path:
+        """Save the run's state; `evaluation`, the metrics of an evaluation at this very step, goes
+        into meta.json, where pruning finds the best checkpoint by the objective's metric."""
+        meta = {"tokens_seen": self.progress.tokens_seen, "saved_at": time.time(), **evaluation_scalars(evaluation or {})}
         path = save_checkpoint(self.run_dir, self.progress.step, self.model, self.training_state(), meta)
-        prune_checkpoints(self.run_dir, self.train_config.keep_checkpoints)
+        monitor = self.objective.monitor
+        prune_checkpoints(self.run_dir, self.train_config.keep_checkpoints, monitor.metric, monitor.mode == "max")
         log.info("Saved checkpoint %s", path)
         for callback in self.callbacks:
             callback.on_checkpoint(self, path)
@@ -221,16 +222,12 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics = MetricsWriter(self.run_dir / "metrics.jsonl")
         batches = iter(self.train_batches)
-        session_start = time.perf_counter()
-        elapsed_before = self.progress.elapsed_seconds
-
-        def elapsed() -> float:
-            return elapsed_before + time.perf_counter() - session_start
-
+        self.session_start = time.perf_counter()
+        elapsed = self.elapsed
         model: torch.nn.Module = self.model
         model.train()
         if config.compile and not config.disable_optimizations:
-            model = compile_model(self.model, self._example_loss, mode=compile_mode(self.device, config.compile_mode))
+            model = compile_model(self.model, self.example_loss, mode=compile_mode(self.device, config.compile_mode))
 
         self._write_status("running")
         previous_handlers = self._catch_stop_signals()
@@ -239,7 +236,7 @@ class Trainer:
             disable=None if self.show_progress else True, desc="training",  # None: only on a terminal
         )
         window = self._new_window()
-        last_evaluation: EvaluationResult | None = None
+        last_evaluation: dict[str, Any] | None = None
         evaluated_at = -1
         try:
             while self.stop_reason is None:
@@ -260,7 +257,7 @@ class Trainer:
                 step_start = time.perf_counter()
                 micro_batches = [next(batches) for _ in range(config.gradient_accumulation_steps)]
                 self.phase_seconds["data"] = time.perf_counter() - step_start
-                loss, grad_norm, finite, step_tokens = self._optimizer_step(model, micro_batches, timed)
+                loss, grad_norm, finite, step_tokens = self.optimizer_step(model, micro_batches, timed)
                 step_seconds = time.perf_counter() - step_start
 
                 # Tally on the device: the mean loss of the window, skipped steps, the run of bad steps.
@@ -293,21 +290,21 @@ class Trainer:
                     last_evaluation = self._evaluate(metrics)
                     evaluated_at = step
                 if step % config.save_steps == 0:
-                    self.save_checkpoint(last_evaluation.loss if evaluated_at == step else None)
+                    self.save_checkpoint(last_evaluation if evaluated_at == step else None)
         finally:
             bar.close()
             self._restore_signals(previous_handlers)
 
         self._settle_skipped_steps()
         self.progress.elapsed_seconds = elapsed()
+        self.session_start = time.perf_counter()  # the clock is now in progress.elapsed_seconds
         failed = self.stop_reason in ("non_finite_loss", "memory_limit")
         if self.progress.step > 0 and evaluated_at != self.progress.step and not failed:
             last_evaluation = self._evaluate(metrics)
             evaluated_at = self.progress.step
         if self.progress.step > 0:
-            saved_val = last_evaluation.loss if last_evaluation and evaluated_at == self.progress.step else None
             if self.progress.step % config.save_steps:
-                self.save_checkpoint(saved_val)
+                self.save_checkpoint(last_evaluation if evaluated_at == self.progress.step else None)
             if not failed:
                 save_model_directory(self.run_dir / "final_model", self.model, self.config, self.tokenizer)
         metrics.close()
@@ -319,18 +316,15 @@ class Trainer:
             callback.on_end(self, summary)
         return summary
 
-    def _example_loss(self, model: torch.nn.Module) -> torch.Tensor:
-        """The loss of a training step's forward pass on a fixed random batch: compiling with it
-        leaves the data stream untouched."""
-        generator = torch.Generator().manual_seed(0)
-        shape = (self.train_config.batch_size, self.model.config.block_size + 1)
-        tokens = torch.randint(0, self.model.config.vocab_size, shape, generator=generator).to(self.device)
-        inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # laid out as in _optimizer_step
+    def example_loss(self, model: torch.nn.Module) -> torch.Tensor:
+        """The loss of a training step's forward pass on the objective's example batch, moved and
+        laid out as optimizer_step does: compiling with it leaves the data stream untouched."""
+        batch = self.objective.example_batch(self.train_config.batch_size, self.model.config.block_size)
         with autocast(self.device, self.dtype):
-            return self.compute_loss(model, inputs, targets)
+            return self.objective.loss(model, self.objective.to_device(batch, self.device))
 
-    def _optimizer_step(
-        self, model: torch.nn.Module, micro_batches: list, timed: bool
+    def optimizer_step(
+        self, model: torch.nn.Module, micro_batches: list[Batch], timed: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """Forward, backward and update on one step's micro-batches.
 
@@ -342,18 +336,15 @@ class Trainer:
         """
         clock = time.perf_counter
         forward = backward = 0.0
-        # Divide by the target count of the whole step, not of each micro-batch: micro-batches
-        # with more counted targets (chat data with masked prompts) then weigh correctly.
-        target_count = sum(int((targets != IGNORE_INDEX).sum()) for _, targets in micro_batches)
+        # Divide by the weight of the whole step, not of each micro-batch: micro-batches with
+        # more counted targets (chat data with masked prompts) then weigh correctly.
+        step_weight = sum(self.objective.weight(batch) for batch in micro_batches)
         total_loss = torch.zeros((), device=self.device)
-        for inputs, targets in micro_batches:
-            # One memory layout for every batch: a compiled graph is specialised to its inputs'
-            # strides, and a batch laid out differently would make it compile again.
-            inputs = inputs.to(self.device, non_blocking=True).contiguous()
-            targets = targets.to(self.device, non_blocking=True).contiguous()
+        for batch in micro_batches:
+            batch = self.objective.to_device(batch, self.device)
             start = clock()
             with autocast(self.device, self.dtype):
-                loss = self.compute_loss(model, inputs, targets) / max(target_count, 1)
+                loss = self.objective.loss(model, batch) / max(step_weight, 1)
             if timed:
                 synchronize(self.device)
             middle = clock()
@@ -383,7 +374,7 @@ class Trainer:
         if timed:
             synchronize(self.device)
         self.phase_seconds.update(forward=forward, backward=backward, optimizer=clock() - start)
-        tokens = sum(inputs.numel() for inputs, _ in micro_batches)
+        tokens = sum(self.objective.tokens(batch) for batch in micro_batches)
         return total_loss, grad_norm.detach(), finite, tokens
 
     def _new_window(self) -> LogWindow:
@@ -415,24 +406,19 @@ class Trainer:
         times = self.process.cpu_times()
         return times.user + times.system
 
-    def _evaluate(self, metrics: MetricsWriter) -> EvaluationResult:
-        config = self.train_config
-        result = evaluate(self.model, self.val_batches, self.token_byte_lengths, config.eval_batches, self.dtype)
-        row = {"type": "eval", "step": self.progress.step, "tokens": self.progress.tokens_seen, **result.as_dict()}
-        if result.loss < self.progress.best_val_loss:
-            self.progress.best_val_loss = result.loss
+    def _evaluate(self, metrics: MetricsWriter) -> dict[str, Any]:
+        """Evaluate on the validation data, write the row, and track the monitored metric."""
+        config, monitor = self.train_config, self.objective.monitor
+        result = self.objective.evaluate(self.model, self.val_batches, config.eval_batches, self.dtype)
+        row = {"type": "eval", "step": self.progress.step, "tokens": self.progress.tokens_seen, **result}
+        if monitor.improves(result[monitor.metric], self.progress.best_metric):
+            self.progress.best_metric = result[monitor.metric]
             self.progress.evaluations_without_improvement = 0
         else:
             self.progress.evaluations_without_improvement += 1
-        log.info(
-            "step %d | val loss %.4f | perplexity %.2f | %.4f bits/byte", self.progress.step, result.loss,
-            result.perplexity, result.bits_per_byte,
-        )
-        if config.sample_tokens:
-            sampling = SamplingConfig(max_new_tokens=config.sample_tokens, temperature=0.8, top_k=50, seed=config.seed)
-            sample = self.tokenizer.decode(generate(self.model, [self.tokenizer.eos_id], sampling))
-            row["sample"] = sample
-            log.info("sample: %r", sample)
+        log.info("step %d | %s", self.progress.step, self.objective.describe(result))
+        if "sample" in result:
+            log.info("sample: %r", result["sample"])
         metrics.write(row)
         for callback in self.callbacks:
             callback.on_evaluate(self, row)
@@ -497,19 +483,21 @@ class Trainer:
                 metrics.write({"type": "anomaly", **anomaly.as_dict()})
         self.active_anomalies = {anomaly.kind for anomaly in findings}
 
-    def _summary(self, evaluation: EvaluationResult | None) -> dict[str, Any]:
+    def _summary(self, evaluation: dict[str, Any] | None) -> dict[str, Any]:
         rows = read_metrics(self.run_dir / "metrics.jsonl")
         train_rows = [row for row in rows if row.get("type") == "train"]
         elapsed = self.progress.elapsed_seconds
+        metric = self.objective.monitor.metric
+        last = {f"last_{key}": value for key, value in evaluation_scalars(evaluation or {}).items()}
         return {
             "steps": self.progress.step,
             "tokens": self.progress.tokens_seen,
             "training_seconds": elapsed,
             "tokens_per_second": self.progress.tokens_seen / elapsed if elapsed else 0.0,
             "last_train_loss": train_rows[-1]["loss"] if train_rows else None,
-            "best_val_loss": self.progress.best_val_loss if math.isfinite(self.progress.best_val_loss) else None,
-            "last_val_loss": evaluation.loss if evaluation else None,
-            "last_val_bits_per_byte": evaluation.bits_per_byte if evaluation else None,
+            "monitor": metric,
+            f"best_{metric}": self.progress.best_metric,
+            **last,
             "skipped_steps": self.progress.skipped_steps,
             "stop_reason": self.stop_reason,
             "parameters": self.model.num_parameters(),
@@ -520,7 +508,7 @@ class Trainer:
         messages = {
             "max_steps": "Reached max_steps.",
             "max_time": "Reached the --max-time budget.",
-            "early_stopping": "Stopped early: the validation loss stopped improving.",
+            "early_stopping": f"Stopped early: {self.objective.monitor.metric} stopped improving.",
             "signal": "Stopped on request; continue with --resume.",
             "non_finite_loss": (
                 f"Stopped: the loss or gradient was NaN/Inf for {MAX_CONSECUTIVE_BAD_STEPS} steps in a row. "
@@ -537,9 +525,10 @@ class Trainer:
     # status and signals
 
     def _write_status(self, state: str, message: str = "") -> None:
+        monitor = self.objective.monitor
         atomic_write_json(self.run_dir / "status.json", {
             "state": state, "pid": os.getpid(), "step": self.progress.step, "max_steps": self.train_config.max_steps,
-            "updated_at": time.time(), "message": message,
+            "updated_at": time.time(), "message": message, "monitor": {"metric": monitor.metric, "mode": monitor.mode},
         })
 
     def _catch_stop_signals(self) -> dict:

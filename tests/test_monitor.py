@@ -32,7 +32,7 @@ def fake_run(directory, state="finished", pid=None, losses=(5.0, 4.0, 3.0), conf
 
 def test_finished_crashed_and_torn_runs(tmp_path):
     finished = read_run(fake_run(tmp_path / "a", torn=True))
-    assert finished.state == "finished" and len(finished.train) == 3 and finished.best_val_loss == 3.5
+    assert finished.state == "finished" and len(finished.train) == 3 and finished.best == 3.5
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     crashed = read_run(fake_run(tmp_path / "b", state="running", pid=dead.pid))

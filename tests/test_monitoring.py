@@ -54,7 +54,8 @@ def test_disable_monitoring_leaves_sampling_out(tmp_path, corpus_jsonl, tokenize
 def test_repeated_non_finite_losses_stop_the_run_with_a_checkpoint(tmp_path, corpus_jsonl, tokenizer_file):
     config = tiny_config(tmp_path, corpus_jsonl, tokenizer_file, **{"train.max_steps": 100})
     trainer = prepare_run(config, show_progress=False)
-    trainer.compute_loss = lambda model, inputs, targets: model(inputs, targets, loss_reduction="sum")[1] * float("nan")
+    healthy = trainer.objective.loss
+    trainer.objective.loss = lambda model, batch: healthy(model, batch) * float("nan")
     summary = trainer.train()
     assert summary["stop_reason"] == "non_finite_loss" and summary["skipped_steps"] == 5 and summary["steps"] == 5
     status = json.loads((trainer.run_dir / "status.json").read_text())
@@ -68,9 +69,8 @@ def test_deferred_read_back_skips_bad_steps_on_the_device(tmp_path, corpus_jsonl
     """The GPU path, exercised on the CPU: no read-back per step, the fused optimizer skips NaN steps itself."""
     trainer = prepare_run(tiny_config(tmp_path, corpus_jsonl, tokenizer_file, **{"train.max_steps": 100}), show_progress=False)
     trainer.defer_readback = True
-    healthy = trainer.compute_loss
-    trainer.compute_loss = lambda model, inputs, targets: healthy(model, inputs, targets) * (
-        float("nan") if trainer.progress.step >= 20 else 1.0)
+    healthy = trainer.objective.loss
+    trainer.objective.loss = lambda model, batch: healthy(model, batch) * (float("nan") if trainer.progress.step >= 20 else 1.0)
     weights_at = {}
 
     class Snapshot(Callback):

@@ -56,6 +56,11 @@ def test_rng_state_round_trip():
 
 def test_a_failing_compiler_falls_back_to_eager_with_a_warning(monkeypatch, caplog):
     model = GPT(ModelConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    tokens = torch.randint(0, 32, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def loss_of(probe):
+        return probe(tokens[:, :-1], tokens[:, 1:])[1]
+
 
     def broken_compile(module, mode="default"):
         def fail(*args, **kwargs):
@@ -73,12 +78,17 @@ def test_cpu_precision_is_float32_without_fast_bfloat16_and_measured_with_it(mon
 
     caplog.set_level(logging.INFO, logger="minigpt.runtime")
     model = GPT(ModelConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    tokens = torch.randint(0, 32, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def loss_of(probe):
+        return probe(tokens[:, :-1], tokens[:, 1:])[1]
+
     monkeypatch.setattr(runtime, "cpu_has_fast_bfloat16", lambda: False)
-    assert runtime.fastest_cpu_dtype(model, 2, 8, 32) == torch.float32
+    assert runtime.fastest_cpu_dtype(model, loss_of) == torch.float32
     assert "no fast bfloat16" in caplog.text
     monkeypatch.setattr(runtime, "cpu_has_fast_bfloat16", lambda: True)
     state = torch.get_rng_state()
-    assert runtime.fastest_cpu_dtype(model, 2, 8, 32) == torch.float32  # a model this small loses to conversions
+    assert runtime.fastest_cpu_dtype(model, loss_of) == torch.float32  # a model this small loses to conversions
     assert torch.equal(state, torch.get_rng_state())  # the measurement draws nothing from the run's generator
     assert "ms in float32" in caplog.text
 

@@ -43,6 +43,28 @@ def test_cached_stream_equals_the_on_the_fly_stream(tmp_path, corpus_jsonl, toke
     assert all(torch.equal(a[0], b[0]) for a, b in zip(take(source, 10), take(resumed, 10)))
 
 
+def test_a_cached_chat_file_keeps_its_assistant_mask(tmp_path, tokenizer_file):
+    """Chat data trained from the cache counts only the assistant's words, as it does read directly."""
+    from minigpt.loss import IGNORE_INDEX
+    from minigpt.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_file)
+    chat = tmp_path / "chat.jsonl"
+    with open(chat, "w", encoding="utf-8") as file:
+        for number in range(200):
+            turns = [{"role": "user", "content": f"What is {number} plus one?"},
+                     {"role": "assistant", "content": f"It is {number + 1}."}]
+            file.write(json.dumps({"conversations": turns}) + "\n")
+    cache = build_token_cache([chat], tokenizer, tmp_path / "cache", show_progress=False)
+    assert cache.assistant_mask is not None
+    direct = take(stream([chat], tokenizer, assistant_only_loss=True), 10)
+    cached = take(stream([cache], tokenizer, assistant_only_loss=True), 10)
+    for expected, actual in zip(direct, cached):
+        assert torch.equal(expected[0], actual[0]) and torch.equal(expected[1], actual[1])
+    counted = sum(int((targets != IGNORE_INDEX).sum()) for _, targets in cached)
+    assert 0 < counted < sum(targets.numel() for _, targets in cached) / 2  # the user's turns are left out
+
+
 def test_the_cache_is_reused_until_a_file_changes(tmp_path, corpus_jsonl, tokenizer_file):
     from minigpt.tokenizer import load_tokenizer
 

@@ -5,10 +5,9 @@ import json
 import torch
 
 from conftest import run_script
-from minigpt import trainer as trainer_module
 from minigpt.checkpoint import list_checkpoints
 from minigpt.config import apply_overrides, preset_config
-from minigpt.evaluate import EvaluationResult
+from minigpt.objective import LanguageModelObjective
 from minigpt.run import prepare_run
 
 
@@ -16,7 +15,7 @@ def tiny(tmp_path, corpus_jsonl, tokenizer_file, name, **overrides):
     settings = {
         "train.data_files": [str(corpus_jsonl)], "train.tokenizer_path": str(tokenizer_file), "train.val_fraction": 0.1,
         "train.output_dir": str(tmp_path / "runs"), "train.run_name": name, "train.sample_tokens": 0, "train.eval_batches": 1,
-        "train.shuffle_buffer": 0, "train.disable_monitoring": True, **overrides,
+        "train.shuffle_buffer": 0, "train.disable_monitoring": True, "train.dtype": "float32", **overrides,
     }
     return prepare_run(apply_overrides(preset_config("tiny"), settings), show_progress=False)
 
@@ -33,8 +32,8 @@ def test_accumulating_micro_batches_equals_one_large_batch(tmp_path, corpus_json
 
 def test_early_stopping_after_evaluations_without_improvement(tmp_path, corpus_jsonl, tokenizer_file, monkeypatch):
     losses = iter([3.0, 2.5, 2.6, 2.7, 2.8, 2.9])
-    monkeypatch.setattr(trainer_module, "evaluate",
-                        lambda *args, **kwargs: EvaluationResult(next(losses), 1.0, 1.0, 10, 10))
+    monkeypatch.setattr(LanguageModelObjective, "evaluate", lambda *args: {"val_loss": next(losses)})
+    monkeypatch.setattr(LanguageModelObjective, "describe", lambda self, metrics: f"val loss {metrics['val_loss']}")
     run = tiny(tmp_path, corpus_jsonl, tokenizer_file, "early",
                **{"train.max_steps": 100, "train.eval_steps": 5, "train.early_stopping_patience": 2})
     summary = run.train()
@@ -44,8 +43,8 @@ def test_early_stopping_after_evaluations_without_improvement(tmp_path, corpus_j
 
 def test_pruning_keeps_the_newest_checkpoints_and_the_best(tmp_path, corpus_jsonl, tokenizer_file, monkeypatch):
     losses = iter([3.0, 1.0, 2.0, 2.5, 2.6])
-    monkeypatch.setattr(trainer_module, "evaluate",
-                        lambda *args, **kwargs: EvaluationResult(next(losses), 1.0, 1.0, 10, 10))
+    monkeypatch.setattr(LanguageModelObjective, "evaluate", lambda *args: {"val_loss": next(losses)})
+    monkeypatch.setattr(LanguageModelObjective, "describe", lambda self, metrics: f"val loss {metrics['val_loss']}")
     run = tiny(tmp_path, corpus_jsonl, tokenizer_file, "pruned",
                **{"train.max_steps": 50, "train.eval_steps": 10, "train.save_steps": 10, "train.keep_checkpoints": 2})
     run.train()
