@@ -251,6 +251,33 @@ class TokenBlockStream(IterableDataset):
         self.reader.warn = False  # bad lines were reported in the first epoch
 
 
+def holdout_filling_one_block(
+    sources: Sequence, tokenizer: Tokenizer, block_size: int, val_fraction: float, text_field: str = "text",
+) -> float | None:
+    """The smallest hold-out fraction, at least `val_fraction`, whose documents fill one block of
+    block_size + 1 tokens while the other documents still fill one too and keep at least as many
+    tokens as are held out; None if the data is too small for that.
+
+    The hold-out takes the documents whose stable hash is below the fraction, so raising the
+    fraction adds whole documents in hash order: this finds where the held-out tokens first
+    reach a block and puts the fraction halfway to the next document's hash. It reads and
+    tokenizes every document once, so it is meant for the small data where a 1% hold-out is empty.
+    """
+    reader = DocumentReader(list(sources), text_field)
+    reader.warn = False  # the training stream reports bad lines when it reads them
+    documents = list(iter(reader.next_document, None))
+    sized = sorted((document_hash_fraction(document), len(ids)) for document, (ids, _) in zip(documents, encode_documents(documents, tokenizer)))
+    needed, total, held = block_size + 1, sum(tokens for _, tokens in sized), 0
+    for index, (fraction, tokens) in enumerate(sized):
+        held += tokens
+        if held >= needed:
+            if total - held < max(needed, held):  # training keeps one block, and most of the data
+                return None
+            following = sized[index + 1][0] if index + 1 < len(sized) else 1.0
+            return max(val_fraction, (fraction + following) / 2)
+    return None
+
+
 class RepeatedBatch:
     """The same batch forever (--overfit-batch): the first check when a run will not learn.
 

@@ -21,7 +21,7 @@ from minigpt.checkpoint import latest_checkpoint
 from minigpt.files import atomic_write_json, remove_temporary_files
 from minigpt.config import RunConfig, validate
 from minigpt.corpus import BUILTIN_CORPUS
-from minigpt.data import ParallelBatches, RepeatedBatch, TokenBlockStream
+from minigpt.data import ParallelBatches, RepeatedBatch, TokenBlockStream, holdout_filling_one_block
 from minigpt.sources import iter_documents, resolve_data_files, sources_fingerprint
 from minigpt.errors import UserInputError
 from minigpt.metrics import truncate_metrics
@@ -130,10 +130,42 @@ def dataloader_workers(requested: int, device: torch.device) -> int:
     return min(4, max(1, available_cpu_cores() // 2)) if device.type == "cuda" else 0
 
 
+def resolve_validation(config: RunConfig, sources: list, tokenizer: Tokenizer) -> RunConfig:
+    """The configuration with a hold-out that works for this data.
+
+    A small file's 1% hold-out may not fill one block. Then enough whole documents are held out
+    to fill one, if the rest still fills a training block; if the data is too small for both,
+    the run trains without validation (val_fraction 0: no evaluations, so no early stopping).
+    Either way it is said in one line, and written to config.json so a resume reads the same split.
+    """
+    train = config.train
+    if train.val_data_files or train.val_fraction == 0:
+        return config
+    held_out = TokenBlockStream(sources, tokenizer, config.model.block_size, 1, split="val", val_fraction=train.val_fraction,
+                                loop=False, text_field=train.text_field)
+    try:
+        held_out.check_not_empty()
+        return config
+    except UserInputError:
+        pass
+    fraction = holdout_filling_one_block(sources, tokenizer, config.model.block_size, train.val_fraction, train.text_field)
+    block = f"one block of {config.model.block_size + 1} tokens"
+    if fraction is None:
+        stopping = " and early stopping is off" if train.early_stopping_patience else ""
+        log.warning("The data is too small to hold out %s for validation and still train on another: training without "
+                    "validation (no evaluations%s). Add data or pass --val-data-files.", block, stopping)
+        fraction = 0.0
+    else:
+        log.info("A %.1f%% hold-out does not fill %s: holding out %.1f%% of the documents for validation instead.",
+                 100 * train.val_fraction, block, 100 * fraction)
+    return dataclasses.replace(config, train=dataclasses.replace(train, val_fraction=fraction))
+
+
 def build_streams(
     config: RunConfig, sources: list, tokenizer: Tokenizer, device: torch.device = torch.device("cpu")
-) -> tuple[TokenBlockStream | RepeatedBatch | ParallelBatches, TokenBlockStream]:
-    """The endless, shuffled training stream (or its first batch, repeated) and the finite validation stream."""
+) -> tuple[TokenBlockStream | RepeatedBatch | ParallelBatches, TokenBlockStream | None]:
+    """The endless, shuffled training stream (or its first batch, repeated) and the finite
+    validation stream (None with val_fraction 0 and no validation files: no evaluations)."""
     train = config.train
     common = dict(tokenizer=tokenizer, block_size=config.model.block_size, batch_size=train.batch_size, text_field=train.text_field)
     val_sources = resolve_data_files(train.val_data_files) if train.val_data_files else []
@@ -141,16 +173,17 @@ def build_streams(
         cache_root = Path(train.output_dir) / "token_cache"
         sources = [build_token_cache(sources, tokenizer, cache_root, train.text_field)]
         val_sources = [build_token_cache(val_sources, tokenizer, cache_root, train.text_field)] if val_sources else []
-    if val_sources:
+    if val_sources or train.val_fraction == 0:
         train_stream = TokenBlockStream(sources, split="all", shuffle_buffer=train.shuffle_buffer, seed=train.seed,
                                         max_documents=train.max_data_size, **common)
-        val_stream = TokenBlockStream(val_sources, split="all", loop=False, **common)
+        val_stream = TokenBlockStream(val_sources, split="all", loop=False, **common) if val_sources else None
     else:
         train_stream = TokenBlockStream(sources, split="train", val_fraction=train.val_fraction, shuffle_buffer=train.shuffle_buffer,
                                         seed=train.seed, max_documents=train.max_data_size, **common)
         val_stream = TokenBlockStream(sources, split="val", val_fraction=train.val_fraction, loop=False, **common)
     train_stream.check_not_empty()
-    val_stream.check_not_empty()
+    if val_stream is not None:
+        val_stream.check_not_empty()
     if train.overfit_batch:
         return RepeatedBatch(train_stream), val_stream
     workers = dataloader_workers(train.dataloader_workers, device)
@@ -201,6 +234,8 @@ def prepare_run(
     if not config.model.vocab_size:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size))
     validate(config, tokenizer.vocab_size)
+    if paths.resume_from is None:  # a resumed run keeps the split recorded in its config.json
+        config = resolve_validation(config, sources, tokenizer)
     seed_everything(config.train.seed)
     train_stream, val_stream = build_streams(config, sources, tokenizer, device)
 

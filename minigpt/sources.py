@@ -39,6 +39,7 @@ BAD_LINE_FRACTION = 0.5  # a file with more bad lines than this (once 20 lines a
 BAD_LINE_GRACE = 20
 WARNINGS_PER_FILE = 10  # report this many bad lines of a file one by one, then only count them
 REPORT_EXAMPLES = 10  # DataReport keeps this many "file:line: reason" examples
+UTF8_BOM = b"\xef\xbb\xbf"
 
 
 
@@ -279,6 +280,8 @@ class DocumentReader:
     def _open(self, path: Path) -> BinaryIO:
         if self.file is None:
             self.file = open(path, "rb")
+            if self.offset == 0 and self.file.read(len(UTF8_BOM)) == UTF8_BOM:
+                self.offset = len(UTF8_BOM)  # a byte-order mark (Windows editors write one) is not content
             self.file.seek(self.offset)
         return self.file
 
@@ -356,7 +359,8 @@ class DocumentReader:
         file.seek(self.offset)
         self.lines_read += 1
         try:
-            return Document(text=piece.decode("utf-8"), ends_document=at_end)
+            # Windows line ends read as "\n": the same text trains the same whichever editor saved it.
+            return Document(text=piece.decode("utf-8").replace("\r\n", "\n"), ends_document=at_end)
         except UnicodeDecodeError:
             self._bad_line(path, f"the paragraph starting at line {first_line} is not valid UTF-8")
             return Document(text="", ends_document=at_end)

@@ -286,7 +286,7 @@ class Trainer:
                     row = self._log(metrics, window, learning_rate, grad_norm, step_seconds, elapsed())
                     bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{learning_rate:.2e}")
                     window = self._new_window()
-                if step % config.eval_steps == 0:
+                if step % config.eval_steps == 0 and self.val_batches is not None:
                     last_evaluation = self._evaluate(metrics)
                     evaluated_at = step
                 if step % config.save_steps == 0:
@@ -299,7 +299,7 @@ class Trainer:
         self.progress.elapsed_seconds = elapsed()
         self.session_start = time.perf_counter()  # the clock is now in progress.elapsed_seconds
         failed = self.stop_reason in ("non_finite_loss", "memory_limit")
-        if self.progress.step > 0 and evaluated_at != self.progress.step and not failed:
+        if self.progress.step > 0 and evaluated_at != self.progress.step and not failed and self.val_batches is not None:
             last_evaluation = self._evaluate(metrics)
             evaluated_at = self.progress.step
         if self.progress.step > 0:
