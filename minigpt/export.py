@@ -281,6 +281,15 @@ def import_hf_llama(folder: str | Path) -> tuple[GPT, Tokenizer, RunConfig]:
 # ----------------------------------------------------------------------------- GGUF (llama.cpp)
 
 
+def _gguf():
+    """The optional `gguf` package, imported here rather than at the top so MiniGPT runs without it."""
+    try:
+        import gguf
+    except ImportError:
+        raise UserInputError("GGUF export needs the gguf package; install it with pip install -e '.[export]'.") from None
+    return gguf
+
+
 def permute_for_gguf(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Reorder the rows of q_proj or k_proj from rotate-half to llama.cpp's interleaved pairs.
 
@@ -301,8 +310,7 @@ def unpermute_from_gguf(weight: torch.Tensor, heads: int) -> torch.Tensor:
 def _gguf_data(tensor: torch.Tensor, outtype: str) -> tuple[np.ndarray, object]:
     """(numpy data, GGML type) for one tensor. Norm vectors stay float32 in every outtype, as in
     llama.cpp's converter; q8_0 needs rows that are a whole number of 32-blocks, else float16."""
-    import gguf  # optional dependency (the export extra)
-
+    gguf = _gguf()
     data = tensor.float().numpy()
     if outtype == "f32" or data.ndim == 1:
         return data, gguf.GGMLQuantizationType.F32
@@ -317,8 +325,7 @@ def _gguf_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], 
     Special tokens are CONTROL (never produced from plain text by accident); embedding rows past
     the tokenizer's vocabulary, if any, get placeholder tokens marked UNUSED.
     """
-    import gguf  # optional dependency (the export extra)
-
+    gguf = _gguf()
     specials = {tokenizer.eos_id, tokenizer.im_start_id, tokenizer.im_end_id, tokenizer.pad_id}
     tokens, types = [], []
     for index in range(vocab_size):
@@ -336,8 +343,7 @@ def _gguf_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], 
 
 def export_gguf(model: GPT, tokenizer: Tokenizer, output: str | Path, outtype: str = "f16", force: bool = False) -> Path:
     """Write a folder holding `model.gguf` (llama.cpp's `llama` architecture) and an Ollama `Modelfile`."""
-    import gguf  # optional dependency (the export extra)
-
+    gguf = _gguf()
     output = Path(output)
     if outtype not in GGUF_OUTTYPES:
         raise UserInputError(f"Unknown --outtype '{outtype}'; choose one of {', '.join(GGUF_OUTTYPES)}.")
