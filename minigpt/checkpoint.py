@@ -25,6 +25,7 @@ from safetensors.torch import load_model, save_model
 
 from minigpt.config import RunConfig, load_config
 from minigpt.errors import UserInputError
+from minigpt.export import import_hf_llama, is_hf_directory
 from minigpt.files import TEMPORARY_PREFIX, write_directory_atomically
 from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer, load_tokenizer
@@ -132,8 +133,12 @@ def resolve_model_directory(path: str | Path) -> tuple[Path, Path]:
 
 
 def load_model_directory(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, RunConfig]:
-    """Load the model, its tokenizer and its configuration from a path accepted by `resolve_model_directory`."""
+    """Load the model, its tokenizer and its configuration from a path accepted by `resolve_model_directory`,
+    or from a Hugging Face Llama folder (converted by `minigpt.export.import_hf_llama`)."""
     weights_dir, home = resolve_model_directory(path)
+    if is_hf_directory(home):
+        model, tokenizer, config = import_hf_llama(home)
+        return model.to(device), tokenizer, config
     config = load_config(str(home / "config.json"))
     tokenizer = load_tokenizer(home / "tokenizer.json")
     model = GPT(config.model).to(device)

@@ -1,0 +1,409 @@
+"""MiniGPT <-> the outside world: Hugging Face `transformers` folders and llama.cpp GGUF files.
+
+MiniGPT's decoder has Llama's layout (RMSNorm, rotary, grouped-query attention, SwiGLU, no
+biases), so moving weights in and out is mostly *renaming tensors*. One table below lists every
+MiniGPT tensor with its Hugging Face name, its GGUF (llama.cpp) name and its shape; export reads
+the table one way, import the other, and every tensor's shape is asserted on the way.
+
+    export_hf(...)      a folder `transformers.AutoModelForCausalLM` / `AutoTokenizer` load as is
+    export_gguf(...)    a folder with one `model.gguf` (llama.cpp, LM Studio) and an Ollama `Modelfile`
+    import_hf_llama(..) a local Hugging Face Llama folder -> a MiniGPT model, tokenizer and config
+
+Two details are worth knowing:
+
+* Tied embeddings. MiniGPT reads tokens and writes them with the same matrix. Hugging Face says
+  so with `"tie_word_embeddings": true` and stores the matrix once (as the embedding); llama.cpp
+  falls back to `token_embd.weight` when a file has no `output.weight`. Either way, no copy.
+* Rotary layout. MiniGPT and Hugging Face rotate channel i of a head together with channel
+  i + head_dim/2 ("rotate half"); llama.cpp's `llama` architecture rotates neighbours (2i, 2i+1)
+  ("interleaved"). Both are the same rotation if the rows of q_proj and k_proj are reordered so
+  that row i and row i + head_dim/2 of each head become neighbours; `permute_for_gguf` does that.
+  Queries and keys get the same permutation, so their dot products, and the model, are unchanged.
+
+Refused on import, each with one sentence (MiniGPT has no code for them, and silently dropping
+them would give a model that loads but talks nonsense): biases, rope scaling, sliding-window
+attention, an activation other than SiLU, a head width other than hidden_size / heads, sharded
+weights, and a tokenizer that is neither byte-level BPE nor a MiniGPT character tokenizer or
+lacks MiniGPT's special tokens at ids 0-3. Untied embeddings are mapped (MiniGPT can keep a
+separate output head: `tie_embeddings = false`).
+
+`transformers` and `gguf` are optional packages (`pip install -e ".[export]"`): they are
+imported inside the functions that need them, so MiniGPT itself runs without them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from minigpt.config import ModelConfig, RunConfig
+from minigpt.errors import UserInputError
+from minigpt.files import write_directory_atomically
+from minigpt.model import GPT
+from minigpt.tokenizer import EOS_TOKEN, IM_END_TOKEN, IM_START_TOKEN, PAD_TOKEN, UNKNOWN_TOKEN, Tokenizer, load_tokenizer
+
+GGUF_OUTTYPES = ("f32", "f16", "q8_0")
+GGUF_FILE_NAME = "model.gguf"
+Q8_0_BLOCK = 32  # q8_0 stores blocks of 32 numbers (one float16 scale + 32 int8 each)
+
+# The ChatML template MiniGPT's Tokenizer.render_chat / chat_prompt follow, in Jinja (for
+# transformers' apply_chat_template and llama.cpp) and in Go templates (for Ollama).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '" + IM_START_TOKEN + "' + message['role'] + '\\n' + message['content'] + '" + IM_END_TOKEN + "' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '" + IM_START_TOKEN + "assistant\\n' }}{% endif %}"
+)
+OLLAMA_TEMPLATE = (
+    "{{- range .Messages }}" + IM_START_TOKEN + "{{ .Role }}\n{{ .Content }}" + IM_END_TOKEN + "\n{{ end }}"
+    + IM_START_TOKEN + "assistant\n"
+)
+
+
+@dataclass(frozen=True)
+class TensorName:
+    """One row of the conversion table: a MiniGPT tensor, its names elsewhere, its shape."""
+
+    minigpt: str
+    hf: str
+    gguf: str
+    shape: tuple[int, ...]
+
+
+def tensor_table(config: ModelConfig) -> list[TensorName]:
+    """Every stored tensor of a MiniGPT model of this shape (the output head only when untied)."""
+    width, vocab, hidden = config.n_embd, config.vocab_size, config.hidden_dim
+    q_rows, kv_rows = config.n_head * config.head_dim, config.kv_heads * config.head_dim
+    table = [TensorName("token_embedding.weight", "model.embed_tokens.weight", "token_embd.weight", (vocab, width))]
+    for i in range(config.n_layer):
+        mini, hf, gguf = f"blocks.{i}.", f"model.layers.{i}.", f"blk.{i}."
+        table += [
+            TensorName(mini + "attention_norm.weight", hf + "input_layernorm.weight", gguf + "attn_norm.weight", (width,)),
+            TensorName(mini + "attention.q_proj.weight", hf + "self_attn.q_proj.weight", gguf + "attn_q.weight", (q_rows, width)),
+            TensorName(mini + "attention.k_proj.weight", hf + "self_attn.k_proj.weight", gguf + "attn_k.weight", (kv_rows, width)),
+            TensorName(mini + "attention.v_proj.weight", hf + "self_attn.v_proj.weight", gguf + "attn_v.weight", (kv_rows, width)),
+            TensorName(mini + "attention.o_proj.weight", hf + "self_attn.o_proj.weight", gguf + "attn_output.weight", (width, q_rows)),
+            TensorName(mini + "mlp_norm.weight", hf + "post_attention_layernorm.weight", gguf + "ffn_norm.weight", (width,)),
+            TensorName(mini + "mlp.gate_proj.weight", hf + "mlp.gate_proj.weight", gguf + "ffn_gate.weight", (hidden, width)),
+            TensorName(mini + "mlp.up_proj.weight", hf + "mlp.up_proj.weight", gguf + "ffn_up.weight", (hidden, width)),
+            TensorName(mini + "mlp.down_proj.weight", hf + "mlp.down_proj.weight", gguf + "ffn_down.weight", (width, hidden)),
+        ]
+    table.append(TensorName("final_norm.weight", "model.norm.weight", "output_norm.weight", (width,)))
+    if not config.tie_embeddings:
+        table.append(TensorName("lm_head.weight", "lm_head.weight", "output.weight", (vocab, width)))
+    return table
+
+
+def _checked(tensor: torch.Tensor, row: TensorName, source: str) -> torch.Tensor:
+    if tuple(tensor.shape) != row.shape:
+        raise UserInputError(f"{source}: tensor {row.hf} has shape {tuple(tensor.shape)}, expected {row.shape}.")
+    return tensor
+
+
+def _minigpt_tensors(model: GPT) -> list[tuple[TensorName, torch.Tensor]]:
+    """(table row, float tensor on the CPU) for every stored tensor of `model`, shapes asserted."""
+    state = model.state_dict()
+    return [(row, _checked(state[row.minigpt].detach().cpu().contiguous(), row, "MiniGPT model")) for row in tensor_table(model.config)]
+
+
+def _refuse_existing(output: Path, force: bool) -> None:
+    if output.exists() and not force:
+        raise UserInputError(f"Output {output} already exists; choose another --output or pass --force to replace it.")
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+
+def hf_config(config: ModelConfig, tokenizer: Tokenizer) -> dict:
+    """config.json of the equivalent `LlamaForCausalLM`."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.n_embd,
+        "intermediate_size": config.hidden_dim,
+        "num_hidden_layers": config.n_layer,
+        "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.block_size,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": config.tie_embeddings,
+        # A MiniGPT document starts after <|endoftext|> and ends with it, so it is BOS and EOS both.
+        "bos_token_id": tokenizer.eos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+        "torch_dtype": "float32",
+        "initializer_range": 0.02,
+        "use_cache": True,
+    }
+
+
+def hf_tokenizer_config(tokenizer: Tokenizer, block_size: int) -> dict:
+    """tokenizer_config.json: the special tokens, the chat template, and no extra tokens added."""
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": EOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "pad_token": PAD_TOKEN,
+        "unk_token": UNKNOWN_TOKEN if tokenizer.kind == "char" else None,
+        "add_bos_token": False,  # MiniGPT's encode adds nothing around a text
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,  # decode must give back the exact text
+        "model_max_length": block_size,
+        "chat_template": CHAT_TEMPLATE,
+    }
+
+
+def export_hf(model: GPT, tokenizer: Tokenizer, output: str | Path, force: bool = False) -> Path:
+    """Write a Hugging Face `LlamaForCausalLM` folder (weights, configs, tokenizer, chat template)."""
+    output = Path(output)
+    _refuse_existing(output, force)
+    config = model.config
+    # Tied: the embedding is stored once and transformers ties lm_head to it on load.
+    tensors = {row.hf: tensor.float().clone() for row, tensor in _minigpt_tensors(model)}
+
+    def fill(directory: Path) -> None:
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        _write_json(directory / "config.json", hf_config(config, tokenizer))
+        _write_json(directory / "generation_config.json", {
+            "bos_token_id": tokenizer.eos_id,
+            "eos_token_id": [tokenizer.eos_id, tokenizer.im_end_id],  # stop at a document's or a chat turn's end
+            "pad_token_id": tokenizer.pad_id,
+        })
+        tokenizer.save(directory / "tokenizer.json")
+        _write_json(directory / "tokenizer_config.json", hf_tokenizer_config(tokenizer, config.block_size))
+        (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+
+    return write_directory_atomically(output, fill)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2) + "\n")
+
+
+def is_hf_directory(directory: str | Path) -> bool:
+    """True if `directory`'s config.json is a Hugging Face model config rather than a MiniGPT run config."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        return False
+    try:
+        return "model_type" in json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+
+
+def _rope_theta(hf: dict, source: str) -> float:
+    """rope_theta, read from the top level (transformers 4) or `rope_parameters` (transformers 5)."""
+    parameters = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    rope_type = parameters.get("rope_type", "default")
+    if scaling or rope_type != "default":
+        raise UserInputError(f"{source} uses rope scaling ({scaling or rope_type}), which MiniGPT does not implement.")
+    return float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _hf_model_config(hf: dict, source: str) -> ModelConfig:
+    """Check that the Hugging Face config describes a model MiniGPT can represent; build its ModelConfig."""
+    if hf.get("model_type") != "llama":
+        raise UserInputError(f"{source} is a '{hf.get('model_type')}' model; MiniGPT imports Llama models only.")
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise UserInputError(f"{source} sets {key}, but MiniGPT's layers have no biases.")
+    if hf.get("sliding_window"):
+        raise UserInputError(f"{source} uses sliding-window attention, which MiniGPT does not implement.")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise UserInputError(f"{source} uses the {hf['hidden_act']} activation; MiniGPT's SwiGLU uses silu.")
+    width, heads = hf["hidden_size"], hf["num_attention_heads"]
+    if hf.get("head_dim", width // heads) * heads != width:
+        raise UserInputError(f"{source} has head_dim {hf['head_dim']} x {heads} heads != hidden_size {width}; MiniGPT needs them equal.")
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
+        n_head=heads, n_kv_head=hf.get("num_key_value_heads") or heads, n_embd=width,
+        ffn_hidden=hf["intermediate_size"], rope_theta=_rope_theta(hf, source), norm_eps=hf["rms_norm_eps"],
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+    )
+
+
+def _import_tokenizer(path: Path) -> Tokenizer:
+    """MiniGPT's tokenizer for an HF tokenizer.json: byte-level BPE or a MiniGPT character tokenizer."""
+    tokenizer = load_tokenizer(path)  # refuses other models and special tokens not at ids 0-3
+    decoder = json.loads(tokenizer.backend.to_str()).get("decoder") or {}
+    if tokenizer.kind == "bpe" and decoder.get("type") != "ByteLevel":
+        raise UserInputError(f"{path} is a BPE tokenizer but not byte-level (decoder {decoder.get('type')}); MiniGPT needs byte-level BPE.")
+    return tokenizer
+
+
+def import_hf_llama(folder: str | Path) -> tuple[GPT, Tokenizer, RunConfig]:
+    """Load a local Hugging Face Llama folder (config.json, model.safetensors, tokenizer.json) as MiniGPT.
+
+    Returns the model (on the CPU, in eval mode, float32), its tokenizer and a RunConfig whose
+    `model` section describes it (training settings are the defaults).
+    """
+    folder = Path(folder)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        if not (folder / name).is_file():
+            sharded = name == "model.safetensors" and (folder / "model.safetensors.index.json").is_file()
+            detail = "sharded weights are not supported; merge them into one model.safetensors" if sharded else f"it has no {name}"
+            raise UserInputError(f"{folder} cannot be imported: {detail}.")
+    config = _hf_model_config(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
+    tokenizer = _import_tokenizer(folder / "tokenizer.json")
+    if config.vocab_size < tokenizer.vocab_size:
+        raise UserInputError(f"{folder}: vocab_size {config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens.")
+    weights = load_file(str(folder / "model.safetensors"))
+    table = tensor_table(config)
+    expected = {row.hf for row in table} | ({"lm_head.weight"} if config.tie_embeddings else set())  # tied: a stored copy is ignored
+    missing, unexpected = {row.hf for row in table} - set(weights), set(weights) - expected
+    if missing or unexpected:
+        raise UserInputError(
+            f"{folder}/model.safetensors does not match a Llama model of this config "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})."
+        )
+    model = GPT(config)
+    state = {row.minigpt: _checked(weights[row.hf], row, str(folder)) for row in table}
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["token_embedding.weight"]
+    model.load_state_dict(state, strict=True)
+    return model.eval(), tokenizer, RunConfig(model=config)
+
+
+# ----------------------------------------------------------------------------- GGUF (llama.cpp)
+
+
+def _gguf():
+    """The optional `gguf` package, imported here rather than at the top so MiniGPT runs without it."""
+    try:
+        import gguf
+    except ImportError:
+        raise UserInputError("GGUF export needs the gguf package; install it with pip install -e '.[export]'.") from None
+    return gguf
+
+
+def permute_for_gguf(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """Reorder the rows of q_proj or k_proj from rotate-half to llama.cpp's interleaved pairs.
+
+    Within each head the rows are [x_0 .. x_{d/2-1}, y_0 .. y_{d/2-1}], where (x_i, y_i) is the pair
+    rotated together. Viewed as (heads, 2, d/2, width) and swapped to (heads, d/2, 2, width), they
+    become x_0, y_0, x_1, y_1, ...: each pair side by side, as llama.cpp's rotary kernel expects.
+    """
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def unpermute_from_gguf(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """The inverse of `permute_for_gguf`: interleaved pairs back to rotate-half halves."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def _gguf_data(tensor: torch.Tensor, outtype: str) -> tuple[np.ndarray, object]:
+    """(numpy data, GGML type) for one tensor. Norm vectors stay float32 in every outtype, as in
+    llama.cpp's converter; q8_0 needs rows that are a whole number of 32-blocks, else float16."""
+    gguf = _gguf()
+    data = tensor.float().numpy()
+    if outtype == "f32" or data.ndim == 1:
+        return data, gguf.GGMLQuantizationType.F32
+    if outtype == "q8_0" and data.shape[-1] % Q8_0_BLOCK == 0:
+        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+
+
+def _gguf_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    """(tokens, token types, merges) in llama.cpp's `gpt2` tokenizer format.
+
+    Special tokens are CONTROL (never produced from plain text by accident); embedding rows past
+    the tokenizer's vocabulary, if any, get placeholder tokens marked UNUSED.
+    """
+    gguf = _gguf()
+    specials = {tokenizer.eos_id, tokenizer.im_start_id, tokenizer.im_end_id, tokenizer.pad_id}
+    tokens, types = [], []
+    for index in range(vocab_size):
+        token = tokenizer.backend.id_to_token(index)
+        if token is None:
+            tokens.append(f"[PAD{index}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL if index in specials else gguf.TokenType.NORMAL)
+    merges = json.loads(tokenizer.backend.to_str())["model"]["merges"]
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in merges]  # newer files store pairs
+    return tokens, types, merges
+
+
+def export_gguf(model: GPT, tokenizer: Tokenizer, output: str | Path, outtype: str = "f16", force: bool = False) -> Path:
+    """Write a folder holding `model.gguf` (llama.cpp's `llama` architecture) and an Ollama `Modelfile`."""
+    gguf = _gguf()
+    output = Path(output)
+    if outtype not in GGUF_OUTTYPES:
+        raise UserInputError(f"Unknown --outtype '{outtype}'; choose one of {', '.join(GGUF_OUTTYPES)}.")
+    if tokenizer.kind != "bpe":
+        raise UserInputError(
+            "llama.cpp has no character (WordLevel) tokenizer, so a character-tokenizer model cannot be a GGUF file; use --format hf."
+        )
+    _refuse_existing(output, force)
+    config = model.config
+    tensors = []
+    for row, tensor in _minigpt_tensors(model):
+        if row.gguf.endswith("attn_q.weight"):
+            tensor = permute_for_gguf(tensor, config.n_head)
+        elif row.gguf.endswith("attn_k.weight"):
+            tensor = permute_for_gguf(tensor, config.kv_heads)
+        tensors.append((row.gguf, *_gguf_data(tensor, outtype)))
+    tokens, types, merges = _gguf_vocabulary(tokenizer, config.vocab_size)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+
+    def fill(directory: Path) -> None:
+        writer = gguf.GGUFWriter(str(directory / GGUF_FILE_NAME), arch="llama")
+        writer.add_name(output.name)
+        writer.add_file_type(file_type[outtype])
+        writer.add_vocab_size(config.vocab_size)
+        writer.add_context_length(config.block_size)
+        writer.add_embedding_length(config.n_embd)
+        writer.add_block_count(config.n_layer)
+        writer.add_feed_forward_length(config.hidden_dim)
+        writer.add_head_count(config.n_head)
+        writer.add_head_count_kv(config.kv_heads)
+        writer.add_rope_dimension_count(config.head_dim)
+        writer.add_rope_freq_base(config.rope_theta)
+        writer.add_layer_norm_rms_eps(config.norm_eps)
+        writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
+        writer.add_tokenizer_pre("gpt-2")  # GPT-2's split regex, the one MiniGPT's ByteLevel pre-tokenizer uses
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+        writer.add_token_merges(merges)
+        writer.add_bos_token_id(tokenizer.eos_id)
+        writer.add_eos_token_id(tokenizer.eos_id)
+        writer.add_pad_token_id(tokenizer.pad_id)
+        writer.add_add_bos_token(False)
+        writer.add_add_eos_token(False)
+        writer.add_chat_template(CHAT_TEMPLATE)
+        for name, data, ggml_type in tensors:
+            writer.add_tensor(name, data, raw_dtype=ggml_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        (directory / "Modelfile").write_text(ollama_modelfile())
+
+    return write_directory_atomically(output, fill)
+
+
+def ollama_modelfile() -> str:
+    """An Ollama Modelfile for the model.gguf next to it: ChatML, stopping at <|im_end|>."""
+    return (
+        f"FROM ./{GGUF_FILE_NAME}\n"
+        f'TEMPLATE """{OLLAMA_TEMPLATE}"""\n'
+        f'PARAMETER stop "{IM_END_TOKEN}"\n'
+        f'PARAMETER stop "{EOS_TOKEN}"\n'
+    )

@@ -1,0 +1,311 @@
+"""Export to Hugging Face and GGUF, import from Hugging Face: checked against transformers and gguf's own readers."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_script
+from minigpt.checkpoint import load_model_directory, save_model_directory
+from minigpt.cli.export import main as export_main
+from minigpt.config import ModelConfig, RunConfig
+from minigpt.errors import UserInputError
+from minigpt.export import (
+    CHAT_TEMPLATE,
+    GGUF_FILE_NAME,
+    export_hf,
+    import_hf_llama,
+    permute_for_gguf,
+    tensor_table,
+    unpermute_from_gguf,
+)
+from minigpt.model import GPT, apply_rotary, rotary_tables
+from minigpt.tokenizer import load_tokenizer, train_char_tokenizer
+
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+TRICKY_TEXTS = [
+    "Hello, world!",
+    "   leading spaces and trailing   ",
+    "emoji 😀👍🏽 and a family 👨‍👩‍👧",
+    "中文 日本語 한국어",
+    "combining: e\u0301 n\u0303 Zalgo Z\u0351\u0352\u0353",
+    "windows\r\nline\r\nends\n\n\ttabs",
+    "<|im_start|>user\nliteral specials<|im_end|><|endoftext|><|pad|>",
+    "",
+]
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "4."},
+    {"role": "user", "content": "And 😀 in 中文?"},
+]
+
+
+def small_config(vocab_size: int, **overrides) -> ModelConfig:
+    values = dict(vocab_size=vocab_size, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, rope_theta=500.0)
+    return ModelConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_file):
+    return load_tokenizer(tokenizer_file)
+
+
+@pytest.fixture(scope="module")
+def trained(tokenizer, corpus_jsonl):
+    """A tiny model trained for a few dozen AdamW steps (weights well away from their init)."""
+    torch.manual_seed(0)
+    text = " ".join(json.loads(line)["text"] for line in corpus_jsonl.read_text().splitlines()[:20])
+    data = torch.tensor(tokenizer.encode(text))
+    model = GPT(small_config(tokenizer.vocab_size))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        starts = torch.randint(0, len(data) - 33, (8,))
+        batch = torch.stack([data[start : start + 33] for start in starts])
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1.0  # it learned something
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model_dir(trained, tokenizer, tmp_path_factory):
+    return save_model_directory(tmp_path_factory.mktemp("run") / "final_model", trained, RunConfig(model=trained.config), tokenizer)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(model_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("export") / "hf"
+    assert export_main([str(model_dir), "--format", "hf", "--output", str(output)]) == 0
+    return output
+
+
+def sample_ids(tokenizer) -> torch.Tensor:
+    return torch.tensor([tokenizer.encode("The model reads this sentence, and then 😀 some more text to fill the context.")])
+
+
+def test_hf_export_loads_in_transformers_with_equal_logits(hf_dir, trained, tokenizer):
+    hf_model, info = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert type(hf_model).__name__ == "LlamaForCausalLM"
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert config["rope_theta"] == 500.0 and config["num_key_value_heads"] == 2 and config["tie_word_embeddings"]
+    assert hf_model.lm_head.weight.data_ptr() == hf_model.model.embed_tokens.weight.data_ptr()  # tied in transformers too
+    ids = sample_ids(tokenizer)
+    with torch.no_grad():
+        ours, _ = trained(ids)
+        theirs = hf_model(ids).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    generation = json.loads((hf_dir / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [tokenizer.eos_id, tokenizer.im_end_id]
+
+
+def test_hf_tokenizer_matches_minigpt_on_tricky_text(hf_dir, tokenizer):
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    for text in TRICKY_TEXTS:
+        ids = tokenizer.encode(text)
+        assert hf_tokenizer(text)["input_ids"] == ids, text
+        assert hf_tokenizer.decode(ids) == text
+    assert hf_tokenizer.eos_token_id == tokenizer.eos_id and hf_tokenizer.pad_token_id == tokenizer.pad_id
+
+
+def test_hf_chat_template_renders_like_minigpt(hf_dir, tokenizer):
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    expected = tokenizer.chat_prompt(CONVERSATION)
+    assert hf_tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False) == tokenizer.decode(expected)
+    assert hf_tokenizer.apply_chat_template(CONVERSATION, add_generation_prompt=True, return_dict=False) == expected
+    assert (hf_dir / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+    assert json.loads((hf_dir / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
+
+
+def test_character_tokenizer_model_exports_to_hf_and_is_refused_by_gguf(tmp_path, capsys):
+    texts = ["To be, or not to be: that is the question.\r\n", "Whether 'tis nobler in the mind"]
+    char_tokenizer = train_char_tokenizer(texts, show_progress=False)
+    model = GPT(small_config(char_tokenizer.vocab_size, n_layer=1))
+    model_dir = save_model_directory(tmp_path / "char_model", model, RunConfig(model=model.config), char_tokenizer)
+    assert export_main([str(model_dir), "--format", "hf", "--output", str(tmp_path / "hf")]) == 0
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in ["To be: the question.\r\n", "unseen ✓ chars<|im_end|>", "  "]:
+        assert hf_tokenizer(text)["input_ids"] == char_tokenizer.encode(text), text
+        assert hf_tokenizer.decode(char_tokenizer.encode(text)) == char_tokenizer.decode(char_tokenizer.encode(text))
+    assert export_main([str(model_dir), "--format", "gguf", "--output", str(tmp_path / "gguf")]) == 2
+    assert "character" in capsys.readouterr().err and not (tmp_path / "gguf").exists()
+
+
+def test_gguf_permutation_turns_rotate_half_into_interleaved_pairs():
+    """Rotating q = W x the rotate-half way equals rotating (P W) x the interleaved way, up to the same row order P."""
+    heads, head_dim, width, length = 2, 8, 16, 5
+    weight, x = torch.randn(heads * head_dim, width), torch.randn(length, width)
+    cos, sin = rotary_tables(head_dim, length, theta=100.0)
+    rotate_half = apply_rotary((x @ weight.T).view(length, heads, head_dim).transpose(0, 1), cos, sin)
+
+    pairs = (x @ permute_for_gguf(weight, heads).T).view(length, heads, head_dim // 2, 2).transpose(0, 1)
+    angle_cos, angle_sin = cos[:, : head_dim // 2], sin[:, : head_dim // 2]  # pair i turns at frequency i
+    even, odd = pairs[..., 0], pairs[..., 1]
+    interleaved = torch.stack([even * angle_cos - odd * angle_sin, even * angle_sin + odd * angle_cos], dim=-1)
+    back = unpermute_from_gguf(interleaved.transpose(0, 1).reshape(length, heads * head_dim).T, heads).T
+    assert torch.allclose(back.view(length, heads, head_dim).transpose(0, 1), rotate_half, atol=1e-6)
+    assert torch.equal(unpermute_from_gguf(permute_for_gguf(weight, heads), heads), weight)
+
+
+def read_gguf(model_dir, tmp_path, outtype):
+    output = tmp_path / f"gguf-{outtype}"
+    assert export_main([str(model_dir), "--format", "gguf", "--outtype", outtype, "--output", str(output)]) == 0
+    return output, gguf.GGUFReader(output / GGUF_FILE_NAME)
+
+
+def field_value(reader, key):
+    return reader.fields[key].contents()
+
+
+def gguf_tensors_as_minigpt(reader, config):
+    """GGUF tensors dequantised to float32 and un-permuted, under MiniGPT's names."""
+    by_name = {tensor.name: tensor for tensor in reader.tensors}
+    result = {}
+    for row in tensor_table(config):
+        tensor = by_name[row.gguf]
+        assert tuple(int(size) for size in reversed(tensor.shape)) == row.shape  # GGUF lists dimensions innermost first
+        data = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(row.shape).copy())
+        if row.gguf.endswith("attn_q.weight"):
+            data = unpermute_from_gguf(data, config.n_head)
+        elif row.gguf.endswith("attn_k.weight"):
+            data = unpermute_from_gguf(data, config.kv_heads)
+        result[row.minigpt] = (data, tensor.tensor_type)
+    return result
+
+
+def test_gguf_f32_holds_every_llama_key_and_the_exact_weights(model_dir, trained, tokenizer, tmp_path):
+    output, reader = read_gguf(model_dir, tmp_path, "f32")
+    config = trained.config
+    expected = {
+        "general.architecture": "llama", "llama.context_length": 64, "llama.embedding_length": 64, "llama.block_count": 2,
+        "llama.feed_forward_length": config.hidden_dim, "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2,
+        "llama.rope.freq_base": 500.0, "llama.rope.dimension_count": 16, "llama.vocab_size": tokenizer.vocab_size,
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.bos_token_id": 0,
+        "tokenizer.ggml.eos_token_id": 0, "tokenizer.ggml.padding_token_id": 3, "tokenizer.chat_template": CHAT_TEMPLATE,
+    }
+    assert {key: field_value(reader, key) for key in expected} == expected
+    assert field_value(reader, "llama.attention.layer_norm_rms_epsilon") == pytest.approx(config.norm_eps)
+    tokens = field_value(reader, "tokenizer.ggml.tokens")
+    assert tokens[:4] == ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"] and len(tokens) == tokenizer.vocab_size
+    assert field_value(reader, "tokenizer.ggml.token_type")[:5] == [3, 3, 3, 3, 1]  # CONTROL x4, then NORMAL
+    assert len(field_value(reader, "tokenizer.ggml.merges")) == tokenizer.vocab_size - 256 - 4
+    state = trained.state_dict()
+    tensors = gguf_tensors_as_minigpt(reader, config)
+    assert "output.weight" not in {tensor.name for tensor in reader.tensors}  # tied: llama.cpp reuses token_embd
+    for name, (data, _) in tensors.items():
+        assert torch.equal(data, state[name]), name
+    modelfile = (output / "Modelfile").read_text()
+    assert f"FROM ./{GGUF_FILE_NAME}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile and "<|im_start|>assistant" in modelfile
+
+
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+def test_gguf_f16_and_q8_0_stay_within_the_format_error(model_dir, trained, tmp_path, outtype):
+    _, reader = read_gguf(model_dir, tmp_path, outtype)
+    state = trained.state_dict()
+    for name, (data, ggml_type) in gguf_tensors_as_minigpt(reader, trained.config).items():
+        original = state[name]
+        if original.dim() == 1:  # norms stay float32
+            assert ggml_type == gguf.GGMLQuantizationType.F32 and torch.equal(data, original)
+        elif outtype == "f16":
+            assert ggml_type == gguf.GGMLQuantizationType.F16
+            assert torch.equal(data, original.half().float())
+        else:
+            # q8_0: each block of 32 shares one scale absmax/127 and rounds to the nearest step,
+            # so no value moves by more than half a step (plus the float16 rounding of the scale).
+            assert ggml_type == gguf.GGMLQuantizationType.Q8_0
+            blocks_original, blocks_data = original.reshape(-1, 32), data.reshape(-1, 32)
+            step = blocks_original.abs().amax(dim=1, keepdim=True) / 127
+            assert ((blocks_data - blocks_original).abs() <= step * 0.5 + step * 127 * 1e-3).all(), name
+
+
+def hf_llama_folder(tokenizer, tokenizer_file, folder, tie: bool):
+    """A random transformers LlamaForCausalLM saved as a Hugging Face folder with MiniGPT's tokenizer."""
+    torch.manual_seed(1)
+    config = transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rope_theta=20000.0,
+        rms_norm_eps=1e-6, tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0, pad_token_id=3,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    transformers.PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file)).save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_import_hf_llama_matches_transformers_and_round_trips(tokenizer, tokenizer_file, tmp_path, tie):
+    hf_model = hf_llama_folder(tokenizer, tokenizer_file, tmp_path / "hf", tie)
+    model, imported_tokenizer, config = import_hf_llama(tmp_path / "hf")
+    assert config.model.rope_theta == 20000.0 and config.model.tie_embeddings == tie and config.model.norm_eps == 1e-6
+    ids = sample_ids(tokenizer)
+    with torch.no_grad():
+        assert (model(ids)[0] - hf_model(ids).logits).abs().max().item() < 1e-4
+    assert imported_tokenizer.encode(TRICKY_TEXTS[2]) == tokenizer.encode(TRICKY_TEXTS[2])
+    # generate.py and evaluate.py load such a folder directly too
+    assert torch.equal(load_model_directory(tmp_path / "hf")[0].token_embedding.weight, model.token_embedding.weight)
+
+    export_hf(model, imported_tokenizer, tmp_path / "again")
+    original, again = load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    assert set(again) == set(original) - ({"lm_head.weight"} if tie else set())
+    for name, tensor in again.items():
+        assert tensor.dtype == original[name].dtype and tensor.numpy().tobytes() == original[name].numpy().tobytes(), name
+
+
+@pytest.mark.parametrize(
+    ("change", "phrase"),
+    [
+        ({"attention_bias": True}, "no biases"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope scaling"),
+        ({"sliding_window": 32}, "sliding-window"),
+        ({"hidden_act": "gelu"}, "silu"),
+        ({"model_type": "mistral"}, "Llama models only"),
+    ],
+)
+def test_import_refuses_what_minigpt_cannot_represent(hf_dir, tmp_path, change, phrase):
+    folder = shutil.copytree(hf_dir, tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(UserInputError, match=phrase):
+        import_hf_llama(folder)
+
+
+def test_import_refuses_a_tokenizer_without_minigpt_special_tokens(hf_dir, tmp_path):
+    folder = shutil.copytree(hf_dir, tmp_path / "hf")
+    tokenizer_json = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer_json["added_tokens"] = []
+    vocab = tokenizer_json["model"]["vocab"]
+    for token in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"):
+        vocab[token] = vocab.pop(token) + 1000
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
+    with pytest.raises(UserInputError, match="special tokens"):
+        import_hf_llama(folder)
+
+
+def test_existing_output_is_refused_without_force(model_dir, tmp_path, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    assert export_main([str(model_dir), "--format", "hf", "--output", str(output)]) == 2
+    assert "--force" in capsys.readouterr().err and (output / "keep.txt").read_text() == "mine"
+    assert export_main([str(model_dir), "--format", "hf", "--outtype", "q8_0", "--output", str(output), "--force"]) == 2
+    assert "--outtype" in capsys.readouterr().err and (output / "keep.txt").read_text() == "mine"
+    assert export_main([str(model_dir), "--format", "gguf", "--outtype", "q8_0", "--output", str(output), "--force"]) == 0
+    assert sorted(path.name for path in output.iterdir()) == ["Modelfile", GGUF_FILE_NAME]
+    assert not list(tmp_path.glob(".tmp-*"))  # nothing half-written left behind
+
+
+def test_script_reports_a_bad_model_path_in_one_line(tmp_path):
+    result = run_script("export.py", str(tmp_path / "missing"), "--format", "hf", "--output", str(tmp_path / "out"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
+    assert not (tmp_path / "out").exists()
