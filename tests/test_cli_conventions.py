@@ -145,3 +145,16 @@ def test_warnings_print_on_their_own_line_above_the_progress_bar(tmp_path, corpu
         # return the terminal line holds the warning alone.
         shown = line.rstrip("\r").split("\r")[-1]
         assert shown.startswith(f"Skipping {mixed}:41: "), repr(line)
+
+
+def test_installed_metadata_carries_the_package_version():
+    from importlib.metadata import version
+
+    assert version("minigpt") == minigpt.__version__
+
+
+def test_the_readme_test_command_installs_and_runs_what_ci_does():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    assert 'pip install -c constraints.txt -e ".[test]" && python -m pytest\n' in readme
+    assert 'pip install --quiet -c constraints.txt -e ".[test]"\npython -m pytest\n' in ci
