@@ -110,7 +110,7 @@ def test_a_time_budget_stops_cleanly_with_a_saved_model(tmp_path, corpus_jsonl, 
     assert summary["last_val_loss"] is not None  # evaluated before stopping
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus_jsonl, tokenizer_file):
+def test_sigterm_saves_a_checkpoint_and_exits_with_the_signal_status(tmp_path, corpus_jsonl, tokenizer_file):
     command = [sys.executable, str(REPO / "scripts" / "train.py"),
                *tiny_run(corpus_jsonl, tokenizer_file, "--max-steps", "1000000", "--run-name", "stopped")]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -120,7 +120,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus_jsonl, to
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr
+    # Not 0: the run did not finish. 143 (128 + SIGTERM) once the Trainer records which signal
+    # stopped it (`stop_signal`); until then the CLI reports the generic 130 of an interruption.
+    assert process.returncode in (128 + signal.SIGTERM, 128 + signal.SIGINT), stderr
+    assert "Traceback" not in stderr
     run = tmp_path / "runs" / "stopped"
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "stopped" and "--resume" in status["message"]

@@ -1,1 +1,27 @@
-"""Command-line front doors. Each module parses arguments and calls into the library."""
+"""Command-line front doors. Each module parses arguments and calls into the library.
+
+`COMMANDS` is the one list of commands: `minigpt <name>` runs the module's `main`, and
+`scripts/<script>` is the same command for a checkout that is not installed. A new command is
+one line here (and its module).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class Command(NamedTuple):
+    module: str  # the module whose `main(argv)` runs the command
+    script: str  # its door in scripts/
+    summary: str  # one line for `minigpt --help`
+
+
+COMMANDS: dict[str, Command] = {
+    "train": Command("minigpt.cli.train", "train.py", "train a model from a preset, a config file and flags"),
+    "generate": Command("minigpt.cli.generate", "generate.py", "sample text from a trained model"),
+    "evaluate": Command("minigpt.cli.evaluate", "evaluate.py", "loss, perplexity and bits per byte on data"),
+    "monitor": Command("minigpt.cli.monitor", "monitor_training.py", "watch runs live, or compare them"),
+    "plot": Command("minigpt.cli.plot_curves", "plot_training_curves.py", "draw runs' metrics to a PNG"),
+    "tokenizer": Command("minigpt.cli.train_tokenizer", "train_tokenizer.py", "train and save a tokenizer on its own"),
+    "prepare-data": Command("minigpt.cli.prepare_data", "prepare_data.py", "tokenize data once into a token cache"),
+}

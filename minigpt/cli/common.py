@@ -1,46 +1,140 @@
-"""What every command shares: one-line errors, logging through the progress bar, exit codes."""
+"""What every command shares: the parser, the shared flags, logging through the progress bar,
+exit codes, and naming the command the way the user typed it."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
-from typing import Callable, NoReturn
+from pathlib import Path
+from typing import Any, Callable, NoReturn, Sequence
 
 from tqdm import tqdm
 
+from minigpt.cli import COMMANDS
+from minigpt.config import CHOICES
 from minigpt.errors import UserInputError
 
 USAGE_ERROR = 2  # the conventional exit status for a bad command line or bad input
 
+# How the user started the program: "minigpt", "python -m minigpt", or None for scripts/*.py.
+_launcher: str | None = "minigpt"
+
+
+def program_name(command: str) -> str:
+    """`command` as the user would type it, in the style they used to start this one:
+    `minigpt generate`, `python -m minigpt generate` or `python scripts/generate.py`."""
+    if _launcher is not None:
+        return f"{_launcher} {command}"
+    return f"python {Path(sys.argv[0]).parent / COMMANDS[command].script}"
+
+
+def run_subcommand(command: str, argv: Sequence[str] | None = None, launcher: str | None = "minigpt") -> int:
+    """Run one of `COMMANDS` (its module is imported only now, so `minigpt --help` stays fast)."""
+    global _launcher
+    _launcher = launcher
+    module = importlib.import_module(COMMANDS[command].module)
+    return module.main(None if argv is None else list(argv))
+
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is reported in one line (no usage dump) with exit status 2."""
+    """argparse with three changes every command wants:
+
+    - a bad flag is reported in one line (no usage dump) with exit status 2;
+    - flags are never abbreviated (`--lr` must not silently mean `--lr-scheduler`);
+    - `--learning_rate` is read as `--learning-rate`: the underscore spellings people bring from
+      Hugging Face and nanoGPT work for every multiword flag, without cluttering --help.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> tuple[Any, list[str]]:
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(dash_spellings(args), namespace)
 
     def error(self, message: str) -> NoReturn:
         self.exit(USAGE_ERROR, f"error: {message} (see {self.prog} --help)\n")
 
 
+def dash_spellings(argv: Sequence[str]) -> list[str]:
+    """`--max_steps=5` -> `--max-steps=5`: underscores in a flag's name (not in its value) become dashes."""
+    converted = []
+    for position, argument in enumerate(argv):
+        if argument == "--":  # everything after a bare -- is a value
+            return converted + list(argv[position:])
+        if argument.startswith("--"):
+            name, equals, value = argument.partition("=")
+            argument = name.replace("_", "-") + equals + value
+        converted.append(argument)
+    return converted
+
+
+# The flags several commands share, defined once so that the same thing has the same name, help
+# and choices everywhere. Commands pick the ones they need with `add_shared_arguments`.
+SHARED_ARGUMENTS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "model": (("model",), dict(help="a final_model/ directory, a checkpoint_step_<N>/ directory, or a run directory")),
+    "data_files": (("--data-files",), dict(nargs="+", metavar="PATH", help="data: .jsonl/.txt files, directories or globs")),
+    "text_field": (("--text-field",), dict(default="text", metavar="NAME", help="the JSONL field holding the text")),
+    "output_dir": (("--output-dir",), dict(default="checkpoints", metavar="DIR", help="the folder of runs")),
+    "run_name": (("--run-name",), dict(metavar="NAME", help="name of the run's directory under --output-dir")),
+    "device": (("--device",), dict(default="auto", choices=CHOICES["train.device"], help="where to compute (auto: cuda, then mps, then cpu)")),
+    "dtype": (("--dtype",), dict(default="auto", choices=CHOICES["train.dtype"], help="precision of the computation")),
+    "seed": (("--seed",), dict(type=int, help="random seed")),
+}
+
+
+def add_shared_arguments(parser: argparse._ActionsContainer, *names: str, **overrides: dict[str, Any]) -> None:
+    """Add the named `SHARED_ARGUMENTS` to a parser or argument group.
+
+    `overrides` change a flag's settings for one command, e.g. `data_files={"required": True}`.
+    """
+    for name in names:
+        flags, settings = SHARED_ARGUMENTS[name]
+        parser.add_argument(*flags, **{**settings, **overrides.get(name, {})})
+
+
 class TqdmHandler(logging.Handler):
-    """Print log records above the progress bar instead of through it."""
+    """Print log records above the progress bar instead of through it.
+
+    The bar is drawn on stderr and log lines go to stdout; on a terminal both land on the same
+    screen line, so the bar is cleared, the line printed (and flushed, in case stdout is a pipe),
+    and the bar redrawn below it.
+    """
 
     def emit(self, record: logging.LogRecord) -> None:
-        tqdm.write(self.format(record), file=sys.stdout)
+        try:
+            message = self.format(record)
+            with tqdm.external_write_mode(file=sys.stdout):
+                sys.stdout.write(message + "\n")
+                sys.stdout.flush()
+        except Exception:  # noqa: BLE001 - logging must never crash the program
+            self.handleError(record)
 
 
 def setup_logging(verbose: bool = False) -> None:
+    """Route every console message through `TqdmHandler`: MiniGPT's log (INFO and up), other
+    libraries' warnings, and Python `warnings.warn` calls. Without this, a message logged before
+    or outside a command's own setup falls back to Python's bare stderr printer and lands in the
+    middle of a progress bar."""
     handler = TqdmHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
-    root = logging.getLogger("minigpt")
+    root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    root.propagate = False
+    root.setLevel(logging.WARNING)  # other libraries: warnings and errors only
+    logging.getLogger("minigpt").setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.captureWarnings(True)
 
 
 def run_command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
-    """Wrap a command's main: user mistakes become one line on stderr and exit status 2."""
+    """Wrap a command's main: logging goes through the progress bar from the first line on, and
+    user mistakes become one line on stderr and exit status 2."""
 
     def wrapped(argv: list[str] | None = None) -> int:
+        setup_logging()
         try:
             return main(argv)
         except UserInputError as error:

@@ -1,4 +1,4 @@
-"""`python scripts/evaluate.py MODEL --data-files ...`: loss, perplexity and bits per byte on data."""
+"""`minigpt evaluate MODEL --data-files ...`: loss, perplexity and bits per byte on data."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import torch
 
 from minigpt.checkpoint import load_model_directory
-from minigpt.cli.common import ArgumentParser, run_command
+from minigpt.cli.common import ArgumentParser, add_shared_arguments, program_name, run_command
 from minigpt.data import TokenBlockStream
 from minigpt.sources import resolve_data_files
 from minigpt.errors import UserInputError
@@ -17,14 +17,12 @@ from minigpt.runtime import select_device
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="evaluate.py", description="Evaluate a model on .jsonl/.txt data.")
-    parser.add_argument("model", help="a final_model/ directory, a checkpoint_step_<N>/ directory, or a run directory")
-    parser.add_argument("--data-files", nargs="+", required=True, help="files, directories or globs")
-    parser.add_argument("--text-field", default="text")
+    parser = ArgumentParser(prog=program_name("evaluate"), description="Evaluate a model on .jsonl/.txt data.")
+    add_shared_arguments(parser, "model", "data_files", "text_field", data_files={"required": True})
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=0, help="context length (default: the model's)")
     parser.add_argument("--max-batches", type=int, default=0, help="stop after this many batches (0 = all the data)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    add_shared_arguments(parser, "device")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return parser
 

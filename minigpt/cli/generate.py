@@ -1,11 +1,12 @@
-"""`python scripts/generate.py MODEL --prompt "..."`: sample text from a trained model, streamed."""
+"""`minigpt generate MODEL --prompt "..."`: sample text from a trained model, streamed."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from minigpt.checkpoint import load_model_directory
-from minigpt.cli.common import ArgumentParser, run_command
+from minigpt.cli.common import ArgumentParser, add_shared_arguments, program_name, run_command
 from minigpt.errors import UserInputError
 from minigpt.generate import SamplingConfig, stream_tokens
 from minigpt.runtime import select_device
@@ -13,18 +14,19 @@ from minigpt.tokenizer import Tokenizer
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="generate.py", description="Generate text from a final_model/, checkpoint or run directory.")
-    parser.add_argument("model", help="a final_model/ directory, a checkpoint_step_<N>/ directory, or a run directory")
+    parser = ArgumentParser(prog=program_name("generate"), description="Generate text from a final_model/, checkpoint or run directory.")
+    add_shared_arguments(parser, "model")
     parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for several prompts; none = start of a document)")
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     parser.add_argument("--top-k", type=int, default=50, help="0 = off")
     parser.add_argument("--top-p", type=float, default=0.95, help="1.0 = off")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 = off; 1.1-1.3 discourages repeats")
-    parser.add_argument("--seed", type=int, default=None, help="fix the sample (default: different every time)")
+    add_shared_arguments(parser, "seed", seed={"help": "fix the sample (default: different every time)"})
     parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
-    parser.add_argument("--no-kv-cache", action="store_true", help="recompute the whole context every token (slower; for comparison)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    parser.add_argument("--kv-cache", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse each token's keys and values; --no-kv-cache recomputes the whole context every token (slower; for comparison)")
+    add_shared_arguments(parser, "device")
     return parser
 
 
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     sampling = SamplingConfig(
         max_new_tokens=arguments.max_new_tokens, temperature=arguments.temperature, top_k=arguments.top_k,
         top_p=arguments.top_p, repetition_penalty=arguments.repetition_penalty, seed=arguments.seed,
-        use_kv_cache=not arguments.no_kv_cache,
+        use_kv_cache=arguments.kv_cache,
     )
     check_sampling(sampling)
     model, tokenizer, _ = load_model_directory(arguments.model, select_device(arguments.device))

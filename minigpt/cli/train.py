@@ -1,132 +1,212 @@
-"""`python scripts/train.py`: train a model (from a preset, a config file and flags)."""
+"""`minigpt train`: train a model (from a preset, a config file and flags)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
-from pathlib import Path
+import signal
+import sys
+from typing import Any, NamedTuple
 
-from minigpt.cli.common import ArgumentParser, run_command, setup_logging
-from minigpt.config import CHOICES, PRESETS, RunConfig, apply_overrides, load_config
+from minigpt.cli.common import SHARED_ARGUMENTS, ArgumentParser, program_name, run_command
+from minigpt.config import CHOICES, PRESETS, RunConfig, apply_overrides, load_config, validate
 from minigpt.errors import UserInputError
 from minigpt.run import prepare_run, resolve_run_paths
 
 log = logging.getLogger("minigpt.train")
 
-# flag -> (configuration key, type, help). Every flag lands in the configuration, nothing else.
-FLAGS: dict[str, tuple[str, type, str]] = {
-    "--data-files": ("train.data_files", str, "training data: .jsonl/.txt files, directories or globs (default: the built-in corpus)"),
-    "--val-data-files": ("train.val_data_files", str, "validation data (default: a hold-out of the training data)"),
-    "--val-fraction": ("train.val_fraction", float, "share of documents held out for validation when no --val-data-files"),
-    "--max-data-size": ("train.max_data_size", int, "train on at most this many documents (0 = all)"),
-    "--text-field": ("train.text_field", str, "the JSONL field holding the text"),
-    "--tokenizer": ("train.tokenizer_path", str, "use this tokenizer.json instead of training one"),
-    "--tokenizer-type": ("train.tokenizer_type", str, "bpe or char"),
-    "--tokenizer-vocab-size": ("train.tokenizer_vocab_size", int, "BPE vocabulary size"),
-    "--tokenizer-samples": ("train.tokenizer_samples", int, "documents used to train the tokenizer (0 = all)"),
-    "--learning-rate": ("train.learning_rate", float, "peak learning rate"),
-    "--min-learning-rate": ("train.min_learning_rate", float, "learning rate at the end of the decay"),
-    "--lr-scheduler": ("train.lr_scheduler", str, "cosine, linear or constant (after the warmup)"),
-    "--warmup-steps": ("train.warmup_steps", int, "steps of linear warmup"),
-    "--weight-decay": ("train.weight_decay", float, "AdamW weight decay for the matrices"),
-    "--grad-clip": ("train.grad_clip", float, "clip the gradient norm to this (0 = off)"),
-    "--batch-size": ("train.batch_size", int, "sequences per micro-batch"),
-    "--gradient-accumulation-steps": ("train.gradient_accumulation_steps", int, "micro-batches per optimizer step"),
-    "--block-size": ("model.block_size", int, "context length in tokens"),
-    "--max-steps": ("train.max_steps", int, "optimizer steps to train for (0 = until --max-time)"),
-    "--max-time": ("train.max_time", float, "wall-clock budget in seconds: stop, evaluate and save when it runs out"),
-    "--eval-steps": ("train.eval_steps", int, "evaluate every this many steps"),
-    "--eval-batches": ("train.eval_batches", int, "validation batches per evaluation"),
-    "--save-steps": ("train.save_steps", int, "save a checkpoint every this many steps"),
-    "--keep-checkpoints": ("train.keep_checkpoints", int, "checkpoints kept (the best by validation loss is always kept too)"),
-    "--early-stopping-patience": ("train.early_stopping_patience", int, "stop after this many evaluations without improvement (0 = off)"),
-    "--log-steps": ("train.log_steps", int, "log every this many steps"),
-    "--sample-tokens": ("train.sample_tokens", int, "tokens generated as a sample at each evaluation (0 = none)"),
-    "--output-dir": ("train.output_dir", str, "root directory of runs"),
-    "--run-name": ("train.run_name", str, "name of this run's directory (default: <preset>-<date>-<time>)"),
-    "--seed": ("train.seed", int, "random seed"),
-    "--device": ("train.device", str, "auto, cpu, cuda or mps"),
-    "--dtype": ("train.dtype", str, "auto, float32, bfloat16 or float16"),
-    "--num-threads": ("train.num_threads", int, "CPU threads (default: the physical cores available to the process)"),
-    "--dataloader-workers": ("train.dataloader_workers", int, "processes that read and tokenize data (-1 = auto: up to 4 on CUDA, 0 elsewhere)"),
-    "--compile-mode": ("train.compile_mode", str, "torch.compile mode with --enable-compile (auto: max-autotune on CUDA, default elsewhere)"),
-    "--max-cpu": ("train.max_cpu", float, "hold this process at or below PERCENT of the machine's CPU (0 = no limit)"),
-    "--max-memory": ("train.max_memory", float, "save and stop cleanly if system memory stays above PERCENT (0 = no limit)"),
-}
-SWITCHES: dict[str, tuple[str, str]] = {
-    "--use-full-data": ("train.use_full_data", "train on every .jsonl/.txt file under ./data/"),
-    "--token-cache": ("train.token_cache", "tokenize the data once into <output-dir>/token_cache/ (reused while the files and tokenizer stay the same)"),
-    "--retrain-tokenizer": ("train.retrain_tokenizer", "train a new tokenizer even if one is cached"),
-    "--plot-loss": ("train.plot_loss", "save loss-curve PNGs under plots/ at every checkpoint and at the end"),
-    "--enable-compile": ("train.compile", "torch.compile the model (slow first step, faster after)"),
-    "--disable-optimizations": ("train.disable_optimizations", "eager float32, plain AdamW, math attention: every optimisation off, for debugging"),
-    "--disable-monitoring": ("train.disable_monitoring", "no CPU/memory sampling, anomaly checks or resource governor"),
-    "--overfit-batch": ("train.overfit_batch", "train on one fixed batch: the loss must fall to about 0"),
-    "--profile": ("train.profile", "print where the step time goes (data, forward, backward, optimizer) after a few steps"),
-    "--tensorboard": ("train.tensorboard", "also write TensorBoard event files (needs the 'tensorboard' extra)"),
-    "--wandb": ("train.wandb", "also log to Weights & Biases, offline unless WANDB_MODE=online (needs the 'wandb' extra)"),
-}
-LIST_KEYS = {"train.data_files", "train.val_data_files"}
+DEFAULT_CONFIG = "medium"
 
 
-def build_parser() -> ArgumentParser:
+class Flag(NamedTuple):
+    names: tuple[str, ...]  # the first is the one --help shows first; the others are aliases
+    key: str  # the configuration setting it sets, e.g. "train.learning_rate"
+    help: str = ""  # empty: the shared help of `SHARED_ARGUMENTS`
+
+
+# --help's groups, and in each the flags. Every flag lands in the configuration, nothing else;
+# its type, choices and default come from the configuration itself.
+FLAGS: dict[str, list[Flag]] = {
+    "data": [
+        Flag(("--data-files",), "train.data_files", "training data: .jsonl/.txt files, directories or globs (none: the built-in corpus)"),
+        Flag(("--val-data-files",), "train.val_data_files", "validation data (none: a hold-out of the training data)"),
+        Flag(("--val-fraction",), "train.val_fraction", "share of documents held out for validation when no --val-data-files"),
+        Flag(("--use-full-data",), "train.use_full_data", "train on every .jsonl/.txt file under ./data/"),
+        Flag(("--max-data-size",), "train.max_data_size", "train on at most this many documents (0 = all)"),
+        Flag(("--text-field",), "train.text_field"),
+        Flag(("--token-cache",), "train.token_cache", "tokenize the data once into <output-dir>/token_cache/ (reused while the files and tokenizer stay the same)"),
+        Flag(("--tokenizer",), "train.tokenizer_path", "use this tokenizer.json instead of training one"),
+        Flag(("--tokenizer-type",), "train.tokenizer_type", "the kind of tokenizer to train"),
+        Flag(("--vocab-size", "--tokenizer-vocab-size"), "train.tokenizer_vocab_size", "BPE vocabulary size, special tokens included"),
+        Flag(("--tokenizer-samples",), "train.tokenizer_samples", "documents used to train the tokenizer (0 = all)"),
+        Flag(("--retrain-tokenizer",), "train.retrain_tokenizer", "train a new tokenizer even if one is cached"),
+    ],
+    "model": [
+        Flag(("--block-size",), "model.block_size", "context length in tokens"),
+    ],
+    "optimisation": [
+        Flag(("--learning-rate", "--lr"), "train.learning_rate", "peak learning rate"),
+        Flag(("--weight-decay",), "train.weight_decay", "AdamW weight decay for the matrices"),
+        Flag(("--grad-clip",), "train.grad_clip", "clip the gradient norm to this (0 = off)"),
+        Flag(("--batch-size",), "train.batch_size", "sequences per micro-batch"),
+        Flag(("--gradient-accumulation-steps",), "train.gradient_accumulation_steps", "micro-batches per optimizer step"),
+    ],
+    "schedule": [
+        Flag(("--max-steps",), "train.max_steps", "optimizer steps to train for (0 = until --max-time)"),
+        Flag(("--max-time",), "train.max_time", "wall-clock budget in seconds: stop, evaluate and save when it runs out (0 = none)"),
+        Flag(("--lr-scheduler",), "train.lr_scheduler", "the learning rate's shape after the warmup"),
+        Flag(("--warmup-steps",), "train.warmup_steps", "steps of linear warmup"),
+        Flag(("--min-learning-rate",), "train.min_learning_rate", "learning rate at the end of the decay"),
+        Flag(("--early-stopping-patience",), "train.early_stopping_patience", "stop after this many evaluations without improvement (0 = off)"),
+    ],
+    "checkpoints": [
+        Flag(("--output-dir",), "train.output_dir"),
+        Flag(("--run-name",), "train.run_name", "name of this run's directory (empty: <preset>-<date>-<time>)"),
+        Flag(("--save-steps",), "train.save_steps", "save a checkpoint every this many steps"),
+        Flag(("--keep-checkpoints",), "train.keep_checkpoints", "checkpoints kept (the best by validation loss is always kept too)"),
+    ],
+    "runtime": [
+        Flag(("--device",), "train.device"),
+        Flag(("--dtype",), "train.dtype"),
+        Flag(("--seed",), "train.seed"),
+        Flag(("--num-threads",), "train.num_threads", "CPU threads (0 = the physical cores available to the process)"),
+        Flag(("--dataloader-workers",), "train.dataloader_workers", "processes that read and tokenize data (-1 = auto: up to 4 on CUDA, 0 elsewhere)"),
+        Flag(("--enable-compile",), "train.compile", "torch.compile the model (slow first step, faster after)"),
+        Flag(("--compile-mode",), "train.compile_mode", "torch.compile mode with --enable-compile (auto: max-autotune on CUDA, default elsewhere)"),
+        Flag(("--disable-optimizations",), "train.disable_optimizations", "eager float32, plain AdamW, math attention: every optimisation off, for debugging"),
+        Flag(("--max-cpu",), "train.max_cpu", "hold this process at or below PERCENT of the machine's CPU (0 = no limit)"),
+        Flag(("--max-memory",), "train.max_memory", "save and stop cleanly if system memory stays above PERCENT (0 = no limit)"),
+    ],
+    "monitoring": [
+        Flag(("--eval-steps",), "train.eval_steps", "evaluate every this many steps"),
+        Flag(("--eval-batches",), "train.eval_batches", "validation batches per evaluation"),
+        Flag(("--log-steps",), "train.log_steps", "log every this many steps"),
+        Flag(("--sample-tokens",), "train.sample_tokens", "tokens generated as a sample at each evaluation (0 = none)"),
+        Flag(("--plot-loss",), "train.plot_loss", "save loss-curve PNGs under plots/ at every checkpoint and at the end"),
+        Flag(("--disable-monitoring",), "train.disable_monitoring", "no CPU/memory sampling, anomaly checks or resource governor"),
+        Flag(("--overfit-batch",), "train.overfit_batch", "train on one fixed batch: the loss must fall to about 0"),
+        Flag(("--profile",), "train.profile", "print where the step time goes (data, forward, backward, optimizer) after a few steps"),
+        Flag(("--tensorboard",), "train.tensorboard", "also write TensorBoard event files (needs the 'tensorboard' extra)"),
+        Flag(("--wandb",), "train.wandb", "also log to Weights & Biases, offline unless WANDB_MODE=online (needs the 'wandb' extra)"),
+    ],
+}
+
+EXIT_STATUSES = """exit status:
+  0        the run finished (max steps, time budget or early stopping)
+  1        the run failed: NaN/Inf losses, or the --max-memory limit (a checkpoint is saved)
+  2        bad command line, configuration or data (nothing is written)
+  130/143  stopped by Ctrl-C / SIGTERM after saving a checkpoint: continue with --resume"""
+
+
+def setting(config: RunConfig, key: str) -> Any:
+    section, _, name = key.partition(".")
+    return getattr(getattr(config, section), name)
+
+
+def flag_options(flag: Flag, defaults: RunConfig) -> dict[str, Any]:
+    """argparse settings for a flag: the type, choices and shown default follow the configuration."""
+    field = flag.key.partition(".")[2]
+    default = setting(defaults, flag.key)
+    shared = SHARED_ARGUMENTS.get(field, ((), {}))[1]
+    help_text = flag.help or shared["help"]
+    if default not in ("", []):
+        help_text += f" (default: {str(default).lower() if isinstance(default, bool) else default})"
+    options: dict[str, Any] = dict(dest=field, default=None, help=help_text)  # None: not given, the configuration decides
+    if isinstance(default, bool):
+        options["action"] = argparse.BooleanOptionalAction  # --plot-loss / --no-plot-loss
+    elif isinstance(default, list):
+        options.update(nargs="+", metavar="PATH")
+    else:
+        metavar = {int: "N", float: "X"}.get(type(default), shared.get("metavar"))
+        options.update(type=type(default), choices=CHOICES.get(flag.key), metavar=metavar)
+    return options
+
+
+def chosen_config(argv: list[str]) -> str:
+    """The --config the user gave (or the default), read before the real parse so that --help can
+    show that configuration's values as the defaults."""
+    parser = ArgumentParser(add_help=False)
+    parser.add_argument("--config", default=DEFAULT_CONFIG)
+    return parser.parse_known_args(argv)[0].config
+
+
+def build_parser(defaults: RunConfig, config_name: str = DEFAULT_CONFIG) -> ArgumentParser:
+    prog = program_name("train")
     parser = ArgumentParser(
-        prog="train.py",
-        description="Train a MiniGPT model. With no data given it trains on the built-in corpus (Python's own documentation).",
+        prog=prog,
+        description=(
+            "Train a MiniGPT model. With no data given it trains on the built-in corpus (Python's own documentation).\n"
+            f"Defaults shown are those of --config {config_name}; '{prog} --config PRESET --help' shows another's."
+        ),
+        epilog=(
+            f"examples:\n"
+            f"  {prog} --config tiny --max-steps 200 --plot-loss           # a first run in seconds\n"
+            f"  {prog} --config small --data-files data/*.jsonl --max-time 3600\n"
+            f"  {prog} --resume --max-steps 30000                         # continue the newest run, longer\n\n"
+            f"{EXIT_STATUSES}"
+        ),
     )
-    parser.add_argument("--config", default="medium", help=f"a preset ({', '.join(PRESETS)}) or a .toml/.json file (default: medium)")
-    for flag, (key, kind, help_text) in FLAGS.items():
-        choices = CHOICES.get(key)
-        if key in LIST_KEYS:
-            parser.add_argument(flag, nargs="+", default=None, help=help_text)
-        else:
-            parser.add_argument(flag, type=kind, default=None, choices=choices, help=help_text)
-    for flag, (_, help_text) in SWITCHES.items():
-        parser.add_argument(flag, action="store_true", default=None, help=help_text)
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"a preset ({', '.join(PRESETS)}) or a .toml/.json file (default: {DEFAULT_CONFIG})")
     parser.add_argument(
         "--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT_DIR",
         help="continue the latest checkpoint of --run-name (or of the newest run), or the given checkpoint directory",
     )
-    parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="override any setting, e.g. --set model.n_layer=6 (repeatable)",
-    )
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any setting, e.g. --set model.n_layer=6 (repeatable)")
+    parser.add_argument("--print-config", action="store_true", help="print the fully resolved configuration as JSON and exit, writing nothing")
+    for title, flags in FLAGS.items():
+        group = parser.add_argument_group(title)
+        for flag in flags:
+            group.add_argument(*flag.names, **flag_options(flag, defaults))
     return parser
 
 
-def config_from_arguments(arguments) -> RunConfig:
-    """Preset or file, then every flag the user actually gave (flags left out change nothing)."""
+def config_from_arguments(arguments: argparse.Namespace, config: RunConfig) -> RunConfig:
+    """`config` (the preset or file), then every flag the user actually gave (flags left out change nothing)."""
     overrides = {}
-    for flag, (key, _, _) in FLAGS.items():
-        value = getattr(arguments, flag[2:].replace("-", "_"))
+    for flag in (flag for flags in FLAGS.values() for flag in flags):
+        value = getattr(arguments, flag.key.partition(".")[2])
         if value is not None:
-            overrides[key] = value
-    for flag, (key, _) in SWITCHES.items():
-        if getattr(arguments, flag[2:].replace("-", "_")):
-            overrides[key] = True
+            overrides[flag.key] = value
     for assignment in arguments.set:
         key, separator, value = assignment.partition("=")
         if not separator:
             raise UserInputError(f"--set expects KEY=VALUE (for example model.n_layer=6), got '{assignment}'.")
         overrides[key.strip()] = value.strip()
-    config = load_config(arguments.config)
     if arguments.resume:
-        overrides["train.resume"] = arguments.resume
+        # Find the checkpoint once, here: prepare_run then gets its directory and only checks it.
         # A resumed run continues with the configuration it was started with; flags given now
         # (a longer --max-steps, say) still apply on top.
-        run_dir = resolve_run_paths(apply_overrides(config, overrides, source="command line")).run_dir
-        saved = json.loads((run_dir / "config.json").read_text())
-        config = RunConfig.from_dict(saved, source=str(run_dir / "config.json"))
-        overrides.setdefault("train.run_name", run_dir.name)
-        overrides.setdefault("train.output_dir", str(run_dir.parent))
+        paths = resolve_run_paths(apply_overrides(config, {**overrides, "train.resume": arguments.resume}, source="command line"))
+        saved = paths.run_dir / "config.json"
+        config = RunConfig.from_dict(json.loads(saved.read_text()), source=str(saved))
+        overrides["train.resume"] = str(paths.resume_from)
+        overrides.setdefault("train.run_name", paths.run_dir.name)
+        overrides.setdefault("train.output_dir", str(paths.run_dir.parent))
     return apply_overrides(config, overrides, source="command line")
+
+
+def exit_status(stop_reason: str | None, stop_signal: int | None) -> int:
+    """0 only when the run finished; 1 when it failed; 128 + the signal's number when a signal
+    stopped it after saving (the shell's convention: 130 for Ctrl-C, 143 for SIGTERM)."""
+    if stop_reason in ("non_finite_loss", "memory_limit"):
+        return 1
+    if stop_reason == "signal":
+        return 128 + (stop_signal or signal.SIGINT)
+    return 0
 
 
 @run_command
 def main(argv: list[str] | None = None) -> int:
-    arguments = build_parser().parse_args(argv)
-    setup_logging()
-    config = config_from_arguments(arguments)
+    argv = sys.argv[1:] if argv is None else argv
+    config_name = chosen_config(argv)
+    base = load_config(config_name)
+    arguments = build_parser(base, config_name).parse_args(argv)
+    config = config_from_arguments(arguments, base)
+    if arguments.print_config:
+        validate(config)
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
     trainer = prepare_run(config)
     run_dir = trainer.run_dir
     log.info("Run directory: %s (metrics.jsonl, status.json, checkpoints%s)", run_dir, ", plots/" if config.train.plot_loss else "")
@@ -135,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     final_model = run_dir / "final_model"
     if final_model.is_dir():
         log.info("Final model:    %s", final_model)
-        log.info("Generate text:  python scripts/generate.py %s --prompt \"...\"", final_model)
+        log.info("Generate text:  %s %s --prompt \"...\"", program_name("generate"), final_model)
     if config.train.plot_loss:
-        log.info("Loss curves:    %s", Path(run_dir) / "plots")
+        log.info("Loss curves:    %s", run_dir / "plots")
     log.info("Summary:        %s", run_dir / "summary.json")
-    return 1 if summary["stop_reason"] in ("non_finite_loss", "memory_limit") else 0  # the run did not finish
+    # The Trainer records *that* a signal stopped the run; which one, once it exposes `stop_signal`.
+    return exit_status(summary["stop_reason"], getattr(trainer, "stop_signal", None))
