@@ -1,3 +1,32 @@
-"""MiniGPT: a from-scratch, educational GPT framework."""
+"""MiniGPT: a from-scratch, educational GPT framework.
 
-__version__ = "0.1.0"
+The main pieces, for notebooks and scripts:
+
+    from minigpt import GPT, generate, load_model_directory, prepare_run, preset_config
+
+They are imported on first use (so `minigpt --version` starts without loading PyTorch).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from minigpt.version import __version__
+
+PUBLIC_API = {  # name -> the module that defines it
+    "GPT": "minigpt.model",
+    "RunConfig": "minigpt.config", "preset_config": "minigpt.config", "load_config": "minigpt.config",
+    "apply_overrides": "minigpt.config",
+    "prepare_run": "minigpt.run", "Trainer": "minigpt.trainer", "Callback": "minigpt.trainer",
+    "LanguageModelObjective": "minigpt.objective",
+    "load_model_directory": "minigpt.checkpoint", "load_tokenizer": "minigpt.tokenizer",
+    "generate": "minigpt.generate", "SamplingConfig": "minigpt.generate", "evaluate": "minigpt.evaluate",
+}
+__all__ = ["__version__", *PUBLIC_API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in PUBLIC_API:
+        return getattr(importlib.import_module(PUBLIC_API[name]), name)
+    raise AttributeError(f"module 'minigpt' has no attribute {name!r}")

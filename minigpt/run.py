@@ -192,14 +192,14 @@ def build_streams(
     return train_stream, val_stream
 
 
-def build_callbacks(config: RunConfig, run_dir: Path) -> list[Callback]:
+def build_callbacks(config: RunConfig) -> list[Callback]:
     """Loss plots and the optional TensorBoard / W&B sinks the configuration asks for."""
     train = config.train
     callbacks: list[Callback] = [LossPlotCallback()] if train.plot_loss else []
     if train.tensorboard:
-        callbacks.append(TensorBoardCallback(run_dir, config.to_dict(), histogram_steps=train.eval_steps))
+        callbacks.append(TensorBoardCallback(config.to_dict(), histogram_steps=train.eval_steps))
     if train.wandb:
-        callbacks.append(WandbCallback(run_dir, config.to_dict()))
+        callbacks.append(WandbCallback(config.to_dict()))
     return callbacks
 
 
@@ -241,7 +241,7 @@ def prepare_run(
 
     run_dir = paths.run_dir
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, run_name=run_dir.name, resume=""))
-    callbacks = build_callbacks(config, run_dir) + list(callbacks or [])  # first: a missing sink package is an error
+    callbacks = build_callbacks(config) + list(callbacks or [])  # first: a missing sink package is an error
     objective = objective or build_objective(config, tokenizer)
     model = GPT(config.model).to(device)
     if device.type == "cpu" and config.train.dtype == "auto" and not config.train.disable_optimizations:

@@ -30,6 +30,7 @@ import psutil
 import torch
 
 from minigpt.errors import UserInputError
+from minigpt.version import __version__
 
 log = logging.getLogger("minigpt.runtime")
 
@@ -125,6 +126,11 @@ def autocast(device: torch.device, dtype: torch.dtype) -> ContextManager:
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def software_versions() -> dict[str, str]:
+    """What a run was made with, recorded next to its results."""
+    return {"minigpt": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
 def seed_everything(seed: int) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 from minigpt.errors import UserInputError
@@ -29,15 +28,20 @@ class TensorBoardCallback(Callback):
     """Scalars at every log row and evaluation, weight and gradient histograms at every
     evaluation interval, and the configuration as text."""
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], histogram_steps: int):
+    def __init__(self, config: dict[str, Any], histogram_steps: int):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise _missing_extra("--tensorboard", "tensorboard") from None
-        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
-        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
+        self.summary_writer, self.config = SummaryWriter, config
+        self.writer: Any = None
         self.histogram_steps = histogram_steps
         self.next_histogram = 0
+
+    def on_start(self, trainer: Trainer) -> None:
+        # Here, not in __init__: nothing is written before every check of the run has passed.
+        self.writer = self.summary_writer(log_dir=str(trainer.run_dir / "tensorboard"))
+        self.writer.add_text("config", "```\n" + json.dumps(self.config, indent=2) + "\n```")
 
     def on_gradients(self, trainer: Trainer) -> None:
         step = trainer.progress.step + 1  # the step being taken
@@ -67,14 +71,19 @@ class TensorBoardCallback(Callback):
 class WandbCallback(Callback):
     """Logs the same scalars to Weights & Biases; offline unless WANDB_MODE says otherwise."""
 
-    def __init__(self, run_dir: Path, config: dict[str, Any]):
+    def __init__(self, config: dict[str, Any]):
         try:
             import wandb
         except ImportError:
             raise _missing_extra("--wandb", "wandb") from None
-        self.wandb = wandb
-        self.run = wandb.init(
-            project="minigpt", name=Path(run_dir).name, dir=str(run_dir), config=config,
+        self.wandb, self.config = wandb, config
+        self.run: Any = None
+
+    def on_start(self, trainer: Trainer) -> None:
+        # Here, not in __init__: the run directory exists only now, and W&B given a directory that
+        # does not exist writes its offline logs to the temporary directory instead.
+        self.run = self.wandb.init(
+            project="minigpt", name=trainer.run_dir.name, dir=str(trainer.run_dir), config=self.config,
             mode=os.environ.get("WANDB_MODE", "offline"),  # offline by default: nothing leaves the machine
         )
 

@@ -153,7 +153,7 @@ def _check_turn(turn: object) -> tuple[str, str]:
 def _limited(texts: Iterable[str], max_samples: int, show_progress: bool, description: str) -> Iterator[str]:
     """The training texts, capped at max_samples (0 = all), with a progress bar over texts read."""
     texts = islice(texts, max_samples) if max_samples else texts
-    return iter(tqdm(texts, total=max_samples or None, unit="doc", desc=description, disable=not show_progress))
+    return iter(tqdm(texts, total=max_samples or None, unit="doc", desc=description, disable=None if show_progress else True))
 
 
 def train_bpe_tokenizer(

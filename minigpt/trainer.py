@@ -42,7 +42,7 @@ from minigpt.plots import save_loss_curve
 from minigpt.resources import ResourceGovernor
 from minigpt.runtime import (
     accelerator_memory_bytes, accelerator_utilisation, autocast, compile_mode, compile_model, measure_matmul_peak,
-    rng_state, set_rng_state, synchronize,
+    rng_state, set_rng_state, software_versions, synchronize,
 )
 from minigpt.tokenizer import Tokenizer
 
@@ -80,6 +80,9 @@ class Progress:
 
 class Callback:
     """Hooks for what varies between runs; each receives the trainer and the row just written."""
+
+    def on_start(self, trainer: "Trainer") -> None:
+        """Called when the loop starts: the run directory exists."""
 
     def on_gradients(self, trainer: "Trainer") -> None:
         """Called on logged steps after backward, before the update: the gradients are in place."""
@@ -145,6 +148,7 @@ class Trainer:
         self.progress = Progress()
         self.session_start = time.perf_counter()  # of this session's training (set again when the loop starts)
         self.stop_reason: str | None = None
+        self.stop_signal: int | None = None  # which signal stopped the run, if one did (SIGINT, SIGTERM)
         self.process = psutil.Process()
         config = self.train_config
         self.monitoring = not config.disable_monitoring
@@ -230,6 +234,8 @@ class Trainer:
             model = compile_model(self.model, self.example_loss, mode=compile_mode(self.device, config.compile_mode))
 
         self._write_status("running")
+        for callback in self.callbacks:
+            callback.on_start(self)
         previous_handlers = self._catch_stop_signals()
         bar = tqdm(
             total=config.max_steps or None, initial=self.progress.step, unit="step", dynamic_ncols=True,
@@ -500,7 +506,9 @@ class Trainer:
             **last,
             "skipped_steps": self.progress.skipped_steps,
             "stop_reason": self.stop_reason,
+            "stop_signal": signal.Signals(self.stop_signal).name if self.stop_signal else None,
             "parameters": self.model.num_parameters(),
+            "versions": software_versions(),
         }
 
     def stop_message(self) -> str:
@@ -529,6 +537,7 @@ class Trainer:
         atomic_write_json(self.run_dir / "status.json", {
             "state": state, "pid": os.getpid(), "step": self.progress.step, "max_steps": self.train_config.max_steps,
             "updated_at": time.time(), "message": message, "monitor": {"metric": monitor.metric, "mode": monitor.mode},
+            "versions": software_versions(),
         })
 
     def _catch_stop_signals(self) -> dict:
@@ -537,7 +546,7 @@ class Trainer:
         def request_stop(signum: int, _frame: Any) -> None:
             if self.stop_reason == "signal":
                 raise KeyboardInterrupt
-            self.stop_reason = "signal"
+            self.stop_reason, self.stop_signal = "signal", signum
             log.warning("Received %s: saving a checkpoint after this step (press again to stop at once).", signal.Signals(signum).name)
 
         previous = {}

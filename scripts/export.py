@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from minigpt.cli.export import main  # noqa: E402
+from minigpt.cli.common import run_subcommand  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_subcommand("export", sys.argv[1:], launcher=None))

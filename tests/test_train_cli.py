@@ -21,7 +21,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def tiny_run(corpus_jsonl, tokenizer_file, *extra: str) -> list[str]:
     return ["--config", "tiny", "--data-files", str(corpus_jsonl), "--tokenizer", str(tokenizer_file),
-            "--output-dir", "runs", "--sample-tokens", "8", "--val-fraction", "0.1", *extra]
+            "--output-dir", "runs", "--sample-tokens", "8", "--val-fraction", "0.1", "--dtype", "float32", *extra]
 
 
 def assert_one_line_error(result, *fragments: str) -> None:

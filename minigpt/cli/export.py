@@ -1,4 +1,4 @@
-"""`python scripts/export.py MODEL --format hf|gguf --output DIR`: hand a model to other tools.
+"""`minigpt export MODEL --format hf|gguf --output DIR`: hand a model to other tools.
 
     --format hf     a folder transformers loads with AutoModelForCausalLM / AutoTokenizer
     --format gguf   a folder with model.gguf (llama.cpp, LM Studio) and a Modelfile (ollama create)
@@ -7,14 +7,14 @@
 from __future__ import annotations
 
 from minigpt.checkpoint import load_model_directory
-from minigpt.cli.common import ArgumentParser, run_command
+from minigpt.cli.common import ArgumentParser, add_shared_arguments, program_name, run_command
 from minigpt.errors import UserInputError
 from minigpt.export import GGUF_OUTTYPES, export_gguf, export_hf
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="export.py", description="Export a MiniGPT model for Hugging Face transformers or llama.cpp/Ollama.")
-    parser.add_argument("model", help="a final_model/ directory, a checkpoint_step_<N>/ directory, or a run directory")
+    parser = ArgumentParser(prog=program_name("export"), description="Export a MiniGPT model for Hugging Face transformers or llama.cpp/Ollama.")
+    add_shared_arguments(parser, "model")
     parser.add_argument("--format", required=True, choices=["hf", "gguf"], help="hf = transformers folder; gguf = llama.cpp file + Ollama Modelfile")
     parser.add_argument("--output", required=True, help="the folder to write (refused if it exists, unless --force)")
     parser.add_argument("--outtype", choices=GGUF_OUTTYPES, help="GGUF weight type (default f16; norms stay f32)")

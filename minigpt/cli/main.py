@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from minigpt import __version__
+from minigpt.version import __version__
 from minigpt.cli import COMMANDS
 from minigpt.cli.common import ArgumentParser, run_subcommand
 

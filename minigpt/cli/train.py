@@ -219,5 +219,4 @@ def main(argv: list[str] | None = None) -> int:
     if config.train.plot_loss:
         log.info("Loss curves:    %s", run_dir / "plots")
     log.info("Summary:        %s", run_dir / "summary.json")
-    # The Trainer records *that* a signal stopped the run; which one, once it exposes `stop_signal`.
-    return exit_status(summary["stop_reason"], getattr(trainer, "stop_signal", None))
+    return exit_status(summary["stop_reason"], trainer.stop_signal)
