@@ -41,7 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minigpt.checkpoint import load_model_directory, resolve_model_directory
-from minigpt.config import RunConfig
+from minigpt.config import RunConfig, load_config
 from minigpt.errors import UserInputError
 from minigpt.files import write_directory_atomically
 from minigpt.model import GPT
@@ -261,7 +261,9 @@ def read_adapter_config(directory: str | Path) -> tuple[LoRAConfig, Path, str]:
 
 
 def load_adapter(directory: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, RunConfig]:
-    """The recorded base model with the adapter applied and loaded (its tokenizer and config too).
+    """The recorded base model with the adapter applied and loaded, its tokenizer, and the run
+    configuration: the adapter directory's config.json (the fine-tuning run's) if it has one,
+    else the base model's.
 
     Refuses, in one sentence, when the base model's weights are not the ones the adapter was
     trained on: an adapter is a correction to one exact set of weights.
@@ -282,6 +284,8 @@ def load_adapter(directory: str | Path, device: str | torch.device = "cpu") -> t
         raise UserInputError(f"{directory / ADAPTER_WEIGHTS} is unreadable ({error}); train the adapter again.") from None
     load_lora_state_dict(model, state)
     model.eval()
+    if (directory / "config.json").is_file():
+        run_config = load_config(str(directory / "config.json"))
     return model, tokenizer, run_config
 
 

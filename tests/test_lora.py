@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from minigpt.checkpoint import save_model_directory
+from minigpt.checkpoint import load_model_directory, save_model_directory
+from minigpt.cli import chat
+from minigpt.cli import merge_lora as merge_lora_cli
 from minigpt.config import ModelConfig, RunConfig
 from minigpt.errors import UserInputError
 from minigpt.lora import (
@@ -166,3 +168,28 @@ def test_linear_layers_that_are_not_targets_stay_plain():
     model = apply_lora(tiny_model(), LoRAConfig(rank=2, targets=("gate",)))
     assert isinstance(model.blocks[0].mlp.gate_proj, LoRALinear)
     assert type(model.blocks[0].mlp.up_proj) is nn.Linear and type(model.lm_head) is nn.Linear
+
+
+def test_merge_lora_script_writes_an_ordinary_model_with_the_adapters_logits(tmp_path, base_directory, capsys):
+    config = LoRAConfig(rank=4, alpha=8)
+    model, tokenizer, run_config = load_model_for_inference(base_directory)
+    apply_lora(model, config)
+    with torch.no_grad():
+        for parameter in lora_parameters(model):
+            parameter.normal_(0, 0.1)
+
+    def run_files(directory):  # what a LoRA run's final_model/ carries besides the adapter
+        (directory / "config.json").write_text(json.dumps(run_config.to_dict()))
+        tokenizer.save(directory / "tokenizer.json")
+
+    checksum = file_sha256(base_model_file(base_directory))
+    adapter = save_adapter(tmp_path / "run" / "final_model", model, config, base_directory, checksum, run_files)
+    assert merge_lora_cli.main([str(tmp_path / "run"), "--output", str(tmp_path / "merged")]) == 0
+    merged, _, _ = load_model_directory(tmp_path / "merged")
+    batch = tokens() % tokenizer.vocab_size
+    with torch.no_grad():
+        torch.testing.assert_close(merged(batch)[0], model(batch)[0], atol=1e-5, rtol=0)
+    assert chat.main([str(tmp_path / "run"), "--prompt", "hi", "--max-new-tokens", "1"]) == 0  # the adapter, loaded transparently
+    assert merge_lora_cli.main([str(base_directory), "--output", str(tmp_path / "other")]) == 2
+    assert merge_lora_cli.main([str(adapter), "--output", str(adapter)]) == 2
+    assert "holds no adapter_config.json" in capsys.readouterr().err and not (tmp_path / "other").exists()
