@@ -9,6 +9,11 @@ machine drift. A process builds the model (float32, eager), then takes a warm-up
     full   every parameter trains: gradients and AdamW's two moments for all of them
     lora   apply_lora(rank R) on q, k, v, o, gate, up, down: gradients and moments for the
            adapters only (the activations kept for the backward pass are the same in both)
+The workers run with MALLOC_MMAP_THRESHOLD_=65536: glibc then gives every tensor larger than
+64 KB its own mapping and returns it to the system when freed, so the peak RSS is the peak of
+live memory. With glibc's default (a threshold that grows to 32 MB) freed activations stay in
+the heap and the peak depends on fragmentation: LoRA's many small rank-R tensors then made its
+peak RSS look *higher* than full fine-tuning's, although it holds less.
 Reported per kind (the median over rounds):
     peak RSS     the process's peak resident memory (resource.getrusage ru_maxrss)
     over model   the peak minus the resident memory once the model was built: what training adds
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -36,6 +42,7 @@ from minigpt.lora import LoRAConfig, apply_lora, count_trainable, format_trainab
 from minigpt.model import GPT  # noqa: E402
 
 KINDS = ("full", "lora")
+WORKER_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # RSS = live memory (see the docstring)
 
 
 def peak_rss_mb() -> float:
@@ -85,7 +92,8 @@ def main() -> None:
         for kind in KINDS:
             command = [sys.executable, __file__, "--worker", kind, "--rank", str(arguments.rank),
                        "--steps", str(arguments.steps), "--batch-size", str(arguments.batch_size)]
-            output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            environment = {**os.environ, **WORKER_ENVIRONMENT}
+            output = subprocess.run(command, check=True, capture_output=True, text=True, env=environment).stdout
             results[kind].append(json.loads(output.splitlines()[-1]))
     summary = {}
     print(f"small preset, batch {arguments.batch_size}, float32 eager, {arguments.rounds} rounds of {arguments.steps} timed steps")

@@ -122,7 +122,7 @@ def test_builtin_sft_set_is_large_deterministic_and_valid(tokenizer_file):
         assert any(mask) and len(ids) == len(mask)
 
 
-def test_builtin_sft_is_a_data_source(tmp_path):
+def test_builtin_sft_is_a_data_source():
     assert resolve_data_files([BUILTIN_SFT]) == [BUILTIN_SFT]
     reader = DocumentReader([BUILTIN_SFT], "text")
     first = reader.next_document()

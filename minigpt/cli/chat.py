@@ -7,7 +7,7 @@ block_size tokens, so when the conversation grows past that the oldest exchanges
 (the system prompt is kept), with a notice.
 
     /reset   forget the conversation (the system prompt stays)
-    /exit    leave (so does Ctrl-D)
+    /exit    leave (so does Ctrl-D); Ctrl-C stops a reply that runs on
 With --prompt the command answers that one message, prints only the reply, and exits.
 """
 
@@ -123,6 +123,8 @@ def interactive(session: ChatSession) -> None:
             session.reply(message)
         except UserInputError as error:
             notice(f"\nerror: {error}")
+        except KeyboardInterrupt:  # Ctrl-C stops this reply (it is not kept), not the session
+            notice("\n(reply interrupted)")
 
 
 @run_command
