@@ -1,6 +1,7 @@
-"""Where documents come from: data files, the built-in corpus and token caches, read lazily.
+"""Where documents come from: data files, the built-in sets and token caches, read lazily.
 
-    resolve_data_files   what the user named (files, directories, globs, "builtin") -> a list of sources
+    resolve_data_files   what the user named (files, directories, globs, "builtin" for the built-in
+                         corpus, "builtin-sft" for the built-in chat set) -> a list of sources
     DocumentReader       sources -> one Document at a time; its position is five integers, so a
                          resumed run continues at the same byte of the same file
     TokenCache           an opened pre-tokenized cache (built by `minigpt.token_cache`)

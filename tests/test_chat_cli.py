@@ -87,3 +87,15 @@ def test_bad_flags_are_one_sentence(model_directory, tmp_path, capsys):
     assert chat.main([str(model_directory), "--top-p", "0", "--prompt", "hi"]) == 2
     assert "--top-p must be in (0, 1]" in capsys.readouterr().err
     assert chat.main([str(tmp_path / "missing"), "--prompt", "hi"]) == 2
+
+
+def test_replies_are_kept_in_the_history_until_reset(model_directory, capsys):
+    model, tokenizer, _ = load_model_directory(model_directory)
+    session = ChatSession(model, tokenizer, SamplingConfig(max_new_tokens=3, temperature=0))
+    answer = session.reply("hi")
+    assert capsys.readouterr().out == answer + "\n"
+    assert session.history == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}]
+    second_prompt = tokenizer.decode(session.prompt_ids("more"))
+    assert second_prompt.count("<|im_start|>user") == 2
+    session.reset()
+    assert session.history == [] and tokenizer.decode(session.prompt_ids("more")).count("<|im_start|>user") == 1
