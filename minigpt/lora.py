@@ -8,9 +8,11 @@ W frozen and learns a low-rank correction instead:
 
 Parameter count, by hand: a Linear(in, out) has in * out weights; its adapter has
 R * in + out * R = R * (in + out). For the `small` preset's q_proj (384 -> 384) at R = 8 that
-is 8 * 768 = 6,144 trainable numbers instead of 147,456: 4%. Over every attention and MLP matrix
-of the model the adapters are about 1-2% of its parameters, so the optimizer's state (two
-floats per trainable weight for AdamW) and the gradients shrink by the same factor.
+is 8 * 768 = 6,144 trainable numbers instead of 147,456: 4%, about 2R / width for a square
+matrix. Over every attention and MLP matrix of that preset the adapters come to 0.33M of 12.2M
+parameters (2.7%; wider models, smaller shares), so the gradients and the optimizer's state
+(two floats per trainable weight for AdamW) shrink to that share. The activations kept for the
+backward pass do not shrink: at large batches they dominate (benchmarks/lora_memory.py).
 
 alpha / R scales the update so that changing R does not change how large the update starts
 out; dropout (on the adapter's input only) regularises small fine-tuning sets.
