@@ -51,7 +51,8 @@ def _stdlib_files() -> list[Path]:
     return sorted(files)
 
 
-def _signature(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
+def signature_text(node: ast.FunctionDef | ast.AsyncFunctionDef) -> str:
+    """`name(arguments)` as the source writes it, e.g. `dumps(obj, *, skipkeys=False)`."""
     try:
         return f"{node.name}({ast.unparse(node.args)})"
     except Exception:  # noqa: BLE001 - a strange signature is not worth losing the docstring
@@ -72,15 +73,34 @@ def _comment_blocks(source: str) -> list[str]:
     return [block for block in blocks if block]
 
 
-def _module_document(path: Path, module_name: str) -> str | None:
-    """A module's documentation as one text: its docstring, each class's and function's, its comments."""
+def stdlib_modules() -> list[tuple[str, Path]]:
+    """(dotted module name, source file) of every standard-library module the corpus reads, sorted."""
+    root = _stdlib_root()
+    modules = []
+    for path in _stdlib_files():
+        relative = path.relative_to(root).with_suffix("")
+        parts = relative.parts[:-1] if relative.name == "__init__" else relative.parts
+        modules.append((".".join(parts), path))
+    return modules
+
+
+def parse_module(path: Path) -> tuple[str, ast.Module] | None:
+    """A module's source and its syntax tree, parsed without importing it (None if unreadable)."""
     try:
         source = path.read_text(encoding="utf-8")
         with warnings.catch_warnings():  # old escapes in some modules' strings are not our concern
             warnings.simplefilter("ignore")
-            tree = ast.parse(source)
+            return source, ast.parse(source)
     except (SyntaxError, UnicodeDecodeError, ValueError):
         return None
+
+
+def _module_document(path: Path, module_name: str) -> str | None:
+    """A module's documentation as one text: its docstring, each class's and function's, its comments."""
+    parsed = parse_module(path)
+    if parsed is None:
+        return None
+    source, tree = parsed
     sections = []
     module_docstring = ast.get_docstring(tree)
     if module_docstring:
@@ -98,7 +118,7 @@ def _module_document(path: Path, module_name: str) -> str | None:
             elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 docstring = ast.get_docstring(node)
                 if docstring:
-                    sections.append(f"def {prefix}{_signature(node)}\n\n{docstring}")
+                    sections.append(f"def {prefix}{signature_text(node)}\n\n{docstring}")
                 visit(node.body, f"{prefix}{node.name}.")
 
     visit(tree.body, f"{module_name}.")
@@ -118,11 +138,8 @@ def builtin_documents() -> Iterator[str]:
 
     for key in sorted(topics):
         yield topics[key].strip() + "\n"
-    root = _stdlib_root()
-    for path in _stdlib_files():
-        relative = path.relative_to(root).with_suffix("")
-        parts = relative.parts[:-1] if relative.name == "__init__" else relative.parts
-        document = _module_document(path, ".".join(parts))
+    for module_name, path in stdlib_modules():
+        document = _module_document(path, module_name)
         if document:
             yield document + "\n"
 

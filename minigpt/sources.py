@@ -1,18 +1,28 @@
-"""Where documents come from: data files, the built-in corpus and token caches, read lazily.
+"""Where documents come from: data files, the built-in sets and token caches, read lazily.
 
-    resolve_data_files   what the user named (files, directories, globs, "builtin") -> a list of sources
+    resolve_data_files   what the user named (files, directories, globs, "builtin" for the built-in
+                         corpus, "builtin-sft" for the built-in chat set) -> a list of sources
     DocumentReader       sources -> one Document at a time; its position is five integers, so a
                          resumed run continues at the same byte of the same file
     TokenCache           an opened pre-tokenized cache (built by `minigpt.token_cache`)
 
-A .jsonl file holds one document per line: the `text` field (the name is configurable), or a
-chat record `{"conversations": [{"role": ..., "content": ...}, ...]}`. A .txt file is one
-document, read in pieces that end at blank lines (or after about 64 KB), with <|endoftext|>
-only after its last piece.
+A .jsonl file holds one record per line, and a .json file an array of the same records:
+    {"text": "..."}                                      plain text (the field name is configurable)
+    {"conversations": [{"role": ..., "content": ...}]}   a chat (roles: system, user, assistant)
+    {"messages": [{"role": ..., "content": ...}]}        the same chat, in OpenAI's naming
+    {"instruction": ..., "input": ..., "output": ...}    one exchange: a user turn (the instruction,
+                                                         then a blank line and the input if there
+                                                         is one) and the assistant's output
+A chat or instruction record may carry a "system" string: it becomes the first turn.
+A .json file is read whole with json.load (its records are then held in memory, about twice
+the file's size): convert a file too large for that to JSONL, which streams line by line.
+A .txt file is one document, read in pieces that end at blank lines (or after about 64 KB),
+with <|endoftext|> only after its last piece.
 
 Bad input is never silently dropped: a JSONL line that is not valid UTF-8, not JSON, not an
 object, lacks the text field or holds a malformed chat record is skipped and reported with its
-file and line number, and a file that is mostly bad is refused.
+file and line number (a .json array's records: `file:item N`), and a file that is mostly bad
+is refused.
 """
 
 from __future__ import annotations
@@ -29,11 +39,13 @@ import numpy as np
 
 from minigpt.corpus import BUILTIN_CORPUS, builtin_corpus, builtin_corpus_fingerprint
 from minigpt.errors import UserInputError
+from minigpt.sft_corpus import BUILTIN_SFT, builtin_sft_conversations, builtin_sft_fingerprint
 from minigpt.tokenizer import CHAT_ROLES, Tokenizer
 
 log = logging.getLogger("minigpt.data")
 
-DATA_SUFFIXES = (".jsonl", ".txt")
+DATA_SUFFIXES = (".jsonl", ".json", ".txt")
+BUILTIN_SOURCES = (BUILTIN_CORPUS, BUILTIN_SFT)  # names that stand for a built-in set rather than a file
 MAX_TEXT_PIECE_BYTES = 64 * 1024  # a .txt piece ends at a blank line, or at the first line end past this size
 BAD_LINE_FRACTION = 0.5  # a file with more bad lines than this (once 20 lines are read) is refused
 BAD_LINE_GRACE = 20
@@ -42,22 +54,20 @@ REPORT_EXAMPLES = 10  # DataReport keeps this many "file:line: reason" examples
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
-
-
 def resolve_data_files(patterns: Sequence[str]) -> list[Path | str]:
-    """Expand files, directories (searched recursively for .jsonl/.txt) and globs into a list of
-    files: each pattern's matches sorted, the patterns in the order given, no file twice.
-    "builtin" stands for the built-in corpus and is passed through as it is."""
+    """Expand files, directories (searched recursively for .jsonl/.json/.txt) and globs into a list
+    of files: each pattern's matches sorted, the patterns in the order given, no file twice.
+    "builtin" (the built-in corpus) and "builtin-sft" (the built-in chat set) are passed through."""
     found: list[Path | str] = []
     for pattern in patterns:
-        if pattern == BUILTIN_CORPUS:
-            found.append(BUILTIN_CORPUS)
+        if pattern in BUILTIN_SOURCES:
+            found.append(pattern)
             continue
         path = Path(pattern)
         if path.is_dir():
             matches = sorted(p for p in path.rglob("*") if p.suffix in DATA_SUFFIXES and p.is_file())
             if not matches:
-                raise UserInputError(f"Directory {path} holds no .jsonl or .txt files; check the path or add files to it.")
+                raise UserInputError(f"Directory {path} holds no .jsonl, .json or .txt files; check the path or add files to it.")
         elif path.is_file():
             matches = [path]
         elif glob.has_magic(pattern):
@@ -70,7 +80,7 @@ def resolve_data_files(patterns: Sequence[str]) -> list[Path | str]:
             )
         for match in matches:
             if match.suffix not in DATA_SUFFIXES:
-                raise UserInputError(f"Data file {match} is neither .jsonl nor .txt; convert it or leave it out.")
+                raise UserInputError(f"Data file {match} is neither .jsonl nor .txt nor .json; convert it or leave it out.")
             if match.stat().st_size == 0:
                 raise UserInputError(f"Data file {match} is empty; fill it or leave it out.")
             if match not in found:
@@ -153,27 +163,66 @@ def _parse_jsonl_line(raw: bytes, text_field: str) -> Document | str:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         return f"not valid JSON ({error.msg})"
+    return parse_record(record, text_field)
+
+
+def parse_record(record: object, text_field: str = "text") -> Document | str:
+    """One record of a .jsonl line or a .json array as a Document, or the reason it is bad.
+
+    Plain text wins when the text field is there; otherwise the chat formats are tried in the
+    order of the module docstring, and every one ends up as a list of turns for render_chat.
+    """
     if not isinstance(record, dict):
         return "not a JSON object"
     if isinstance(record.get(text_field), str):
         if not _is_unicode_text(record[text_field]):
             return f"field '{text_field}' holds a lone surrogate escape such as \\ud800"
         return Document(text=record[text_field])
-    if isinstance(record.get("conversations"), list):
-        return _parse_conversations(record["conversations"])
-    return f"no string field '{text_field}' (nor a 'conversations' list)"
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        return "field 'system' is not a string"
+    system_turns = [{"role": "system", "content": system}] if system is not None else []
+    for key in ("conversations", "messages"):
+        if key in record:
+            if not isinstance(record[key], list):
+                return f"'{key}' is not a list of turns"
+            return _parse_conversations(system_turns + record[key], key, first_number=1 - len(system_turns))
+    if "instruction" in record:
+        turns = _instruction_turns(record)
+        if isinstance(turns, str):
+            return turns
+        return _parse_conversations(system_turns + turns, "instruction record", first_number=1 - len(system_turns))
+    return f"no string field '{text_field}' (nor a 'conversations' or 'messages' list, nor an 'instruction' record)"
 
 
-def _parse_conversations(turns: list) -> Document | str:
-    """A chat record, checked here so that a bad one is reported with its line like any other."""
+def _instruction_turns(record: dict) -> list[dict] | str:
+    """An Alpaca-style instruction record as a user turn and an assistant turn (or why it is bad).
+
+    The user turn is the instruction, then, when `input` is not empty, a blank line and the input:
+    {"instruction": "Translate to French.", "input": "cat", "output": "chat"} ->
+    user "Translate to French.\n\ncat", assistant "chat".
+    """
+    instruction, extra, output = record.get("instruction"), record.get("input", ""), record.get("output")
+    for name, value in (("instruction", instruction), ("input", extra), ("output", output)):
+        if not isinstance(value, str):
+            return f"field '{name}' of the instruction record is not a string"
+    request = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    return [{"role": "user", "content": request}, {"role": "assistant", "content": output}]
+
+
+def _parse_conversations(turns: list, key: str = "conversations", first_number: int = 1) -> Document | str:
+    """A chat record, checked here so that a bad one is reported with its line like any other.
+
+    `first_number` numbers the turns as the file has them: a "system" field prepended as turn 0.
+    """
     if not turns:
-        return "'conversations' is an empty list"
-    for number, turn in enumerate(turns, start=1):
+        return f"'{key}' is an empty list"
+    for number, turn in enumerate(turns, start=first_number):
         if not isinstance(turn, dict) or turn.get("role") not in CHAT_ROLES or not isinstance(turn.get("content"), str):
             roles = ", ".join(CHAT_ROLES)
-            return f"turn {number} of 'conversations' is not an object with a 'role' ({roles}) and a string 'content'"
+            return f"turn {number} of '{key}' is not an object with a 'role' ({roles}) and a string 'content'"
         if not _is_unicode_text(turn["content"]):
-            return f"turn {number} of 'conversations' holds a lone surrogate escape such as \\ud800"
+            return f"turn {number} of '{key}' holds a lone surrogate escape such as \\ud800"
     return Document(conversations=turns)
 
 
@@ -198,11 +247,13 @@ def document_hash_fraction(document: Document) -> float:
 
 def sources_fingerprint(sources: Sequence[Path | str]) -> list:
     """What identifies the content of the sources: each file's path, size and modification time
-    (the built-in corpus: its own fingerprint). It changes when any file changes."""
+    (a built-in set: its own fingerprint). It changes when any file changes."""
     parts = []
     for source in sources:
         if source == BUILTIN_CORPUS:
             parts.append(["builtin", builtin_corpus_fingerprint()])
+        elif source == BUILTIN_SFT:
+            parts.append([BUILTIN_SFT, builtin_sft_fingerprint()])
         else:
             stat = Path(source).stat()
             parts.append([str(Path(source).resolve()), stat.st_size, stat.st_mtime_ns])
@@ -231,6 +282,7 @@ class DocumentReader:
         self.report = report if report is not None else DataReport()
         self.source_index, self.offset, self.line_number = 0, 0, 0
         self.file: BinaryIO | None = None
+        self.json_records: list | None = None  # the array of the current .json source, once read
         self.lines_read = self.bad_in_file = 0  # of the current file, for the bad-line rule
         self.first_bad_line = ""  # of the current file, to quote if every line turns out bad
         self.warn = True  # log bad lines (off once a pass has reported them)
@@ -246,6 +298,7 @@ class DocumentReader:
         self.first_bad_line = ""
 
     def close(self) -> None:
+        self.json_records = None
         if self.file is not None:
             self.file.close()
             self.file = None
@@ -256,10 +309,12 @@ class DocumentReader:
             source = self.sources[self.source_index]
             if isinstance(source, TokenCache):
                 document = self._next_cached(source)
-            elif source == BUILTIN_CORPUS:
-                document = self._next_builtin()
+            elif source in BUILTIN_SOURCES:
+                document = self._next_builtin(source)
             elif Path(source).suffix == ".txt":
                 document = self._next_text_piece(Path(source))
+            elif Path(source).suffix == ".json":
+                document = self._next_json_item(Path(source))
             else:
                 document = self._next_jsonl(Path(source))
             if document is not None:
@@ -271,7 +326,8 @@ class DocumentReader:
     def _finish_source(self) -> None:
         source = self.sources[self.source_index]
         if self.lines_read and self.bad_in_file == self.lines_read:
-            raise UserInputError(f"Every line of {source} is bad (e.g. {self.first_bad_line}); check its format or --text-field.")
+            unit = "item" if Path(source).suffix == ".json" else "line"
+            raise UserInputError(f"Every {unit} of {source} is bad (e.g. {self.first_bad_line}); check its format or --text-field.")
         self.close()
         self.source_index += 1
         self.offset = self.line_number = self.lines_read = self.bad_in_file = 0
@@ -285,12 +341,19 @@ class DocumentReader:
             self.file.seek(self.offset)
         return self.file
 
-    def _next_builtin(self) -> Document | None:
-        documents = builtin_corpus()  # held in memory: the position is simply an index
-        if self.offset >= len(documents):
+    def _next_builtin(self, source: str) -> Document | None:
+        # Both sets are held in memory: the position is simply an index.
+        if source == BUILTIN_CORPUS:
+            documents = builtin_corpus()
+            if self.offset >= len(documents):
+                return None
+            self.offset += 1
+            return Document(text=documents[self.offset - 1])
+        conversations = builtin_sft_conversations()
+        if self.offset >= len(conversations):
             return None
         self.offset += 1
-        return Document(text=documents[self.offset - 1])
+        return Document(conversations=conversations[self.offset - 1]["conversations"])
 
     def _next_cached(self, cache: TokenCache) -> Document | None:
         if self.offset >= cache.documents:
@@ -312,19 +375,34 @@ class DocumentReader:
             self._bad_line(path, parsed)
         return None
 
+    def _next_json_item(self, path: Path) -> Document | None:
+        """The next record of a .json array; `offset` and `line_number` count items, not bytes."""
+        if self.json_records is None:
+            self.json_records = read_json_array(path)
+        while self.offset < len(self.json_records):
+            self.offset += 1
+            self.line_number = self.offset
+            self.lines_read += 1
+            parsed = parse_record(self.json_records[self.offset - 1], self.text_field)
+            if isinstance(parsed, Document):
+                return parsed
+            self._bad_line(path, parsed)
+        return None
+
     def _bad_line(self, path: Path, reason: str) -> None:
         self.bad_in_file += 1
         self.report.bad_lines += 1
-        where = f"{path}:{self.line_number}"
+        unit = "item" if path.suffix == ".json" else "line"
+        where = f"{path}:item {self.line_number}" if unit == "item" else f"{path}:{self.line_number}"
         if self.bad_in_file == 1:
-            self.first_bad_line = f"line {self.line_number}: {reason}"
+            self.first_bad_line = f"{unit} {self.line_number}: {reason}"
         if len(self.report.examples) < REPORT_EXAMPLES:
             self.report.examples.append(f"{where}: {reason}")
         if self.warn and self.bad_in_file <= WARNINGS_PER_FILE:
             log.warning("Skipping %s: %s", where, reason)
         if self.lines_read >= BAD_LINE_GRACE and self.bad_in_file > BAD_LINE_FRACTION * self.lines_read:
             raise UserInputError(
-                f"{path} has {self.bad_in_file} bad lines in its first {self.lines_read} (e.g. line {self.line_number}: {reason}); "
+                f"{path} has {self.bad_in_file} bad {unit}s in its first {self.lines_read} (e.g. {unit} {self.line_number}: {reason}); "
                 "fix the file or check --text-field."
             )
 
@@ -364,6 +442,26 @@ class DocumentReader:
         except UnicodeDecodeError:
             self._bad_line(path, f"the paragraph starting at line {first_line} is not valid UTF-8")
             return Document(text="", ends_document=at_end)
+
+
+def read_json_array(path: Path) -> list:
+    """The records of a .json file, which must hold one array (a byte-order mark is allowed).
+
+    The whole file is parsed at once (json.load has no streaming mode); JSONL is the format
+    for data too large for memory.
+    """
+    try:
+        records = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as error:
+        raise UserInputError(f"{path} is not valid UTF-8 (byte {error.start}); save it as UTF-8.") from None
+    except json.JSONDecodeError as error:
+        raise UserInputError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}).") from None
+    if not isinstance(records, list):
+        raise UserInputError(
+            f"{path} does not hold a JSON array of records; write it as [{{...}}, {{...}}] "
+            "or as a .jsonl file with one record per line."
+        )
+    return records
 
 
 def _whole_characters(chunk: bytes) -> int:

@@ -24,5 +24,7 @@ COMMANDS: dict[str, Command] = {
     "plot": Command("minigpt.cli.plot_curves", "plot_training_curves.py", "draw runs' metrics to a PNG"),
     "tokenizer": Command("minigpt.cli.train_tokenizer", "train_tokenizer.py", "train and save a tokenizer on its own"),
     "prepare-data": Command("minigpt.cli.prepare_data", "prepare_data.py", "tokenize data once into a token cache"),
+    "chat": Command("minigpt.cli.chat", "chat.py", "talk to a chat-tuned model in the terminal"),
+    "merge-lora": Command("minigpt.cli.merge_lora", "merge_lora.py", "fold a LoRA adapter into its base model"),
     "export": Command("minigpt.cli.export", "export.py", "write a model for transformers, or llama.cpp/Ollama (GGUF)"),
 }

@@ -1,0 +1,195 @@
+"""LoRA: starts equal to the base, trains only the adapters, merges exactly, saves and loads safely."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from minigpt.checkpoint import load_model_directory, save_model_directory
+from minigpt.cli import chat
+from minigpt.cli import merge_lora as merge_lora_cli
+from minigpt.config import ModelConfig, RunConfig
+from minigpt.errors import UserInputError
+from minigpt.lora import (
+    ADAPTER_CONFIG, LoRAConfig, LoRALinear, apply_lora, base_model_file, count_trainable, file_sha256,
+    format_trainable, load_adapter, load_lora_state_dict, load_model_for_inference, lora_parameters,
+    lora_state_dict, merge_lora, parse_targets, save_adapter,
+)
+from minigpt.model import GPT
+from minigpt.tokenizer import load_tokenizer
+
+CONFIG = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+
+
+def tiny_model(seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(CONFIG).eval()
+
+
+def tokens(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, CONFIG.vocab_size, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def trained_lora_model(config: LoRAConfig, steps: int = 3) -> GPT:
+    """A wrapped tiny model after a few AdamW steps, so that B is no longer zero."""
+    model = apply_lora(tiny_model(), config).train()
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
+    for step in range(steps):
+        batch = tokens(step)
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def test_a_wrapped_model_starts_equal_to_its_base():
+    base = tiny_model()
+    expected, _ = base(tokens())
+    wrapped = apply_lora(tiny_model(), LoRAConfig(rank=4, alpha=8))
+    assert sum(isinstance(module, LoRALinear) for module in wrapped.modules()) == 7 * CONFIG.n_layer
+    actual, _ = wrapped(tokens())
+    assert torch.equal(actual, expected)
+
+
+def test_only_adapter_parameters_train_and_their_count_is_r_times_in_plus_out():
+    model = apply_lora(tiny_model(), LoRAConfig(rank=4, targets=("q", "v", "down")))
+    adapter_ids = {id(parameter) for parameter in lora_parameters(model)}
+    for name, parameter in model.named_parameters():
+        assert parameter.requires_grad == (id(parameter) in adapter_ids), name
+    width, hidden, kv_width = CONFIG.n_embd, CONFIG.hidden_dim, CONFIG.kv_heads * CONFIG.head_dim
+    # Per layer: q (width -> width), v (width -> kv_width), down (hidden -> width); R * (in + out) each.
+    per_layer = 4 * ((width + width) + (width + kv_width) + (hidden + width))
+    trainable, total = count_trainable(model)
+    assert trainable == CONFIG.n_layer * per_layer
+    assert total == tiny_model().num_parameters() + trainable
+    assert format_trainable(410_000, 25_800_000) == "trainable 0.41M of 25.8M (1.6%)"
+
+
+def test_merged_logits_equal_base_plus_adapter_after_training():
+    model = trained_lora_model(LoRAConfig(rank=4, alpha=8, dropout=0.1))
+    assert any(parameter.abs().sum() > 0 for name, parameter in lora_state_dict(model).items() if "lora_B" in name)
+    with torch.no_grad():
+        expected, _ = model(tokens(9))
+        merged = merge_lora(model)
+        actual, _ = merged(tokens(9))
+    assert not any(isinstance(module, LoRALinear) for module in merged.modules())
+    assert set(merged.state_dict()) == set(tiny_model().state_dict())  # a plain GPT's names again
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=0)
+
+
+def test_lora_state_dict_round_trip_and_mismatch():
+    config = LoRAConfig(rank=2, targets=("q", "o"))
+    model = trained_lora_model(config)
+    state = lora_state_dict(model)
+    assert state and all(".lora_" in name for name in state)
+    fresh = apply_lora(tiny_model(), config)
+    load_lora_state_dict(fresh, state)
+    torch.testing.assert_close(fresh(tokens())[0], model(tokens())[0])
+    with pytest.raises(UserInputError, match="other --lora-targets"):
+        load_lora_state_dict(apply_lora(tiny_model(), LoRAConfig(rank=2, targets=("q",))), state)
+    with pytest.raises(UserInputError, match="another rank"):
+        load_lora_state_dict(apply_lora(tiny_model(), LoRAConfig(rank=3, targets=("q", "o"))), state)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"rank": 0}, "rank must be a whole number of at least 1"),
+    ({"alpha": 0}, "alpha must be positive"),
+    ({"dropout": 1.0}, "dropout must be in"),
+    ({"targets": ("q", "lm_head")}, "Unknown LoRA target.* lm_head; choose among q, k, v, o, gate, up, down"),
+])
+def test_bad_lora_configs_are_refused_in_one_sentence(values, message):
+    with pytest.raises(UserInputError, match=message):
+        LoRAConfig(**values)
+
+
+def test_parse_targets():
+    assert parse_targets("q, v") == ("q", "v") and parse_targets("all") == LoRAConfig().targets
+
+
+def test_bfloat16_autocast_forward_and_backward():
+    model = apply_lora(tiny_model(), LoRAConfig(rank=4)).train()
+    batch = tokens()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(batch[:, :-1], batch[:, 1:])
+    loss.backward()
+    assert logits.dtype == torch.bfloat16 and all(parameter.grad is not None for parameter in lora_parameters(model))
+
+
+@pytest.fixture
+def base_directory(tmp_path, tokenizer_file):
+    tokenizer = load_tokenizer(tokenizer_file)
+    run_config = RunConfig(model=ModelConfig(**{**CONFIG.__dict__, "vocab_size": tokenizer.vocab_size}))
+    torch.manual_seed(0)
+    return save_model_directory(tmp_path / "base", GPT(run_config.model), run_config, tokenizer)
+
+
+def test_save_and_load_adapter_round_trip(tmp_path, base_directory):
+    config = LoRAConfig(rank=4, alpha=8, targets=("q", "k", "v"))
+    model, _, _ = load_model_for_inference(base_directory)
+    apply_lora(model, config)
+    with torch.no_grad():
+        for parameter in lora_parameters(model):
+            parameter.normal_(0, 0.1)
+    checksum = file_sha256(base_model_file(base_directory))
+    adapter = save_adapter(tmp_path / "adapter", model, config, base_directory, checksum)
+    assert sorted(path.name for path in adapter.iterdir()) == ["adapter.safetensors", ADAPTER_CONFIG]
+    record = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    assert record["rank"] == 4 and record["targets"] == ["q", "k", "v"] and record["base_model_sha256"] == checksum
+    loaded, tokenizer, run_config = load_adapter(adapter)
+    batch = tokens() % tokenizer.vocab_size
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch)[0], model(batch)[0])
+        merged, _, _ = load_model_for_inference(adapter)  # merged on load: a plain GPT, same logits
+        torch.testing.assert_close(merged(batch)[0], model(batch)[0], atol=1e-5, rtol=0)
+    assert not any(isinstance(module, LoRALinear) for module in merged.modules())
+
+
+def test_an_adapter_refuses_a_changed_base(tmp_path, base_directory):
+    config = LoRAConfig(rank=2)
+    model, _, _ = load_model_for_inference(base_directory)
+    apply_lora(model, config)
+    adapter = save_adapter(tmp_path / "adapter", model, config, base_directory, file_sha256(base_model_file(base_directory)))
+    weights = base_model_file(base_directory)
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(UserInputError, match="has changed since the adapter"):
+        load_adapter(adapter)
+
+
+def test_compiled_lora_model_matches_eager():
+    model = trained_lora_model(LoRAConfig(rank=2, targets=("q",)), steps=1)
+    compiled = torch.compile(model, backend="eager")  # the graph capture, without a C compiler's wait
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(tokens())[0], model(tokens())[0])
+
+
+def test_linear_layers_that_are_not_targets_stay_plain():
+    model = apply_lora(tiny_model(), LoRAConfig(rank=2, targets=("gate",)))
+    assert isinstance(model.blocks[0].mlp.gate_proj, LoRALinear)
+    assert type(model.blocks[0].mlp.up_proj) is nn.Linear and type(model.lm_head) is nn.Linear
+
+
+def test_merge_lora_script_writes_an_ordinary_model_with_the_adapters_logits(tmp_path, base_directory, capsys):
+    config = LoRAConfig(rank=4, alpha=8)
+    model, tokenizer, run_config = load_model_for_inference(base_directory)
+    apply_lora(model, config)
+    with torch.no_grad():
+        for parameter in lora_parameters(model):
+            parameter.normal_(0, 0.1)
+
+    def run_files(directory):  # what a LoRA run's final_model/ carries besides the adapter
+        (directory / "config.json").write_text(json.dumps(run_config.to_dict()))
+        tokenizer.save(directory / "tokenizer.json")
+
+    checksum = file_sha256(base_model_file(base_directory))
+    adapter = save_adapter(tmp_path / "run" / "final_model", model, config, base_directory, checksum, run_files)
+    assert merge_lora_cli.main([str(tmp_path / "run"), "--output", str(tmp_path / "merged")]) == 0
+    merged, _, _ = load_model_directory(tmp_path / "merged")
+    batch = tokens() % tokenizer.vocab_size
+    with torch.no_grad():
+        torch.testing.assert_close(merged(batch)[0], model(batch)[0], atol=1e-5, rtol=0)
+    assert chat.main([str(tmp_path / "run"), "--prompt", "hi", "--max-new-tokens", "1"]) == 0  # the adapter, loaded transparently
+    assert merge_lora_cli.main([str(base_directory), "--output", str(tmp_path / "other")]) == 2
+    assert merge_lora_cli.main([str(adapter), "--output", str(adapter)]) == 2
+    assert "holds no adapter_config.json" in capsys.readouterr().err and not (tmp_path / "other").exists()
