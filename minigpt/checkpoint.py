@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from minigpt.config import RunConfig, load_config
 from minigpt.errors import UserInputError
@@ -31,17 +31,40 @@ from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer, load_tokenizer
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_step_(\d+)$")
+SAFETENSORS_METADATA = {"format": "pt"}  # what other safetensors loaders (transformers among them) expect
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """The model's weights as safetensors. When some are frozen (a LoRA run's base model), only
+    the trainable ones: the frozen ones are the base model's file, which the run refers to by
+    path and checksum instead of copying it into every checkpoint."""
+    if all(parameter.requires_grad for parameter in model.parameters()):
+        save_model(model, str(path), metadata=SAFETENSORS_METADATA)  # drops the tied duplicate matrix
+    else:
+        trainable = {name: parameter.detach().contiguous() for name, parameter in model.named_parameters() if parameter.requires_grad}
+        save_file(trainable, str(path), metadata=SAFETENSORS_METADATA)
+
+
+def write_model_files(directory: Path, config: RunConfig, tokenizer: Tokenizer) -> None:
+    """config.json and tokenizer.json: with them a directory of weights loads on its own."""
+    (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    tokenizer.save(directory / "tokenizer.json")
 
 
 def save_checkpoint(
-    run_dir: str | Path, step: int, model: torch.nn.Module, training_state: dict[str, Any], meta: dict[str, Any]
+    run_dir: str | Path, step: int, model: torch.nn.Module, training_state: dict[str, Any], meta: dict[str, Any],
+    config: RunConfig | None = None, tokenizer: Tokenizer | None = None,
 ) -> Path:
-    """Write `checkpoint_step_<step>/` atomically; `training_state` must hold only tensors and plain values."""
+    """Write `checkpoint_step_<step>/` atomically; `training_state` must hold only tensors and plain
+    values. Given the run's config and tokenizer (the trainer always gives them), the checkpoint
+    holds them too, so a copy of it elsewhere loads alone."""
 
     def fill(directory: Path) -> None:
-        save_model(model, str(directory / "model.safetensors"))  # drops the tied duplicate matrix
+        save_weights(model, directory / "model.safetensors")
         torch.save(training_state, directory / "state.pt")
         (directory / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2, sort_keys=True) + "\n")
+        if config is not None and tokenizer is not None:
+            write_model_files(directory, config, tokenizer)
 
     return write_directory_atomically(Path(run_dir) / f"checkpoint_step_{step}", fill)
 
@@ -59,9 +82,17 @@ def load_checkpoint(checkpoint_dir: str | Path, model: torch.nn.Module) -> tuple
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load a safetensors file into `model`, explaining a mismatch in one sentence."""
+    """Load a safetensors file into `model`, explaining a mismatch in one sentence. A model with
+    frozen parameters (a LoRA run) loads only its trainable ones: the rest is its base model."""
+    device = str(next(model.parameters()).device)
     try:
-        load_model(model, str(path), device=str(next(model.parameters()).device))
+        if all(parameter.requires_grad for parameter in model.parameters()):
+            load_model(model, str(path), device=device)
+            return
+        missing, unexpected = model.load_state_dict(load_file(str(path), device=device), strict=False)
+        trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+        if unexpected or set(missing) & trainable:
+            raise RuntimeError(f"missing {sorted(set(missing) & trainable)[:3]}, unexpected {unexpected[:3]}")
     except RuntimeError as error:
         raise UserInputError(f"The weights in {path} do not fit this model's configuration ({str(error).splitlines()[0]}).") from None
 
@@ -106,9 +137,8 @@ def save_model_directory(directory: str | Path, model: torch.nn.Module, config: 
     """A self-contained model directory (weights, config.json, tokenizer.json), e.g. `final_model/`."""
 
     def fill(temporary: Path) -> None:
-        save_model(model, str(temporary / "model.safetensors"))
-        (temporary / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-        tokenizer.save(temporary / "tokenizer.json")
+        save_model(model, str(temporary / "model.safetensors"), metadata=SAFETENSORS_METADATA)
+        write_model_files(temporary, config, tokenizer)
 
     return write_directory_atomically(directory, fill)
 

@@ -65,6 +65,14 @@ class ModelConfig:
 class TrainConfig:
     """Everything about a training run except the model's shape."""
 
+    # what is learned
+    stage: str = "pretrain"  # pretrain: next token, every token; sft: chat fine-tuning, loss on the assistant's words only
+    init_from: str = ""  # start from this model (final_model/, checkpoint, run or Hugging Face Llama folder); empty = scratch
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen base instead of every weight
+    lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0
+    lora_targets: str = "q,k,v,o,gate,up,down"  # the linear layers that get adapters (or "all")
+    sample_prompt: str = "What does the len function do?"  # sft: the message answered as the sample at each evaluation
     # data
     data_files: list[str] = field(default_factory=list)  # empty = the built-in corpus
     val_data_files: list[str] = field(default_factory=list)  # empty = hold out val_fraction
@@ -184,6 +192,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 CHOICES = {
+    "train.stage": ("pretrain", "sft"),
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "train.tokenizer_type": ("bpe", "char"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
@@ -281,6 +290,7 @@ def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None
         "train.grad_clip": train.grad_clip, "train.max_steps": train.max_steps, "train.max_time": train.max_time,
         "train.early_stopping_patience": train.early_stopping_patience, "train.sample_tokens": train.sample_tokens,
         "train.max_cpu": train.max_cpu, "train.max_memory": train.max_memory, "train.num_threads": train.num_threads,
+        "train.lora_rank": train.lora_rank,
     }
     for key, value in non_negative.items():
         if value < 0:

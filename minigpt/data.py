@@ -1,24 +1,22 @@
-"""From files on disk to batches of token ids, streamed.
+"""From documents to batches of token ids, streamed.
 
-    sources (.jsonl, .txt, the built-in corpus)
-      -> documents, read lazily line by line        (memory does not grow with the file)
+    sources (.jsonl, .json, .txt, the built-in sets; read by minigpt.sources)
+      -> documents, read lazily                     (memory does not grow with the file)
       -> tokenized in batches, <|endoftext|> after each document
       -> packed into blocks of block_size + 1 tokens (no padding: documents run on into each other)
+         or, for chat fine-tuning, one conversation per row, cut at the end or padded
       -> a shuffle buffer of blocks                  (so neighbouring blocks are not always batched together)
       -> (x, y) batches: y is x shifted left by one  (each position predicts the next token)
+
+Why one conversation per row for chat fine-tuning: packed, a row would hold the end of one
+conversation and the start of the next, and attention would let an answer look at another
+conversation, or a block would start with an answer whose question is in the block before.
+With a row per conversation (padding is never a target) neither can happen; the price is the
+padding's compute, which the data report and tokens/s show.
 
 The stream's position (which file, which byte, the tokens waiting to be packed, the shuffle
 buffer, the random generator) is all in `state_dict()`, so a resumed run sees exactly the
 batches the interrupted run would have seen.
-
-A .jsonl file holds one document per line: the `text` field (the name is configurable), or a
-chat record `{"conversations": [{"role": ..., "content": ...}, ...]}` rendered through the
-tokenizer's chat template. A .txt file is one document, read in pieces that end at blank lines
-(or after about 64 KB), with <|endoftext|> only after its last piece.
-
-Bad input is never silently dropped: a JSONL line that is not valid UTF-8, not JSON, not an
-object, lacks the text field or holds a malformed chat record is skipped and reported with its
-file and line number, and a file that is mostly bad is refused.
 """
 
 from __future__ import annotations
@@ -64,6 +62,7 @@ class TokenBlockStream(IterableDataset):
         max_documents: int = 0,
         tokenize_batch_size: int = 64,
         assistant_only_loss: bool = False,
+        one_document_per_row: bool = False,
         report: DataReport | None = None,
     ):
         super().__init__()
@@ -77,6 +76,7 @@ class TokenBlockStream(IterableDataset):
         self.shard, self.num_shards = rank, world_size  # refined per DataLoader worker in __iter__
         self.text_field, self.max_documents = text_field, max_documents
         self.tokenize_batch_size, self.assistant_only_loss = tokenize_batch_size, assistant_only_loss
+        self.one_document_per_row = one_document_per_row
         self.report = report if report is not None else DataReport()
         self.passes = 0  # of a finite stream: bad lines are reported on the first pass only
         self._reset()
@@ -155,6 +155,7 @@ class TokenBlockStream(IterableDataset):
             self.sources, self.tokenizer, self.block_size, 1, split=self.split, val_fraction=self.val_fraction,
             loop=False, rank=self.shard, world_size=self.num_shards, text_field=self.text_field,
             max_documents=self.max_documents, tokenize_batch_size=8, assistant_only_loss=self.assistant_only_loss,
+            one_document_per_row=self.one_document_per_row,
         )
         probe.reader.warn = False  # this stream reports the bad lines when it reads them itself
         if probe._next_block() is None:
@@ -203,9 +204,11 @@ class TokenBlockStream(IterableDataset):
             if not self._tokenize_more():
                 return None
         block = (self.pending_tokens[:length].copy(), self.pending_mask[:length].copy())
-        # The next block starts with this block's last token, so every token is predicted once.
-        self.pending_tokens = self.pending_tokens[self.block_size :]
-        self.pending_mask = self.pending_mask[self.block_size :]
+        # Packed, the next block starts with this block's last token, so every token is predicted
+        # once. One document per row, each row is a whole padded document: the next starts after it.
+        advance = length if self.one_document_per_row else self.block_size
+        self.pending_tokens = self.pending_tokens[advance:]
+        self.pending_mask = self.pending_mask[advance:]
         return block
 
     def _tokenize_more(self) -> bool:
@@ -215,11 +218,31 @@ class TokenBlockStream(IterableDataset):
             return False
         token_chunks, mask_chunks = [self.pending_tokens], [self.pending_mask]
         for ids, assistant in encode_documents(documents, self.tokenizer):
+            mask = assistant if self.assistant_only_loss else np.ones(len(ids), dtype=bool)
+            if self.one_document_per_row:
+                ids, mask = self._fill_row(ids, mask)
+                if ids is None:
+                    continue
             token_chunks.append(ids)
-            mask_chunks.append(assistant if self.assistant_only_loss else np.ones(len(ids), dtype=bool))
+            mask_chunks.append(mask)
         self.pending_tokens = np.concatenate(token_chunks)
         self.pending_mask = np.concatenate(mask_chunks)
         return True
+
+    def _fill_row(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """One document as one row of block_size + 1 tokens: cut at the end if longer (a chat's
+        question always stays with its answer, since only the end is lost), padded with <|pad|>
+        (never a target) if shorter. None for a document left with no target after the cut."""
+        length = self.block_size + 1
+        if len(ids) > length:
+            ids, mask = ids[:length], mask[:length]
+            self.report.truncated += 1
+        if not mask[1:].any():  # position 0 is never a target
+            self.report.dropped += 1
+            return None, None
+        padding = length - len(ids)
+        return (np.concatenate([ids, np.full(padding, self.tokenizer.pad_id, dtype=np.int64)]),
+                np.concatenate([mask, np.zeros(padding, dtype=bool)]))
 
     def _read_documents(self) -> list[Document]:
         """Up to tokenize_batch_size documents of this split and shard; [] when a finite stream ends."""

@@ -207,6 +207,24 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     model.load_state_dict(state, strict=False)
 
 
+@dataclass
+class AdapterRun:
+    """A LoRA training run's recipe: adapters shaped by `config` on the frozen base model at
+    `base_path`, whose weights file had the SHA-256 `base_sha256` when the run started.
+    Checkpoints and the final adapter record the checksum; a changed base is refused on resume."""
+
+    config: LoRAConfig
+    base_path: str
+    base_sha256: str
+
+    @classmethod
+    def start(cls, config: LoRAConfig, base_path: str | Path) -> "AdapterRun":
+        return cls(config, str(Path(base_path).resolve()), file_sha256(base_model_file(base_path)))
+
+    def save(self, directory: Path, model: nn.Module, extra_files: Callable[[Path], None]) -> Path:
+        return save_adapter(directory, model, self.config, self.base_path, self.base_sha256, extra_files)
+
+
 def file_sha256(path: str | Path) -> str:
     """The SHA-256 checksum of a file, read in 1 MB chunks (a model file need not fit in memory twice)."""
     digest = hashlib.sha256()

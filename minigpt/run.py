@@ -19,12 +19,14 @@ import torch
 
 from minigpt.checkpoint import latest_checkpoint
 from minigpt.files import atomic_write_json, remove_temporary_files
-from minigpt.config import RunConfig, validate
+from minigpt.config import ModelConfig, RunConfig, validate
 from minigpt.corpus import BUILTIN_CORPUS
+from minigpt.sft_corpus import BUILTIN_SFT
 from minigpt.data import ParallelBatches, RepeatedBatch, TokenBlockStream, holdout_filling_one_block
 from minigpt.sources import iter_documents, resolve_data_files, sources_fingerprint
 from minigpt.errors import UserInputError
 from minigpt.metrics import truncate_metrics
+from minigpt.lora import AdapterRun, LoRAConfig, apply_lora, count_trainable, format_trainable, load_model_for_inference, parse_targets
 from minigpt.model import GPT
 from minigpt.objective import LanguageModelObjective, Objective
 from minigpt.runtime import (
@@ -48,7 +50,8 @@ class RunPaths:
 
 
 def training_sources(config: RunConfig) -> list:
-    """The training sources: --data-files, every file under data/ (--use-full-data), or the built-in corpus."""
+    """The training sources: --data-files, every file under data/ (--use-full-data), or the
+    built-in set of the stage (Python's documentation to pretrain, the built-in chat set for sft)."""
     train = config.train
     if train.use_full_data and train.data_files:
         raise UserInputError("Give either --data-files or --use-full-data, not both.")
@@ -58,7 +61,30 @@ def training_sources(config: RunConfig) -> list:
         return resolve_data_files([FULL_DATA_DIRECTORY])
     if train.data_files:
         return resolve_data_files(train.data_files)
-    return [BUILTIN_CORPUS]
+    return [BUILTIN_SFT if train.stage == "sft" else BUILTIN_CORPUS]
+
+
+# What makes two models the same network: weights of one fit the other only if these agree.
+ARCHITECTURE = ("vocab_size", "n_layer", "n_head", "kv_heads", "n_embd", "hidden_dim", "tie_embeddings", "rope_theta", "norm_eps")
+
+
+def initial_model_config(path: str) -> ModelConfig:
+    """The model settings of the model --init-from names: a run started from it takes its shape."""
+    return load_model_for_inference(path)[2].model
+
+
+def check_initial_model(config: RunConfig, initial: ModelConfig) -> None:
+    """Refuse, in one sentence, a configuration whose network differs from the initial model's."""
+    for name in ARCHITECTURE:
+        wanted, given = getattr(config.model, name), getattr(initial, name)
+        if wanted != given:
+            raise UserInputError(
+                f"--init-from {config.train.init_from} has model.{name} = {given}, but this run asks for {wanted}; "
+                "leave the model settings out (they come from the initial model)."
+            )
+    if config.train.tokenizer_path:
+        raise UserInputError("--tokenizer cannot be combined with --init-from: the initial model's tokenizer is used "
+                             "(its token ids are what the model's embeddings mean).")
 
 
 def resolve_run_paths(config: RunConfig) -> RunPaths:
@@ -141,8 +167,9 @@ def resolve_validation(config: RunConfig, sources: list, tokenizer: Tokenizer) -
     train = config.train
     if train.val_data_files or train.val_fraction == 0:
         return config
+    chat = train.stage == "sft"
     held_out = TokenBlockStream(sources, tokenizer, config.model.block_size, 1, split="val", val_fraction=train.val_fraction,
-                                loop=False, text_field=train.text_field)
+                                loop=False, text_field=train.text_field, assistant_only_loss=chat, one_document_per_row=chat)
     try:
         held_out.check_not_empty()
         return config
@@ -167,7 +194,9 @@ def build_streams(
     """The endless, shuffled training stream (or its first batch, repeated) and the finite
     validation stream (None with val_fraction 0 and no validation files: no evaluations)."""
     train = config.train
-    common = dict(tokenizer=tokenizer, block_size=config.model.block_size, batch_size=train.batch_size, text_field=train.text_field)
+    chat = train.stage == "sft"  # the assistant's words only, one conversation per row
+    common = dict(tokenizer=tokenizer, block_size=config.model.block_size, batch_size=train.batch_size, text_field=train.text_field,
+                  assistant_only_loss=chat, one_document_per_row=chat)
     val_sources = resolve_data_files(train.val_data_files) if train.val_data_files else []
     if train.token_cache:
         cache_root = Path(train.output_dir) / "token_cache"
@@ -204,8 +233,11 @@ def build_callbacks(config: RunConfig) -> list[Callback]:
 
 
 def build_objective(config: RunConfig, tokenizer: Tokenizer) -> Objective:
-    """The objective the configuration trains: next-token prediction."""
-    return LanguageModelObjective(tokenizer, sample_tokens=config.train.sample_tokens, seed=config.train.seed)
+    """The objective the configuration trains: next-token prediction (chat data arrives masked),
+    with a chat reply as the sample when fine-tuning for chat."""
+    train = config.train
+    prompt = train.sample_prompt if train.stage == "sft" else ""
+    return LanguageModelObjective(tokenizer, sample_tokens=train.sample_tokens, seed=train.seed, sample_chat_prompt=prompt)
 
 
 def prepare_run(
@@ -220,6 +252,8 @@ def prepare_run(
     script hooks into the loop this way. `objective` replaces the one the configuration implies.
     """
     validate(config)
+    if config.train.lora_rank and not config.train.init_from:
+        raise UserInputError("LoRA trains small adapters on a frozen, already trained model: give that model with --init-from.")
     paths = resolve_run_paths(config)
     device = select_device(config.train.device)
     dtype = torch.float32 if config.train.disable_optimizations else select_dtype(config.train.dtype, device)
@@ -227,13 +261,21 @@ def prepare_run(
     if not config.train.disable_optimizations:
         keep_freed_memory_for_reuse()
     sources = training_sources(config)
+    initial = load_model_for_inference(config.train.init_from) if config.train.init_from else None
     if paths.resume_from is not None:
         tokenizer = load_tokenizer(paths.run_dir / "tokenizer.json")
+    elif initial is not None:
+        tokenizer = initial[1]
     else:
         tokenizer = obtain_tokenizer(config, sources, show_progress)
     if not config.model.vocab_size:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size))
     validate(config, tokenizer.vocab_size)
+    if initial is not None:
+        check_initial_model(config, initial[2].model)
+    elif config.train.stage == "sft":
+        log.warning("Chat fine-tuning a model from scratch: it knows no language yet. Start from a trained one with --init-from.")
+
     if paths.resume_from is None:  # a resumed run keeps the split recorded in its config.json
         config = resolve_validation(config, sources, tokenizer)
     seed_everything(config.train.seed)
@@ -244,6 +286,16 @@ def prepare_run(
     callbacks = build_callbacks(config) + list(callbacks or [])  # first: a missing sink package is an error
     objective = objective or build_objective(config, tokenizer)
     model = GPT(config.model).to(device)
+    adapter = None
+    if initial is not None:
+        model.load_state_dict(initial[0].state_dict())
+        log.info("Starting from %s", config.train.init_from)
+    if config.train.lora_rank:
+        train = config.train
+        adapter = AdapterRun.start(LoRAConfig(train.lora_rank, train.lora_alpha, train.lora_dropout, parse_targets(train.lora_targets)),
+                                   train.init_from)
+        apply_lora(model, adapter.config)
+        log.info("LoRA rank %d on %s: %s", train.lora_rank, ",".join(adapter.config.targets), format_trainable(*count_trainable(model)))
     if device.type == "cpu" and config.train.dtype == "auto" and not config.train.disable_optimizations:
         sequences = max(1, min(config.train.batch_size, PROBE_TOKENS // config.model.block_size))
         probe_batch = objective.example_batch(sequences, config.model.block_size)
@@ -255,7 +307,8 @@ def prepare_run(
     atomic_write_json(run_dir / "config.json", config.to_dict())
     if paths.resume_from is None:
         tokenizer.save(run_dir / "tokenizer.json")
-    trainer = Trainer(config, model, tokenizer, objective, train_stream, val_stream, run_dir, device, dtype, callbacks, show_progress)
+    trainer = Trainer(config, model, tokenizer, objective, train_stream, val_stream, run_dir, device, dtype, callbacks, show_progress,
+                      adapter=adapter)
     if paths.resume_from is not None:
         trainer.resume(paths.resume_from)
         truncate_metrics(run_dir / "metrics.jsonl", trainer.progress.step)

@@ -107,6 +107,8 @@ class DataReport:
     documents: int = 0
     bad_lines: int = 0
     examples: list[str] = field(default_factory=list)
+    truncated: int = 0  # one-document-per-row streams: documents cut at the end to fit a row
+    dropped: int = 0  # ... and documents left with no target to learn from after the cut
 
 
 @dataclass

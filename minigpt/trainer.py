@@ -31,8 +31,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from minigpt.anomalies import diagnose
-from minigpt.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint, save_model_directory
+from minigpt.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint, save_model_directory, write_model_files
 from minigpt.config import RunConfig
+from minigpt.errors import UserInputError
+from minigpt.lora import AdapterRun
 from minigpt.files import atomic_write_bytes, atomic_write_json
 from minigpt.metrics import MetricsWriter, evaluation_scalars, read_metrics
 from minigpt.model import GPT
@@ -134,6 +136,7 @@ class Trainer:
         dtype: torch.dtype = torch.float32,
         callbacks: list[Callback] | None = None,
         show_progress: bool = True,
+        adapter: AdapterRun | None = None,
     ):
         self.config, self.train_config = config, config.train
         self.model, self.tokenizer, self.objective = model, tokenizer, objective
@@ -142,6 +145,7 @@ class Trainer:
         self.device, self.dtype = device, dtype
         self.callbacks = list(callbacks or [])
         self.show_progress = show_progress
+        self.adapter = adapter  # a LoRA run: only the adapters train, on a frozen base model
         self.optimizer = build_optimizer(model, self.train_config, device.type)
         # float16 has a narrow range: scale the loss up so small gradients do not flush to zero.
         self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
@@ -191,7 +195,9 @@ class Trainer:
         """Save the run's state; `evaluation`, the metrics of an evaluation at this very step, goes
         into meta.json, where pruning finds the best checkpoint by the objective's metric."""
         meta = {"tokens_seen": self.progress.tokens_seen, "saved_at": time.time(), **evaluation_scalars(evaluation or {})}
-        path = save_checkpoint(self.run_dir, self.progress.step, self.model, self.training_state(), meta)
+        if self.adapter is not None:
+            meta.update(base_model=self.adapter.base_path, base_model_sha256=self.adapter.base_sha256)
+        path = save_checkpoint(self.run_dir, self.progress.step, self.model, self.training_state(), meta, self.config, self.tokenizer)
         monitor = self.objective.monitor
         prune_checkpoints(self.run_dir, self.train_config.keep_checkpoints, monitor.metric, monitor.mode == "max")
         log.info("Saved checkpoint %s", path)
@@ -201,7 +207,12 @@ class Trainer:
 
     def resume(self, checkpoint_dir: str | Path) -> None:
         """Continue from a checkpoint exactly where it left off: weights, optimizer, data, RNGs."""
-        state, _ = load_checkpoint(checkpoint_dir, self.model)
+        state, meta = load_checkpoint(checkpoint_dir, self.model)
+        if self.adapter is not None and meta.get("base_model_sha256") != self.adapter.base_sha256:
+            raise UserInputError(
+                f"The base model {self.adapter.base_path} has changed since this LoRA run's checkpoint {checkpoint_dir} "
+                "was saved (its SHA-256 differs); restore that base model or start a new run."
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         self.train_batches.load_state_dict(state["train_stream"])
         set_rng_state(state["rng"])
@@ -312,7 +323,7 @@ class Trainer:
             if self.progress.step % config.save_steps:
                 self.save_checkpoint(last_evaluation if evaluated_at == self.progress.step else None)
             if not failed:
-                save_model_directory(self.run_dir / "final_model", self.model, self.config, self.tokenizer)
+                self.save_final_model()
         metrics.close()
         summary = self._summary(last_evaluation)
         atomic_write_json(self.run_dir / "summary.json", summary)
@@ -321,6 +332,14 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_end(self, summary)
         return summary
+
+    def save_final_model(self) -> Path:
+        """final_model/: the whole model, or for a LoRA run only the adapters (small), which load
+        onto the recorded base model; both with the run's config.json and tokenizer.json."""
+        path = self.run_dir / "final_model"
+        if self.adapter is None:
+            return save_model_directory(path, self.model, self.config, self.tokenizer)
+        return self.adapter.save(path, self.model, lambda directory: write_model_files(directory, self.config, self.tokenizer))
 
     def example_loss(self, model: torch.nn.Module) -> torch.Tensor:
         """The loss of a training step's forward pass on the objective's example batch, moved and
@@ -508,8 +527,19 @@ class Trainer:
             "stop_reason": self.stop_reason,
             "stop_signal": signal.Signals(self.stop_signal).name if self.stop_signal else None,
             "parameters": self.model.num_parameters(),
+            "data": self._data_report(),
             "versions": software_versions(),
         }
+
+    def _data_report(self) -> dict[str, int] | None:
+        """What the training stream read (None where it is read in worker processes), said in one line."""
+        report = getattr(self.train_batches, "report", None)
+        if report is None:
+            return None
+        log.info("Data: %s documents read, %s bad lines skipped%s", f"{report.documents:,}", f"{report.bad_lines:,}",
+                 f", {report.truncated:,} cut to fit one row, {report.dropped:,} dropped (nothing to learn left after the cut)"
+                 if getattr(self.train_batches, "one_document_per_row", False) else "")
+        return {"documents": report.documents, "bad_lines": report.bad_lines, "truncated": report.truncated, "dropped": report.dropped}
 
     def stop_message(self) -> str:
         """One sentence on why the run ended and what to do next."""

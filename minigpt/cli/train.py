@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -12,7 +13,7 @@ from typing import Any, NamedTuple
 from minigpt.cli.common import SHARED_ARGUMENTS, ArgumentParser, program_name, run_command
 from minigpt.config import CHOICES, PRESETS, RunConfig, apply_overrides, load_config, validate
 from minigpt.errors import UserInputError
-from minigpt.run import prepare_run, resolve_run_paths
+from minigpt.run import initial_model_config, prepare_run, resolve_run_paths
 
 log = logging.getLogger("minigpt.train")
 
@@ -28,6 +29,15 @@ class Flag(NamedTuple):
 # --help's groups, and in each the flags. Every flag lands in the configuration, nothing else;
 # its type, choices and default come from the configuration itself.
 FLAGS: dict[str, list[Flag]] = {
+    "fine-tuning": [
+        Flag(("--stage",), "train.stage", "pretrain: next token on every token; sft: chat fine-tuning, loss on the assistant's words only"),
+        Flag(("--init-from",), "train.init_from", "start from this model (final_model/, checkpoint, run or Hugging Face Llama folder); its shape and tokenizer are used"),
+        Flag(("--lora-rank",), "train.lora_rank", "train LoRA adapters of this rank on the frozen --init-from model (0 = train every weight)"),
+        Flag(("--lora-alpha",), "train.lora_alpha", "the adapters' update is scaled by alpha / rank"),
+        Flag(("--lora-dropout",), "train.lora_dropout", "dropout on the adapters' input"),
+        Flag(("--lora-targets",), "train.lora_targets", "the layers that get adapters: any of q,k,v,o,gate,up,down, or all"),
+        Flag(("--sample-prompt",), "train.sample_prompt", "sft: the message the model answers as the sample at each evaluation"),
+    ],
     "data": [
         Flag(("--data-files",), "train.data_files", "training data: .jsonl/.txt files, directories or globs (none: the built-in corpus)"),
         Flag(("--val-data-files",), "train.val_data_files", "validation data (none: a hold-out of the training data)"),
@@ -143,6 +153,7 @@ def build_parser(defaults: RunConfig, config_name: str = DEFAULT_CONFIG) -> Argu
             f"examples:\n"
             f"  {prog} --config tiny --max-steps 200 --plot-loss           # a first run in seconds\n"
             f"  {prog} --config small --data-files data/*.jsonl --max-time 3600\n"
+            f"  {prog} --stage sft --init-from checkpoints/RUN/final_model --lora-rank 8   # chat fine-tuning\n"
             f"  {prog} --resume --max-steps 30000                         # continue the newest run, longer\n\n"
             f"{EXIT_STATUSES}"
         ),
@@ -183,6 +194,10 @@ def config_from_arguments(arguments: argparse.Namespace, config: RunConfig) -> R
         overrides["train.resume"] = str(paths.resume_from)
         overrides.setdefault("train.run_name", paths.run_dir.name)
         overrides.setdefault("train.output_dir", str(paths.run_dir.parent))
+    elif init_from := overrides.get("train.init_from", config.train.init_from):
+        # A run started from a model takes that model's shape; model flags given now still apply
+        # on top, and prepare_run refuses any that contradict it.
+        config = dataclasses.replace(config, model=initial_model_config(init_from))
     return apply_overrides(config, overrides, source="command line")
 
 
@@ -215,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     final_model = run_dir / "final_model"
     if final_model.is_dir():
         log.info("Final model:    %s", final_model)
-        log.info("Generate text:  %s %s --prompt \"...\"", program_name("generate"), final_model)
+        if config.train.stage == "sft":
+            log.info("Chat with it:   %s %s", program_name("chat"), final_model)
+        else:
+            log.info("Generate text:  %s %s --prompt \"...\"", program_name("generate"), final_model)
     if config.train.plot_loss:
         log.info("Loss curves:    %s", run_dir / "plots")
     log.info("Summary:        %s", run_dir / "summary.json")

@@ -1,0 +1,133 @@
+"""Chat fine-tuning and LoRA on the one trainer: rows, starting from a model, exact resume, refusals."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import run_script
+from minigpt.config import apply_overrides, preset_config
+from minigpt.data import TokenBlockStream
+from minigpt.errors import UserInputError
+from minigpt.loss import IGNORE_INDEX
+from minigpt.run import initial_model_config, prepare_run
+from minigpt.tokenizer import load_tokenizer
+from minigpt.trainer import Callback
+
+
+def chat_file(path, count=120):
+    with open(path, "w", encoding="utf-8") as file:
+        for number in range(count):
+            turns = [{"role": "user", "content": f"What is {number} times two?"},
+                     {"role": "assistant", "content": f"{number} times two is {2 * number}."}]
+            file.write(json.dumps({"conversations": turns}) + "\n")
+    return path
+
+
+def settings(tmp_path, tokenizer_file, name, **overrides):
+    return apply_overrides(preset_config("tiny"), {
+        "train.tokenizer_path": str(tokenizer_file), "train.output_dir": str(tmp_path / "runs"), "train.run_name": name,
+        "train.sample_tokens": 0, "train.eval_batches": 1, "train.disable_monitoring": True, "train.dtype": "float32",
+        "train.shuffle_buffer": 8, **overrides,
+    })
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, corpus_jsonl, tokenizer_file):
+    """A tiny model pretrained for a few steps: the base every test here fine-tunes."""
+    tmp_path = tmp_path_factory.mktemp("pretrained")
+    config = settings(tmp_path, tokenizer_file, "base", **{"train.data_files": [str(corpus_jsonl)], "train.max_steps": 20})
+    prepare_run(config, show_progress=False).train()
+    return tmp_path / "runs" / "base" / "final_model"
+
+
+def test_each_row_holds_one_whole_conversation_and_padding_is_never_a_target(tmp_path, tokenizer_file):
+    tokenizer = load_tokenizer(tokenizer_file)
+    stream = TokenBlockStream([chat_file(tmp_path / "chat.jsonl")], tokenizer, block_size=64, batch_size=4,
+                              assistant_only_loss=True, one_document_per_row=True)
+    inputs, targets = next(iter(stream))
+    for row, row_targets in zip(inputs.tolist(), targets.tolist()):
+        assert row[0] == tokenizer.im_start_id and row.count(tokenizer.im_start_id) == 2  # one user and one assistant turn
+        end = row.index(tokenizer.eos_id)
+        assert set(row[end + 1:]) <= {tokenizer.pad_id}  # nothing of another conversation after it
+        counted = [token for token in row_targets if token != IGNORE_INDEX]
+        assert tokenizer.decode(counted).endswith("<|im_end|><|endoftext|>") and "What is" not in tokenizer.decode(counted)
+
+
+def test_a_long_conversation_is_cut_at_its_end_and_counted(tmp_path, tokenizer_file):
+    tokenizer = load_tokenizer(tokenizer_file)
+    path = tmp_path / "long.jsonl"
+    turns = [{"role": "user", "content": "Tell me a story."}, {"role": "assistant", "content": "Once upon a time " * 40}]
+    path.write_text(json.dumps({"conversations": turns}) + "\n" + json.dumps({"conversations": turns[:1] * 40 + turns[1:]}) + "\n")
+    stream = TokenBlockStream([path], tokenizer, block_size=32, batch_size=2, assistant_only_loss=True, one_document_per_row=True, loop=False)
+    batches = list(stream)
+    assert len(batches) == 1 and batches[0][0].shape == (1, 32)
+    assert tokenizer.decode(batches[0][0][0].tolist()).startswith("<|im_start|>user\nTell me a story.")  # the question stays
+    assert stream.report.truncated == 2 and stream.report.dropped == 1  # the second: only user turns fit
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_fine_tuning_resumes_exactly_after_a_stop(tmp_path, tokenizer_file, pretrained, lora_rank):
+    data = chat_file(tmp_path / "chat.jsonl")
+    common = {"train.stage": "sft", "train.init_from": str(pretrained), "train.data_files": [str(data)],
+              "train.max_steps": 20, "train.save_steps": 10, "train.eval_steps": 10, "train.lora_rank": lora_rank,
+              "train.tokenizer_path": ""}
+
+    def config(name):  # as the command line builds it: the model's shape comes from the initial model
+        return dataclasses.replace(settings(tmp_path, tokenizer_file, name, **common), model=initial_model_config(str(pretrained)))
+
+    straight = prepare_run(config("straight"), show_progress=False)
+    straight.train()
+
+    class StopAtTen(Callback):
+        def on_log(self, trainer, row):
+            if row["step"] == 10:
+                trainer.stop_reason = "signal"  # as Ctrl-C does: save and stop
+
+    stopped = prepare_run(config("stopped"), show_progress=False, callbacks=[StopAtTen()])
+    assert stopped.train()["steps"] == 10
+    resumed = prepare_run(apply_overrides(config("stopped"), {"train.resume": str(stopped.run_dir / "checkpoint_step_10")}),
+                          show_progress=False)
+    resumed.train()
+    weights = "adapter.safetensors" if lora_rank else "model.safetensors"
+    expected = load_file(straight.run_dir / "final_model" / weights)
+    actual = load_file(resumed.run_dir / "final_model" / weights)
+    assert expected.keys() == actual.keys() and all(torch.equal(expected[name], actual[name]) for name in expected)
+    if lora_rank:
+        saved = load_file(straight.run_dir / "checkpoint_step_10" / "model.safetensors")
+        assert saved and all("lora" in name for name in saved)  # the frozen base is not copied into checkpoints
+        base = pretrained / "model.safetensors"
+        original = base.read_bytes()
+        try:
+            tensors = load_file(base)
+            save_file({name: tensor + 1e-3 for name, tensor in tensors.items()}, str(base))
+            with pytest.raises(UserInputError, match="has changed"):
+                prepare_run(apply_overrides(config("stopped"), {"train.resume": str(stopped.run_dir / "checkpoint_step_10")}),
+                            show_progress=False)
+        finally:
+            base.write_bytes(original)
+
+
+def test_flags_that_contradict_the_initial_model_are_refused(tmp_path, pretrained):
+    chat_file(tmp_path / "chat.jsonl")
+    wider = run_script("train.py", "--stage", "sft", "--init-from", str(pretrained), "--data-files", "chat.jsonl",
+                       "--set", "model.n_embd=128", "--output-dir", "runs", cwd=tmp_path)
+    assert wider.returncode == 2 and "model.n_embd = 64" in wider.stderr and "Traceback" not in wider.stderr
+    lora_alone = run_script("train.py", "--config", "tiny", "--lora-rank", "4", "--output-dir", "runs", cwd=tmp_path)
+    assert lora_alone.returncode == 2 and "--init-from" in lora_alone.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sft_from_the_command_line_then_chat(tmp_path, pretrained):
+    result = run_script("train.py", "--stage", "sft", "--init-from", str(pretrained), "--max-steps", "10", "--eval-steps", "10",
+                        "--lora-rank", "4", "--dtype", "float32", "--output-dir", "runs", "--run-name", "chat", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "trainable" in result.stdout and "Chat with it" in result.stdout
+    final = tmp_path / "runs" / "chat" / "final_model"
+    assert (final / "adapter.safetensors").is_file() and not (final / "model.safetensors").exists()
+    assert json.loads((final / "config.json").read_text())["train"]["stage"] == "sft"
+    reply = run_script("chat.py", str(final), "--prompt", "What does len do?", "--max-new-tokens", "8", "--seed", "0", cwd=tmp_path)
+    assert reply.returncode == 0, reply.stderr
+    assert "never chat-tuned" not in reply.stderr
