@@ -153,6 +153,8 @@ def _parse_jsonl_line(raw: bytes, text_field: str) -> Document | str:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         return f"not valid JSON ({error.msg})"
+    except RecursionError:
+        return "JSON nested too deeply"
     if not isinstance(record, dict):
         return "not a JSON object"
     if isinstance(record.get(text_field), str):
