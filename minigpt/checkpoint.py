@@ -8,13 +8,21 @@ A checkpoint directory `checkpoint_step_<N>/` holds:
     model.safetensors  the weights
     state.pt           optimizer, data-stream position, RNG states, counters
     meta.json          step, validation loss, time (small and human-readable)
+    manifest.json      each file's size and SHA-256 sum, written last (see `minigpt.files`)
+
+The manifest is checked before anything is loaded, so a checkpoint damaged after it was written
+(a truncated copy, a flipped bit) is reported by name instead of failing obscurely inside torch
+or, worse, loading wrong numbers. `--resume` then falls back to the newest checkpoint that is
+intact. final_model/ carries a manifest too, checked by `load_model_directory`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -26,9 +34,11 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from minigpt.config import RunConfig, load_config
 from minigpt.errors import UserInputError
 from minigpt.export import import_hf_llama, is_hf_directory
-from minigpt.files import TEMPORARY_PREFIX, write_directory_atomically
+from minigpt.files import TEMPORARY_PREFIX, fault_point, verify_manifest, write_directory_atomically
 from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger("minigpt.checkpoint")
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_step_(\d+)$")
 SAFETENSORS_METADATA = {"format": "pt"}  # what other safetensors loaders (transformers among them) expect
@@ -61,23 +71,40 @@ def save_checkpoint(
 
     def fill(directory: Path) -> None:
         save_weights(model, directory / "model.safetensors")
+        fault_point("after_weights")
         torch.save(training_state, directory / "state.pt")
         (directory / "meta.json").write_text(json.dumps({"step": step, **meta}, indent=2, sort_keys=True) + "\n")
         if config is not None and tokenizer is not None:
             write_model_files(directory, config, tokenizer)
 
-    return write_directory_atomically(Path(run_dir) / f"checkpoint_step_{step}", fill)
+    return write_directory_atomically(Path(run_dir) / f"checkpoint_step_{step}", fill, manifest=True)
 
 
 def load_checkpoint(checkpoint_dir: str | Path, model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load weights into `model`; return (training_state, meta)."""
+    """Load weights into `model`; return (training_state, meta). Damage is reported in one sentence."""
     directory = Path(checkpoint_dir)
     missing = [name for name in ("model.safetensors", "state.pt", "meta.json") if not (directory / name).is_file()]
     if missing:
         raise UserInputError(f"{directory} is not a complete checkpoint (missing {', '.join(missing)}).")
+    verify_manifest(directory)  # a checkpoint written before manifests existed has none, and loads unchecked
     load_weights(model, directory / "model.safetensors")
-    training_state = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
-    meta = json.loads((directory / "meta.json").read_text())
+    state_file = directory / "state.pt"
+    try:
+        # weights_only: tensors and plain values only. A pickle can name any function to call
+        # while it is read (that is how it rebuilds objects), so a full unpickle of a file from
+        # elsewhere could run any code; this one refuses before calling anything.
+        training_state = torch.load(state_file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserInputError(
+            f"{state_file} holds Python objects other than tensors and plain values; it was refused unread, "
+            "because loading such objects can run code."
+        ) from None
+    except (RuntimeError, EOFError) as error:
+        raise UserInputError(f"{state_file} is damaged and cannot be read ({str(error).splitlines()[0]}).") from None
+    try:
+        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise UserInputError(f"{directory / 'meta.json'} is damaged (not valid JSON).") from None
     return training_state, meta
 
 
@@ -111,14 +138,37 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return checkpoints[-1] if checkpoints else None
 
 
+def latest_intact_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest checkpoint whose files match its manifest, saying in one log line which newer
+    one was skipped and why. Checkpoints are kept in twos and threes exactly for this."""
+    for checkpoint in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_manifest(checkpoint)
+        except UserInputError as damage:
+            log.warning("Skipping checkpoint %s: %s Falling back to the previous one.", checkpoint.name, damage)
+            continue
+        return checkpoint
+    return None
+
+
+def _metric(checkpoint: Path, metric: str) -> float | None:
+    """`metric` from a checkpoint's meta.json, or None if it has none (or its meta.json is damaged)."""
+    try:
+        value = json.loads((checkpoint / "meta.json").read_text(encoding="utf-8")).get(metric)
+    except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
 def prune_checkpoints(run_dir: str | Path, keep: int, metric: str = "val_loss", higher_is_better: bool = False) -> list[Path]:
     """Delete all but the `keep` newest checkpoints, always sparing the best by `metric` (read
     from each checkpoint's meta.json; checkpoints saved without an evaluation have none)."""
+    fault_point("after_rename_before_prune")
     checkpoints = list_checkpoints(run_dir)
     scored = []
     for checkpoint in checkpoints:
-        value = json.loads((checkpoint / "meta.json").read_text()).get(metric)
-        if isinstance(value, (int, float)) and math.isfinite(value):
+        value = _metric(checkpoint, metric)
+        if value is not None:
             scored.append((-value if higher_is_better else value, checkpoint))
     spared = set(checkpoints[-keep:])
     if scored:
@@ -129,6 +179,7 @@ def prune_checkpoints(run_dir: str | Path, keep: int, metric: str = "val_loss", 
         # under a name that looks complete.
         retired = checkpoint.parent / f"{TEMPORARY_PREFIX}{checkpoint.name}"
         os.replace(checkpoint, retired)
+        fault_point("during_prune")
         shutil.rmtree(retired)
     return removed
 
@@ -140,7 +191,7 @@ def save_model_directory(directory: str | Path, model: torch.nn.Module, config: 
         save_model(model, str(temporary / "model.safetensors"), metadata=SAFETENSORS_METADATA)
         write_model_files(temporary, config, tokenizer)
 
-    return write_directory_atomically(directory, fill)
+    return write_directory_atomically(directory, fill, manifest=True)
 
 
 def resolve_model_directory(path: str | Path) -> tuple[Path, Path]:
@@ -169,6 +220,7 @@ def load_model_directory(path: str | Path, device: str | torch.device = "cpu") -
     if is_hf_directory(home):
         model, tokenizer, config = import_hf_llama(home)
         return model.to(device), tokenizer, config
+    verify_manifest(weights_dir)  # final_model/ and checkpoints; directories written before manifests existed have none
     config = load_config(str(home / "config.json"))
     tokenizer = load_tokenizer(home / "tokenizer.json")
     model = GPT(config.model).to(device)

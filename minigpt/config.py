@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +155,11 @@ class RunConfig:
             raise UserInputError(
                 f"{source} has unknown top-level key(s) {sorted(unknown)}; use 'preset', [model] and [train]."
             )
+        for section in ("model", "train"):
+            if not isinstance(values.get(section, {}), Mapping):
+                raise UserInputError(f"{source}: '{section}' must be a table/object of settings, got {values[section]!r}.")
+        if not isinstance(values.get("preset", ""), str):
+            raise UserInputError(f"{source}: 'preset' must be a preset's name, got {values['preset']!r}.")
         config = preset_config(values["preset"]) if values.get("preset") else cls()
         overrides = {f"{section}.{key}": value for section in ("model", "train") for key, value in values.get(section, {}).items()}
         return apply_overrides(config, overrides, source=source)
@@ -222,7 +228,7 @@ def load_config(name_or_path: str) -> RunConfig:
     try:
         text = path.read_text(encoding="utf-8")
         values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (ValueError, UnicodeDecodeError) as error:
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: absurdly deep nesting
         raise UserInputError(f"Configuration file {path} could not be parsed: {error}.") from None
     if not isinstance(values, dict):
         raise UserInputError(f"Configuration file {path} must hold a table/object at the top level.")
@@ -263,7 +269,10 @@ def _convert(value: Any, spec: dataclasses.Field, key: str, source: str) -> Any:
     try:
         if expected is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
-        return expected(value)
+        converted = expected(value)
+        if expected is float and not math.isfinite(converted):  # JSON's NaN/Infinity literals pass every comparison check
+            raise ValueError
+        return converted
     except (TypeError, ValueError):
         raise UserInputError(f"{source}: '{key}' must be {expected.__name__}, got {value!r}.") from None
 

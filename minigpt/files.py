@@ -1,21 +1,98 @@
-"""Writing files so that a crash never leaves half of one.
+"""Writing files so that a crash never leaves half of one, and noticing when one was damaged later.
 
 Every file and directory is written atomically: first under a temporary name, flushed to disk
-(fsync), then renamed into place. A rename is atomic on POSIX file systems, so a crash, a
-`kill -9` or a power cut at any instant leaves either the old version or the new one, never
-half of a file. Everything in MiniGPT that writes a file goes through here.
+(fsync), then renamed into place. A rename is atomic on POSIX file systems: the directory entry
+points at the old file or at the new one, and no reader (and no crash, `kill -9` or power cut)
+can catch it halfway. So an interrupted write leaves the old version or the new one, never half
+of a file, and the only debris is a temporary name that nothing reads. Everything in MiniGPT
+that writes a file goes through here.
+
+Atomic writes protect against crashes *while writing*. A file can still be damaged *afterwards*:
+a disk sector goes bad, a copy to another machine is cut short, a sync tool truncates it. So a
+directory that must be trusted later (a checkpoint, final_model/) also gets a manifest: the size
+and SHA-256 sum of each of its files, written last, and checked before the directory is loaded.
+
+Three more guards live here: a full disk is reported in one sentence after removing the partial
+write; a lock file keeps two trainers out of one run directory; and names that would escape the
+output directory (`../../etc`) are refused.
 """
 
 from __future__ import annotations
 
+import atexit
+import errno
+import hashlib
 import json
+import logging
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
+
+import psutil
+
+from minigpt.errors import UserInputError
+
+log = logging.getLogger("minigpt.files")
 
 TEMPORARY_PREFIX = ".tmp-"  # a name that nothing reads: what an interrupted write leaves behind
+MANIFEST_NAME = "manifest.json"
+LOCK_NAME = "run.lock"
+FAULT_POINT_VARIABLE = "MINIGPT_FAULT_POINT"
+
+_fault_point_passes: dict[str, int] = {}
+
+
+def fault_point(name: str) -> None:
+    """A test hook: kill this very process (SIGKILL, no clean-up at all) if the environment asks.
+
+    `MINIGPT_FAULT_POINT=before_rename` kills at the first pass through `fault_point("before_rename")`,
+    `before_rename@3` at the third. The fault drill (benchmarks/fault_drill.py) crashes training
+    at the instants where a crash does most harm: `after_weights` (a checkpoint half written),
+    `before_rename` (written but not yet in place), `after_rename_before_prune` (in place, old
+    ones not yet pruned) and `during_prune` (an old checkpoint renamed away but not yet deleted).
+    Without the variable (always, outside tests) this costs one dictionary lookup.
+    """
+    wanted = os.environ.get(FAULT_POINT_VARIABLE)
+    if not wanted:
+        return
+    point, _, count = wanted.partition("@")
+    if point != name:
+        return
+    _fault_point_passes[name] = _fault_point_passes.get(name, 0) + 1
+    if _fault_point_passes[name] >= int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class DiskFullError(UserInputError):
+    """The disk filled up during a write; the partial files are already removed.
+
+    Exit status 1, not 2: the input was fine and the run failed, like a run stopped by NaN
+    losses. Its last complete checkpoint is intact, so freeing space and `--resume` continues it.
+    """
+
+    exit_status = 1
+
+
+def _size_of(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(file.stat().st_size for file in path.rglob("*") if file.is_file()) if path.is_dir() else 0
+
+
+def _disk_full(error: OSError, target: Path, partial: Path) -> DiskFullError:
+    """Remove the partial write `partial` and describe the failure in one sentence."""
+    freed = _size_of(partial)
+    if partial.is_dir():
+        shutil.rmtree(partial, ignore_errors=True)
+    else:
+        partial.unlink(missing_ok=True)
+    return DiskFullError(
+        f"No space left on device while saving {target}; freed {freed / 1e6:.1f} MB of partial files; "
+        "free space and --resume."
+    )
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -43,6 +120,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise _disk_full(error, path, Path(temporary)) from None
+        Path(temporary).unlink(missing_ok=True)
+        raise
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -53,20 +135,25 @@ def atomic_write_json(path: str | Path, value: Any) -> None:
     atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
-def write_directory_atomically(path: str | Path, fill: Callable[[Path], None]) -> Path:
+def write_directory_atomically(path: str | Path, fill: Callable[[Path], None], manifest: bool = False) -> Path:
     """Create directory `path` by letting `fill` write into a temporary sibling, then renaming it.
 
     If `path` already exists it is replaced; at every instant one complete version exists.
+    With `manifest`, a manifest.json of the files' sizes and SHA-256 sums is written last, so
+    that `verify_manifest` can later tell a complete directory from a damaged one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{path.name}-", dir=path.parent))
     try:
         fill(temporary)
-        for file in temporary.iterdir():
+        if manifest:
+            write_manifest(temporary)
+        for file in _files_under(temporary):
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
         _fsync_directory(temporary)
+        fault_point("before_rename")
         if path.exists():
             retired = path.parent / f"{TEMPORARY_PREFIX}old-{path.name}-{os.getpid()}"
             os.replace(path, retired)
@@ -74,6 +161,11 @@ def write_directory_atomically(path: str | Path, fill: Callable[[Path], None]) -
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(temporary, path)
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise _disk_full(error, path, temporary) from None
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
@@ -88,3 +180,122 @@ def remove_temporary_files(run_dir: str | Path) -> None:
             shutil.rmtree(leftover, ignore_errors=True)
         else:
             leftover.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# manifests: is this directory still exactly what was written?
+
+
+def _files_under(directory: Path) -> Iterator[Path]:
+    return (file for file in sorted(directory.rglob("*")) if file.is_file())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Record each file's size and SHA-256 sum in `directory/manifest.json`.
+
+    It is written after every other file, inside the temporary directory, so a manifest that
+    exists always describes a finished directory.
+    """
+    entries = {
+        file.relative_to(directory).as_posix(): {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+        for file in _files_under(directory)
+        if file.name != MANIFEST_NAME
+    }
+    (directory / MANIFEST_NAME).write_text(json.dumps({"files": entries}, indent=2, sort_keys=True) + "\n")
+
+
+def verify_manifest(directory: str | Path) -> bool:
+    """Check every file listed in `directory/manifest.json`; raise a one-sentence `UserInputError`
+    naming the first missing, truncated or altered file.
+
+    Returns False, checking nothing, for a directory without a manifest: one written before
+    manifests existed, which loads as it always did. The size is compared first (cheap, and it
+    catches the usual damage, a truncated copy); then the sum, which catches a flipped bit.
+    """
+    directory = Path(directory)
+    manifest = directory / MANIFEST_NAME
+    if not manifest.is_file():
+        return False
+    try:
+        entries = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        expected = {name: (int(entry["bytes"]), str(entry["sha256"])) for name, entry in entries.items()}
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise UserInputError(f"{manifest} is damaged (not a readable list of files and sums).") from None
+    for name, (size, checksum) in expected.items():
+        file = directory / name
+        if not file.is_file():
+            raise UserInputError(f"{file} is missing (listed in {MANIFEST_NAME}); the directory is incomplete.")
+        if file.stat().st_size != size:
+            raise UserInputError(f"{file} is damaged: {file.stat().st_size} bytes instead of {size} (truncated?).")
+        if _sha256(file) != checksum:
+            raise UserInputError(f"{file} is damaged: its SHA-256 sum differs from the one in {MANIFEST_NAME}.")
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
+# names and locks: one trainer per run directory, inside the output directory
+
+
+def check_plain_name(name: str, what: str) -> None:
+    """Refuse a name that is not one plain directory name: `../../etc`, `/tmp/x` or `a/b` would put
+    files outside the directory the user chose (or overwrite someone else's)."""
+    if name and (name in (".", "..") or "/" in name or "\\" in name or Path(name).is_absolute() or "\0" in name):
+        raise UserInputError(f"{what} '{name}' must be a plain directory name, without '/', '\\' or '..'.")
+
+
+def lock_run_directory(run_dir: str | Path) -> None:
+    """Take `run_dir`'s lock file, holding this process's pid, or refuse in one sentence.
+
+    Two trainers writing the same checkpoints and metrics would corrupt each other's state, so
+    the second is refused. The file is created with O_EXCL, which the operating system makes
+    atomic: of two processes creating it at once, exactly one succeeds. A lock left by a process
+    that no longer exists (it was killed) is stale and taken over with a notice. The lock is
+    released by `unlock_run_directory`, and at the latest when this process exits normally.
+    """
+    path = Path(run_dir) / LOCK_NAME
+    for _ in range(2):  # a second try after removing a stale lock
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            _clear_stale_lock(path)
+            continue
+        with os.fdopen(descriptor, "w") as file:
+            file.write(f"{os.getpid()}\n")
+        atexit.register(unlock_run_directory, run_dir)
+        return
+    raise UserInputError(f"Could not take the lock {path}: another trainer is starting in the same run directory.")
+
+
+def _lock_owner(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None  # absent, empty or garbled (its writer died between creating and filling it)
+
+
+def _clear_stale_lock(path: Path) -> None:
+    """Remove a lock whose owner is gone (or is this very process); refuse if its owner lives."""
+    owner = _lock_owner(path)
+    if owner is not None and owner != os.getpid() and psutil.pid_exists(owner):
+        raise UserInputError(
+            f"Run directory {path.parent} is in use by another trainer (pid {owner}); wait for it to finish, "
+            f"choose another --run-name, or delete {path} if no such trainer is running."
+        )
+    if owner != os.getpid():  # this process taking it again (a notebook preparing the run twice) is no news
+        log.warning("Taking over the lock %s left by process %s, which is no longer running.", path, owner)
+    path.unlink(missing_ok=True)
+
+
+def unlock_run_directory(run_dir: str | Path) -> None:
+    """Remove `run_dir`'s lock if this process owns it (safe to call more than once)."""
+    path = Path(run_dir) / LOCK_NAME
+    if _lock_owner(path) == os.getpid():
+        path.unlink(missing_ok=True)

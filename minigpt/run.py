@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from minigpt.checkpoint import latest_checkpoint
-from minigpt.files import atomic_write_json, remove_temporary_files
+from minigpt.checkpoint import latest_checkpoint, latest_intact_checkpoint
 from minigpt.config import ModelConfig, RunConfig, validate
+from minigpt.files import atomic_write_json, check_plain_name, lock_run_directory, remove_temporary_files
 from minigpt.corpus import BUILTIN_CORPUS
 from minigpt.sft_corpus import BUILTIN_SFT
 from minigpt.data import ParallelBatches, RepeatedBatch, TokenBlockStream, holdout_filling_one_block
@@ -94,6 +94,7 @@ def resolve_run_paths(config: RunConfig) -> RunPaths:
     recent run under the output directory); --resume DIR continues that checkpoint directory.
     """
     train = config.train
+    check_plain_name(train.run_name, "--run-name")
     output_dir = Path(train.output_dir)
     if train.resume and train.resume != "latest":
         checkpoint = Path(train.resume)
@@ -108,7 +109,7 @@ def resolve_run_paths(config: RunConfig) -> RunPaths:
             if not runs:
                 raise UserInputError(f"--resume found no run under {output_dir}; name one with --run-name.")
             run_dir = max(runs, key=lambda path: path.stat().st_mtime).parent
-        checkpoint = latest_checkpoint(run_dir)
+        checkpoint = latest_intact_checkpoint(run_dir)
         if checkpoint is None:
             raise UserInputError(f"--resume: run {run_dir} has no checkpoint yet; start it again without --resume.")
         return RunPaths(run_dir, checkpoint)
@@ -303,6 +304,7 @@ def prepare_run(
     # Record the precision chosen, so that a resumed run computes exactly as this one did.
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, dtype=str(dtype).replace("torch.", "")))
     run_dir.mkdir(parents=True, exist_ok=True)
+    lock_run_directory(run_dir)  # a second trainer here is refused; Trainer.train() releases it
     remove_temporary_files(run_dir)
     atomic_write_json(run_dir / "config.json", config.to_dict())
     if paths.resume_from is None:

@@ -165,6 +165,8 @@ def _parse_jsonl_line(raw: bytes, text_field: str) -> Document | str:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         return f"not valid JSON ({error.msg})"
+    except RecursionError:
+        return "JSON nested too deeply"
     return parse_record(record, text_field)
 
 
@@ -458,6 +460,8 @@ def read_json_array(path: Path) -> list:
         raise UserInputError(f"{path} is not valid UTF-8 (byte {error.start}); save it as UTF-8.") from None
     except json.JSONDecodeError as error:
         raise UserInputError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}).") from None
+    except RecursionError:
+        raise UserInputError(f"{path} holds JSON nested too deeply to read; flatten its records.") from None
     if not isinstance(records, list):
         raise UserInputError(
             f"{path} does not hold a JSON array of records; write it as [{{...}}, {{...}}] "

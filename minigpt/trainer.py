@@ -34,8 +34,8 @@ from minigpt.anomalies import diagnose
 from minigpt.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint, save_model_directory, write_model_files
 from minigpt.config import RunConfig
 from minigpt.errors import UserInputError
+from minigpt.files import atomic_write_bytes, atomic_write_json, unlock_run_directory
 from minigpt.lora import AdapterRun
-from minigpt.files import atomic_write_bytes, atomic_write_json
 from minigpt.metrics import MetricsWriter, evaluation_scalars, read_metrics
 from minigpt.model import GPT
 from minigpt.objective import Batch, Objective
@@ -226,11 +226,14 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         """Train until max_steps, max_time, early stopping, a stop signal, a memory limit or repeated NaN losses."""
-        if self.train_config.disable_optimizations:
-            # The plain textbook attention (softmax(q k^T) v, no fused kernel): slower, easiest to debug.
-            with sdpa_kernel([SDPBackend.MATH]):
-                return self._train()
-        return self._train()
+        try:
+            if self.train_config.disable_optimizations:
+                # The plain textbook attention (softmax(q k^T) v, no fused kernel): slower, easiest to debug.
+                with sdpa_kernel([SDPBackend.MATH]):
+                    return self._train()
+            return self._train()
+        finally:
+            unlock_run_directory(self.run_dir)  # taken by prepare_run: the next trainer may use the directory
 
     def _train(self) -> dict[str, Any]:
         config = self.train_config

@@ -139,7 +139,7 @@ def run_command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] 
             return main(argv)
         except UserInputError as error:
             print(f"error: {error}", file=sys.stderr)
-            return USAGE_ERROR
+            return error.exit_status
         except KeyboardInterrupt:
             print("Interrupted.", file=sys.stderr)
             return 130

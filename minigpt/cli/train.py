@@ -104,7 +104,8 @@ FLAGS: dict[str, list[Flag]] = {
 
 EXIT_STATUSES = """exit status:
   0        the run finished (max steps, time budget or early stopping)
-  1        the run failed: NaN/Inf losses, or the --max-memory limit (a checkpoint is saved)
+  1        the run failed: NaN/Inf losses, the --max-memory limit (a checkpoint is saved), or a full
+           disk (the partial write is removed, the last checkpoint kept: free space and --resume)
   2        bad command line, configuration or data (nothing is written)
   130/143  stopped by Ctrl-C / SIGTERM after saving a checkpoint: continue with --resume"""
 
@@ -190,7 +191,7 @@ def config_from_arguments(arguments: argparse.Namespace, config: RunConfig) -> R
         # (a longer --max-steps, say) still apply on top.
         paths = resolve_run_paths(apply_overrides(config, {**overrides, "train.resume": arguments.resume}, source="command line"))
         saved = paths.run_dir / "config.json"
-        config = RunConfig.from_dict(json.loads(saved.read_text()), source=str(saved))
+        config = load_config(str(saved))  # a damaged or hand-edited config.json is one sentence, not a traceback
         overrides["train.resume"] = str(paths.resume_from)
         overrides.setdefault("train.run_name", paths.run_dir.name)
         overrides.setdefault("train.output_dir", str(paths.run_dir.parent))

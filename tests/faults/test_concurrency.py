@@ -1,0 +1,82 @@
+"""Two trainers, one run directory: the second is refused; a lock left by a killed trainer is taken over."""
+
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import assert_one_sentence, tiny_arguments
+from minigpt.cli.train import main as train_main
+from minigpt.config import apply_overrides, load_config
+from minigpt.errors import UserInputError
+from minigpt.files import LOCK_NAME, lock_run_directory, unlock_run_directory
+from minigpt.run import prepare_run
+
+
+@pytest.fixture
+def other_trainer():
+    """A live process standing in for another trainer."""
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield process.pid
+    process.kill()
+    process.wait()
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_live_owner_keeps_the_lock(tmp_path, other_trainer):
+    (tmp_path / LOCK_NAME).write_text(f"{other_trainer}\n")
+    with pytest.raises(UserInputError) as error:
+        lock_run_directory(tmp_path)
+    assert_one_sentence(str(error.value), "in use by another trainer", f"pid {other_trainer}", LOCK_NAME)
+    assert (tmp_path / LOCK_NAME).read_text().strip() == str(other_trainer)  # untouched
+
+
+@pytest.mark.parametrize("content", ["dead", "", "garbled"])
+def test_a_stale_lock_is_taken_over_with_a_notice(tmp_path, caplog, content):
+    (tmp_path / LOCK_NAME).write_text(str(dead_pid()) if content == "dead" else content)
+    with caplog.at_level(logging.WARNING, logger="minigpt.files"):
+        lock_run_directory(tmp_path)
+    assert "Taking over the lock" in caplog.text and "no longer running" in caplog.text
+    assert (tmp_path / LOCK_NAME).read_text().strip() == str(os.getpid())
+    unlock_run_directory(tmp_path)
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_the_same_process_may_lock_again_and_unlock_leaves_others_locks_alone(tmp_path, other_trainer):
+    lock_run_directory(tmp_path)
+    lock_run_directory(tmp_path)  # a notebook preparing the same run twice
+    unlock_run_directory(tmp_path)
+    (tmp_path / LOCK_NAME).write_text(f"{other_trainer}\n")
+    unlock_run_directory(tmp_path)  # not ours: stays
+    assert (tmp_path / LOCK_NAME).exists()
+
+
+def test_a_second_trainer_is_refused_before_writing_anything(tmp_path, monkeypatch, capsys, other_trainer, corpus_jsonl,
+                                                              tokenizer_file):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "shared"
+    run.mkdir(parents=True)
+    (run / LOCK_NAME).write_text(f"{other_trainer}\n")
+    status = train_main(tiny_arguments(corpus_jsonl, tokenizer_file, "shared", "--max-steps", "2"))
+    assert status == 2
+    assert_one_sentence(capsys.readouterr().err, "error: Run directory", "in use by another trainer")
+    assert [path.name for path in run.iterdir()] == [LOCK_NAME]
+
+
+def test_the_lock_is_held_while_training_and_released_at_the_end(tmp_path, corpus_jsonl, tokenizer_file):
+    config = apply_overrides(load_config("tiny"), {
+        "train.data_files": [str(corpus_jsonl)], "train.tokenizer_path": str(tokenizer_file), "train.dtype": "float32",
+        "train.output_dir": str(tmp_path), "train.run_name": "locked", "train.max_steps": 2, "train.eval_steps": 1000,
+        "train.eval_batches": 1, "train.sample_tokens": 0, "train.val_fraction": 0.1,
+    })
+    trainer = prepare_run(config, show_progress=False)
+    assert (tmp_path / "locked" / LOCK_NAME).read_text().strip() == str(os.getpid())
+    trainer.train()
+    assert not (tmp_path / "locked" / LOCK_NAME).exists()
