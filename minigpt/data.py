@@ -22,6 +22,7 @@ batches the interrupted run would have seen.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np

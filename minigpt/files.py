@@ -190,7 +190,8 @@ def _files_under(directory: Path) -> Iterator[Path]:
     return (file for file in sorted(directory.rglob("*")) if file.is_file())
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 checksum of a file, read in 1 MB chunks (a model file need not fit in memory twice)."""
     digest = hashlib.sha256()
     with open(path, "rb") as file:
         while chunk := file.read(1 << 20):
@@ -205,7 +206,7 @@ def write_manifest(directory: Path) -> None:
     exists always describes a finished directory.
     """
     entries = {
-        file.relative_to(directory).as_posix(): {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+        file.relative_to(directory).as_posix(): {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
         for file in _files_under(directory)
         if file.name != MANIFEST_NAME
     }
@@ -235,7 +236,7 @@ def verify_manifest(directory: str | Path) -> bool:
             raise UserInputError(f"{file} is missing (listed in {MANIFEST_NAME}); the directory is incomplete.")
         if file.stat().st_size != size:
             raise UserInputError(f"{file} is damaged: {file.stat().st_size} bytes instead of {size} (truncated?).")
-        if _sha256(file) != checksum:
+        if file_sha256(file) != checksum:
             raise UserInputError(f"{file} is damaged: its SHA-256 sum differs from the one in {MANIFEST_NAME}.")
     return True
 

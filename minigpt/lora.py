@@ -30,7 +30,6 @@ plain nn.Linear layers, so a merged model costs nothing extra at inference.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -45,7 +44,7 @@ from safetensors.torch import load_file, save_file
 from minigpt.checkpoint import load_model_directory, resolve_model_directory
 from minigpt.config import RunConfig, load_config
 from minigpt.errors import UserInputError
-from minigpt.files import write_directory_atomically
+from minigpt.files import file_sha256, write_directory_atomically
 from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer
 
@@ -56,7 +55,6 @@ LORA_TARGETS = {
 }
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-CHECKSUM_CHUNK_BYTES = 1 << 20
 
 
 @dataclass
@@ -223,15 +221,6 @@ class AdapterRun:
 
     def save(self, directory: Path, model: nn.Module, extra_files: Callable[[Path], None]) -> Path:
         return save_adapter(directory, model, self.config, self.base_path, self.base_sha256, extra_files)
-
-
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 checksum of a file, read in 1 MB chunks (a model file need not fit in memory twice)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(CHECKSUM_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def base_model_file(base_model_path: str | Path) -> Path:

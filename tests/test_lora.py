@@ -11,8 +11,9 @@ from minigpt.cli import chat
 from minigpt.cli import merge_lora as merge_lora_cli
 from minigpt.config import ModelConfig, RunConfig
 from minigpt.errors import UserInputError
+from minigpt.files import file_sha256
 from minigpt.lora import (
-    ADAPTER_CONFIG, LoRAConfig, LoRALinear, apply_lora, base_model_file, count_trainable, file_sha256,
+    ADAPTER_CONFIG, LoRAConfig, LoRALinear, apply_lora, base_model_file, count_trainable,
     format_trainable, load_adapter, load_lora_state_dict, load_model_for_inference, lora_parameters,
     lora_state_dict, merge_lora, parse_targets, save_adapter,
 )
