@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -236,8 +237,10 @@ def save_confusion_matrix(path: str | Path, matrix: Sequence[Sequence[int]], lab
             axes.text(column, row, str(counts[row, column]), ha="center", va="center",
                       color="white" if shares[row, column] > 0.5 else "black", fontsize=9)
     axes.set_title(title or "confusion matrix")
-    figure.tight_layout()
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    with warnings.catch_warnings():  # a label in a script the font lacks (Chinese, say) is drawn as boxes: fine for a plot
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        figure.tight_layout()
+        figure.savefig(buffer, format="png")
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
