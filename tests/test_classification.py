@@ -178,7 +178,7 @@ def test_multi_task_training_then_classify(tmp_path, capsys):
     train = write_jsonl(tmp_path / "train.jsonl", two_task_records(60))
     val = write_jsonl(tmp_path / "val.jsonl", two_task_records(12) + [{"text": "great fine", "sentiment_labels": "meh"}])
     status = train_classifier.main(["--data-files", str(train), "--val-data-files", str(val), "--output-dir", str(tmp_path / "runs"),
-                                    "--run-name", "mt", "--max-steps", "30", "--task-weights", "sentiment=1,size=0.5",
+                                    "--run-name", "mt", "--max-steps", "20", "--task-weights", "sentiment=1,size=0.5",
                                     "--class-weights", "balanced", "--pooling", "last", *TINY])
     assert status == 0
     run = tmp_path / "runs" / "mt"
@@ -207,6 +207,7 @@ def test_multi_task_training_then_classify(tmp_path, capsys):
     assert set(model.heads) == {"sentiment", "size"}
 
 
+@pytest.mark.slow  # a second training run; the multi-task test covers the same path by default
 def test_chinese_texts_without_spaces_train_end_to_end(tmp_path, capsys):
     good, bad = ["这部电影非常好看", "我很喜欢这本书", "今天天气真好", "服务热情周到"], ["这部电影太难看了", "我讨厌这本书", "今天天气很糟糕", "服务态度很差"]
     records = [{"text": text, "labels": "好评"} for text in good * 6] + [{"text": text, "labels": "差评"} for text in bad * 6]
