@@ -61,7 +61,9 @@ def scores_from_confusion(counts: np.ndarray) -> dict[str, Any]:
     """Accuracy, macro-F1 and per-class precision, recall, F1 and support from a confusion matrix.
 
     A class never predicted has precision 0 (0/0 read as 0), one never present recall 0: the
-    convention of scikit-learn's zero_division=0, so a silent class pulls macro-F1 down.
+    convention of scikit-learn's zero_division=0, so a silent class pulls macro-F1 down. Classes
+    neither present nor predicted (absent from a small validation set) are left out of the mean,
+    as scikit-learn does.
     """
     correct = np.diag(counts).astype(float)
     predicted, actual = counts.sum(axis=0), counts.sum(axis=1)
@@ -71,7 +73,7 @@ def scores_from_confusion(counts: np.ndarray) -> dict[str, Any]:
     f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(correct), where=both > 0)
     return {
         "accuracy": float(correct.sum() / max(counts.sum(), 1)),
-        "f1_macro": float(f1.mean()),
+        "f1_macro": float(f1[(actual + predicted) > 0].mean()) if counts.sum() else 0.0,
         "precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(), "support": actual.tolist(),
     }
 

@@ -67,6 +67,11 @@ def test_a_class_never_predicted_scores_zero_and_pulls_macro_f1_down():
     assert scores["f1_macro"] == pytest.approx((6 / 7) / 2)
 
 
+def test_classes_absent_from_the_evaluation_are_left_out_of_the_mean():
+    scores = scores_from_confusion(confusion_matrix(np.array([0, 1, 1]), np.array([0, 1, 1]), 3))
+    assert scores["f1_macro"] == 1.0
+
+
 def test_task_and_class_weights():
     assert parse_task_weights("a=2,b=0.5", ["a", "b", "c"]) == {"a": 2.0, "b": 0.5, "c": 1.0}
     with pytest.raises(UserInputError, match="TASK=WEIGHT"):
