@@ -5,7 +5,7 @@ Two dataclasses hold every setting: `ModelConfig` (the shape of the network) and
 overriding the one before:
 
     1. a named preset (`tiny`, `small`, `medium`, `large`) or the dataclass defaults,
-    2. a TOML or JSON file with `[model]` and `[train]` tables (and an optional `preset = "..."`),
+    2. a TOML, JSON or YAML file with `[model]` and `[train]` tables (and an optional `preset = "..."`),
     3. command-line flags, applied as dotted overrides such as `{"model.n_layer": 6}`.
 
 `validate` then turns any impossible combination into one plain sentence (a `UserInputError`).
@@ -14,12 +14,15 @@ overriding the one before:
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+import yaml
 
 from minigpt.errors import UserInputError
 
@@ -135,6 +138,13 @@ class TrainConfig:
     # sinks
     tensorboard: bool = False
     wandb: bool = False
+    # classification (stage "classify"; see minigpt.labelled_data and minigpt.heads)
+    tasks: str = ""  # comma-separated tasks to train; empty = every "<task>_labels" field of the data
+    task_weights: str = ""  # "sentiment=1,toxicity=0.5": each task's loss is multiplied by its weight (default 1)
+    class_weights: str = "none"  # balanced: weigh each class by records / (classes * its records)
+    pooling: str = "last"  # last: the last real token's vector; mean: the average over real tokens
+    freeze_trunk: bool = False  # train only the heads on a frozen --init-from model (a linear probe)
+    label_maps: dict = field(default_factory=dict)  # task -> labels in id order; found in the training data
 
 
 @dataclass
@@ -152,8 +162,10 @@ class RunConfig:
     def from_dict(cls, values: Mapping[str, Any], source: str = "configuration") -> "RunConfig":
         unknown = set(values) - {"model", "train", "preset"}
         if unknown:
+            nearest = difflib.get_close_matches(sorted(unknown)[0], ["model", "train", "preset"], n=1)
+            hint = f" (did you mean '{nearest[0]}'?)" if nearest else ""
             raise UserInputError(
-                f"{source} has unknown top-level key(s) {sorted(unknown)}; use 'preset', [model] and [train]."
+                f"{source} has unknown top-level key(s) {sorted(unknown)}{hint}; use 'preset', [model] and [train]."
             )
         for section in ("model", "train"):
             if not isinstance(values.get(section, {}), Mapping):
@@ -198,37 +210,42 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 CHOICES = {
-    "train.stage": ("pretrain", "sft"),
+    "train.stage": ("pretrain", "sft", "classify"),
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "train.tokenizer_type": ("bpe", "char"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
     "train.dtype": ("auto", "float32", "bfloat16", "float16"),
     "train.compile_mode": ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "train.class_weights": ("none", "balanced"),
+    "train.pooling": ("last", "mean"),
 }
+
+
+CONFIG_SUFFIXES = (".toml", ".json", ".yaml", ".yml")
 
 
 def preset_config(name: str) -> RunConfig:
     """The configuration of a named preset."""
     if name not in PRESETS:
-        raise UserInputError(f"Unknown preset '{name}'; choose one of {', '.join(PRESETS)} or give a .toml/.json file.")
+        raise UserInputError(f"Unknown preset '{name}'; choose one of {', '.join(PRESETS)} or give a .toml/.json/.yaml file.")
     return apply_overrides(RunConfig(preset=name), PRESETS[name], source=f"preset '{name}'")
 
 
 def load_config(name_or_path: str) -> RunConfig:
-    """A preset by name, or a configuration read from a TOML or JSON file."""
+    """A preset by name, or a configuration read from a TOML, JSON or YAML file."""
     if name_or_path in PRESETS:
         return preset_config(name_or_path)
     path = Path(name_or_path)
-    if path.suffix not in (".toml", ".json"):
+    if path.suffix not in CONFIG_SUFFIXES:
         raise UserInputError(
-            f"--config '{name_or_path}' is neither a preset ({', '.join(PRESETS)}) nor a .toml/.json file."
+            f"--config '{name_or_path}' is neither a preset ({', '.join(PRESETS)}) nor a .toml/.json/.yaml file."
         )
     if not path.is_file():
         raise UserInputError(f"Configuration file {path} does not exist.")
     try:
         text = path.read_text(encoding="utf-8")
-        values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (ValueError, UnicodeDecodeError, RecursionError) as error:  # RecursionError: absurdly deep nesting
+        values = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (ValueError, UnicodeDecodeError, RecursionError, yaml.YAMLError) as error:  # RecursionError: absurdly deep nesting
         raise UserInputError(f"Configuration file {path} could not be parsed: {error}.") from None
     if not isinstance(values, dict):
         raise UserInputError(f"Configuration file {path} must hold a table/object at the top level.")
@@ -246,15 +263,26 @@ def apply_overrides(config: RunConfig, overrides: Mapping[str, Any], source: str
         section = sections.get(section_name)
         fields = {f.name: f for f in dataclasses.fields(section)} if section is not None else {}
         if field_name not in fields:
-            raise UserInputError(f"{source}: unknown setting '{key}'.")
+            raise UserInputError(f"{source}: unknown setting '{key}'{_nearest_setting(key, sections)}.")
         setattr(section, field_name, _convert(value, fields[field_name], key, source))
     return RunConfig(model=sections["model"], train=sections["train"], preset=config.preset)
+
+
+def _nearest_setting(key: str, sections: Mapping[str, Any]) -> str:
+    """"; did you mean 'train.learning_rate'?" for a mistyped key, or "" when nothing is close."""
+    valid = [f"{name}.{spec.name}" for name, section in sections.items() for spec in dataclasses.fields(section)]
+    nearest = difflib.get_close_matches(key, valid, n=1)
+    return f"; did you mean '{nearest[0]}'?" if nearest else ""
 
 
 def _convert(value: Any, spec: dataclasses.Field, key: str, source: str) -> Any:
     """Convert a value to the type of a dataclass field, or explain why it cannot be."""
     default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
     expected = type(default)
+    if expected is dict:
+        if not isinstance(value, Mapping):
+            raise UserInputError(f"{source}: '{key}' must be a table/object, got {value!r}.")
+        return dict(value)
     if expected is list:
         items = value.split(",") if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -211,5 +212,35 @@ def save_training_curves(path: str | Path, runs: dict[str, Sequence[dict]]) -> P
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
+def save_confusion_matrix(path: str | Path, matrix: Sequence[Sequence[int]], labels: Sequence[str], title: str = "") -> Path:
+    """A PNG of a confusion matrix: row = the true class, column = the predicted one, each cell
+    its count, shaded by the share of its row (so a rare class's mistakes show as clearly as a
+    common one's). Written atomically, like the loss curves."""
+    counts = np.asarray(matrix, dtype=np.int64)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = 2.5 + 0.6 * len(labels)
+    figure = Figure(figsize=(size + 1, size), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    figure.colorbar(image, ax=axes, label="share of the true class")
+    axes.set_xticks(range(len(labels)), [str(label) for label in labels], rotation=45, ha="right")
+    axes.set_yticks(range(len(labels)), [str(label) for label in labels])
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    for row in range(len(labels)):
+        for column in range(len(labels)):
+            axes.text(column, row, str(counts[row, column]), ha="center", va="center",
+                      color="white" if shares[row, column] > 0.5 else "black", fontsize=9)
+    axes.set_title(title or "confusion matrix")
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():  # a label in a script the font lacks (Chinese, say) is drawn as boxes: fine for a plot
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        figure.tight_layout()
+        figure.savefig(buffer, format="png")
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from minigpt.checkpoint import latest_checkpoint, latest_intact_checkpoint
+from minigpt.classification import ClassifierCallback, build_classification_objective, prepare_classification
 from minigpt.config import ModelConfig, RunConfig, validate
 from minigpt.files import atomic_write_json, check_plain_name, lock_run_directory, remove_temporary_files
 from minigpt.corpus import BUILTIN_CORPUS
@@ -26,6 +27,8 @@ from minigpt.data import ParallelBatches, RepeatedBatch, TokenBlockStream, holdo
 from minigpt.sources import iter_documents, resolve_data_files, sources_fingerprint
 from minigpt.errors import UserInputError
 from minigpt.metrics import truncate_metrics
+from minigpt.heads import build_classifier
+from minigpt.labelled_corpus import builtin_labelled_files
 from minigpt.lora import AdapterRun, LoRAConfig, apply_lora, count_trainable, format_trainable, load_model_for_inference, parse_targets
 from minigpt.model import GPT
 from minigpt.objective import LanguageModelObjective, Objective
@@ -166,7 +169,7 @@ def resolve_validation(config: RunConfig, sources: list, tokenizer: Tokenizer) -
     Either way it is said in one line, and written to config.json so a resume reads the same split.
     """
     train = config.train
-    if train.val_data_files or train.val_fraction == 0:
+    if train.val_data_files or train.val_fraction == 0 or train.stage == "classify":  # classify: whole records are held out
         return config
     chat = train.stage == "sft"
     held_out = TokenBlockStream(sources, tokenizer, config.model.block_size, 1, split="val", val_fraction=train.val_fraction,
@@ -222,10 +225,20 @@ def build_streams(
     return train_stream, val_stream
 
 
+def with_builtin_labelled_set(config: RunConfig) -> RunConfig:
+    """A classify run given no data trains on the built-in labelled set (minigpt.labelled_corpus),
+    written once under the output directory; config.json then names its files, like any data."""
+    train_file, val_file = builtin_labelled_files(Path(config.train.output_dir) / "builtin_labelled")
+    val_files = config.train.val_data_files or [str(val_file)]
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, data_files=[str(train_file)], val_data_files=val_files))
+
+
 def build_callbacks(config: RunConfig) -> list[Callback]:
     """Loss plots and the optional TensorBoard / W&B sinks the configuration asks for."""
     train = config.train
     callbacks: list[Callback] = [LossPlotCallback()] if train.plot_loss else []
+    if train.stage == "classify":
+        callbacks.append(ClassifierCallback())  # confusion matrices; the best evaluation becomes final_model/
     if train.tensorboard:
         callbacks.append(TensorBoardCallback(config.to_dict(), histogram_steps=train.eval_steps))
     if train.wandb:
@@ -255,6 +268,8 @@ def prepare_run(
     validate(config)
     if config.train.lora_rank and not config.train.init_from:
         raise UserInputError("LoRA trains small adapters on a frozen, already trained model: give that model with --init-from.")
+    if config.train.stage == "classify" and not (config.train.data_files or config.train.use_full_data):
+        config = with_builtin_labelled_set(config)
     paths = resolve_run_paths(config)
     device = select_device(config.train.device)
     dtype = torch.float32 if config.train.disable_optimizations else select_dtype(config.train.dtype, device)
@@ -280,22 +295,29 @@ def prepare_run(
     if paths.resume_from is None:  # a resumed run keeps the split recorded in its config.json
         config = resolve_validation(config, sources, tokenizer)
     seed_everything(config.train.seed)
-    train_stream, val_stream = build_streams(config, sources, tokenizer, device)
+    if config.train.stage == "classify":  # also fills in the tasks and label maps found in the data
+        config, train_stream, val_stream = prepare_classification(config, sources, tokenizer, resumed=paths.resume_from is not None)
+    else:
+        train_stream, val_stream = build_streams(config, sources, tokenizer, device)
 
     run_dir = paths.run_dir
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, run_name=run_dir.name, resume=""))
     callbacks = build_callbacks(config) + list(callbacks or [])  # first: a missing sink package is an error
-    objective = objective or build_objective(config, tokenizer)
-    model = GPT(config.model).to(device)
+    classify = config.train.stage == "classify"
+    if objective is None:
+        objective = build_classification_objective(config, train_stream, tokenizer.vocab_size) if classify else build_objective(config, tokenizer)
+    model = (build_classifier(config) if classify else GPT(config.model)).to(device)
     adapter = None
     if initial is not None:
-        model.load_state_dict(initial[0].state_dict())
+        model.load_state_dict(initial[0].state_dict(), strict=not classify)  # a classifier's heads are new; its trunk was checked above
         log.info("Starting from %s", config.train.init_from)
     if config.train.lora_rank:
         train = config.train
         adapter = AdapterRun.start(LoRAConfig(train.lora_rank, train.lora_alpha, train.lora_dropout, parse_targets(train.lora_targets)),
                                    train.init_from)
         apply_lora(model, adapter.config)
+        if classify:
+            model.heads.requires_grad_(True)  # the new heads always train
         log.info("LoRA rank %d on %s: %s", train.lora_rank, ",".join(adapter.config.targets), format_trainable(*count_trainable(model)))
     if device.type == "cpu" and config.train.dtype == "auto" and not config.train.disable_optimizations:
         sequences = max(1, min(config.train.batch_size, PROBE_TOKENS // config.model.block_size))

@@ -26,5 +26,7 @@ COMMANDS: dict[str, Command] = {
     "prepare-data": Command("minigpt.cli.prepare_data", "prepare_data.py", "tokenize data once into a token cache"),
     "chat": Command("minigpt.cli.chat", "chat.py", "talk to a chat-tuned model in the terminal"),
     "merge-lora": Command("minigpt.cli.merge_lora", "merge_lora.py", "fold a LoRA adapter into its base model"),
+    "train-classifier": Command("minigpt.cli.train_classifier", "train_classifier.py", "train text classification heads (multi-task, macro-F1)"),
+    "classify": Command("minigpt.cli.classify", "classify.py", "label texts with a trained classifier"),
     "export": Command("minigpt.cli.export", "export.py", "write a model for transformers, or llama.cpp/Ollama (GGUF)"),
 }

@@ -30,13 +30,20 @@ class Flag(NamedTuple):
 # its type, choices and default come from the configuration itself.
 FLAGS: dict[str, list[Flag]] = {
     "fine-tuning": [
-        Flag(("--stage",), "train.stage", "pretrain: next token on every token; sft: chat fine-tuning, loss on the assistant's words only"),
+        Flag(("--stage",), "train.stage", "pretrain: next token on every token; sft: chat fine-tuning, loss on the assistant's words only; classify: heads on the trunk"),
         Flag(("--init-from",), "train.init_from", "start from this model (final_model/, checkpoint, run or Hugging Face Llama folder); its shape and tokenizer are used"),
         Flag(("--lora-rank",), "train.lora_rank", "train LoRA adapters of this rank on the frozen --init-from model (0 = train every weight)"),
         Flag(("--lora-alpha",), "train.lora_alpha", "the adapters' update is scaled by alpha / rank"),
         Flag(("--lora-dropout",), "train.lora_dropout", "dropout on the adapters' input"),
         Flag(("--lora-targets",), "train.lora_targets", "the layers that get adapters: any of q,k,v,o,gate,up,down, or all"),
         Flag(("--sample-prompt",), "train.sample_prompt", "sft: the message the model answers as the sample at each evaluation"),
+    ],
+    "classification (--stage classify, or the train-classifier command)": [
+        Flag(("--tasks",), "train.tasks", "comma-separated tasks to train (default: every <task>_labels field of the data)"),
+        Flag(("--task-weights",), "train.task_weights", "each task's loss weight, e.g. sentiment=1,toxicity=0.5 (default 1 each)"),
+        Flag(("--class-weights",), "train.class_weights", "balanced: weigh classes inversely to their frequency in the training data"),
+        Flag(("--pooling",), "train.pooling", "last: the last real token's vector feeds the heads; mean: the average over real tokens"),
+        Flag(("--freeze-trunk",), "train.freeze_trunk", "train only the heads on the frozen --init-from model (a linear probe)"),
     ],
     "data": [
         Flag(("--data-files",), "train.data_files", "training data: .jsonl/.txt files, directories or globs (none: the built-in corpus)"),
@@ -159,7 +166,7 @@ def build_parser(defaults: RunConfig, config_name: str = DEFAULT_CONFIG) -> Argu
             f"{EXIT_STATUSES}"
         ),
     )
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"a preset ({', '.join(PRESETS)}) or a .toml/.json file (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"a preset ({', '.join(PRESETS)}) or a .toml/.json/.yaml file (default: {DEFAULT_CONFIG})")
     parser.add_argument(
         "--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT_DIR",
         help="continue the latest checkpoint of --run-name (or of the newest run), or the given checkpoint directory",

@@ -1,0 +1,84 @@
+"""Classification heads on the trunk: reading what the model "thinks" of a whole text.
+
+The trunk (`GPT.hidden_states`) turns every position into a vector. A classifier needs one vector
+per text, so the positions are pooled:
+
+    last   the vector at the last real (non-pad) token. With causal attention that position has
+           seen the whole text, and it is where a language model "sums up" before predicting.
+    mean   the average over the real tokens: every token votes equally (often better for a
+           model trained from scratch, which has not learned to sum up yet).
+
+Then one linear layer per task maps the pooled vector to that task's class scores (logits).
+Padding sits to the right of the text and attention is causal, so pads never reach a real
+token's vector: a text gets exactly the same logits alone or in a padded batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from minigpt.checkpoint import load_weights, resolve_model_directory
+from minigpt.config import RunConfig, load_config
+from minigpt.errors import UserInputError
+from minigpt.files import verify_manifest
+from minigpt.model import GPT
+from minigpt.tokenizer import Tokenizer, load_tokenizer
+
+POOLINGS = ("last", "mean")
+
+
+def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
+    """One vector per row of hidden (batch, time, width), from its first `lengths` positions."""
+    if pooling == "last":
+        return hidden[torch.arange(hidden.size(0), device=hidden.device), lengths - 1]
+    real = (torch.arange(hidden.size(1), device=hidden.device)[None, :] < lengths[:, None]).to(hidden.dtype)
+    return (hidden * real[:, :, None]).sum(1) / lengths[:, None].to(hidden.dtype)
+
+
+class GPTClassifier(GPT):
+    """The GPT trunk plus one linear head per task. The trunk's weights keep GPT's names, so a
+    pretrained model's weights load into it unchanged (`--init-from`); only `heads.*` are new."""
+
+    def __init__(self, config: RunConfig):
+        super().__init__(config.model)
+        self.pooling = config.train.pooling
+        self.label_maps = config.train.label_maps
+        self.heads = nn.ModuleDict({task: nn.Linear(config.model.n_embd, len(labels)) for task, labels in self.label_maps.items()})
+        for head in self.heads.values():
+            nn.init.normal_(head.weight, mean=0.0, std=0.02)
+            nn.init.zeros_(head.bias)
+
+    def classify(self, idx: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each task's logits (batch, classes) for right-padded token ids and their lengths."""
+        pooled = pool(self.hidden_states(idx), lengths, self.pooling)
+        return {task: head(pooled) for task, head in self.heads.items()}
+
+    def freeze_trunk(self) -> None:
+        """Train only the heads (a linear probe): what the trunk already knows, read out linearly."""
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad_(name.startswith("heads."))
+
+
+def build_classifier(config: RunConfig) -> GPTClassifier:
+    """A new classifier for `config` (its label maps give the heads' sizes), its trunk frozen
+    with config.train.freeze_trunk (the trunk's weights are then loaded from --init-from)."""
+    model = GPTClassifier(config)
+    if config.train.freeze_trunk:
+        model.freeze_trunk()
+    return model
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPTClassifier, Tokenizer, RunConfig]:
+    """A trained classifier (final_model/, a checkpoint or a run directory), its tokenizer and configuration."""
+    weights_dir, home = resolve_model_directory(path)
+    verify_manifest(weights_dir)
+    config = load_config(str(home / "config.json"))
+    if config.train.stage != "classify" or not config.train.label_maps:
+        raise UserInputError(f"{path} is not a classifier (it was trained with --stage {config.train.stage}); "
+                             "train one with train-classifier.")
+    model = GPTClassifier(config).to(device)
+    load_weights(model, weights_dir / "model.safetensors")
+    return model.eval(), load_tokenizer(home / "tokenizer.json"), config

@@ -1,0 +1,236 @@
+"""Text classification: labelled data, heads on the trunk, metrics, the commands end to end."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from minigpt.classification import (
+    ClassificationObjective, balanced_class_weights, confusion_matrix, parse_task_weights, scores_from_confusion,
+)
+from minigpt.cli import classify, train_classifier
+from minigpt.config import RunConfig, apply_overrides
+from minigpt.errors import UserInputError
+from minigpt.heads import GPTClassifier, load_classifier
+from minigpt.labelled_corpus import GROUPS, builtin_labelled_records, group_of
+from minigpt.labelled_data import (
+    ClassificationBatches, build_label_maps, encode_records, find_tasks, pad_batch, read_labelled_records,
+)
+from minigpt.loss import IGNORE_INDEX
+from minigpt.tokenizer import load_tokenizer
+
+TINY = ["--block-size", "32", "--set", "model.n_layer=1", "--set", "model.n_embd=32", "--set", "model.n_head=2",
+        "--vocab-size", "300", "--batch-size", "8", "--eval-steps", "10", "--save-steps", "10", "--log-steps", "5",
+        "--max-time", "0", "--dtype", "float32", "--disable-monitoring"]
+
+
+def write_jsonl(path, records):
+    path.write_text("".join((record if isinstance(record, str) else json.dumps(record, ensure_ascii=False)) + "\n" for record in records),
+                    encoding="utf-8")
+    return path
+
+
+def two_task_records(count):
+    """Sentiment (strings) and length (integers) are both readable from the words."""
+    records = []
+    for number in range(count):
+        good = number % 2 == 0
+        words = ("great lovely happy fine " if good else "awful sad broken bad ") * (1 + number % 3)
+        record = {"text": words.strip(), "sentiment_labels": "positive" if good else "negative", "size_labels": number % 3}
+        if number % 7 == 3:
+            del record["size_labels"]  # a missing label: the record still trains sentiment
+        records.append(record)
+    return records
+
+
+# --- metrics, checked by hand ---------------------------------------------------------------
+
+def test_metrics_match_a_hand_computed_imbalanced_case():
+    true = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 1])
+    predicted = np.array([0, 0, 0, 0, 0, 0, 0, 0, 0, 1])
+    counts = confusion_matrix(true, predicted, 2)
+    assert counts.tolist() == [[8, 0], [1, 1]]
+    scores = scores_from_confusion(counts)
+    # class 0: precision 8/9, recall 1 -> F1 16/17; class 1: precision 1, recall 1/2 -> F1 2/3
+    assert scores["accuracy"] == pytest.approx(0.9)
+    assert scores["f1"] == pytest.approx([16 / 17, 2 / 3])
+    assert scores["f1_macro"] == pytest.approx((16 / 17 + 2 / 3) / 2)
+    assert scores["support"] == [8, 2]
+
+
+def test_a_class_never_predicted_scores_zero_and_pulls_macro_f1_down():
+    scores = scores_from_confusion(confusion_matrix(np.array([0, 0, 0, 1]), np.array([0, 0, 0, 0]), 2))
+    assert scores["accuracy"] == 0.75
+    assert scores["precision"][1] == 0.0 and scores["recall"][1] == 0.0
+    assert scores["f1_macro"] == pytest.approx((6 / 7) / 2)
+
+
+def test_classes_absent_from_the_evaluation_are_left_out_of_the_mean():
+    scores = scores_from_confusion(confusion_matrix(np.array([0, 1, 1]), np.array([0, 1, 1]), 3))
+    assert scores["f1_macro"] == 1.0
+
+
+def test_task_and_class_weights():
+    assert parse_task_weights("a=2,b=0.5", ["a", "b", "c"]) == {"a": 2.0, "b": 0.5, "c": 1.0}
+    with pytest.raises(UserInputError, match="TASK=WEIGHT"):
+        parse_task_weights("z=1", ["a"])
+    assert balanced_class_weights(np.array([0, 0, 0, 1, IGNORE_INDEX]), 2).tolist() == pytest.approx([4 / 6, 2.0])
+
+
+# --- data -----------------------------------------------------------------------------------
+
+def test_records_tasks_label_maps_and_bad_lines(tmp_path, caplog):
+    path = write_jsonl(tmp_path / "train.jsonl", [
+        {"text": "a", "sentiment_labels": "pos", "toxicity_labels": 1},
+        {"text": "b", "sentiment_labels": "neg"},
+        {"sentiment_labels": "neg"},
+        {"text": "c", "toxicity_labels": 1.5},
+        "not json",
+        {"text": "d", "sentiment_labels": "pos", "toxicity_labels": 0},
+    ])
+    with caplog.at_level(logging.WARNING):
+        records = read_labelled_records([path])
+    assert [record.text for record in records] == ["a", "b", "d"]
+    assert f"{path}:3: no text in field 'text'" in caplog.text
+    assert f"{path}:4: field 'toxicity_labels': label 1.5 is a float where a class" in caplog.text
+    assert f"{path}:5: not valid JSON" in caplog.text
+    tasks = find_tasks(records)
+    assert tasks == ["sentiment", "toxicity"]
+    assert build_label_maps(records, tasks) == {"sentiment": ["neg", "pos"], "toxicity": [0, 1]}
+    with pytest.raises(UserInputError, match="no training record has a 'topic_labels'"):
+        find_tasks(records, "topic")
+
+
+def test_refusals_in_one_sentence(tmp_path):
+    records = read_labelled_records([write_jsonl(tmp_path / "one.jsonl", [{"text": "x", "labels": "a"}, {"text": "y", "labels": "a"}])])
+    with pytest.raises(UserInputError, match="single class"):
+        build_label_maps(records, ["labels"])
+    with pytest.raises(UserInputError, match="holds no usable labelled records"):
+        read_labelled_records([write_jsonl(tmp_path / "blank.jsonl", ["", "   "])])
+    array = tmp_path / "records.json"
+    array.write_text(json.dumps([{"text": "x", "labels": 1}, {"text": "y", "labels": 2}]))
+    assert [record.labels for record in read_labelled_records([array])] == [{"labels": 1}, {"labels": 2}]
+
+
+def test_unknown_label_is_reported_and_ignored(tmp_path, tokenizer_file, caplog):
+    tokenizer = load_tokenizer(tokenizer_file)
+    records = read_labelled_records([write_jsonl(tmp_path / "val.jsonl", [{"text": "x", "labels": "c"}, {"text": "y", "labels": "a"}])])
+    with caplog.at_level(logging.WARNING):
+        encoded = encode_records(records, tokenizer, {"labels": ["a", "b"]}, block_size=8)
+    assert f"{tmp_path / 'val.jsonl'}:1: label 'c' of task 'labels' was not seen in the training data" in caplog.text
+    assert encoded.labels.tolist() == [[IGNORE_INDEX], [0]]
+
+
+def test_long_texts_are_cut_and_counted_and_the_stream_resumes_exactly(tmp_path, tokenizer_file):
+    tokenizer = load_tokenizer(tokenizer_file)
+    records = read_labelled_records([write_jsonl(tmp_path / "t.jsonl", two_task_records(21))])
+    maps = build_label_maps(records, find_tasks(records))
+    encoded = encode_records(records, tokenizer, maps, block_size=6)
+    assert encoded.report.truncated > 0 and max(len(ids) for ids in encoded.ids) == 6
+    stream = ClassificationBatches(encoded, 4, tokenizer.pad_id, seed=3)
+    batches = iter(stream)
+    for _ in range(7):  # into the second epoch
+        next(batches)
+    state = stream.state_dict()
+    expected = [next(batches) for _ in range(3)]
+    resumed = ClassificationBatches(encoded, 4, tokenizer.pad_id, seed=3)
+    resumed.load_state_dict(state)
+    for want, got in zip(expected, iter(resumed)):
+        assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+# --- the model ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_padding_never_changes_a_prediction(pooling):
+    torch.manual_seed(0)
+    config = apply_overrides(RunConfig(), {"model.vocab_size": 50, "model.block_size": 64, "model.n_layer": 2, "model.n_embd": 32,
+                                           "model.n_head": 2, "train.pooling": pooling})
+    config.train.label_maps = {"sentiment": ["neg", "pos"], "size": [0, 1, 2]}
+    model = GPTClassifier(config).eval()
+    text = np.array([5, 9, 13, 7, 21, 3, 8, 11], dtype=np.int64)
+    other = np.arange(10, 10 + 4 * len(text), dtype=np.int64) % 50  # a row 4x as long: the text gets 24 pads
+    alone = model.classify(*pad_batch([text], pad_id=3))
+    in_batch = model.classify(*pad_batch([text, other], pad_id=3))
+    for task in alone:
+        torch.testing.assert_close(in_batch[task][0], alone[task][0], rtol=1e-5, atol=1e-6)
+
+
+def test_loss_weight_counts_labelled_pairs_and_skips_missing_labels():
+    objective = ClassificationObjective({"a": [0, 1], "b": ["x", "y", "z"]}, {"a": 1.0, "b": 0.5})
+    labels = torch.tensor([[0, IGNORE_INDEX], [1, 2], [IGNORE_INDEX, 0]])
+    assert objective.weight((None, None, labels)) == pytest.approx(2 * 1.0 + 2 * 0.5)
+    logits = {"a": torch.zeros(3, 2), "b": torch.zeros(3, 3)}
+    expected = 2 * np.log(2) + 0.5 * 2 * np.log(3)
+    assert float(objective._losses(logits, labels)) == pytest.approx(expected, rel=1e-5)
+
+
+# --- the built-in labelled set --------------------------------------------------------------
+
+def test_builtin_labelled_set_is_fixed_and_split_cleanly():
+    train, validation = builtin_labelled_records()
+    assert group_of("email.mime.text") == "network" and group_of("asyncio.tasks") == "concurrency" and group_of("this") is None
+    assert {record["labels"] for record in train} == set(GROUPS) == {record["labels"] for record in validation}
+    assert not {record["text"] for record in train} & {record["text"] for record in validation}
+    assert len(validation) > 0.1 * (len(train) + len(validation))
+
+
+# --- the commands, end to end ---------------------------------------------------------------
+
+def test_multi_task_training_then_classify(tmp_path, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", two_task_records(60))
+    val = write_jsonl(tmp_path / "val.jsonl", two_task_records(12) + [{"text": "great fine", "sentiment_labels": "meh"}])
+    status = train_classifier.main(["--data-files", str(train), "--val-data-files", str(val), "--output-dir", str(tmp_path / "runs"),
+                                    "--run-name", "mt", "--max-steps", "20", "--task-weights", "sentiment=1,size=0.5",
+                                    "--class-weights", "balanced", "--pooling", "last", *TINY])
+    assert status == 0
+    run = tmp_path / "runs" / "mt"
+    config = json.loads((run / "final_model" / "config.json").read_text())["train"]
+    assert config["label_maps"] == {"sentiment": ["negative", "positive"], "size": [0, 1, 2]} and config["stage"] == "classify"
+    evaluations = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert evaluations and {"eval_f1_macro", "val_loss", "sentiment_f1_macro", "size_accuracy"} <= set(evaluations[-1])
+    assert (run / "plots" / "confusion_sentiment_latest.png").is_file() and (run / "plots" / "confusion_size_step_10.png").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["monitor"] == "eval_f1_macro" and summary["best_eval_f1_macro"] == max(row["eval_f1_macro"] for row in evaluations)
+
+    capsys.readouterr()
+    output = tmp_path / "predictions.jsonl"
+    assert classify.main([str(run / "final_model"), "--data-files", str(val), "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    lines = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [line["text"] for line in lines] == [record["text"] for record in two_task_records(12)] + ["great fine"]
+    size = lines[0]["predictions"]["size"]
+    assert isinstance(size["label"], int) and set(size["probabilities"]) == {"0", "1", "2"}
+    assert sum(size["probabilities"].values()) == pytest.approx(1.0)
+    assert "sentiment: 12 labelled records" in printed and "macro-F1" in printed
+
+    assert classify.main([str(run / "final_model"), "--text", "awful sad"]) == 0
+    assert "sentiment: " in capsys.readouterr().out
+    model, _, _ = load_classifier(run / "final_model")
+    assert set(model.heads) == {"sentiment", "size"}
+
+
+@pytest.mark.slow  # a second training run; the multi-task test covers the same path by default
+def test_chinese_texts_without_spaces_train_end_to_end(tmp_path, capsys):
+    good, bad = ["这部电影非常好看", "我很喜欢这本书", "今天天气真好", "服务热情周到"], ["这部电影太难看了", "我讨厌这本书", "今天天气很糟糕", "服务态度很差"]
+    records = [{"text": text, "labels": "好评"} for text in good * 6] + [{"text": text, "labels": "差评"} for text in bad * 6]
+    train = write_jsonl(tmp_path / "zh.jsonl", records)
+    assert train_classifier.main(["--data-files", str(train), "--val-data-files", str(train), "--output-dir", str(tmp_path / "runs"),
+                                  "--run-name", "zh", "--max-steps", "40", "--learning-rate", "0.01", *TINY]) == 0
+    capsys.readouterr()
+    assert classify.main([str(tmp_path / "runs" / "zh" / "final_model"), "--data-files", str(train)]) == 0
+    printed = capsys.readouterr().out
+    assert "labels: 48 labelled records" in printed and "差评" in printed
+
+
+def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, capsys):
+    single = write_jsonl(tmp_path / "single.jsonl", [{"text": "x", "labels": "a"}, {"text": "y", "labels": "a"}])
+    status = train_classifier.main(["--data-files", str(single), "--val-data-files", str(single), "--output-dir", str(tmp_path / "runs"),
+                                    "--run-name", "bad", *TINY])
+    error = capsys.readouterr().err
+    assert status == 2 and "single class" in error and "Traceback" not in error
+    assert not (tmp_path / "runs" / "bad").exists()
+    assert train_classifier.main(["--freeze-trunk", "--data-files", str(single), "--output-dir", str(tmp_path / "runs"), *TINY]) == 2
+    assert "--init-from" in capsys.readouterr().err
