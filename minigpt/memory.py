@@ -7,8 +7,8 @@ Where a training step's memory goes (float32 weights, AdamW):
     optimizer state      AdamW keeps two running averages per trainable parameter: 8 bytes
     activations          what the forward pass saves for the backward pass; it grows with the
                          tokens of a micro-batch (batch x block), see `activation_elements`
-    loss working memory  the logits' log-softmax (saved) and, at the start of the backward pass,
-                         two more vocabulary-wide float32 tensors per token (their gradients)
+    loss working memory  the logits' log-softmax (saved) and, in the backward pass, three more
+                         vocabulary-wide float32 tensors per token (see `loss_elements`)
 
 So a 12M-parameter model needs about 16 bytes x 12M = 190 MB before it sees a single token, and
 then ~100-400 KB more for every token of the micro-batch. Activations usually dominate; gradient
@@ -83,9 +83,10 @@ def activation_elements(config: ModelConfig) -> tuple[int, int]:
 
 def loss_elements(config: ModelConfig) -> tuple[int, int]:
     """(saved, transient) float32 elements per token at the output: the final norm's input and
-    output (2d) and the log-softmax of the logits (vocab) are saved; the backward pass starts with
-    the gradients of the log-softmax and of the logits (2 x vocab) alive at once."""
-    return 2 * config.n_embd + config.vocab_size, 2 * config.vocab_size
+    output (2d) and the log-softmax of the logits (vocab) are saved; the backward pass of the
+    log-softmax then holds three more vocabulary-wide tensors at once: the incoming gradient, the
+    softmax exp(log-softmax) and the logits' gradient it produces (3 x vocab)."""
+    return 2 * config.n_embd + config.vocab_size, 3 * config.vocab_size
 
 
 @dataclass(frozen=True)
