@@ -7,8 +7,9 @@ Where a training step's memory goes (float32 weights, AdamW):
     optimizer state      AdamW keeps two running averages per trainable parameter: 8 bytes
     activations          what the forward pass saves for the backward pass; it grows with the
                          tokens of a micro-batch (batch x block), see `activation_elements`
-    loss working memory  the logits' log-softmax (saved) and, in the backward pass, three more
-                         vocabulary-wide float32 tensors per token (see `loss_elements`)
+    backward working     the backward pass of the loss holds three vocabulary-wide float32 tensors
+                         per token at once (see `loss_elements`), and that of each block the
+                         gradients of its activations, one block's worth at a time
 
 So a 12M-parameter model needs about 16 bytes x 12M = 190 MB before it sees a single token, and
 then ~100-400 KB more for every token of the micro-batch. Activations usually dominate; gradient
@@ -116,13 +117,13 @@ class MemoryEstimate:
     optimizer_state: int
     activations: int
     activations_checkpointed: int
-    loss_transient: int
+    backward_working: int
 
     def peak(self, gradient_checkpointing: bool) -> int:
         """Everything alive at the start of the backward pass of a step's last micro-batch: the
         gradients of the earlier micro-batches are there already, all activations are still saved."""
         activations = self.activations_checkpointed if gradient_checkpointing else self.activations
-        return self.weights + self.gradients + self.optimizer_state + activations + self.loss_transient
+        return self.weights + self.gradients + self.optimizer_state + activations + self.backward_working
 
 
 def estimate_memory(model: torch.nn.Module, config: ModelConfig, batch_size: int, dtype: torch.dtype) -> MemoryEstimate:
@@ -146,7 +147,7 @@ def estimate_memory(model: torch.nn.Module, config: ModelConfig, batch_size: int
         optimizer_state=ADAMW_STATES * trainable_bytes,
         activations=tokens * (config.n_layer * per_layer * item + saved_loss * float32),
         activations_checkpointed=tokens * ((config.n_layer * per_layer_checkpointed + per_layer) * item + saved_loss * float32),
-        loss_transient=tokens * transient_loss * float32,
+        backward_working=tokens * (transient_loss * float32 + per_layer * item),
     )
 
 
@@ -371,7 +372,7 @@ def dry_run_report(estimate: MemoryEstimate, config: RunConfig, budget: DeviceMe
         ("gradients", gb(estimate.gradients)),
         ("optimizer state", f"{gb(estimate.optimizer_state)} (AdamW: {ADAMW_STATES} per trainable parameter)"),
         ("activations", f"{gb(estimate.activations)} ({gb(estimate.activations_checkpointed)} with gradient checkpointing)"),
-        ("loss working memory", gb(estimate.loss_transient)),
+        ("backward working", f"{gb(estimate.backward_working)} (the loss's and one block's gradients)"),
     ]
     for checkpointing in (False, True):
         peak = estimate.peak(checkpointing)
