@@ -103,6 +103,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 = no clipping
     batch_size: int = 16
     gradient_accumulation_steps: int = 1
+    # memory (minigpt.memory)
+    auto_batch_size: bool = False  # --batch-size auto: the largest micro-batch that fits and pays, same global batch
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass
     # length of the run
     max_steps: int = 5000
     max_time: float = 0.0  # wall-clock budget in seconds; 0 = none

@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from minigpt.config import ModelConfig
 from minigpt.loss import next_token_loss
@@ -176,6 +177,10 @@ class GPT(nn.Module):
         if config.vocab_size < 1:
             raise ValueError("ModelConfig.vocab_size must be set (to the tokenizer's vocabulary size) before building GPT.")
         self.config = config
+        # --gradient-checkpointing: keep only each block's input in the forward pass and recompute
+        # the block in the backward pass (less memory, about a third more compute). Not part of
+        # ModelConfig: it changes how the network is trained, not what it computes.
+        self.gradient_checkpointing = False
         self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
@@ -209,8 +214,12 @@ class GPT(nn.Module):
             raise ValueError(f"Sequence of {start + time} tokens is longer than block_size {self.config.block_size}.")
         cos, sin = self.rotary_cos[start : start + time], self.rotary_sin[start : start + time]
         x = self.dropout(self.token_embedding(idx))
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for layer, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache, layer)
+            if recompute:  # the recomputation replays the same dropout masks (the RNG state is saved)
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, cache, layer)
         if cache is not None:
             cache.length += time
         return self.final_norm(x)

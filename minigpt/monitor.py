@@ -159,7 +159,7 @@ def render_report(report: RunReport, width: int = 60) -> str:
         lines.append(f"  validation at step {evaluation['step']:,}: {scores} | best {report.monitor_metric} {best}")
     figures = [
         ("tokens_per_second", "{:,.0f} tokens/s", 1), ("mfu", "MFU {:.1%}", 1), ("cpu_percent", "CPU {:.0f}%", 1),
-        ("rss_bytes", "RSS {:.2f} GB", 1e-9), ("system_memory_percent", "system memory {:.0f}%", 1),
+        ("rss_bytes", "RSS {:.2f} GB", 1e-9), ("peak_rss_bytes", "peak RSS {:.2f} GB", 1e-9), ("system_memory_percent", "system memory {:.0f}%", 1),
         ("accelerator_memory_bytes", "accelerator memory {:.2f} GB", 1e-9), ("accelerator_utilisation", "GPU busy {:.0f}%", 1),
     ]
     lines.append("  " + " | ".join(text.format(last[name] * scale) for name, text, scale in figures if last.get(name) is not None))

@@ -30,8 +30,12 @@ from minigpt.metrics import truncate_metrics
 from minigpt.heads import build_classifier
 from minigpt.labelled_corpus import builtin_labelled_files
 from minigpt.lora import AdapterRun, LoRAConfig, apply_lora, count_trainable, format_trainable, load_model_for_inference, parse_targets
+from minigpt.memory import (
+    choose_micro_batch, device_memory, dry_run_report, estimate_memory, probe_fits, resize_stream, time_micro_step, time_optimizer_step,
+)
 from minigpt.model import GPT
 from minigpt.objective import LanguageModelObjective, Objective
+from minigpt.optim import build_optimizer
 from minigpt.runtime import (
     PROBE_TOKENS, available_cpu_cores, configure_threads, fastest_cpu_dtype, keep_freed_memory_for_reuse, select_device,
     select_dtype, seed_everything,
@@ -319,6 +323,9 @@ def prepare_run(
         if classify:
             model.heads.requires_grad_(True)  # the new heads always train
         log.info("LoRA rank %d on %s: %s", train.lora_rank, ",".join(adapter.config.targets), format_trainable(*count_trainable(model)))
+    model.gradient_checkpointing = config.train.gradient_checkpointing
+    if config.train.auto_batch_size and paths.resume_from is None:  # a resumed run keeps what config.json recorded
+        config = resolve_auto_batch_size(config, model, objective, train_stream, device, dtype)
     if device.type == "cpu" and config.train.dtype == "auto" and not config.train.disable_optimizations:
         sequences = max(1, min(config.train.batch_size, PROBE_TOKENS // config.model.block_size))
         probe_batch = objective.example_batch(sequences, config.model.block_size)
@@ -342,3 +349,63 @@ def prepare_run(
         str(dtype).replace("torch.", ""), threads,
     )
     return trainer
+
+
+def resolve_auto_batch_size(config: RunConfig, model: GPT, objective: Objective, train_stream: object, device: torch.device,
+                            dtype: torch.dtype) -> RunConfig:
+    """--batch-size auto: measure the micro-batch to use (minigpt.memory.choose_micro_batch), point the
+    training stream at it, and return the configuration with it (config.json records it, so a
+    resumed run trains exactly as this one)."""
+    if not resize_stream(train_stream, config.train.batch_size):
+        raise UserInputError("--batch-size auto cannot be combined with --overfit-batch (its one batch is fixed); give a number.")
+    choice = choose_micro_batch(model, objective, config, device, dtype)
+    resize_stream(train_stream, choice.micro_batch)
+    log.info("Batch size auto: %s.", choice.reason)
+    return dataclasses.replace(config, train=dataclasses.replace(
+        config.train, batch_size=choice.micro_batch, gradient_accumulation_steps=choice.accumulation))
+
+
+def dry_run(config: RunConfig, probe: bool = True) -> str:
+    """`minigpt train --dry-run`: the memory a run of this configuration needs, against what the
+    device has, and (with `probe`) its step time from one timed micro-step; no run directory is
+    made and nothing is trained. The model is built on the meta device (shapes, no memory) for the
+    estimate, and for real only for the probe, and only if the estimate says it fits.
+
+    The tokenizer comes from where the run would take it (--tokenizer, --init-from, the resumed
+    run, or the tokenizer cache, where a missing one is trained once and kept for the real run).
+    On a CPU, --dtype auto is taken as float32 here (the run itself measures whether bfloat16 pays).
+    """
+    validate(config)
+    train = config.train
+    device = select_device(train.device)
+    dtype = torch.float32 if train.disable_optimizations else select_dtype(train.dtype, device)
+    if train.resume:
+        tokenizer = load_tokenizer(resolve_run_paths(config).run_dir / "tokenizer.json")
+    elif train.init_from:
+        tokenizer = load_model_for_inference(train.init_from)[1]
+    else:
+        tokenizer = obtain_tokenizer(config, training_sources(config), show_progress=False)
+    if not config.model.vocab_size:
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size))
+    validate(config, tokenizer.vocab_size)
+    objective = build_objective(config, tokenizer)
+
+    def build(on: torch.device) -> GPT:
+        with on:  # on the meta device parameters have shapes and no data: the estimate costs no memory
+            model = GPT(config.model)
+        if train.lora_rank:
+            apply_lora(model, LoRAConfig(train.lora_rank, train.lora_alpha, train.lora_dropout, parse_targets(train.lora_targets)))
+        model.gradient_checkpointing = train.gradient_checkpointing
+        return model
+
+    estimate = estimate_memory(build(torch.device("meta")), config.model, train.batch_size, dtype)
+    budget = device_memory(device, train.max_memory)
+    micro_seconds = optimizer_seconds = None
+    if probe and probe_fits(estimate, budget, train.gradient_checkpointing):
+        configure_threads(train.num_threads)
+        seed_everything(train.seed)
+        model = build(device)
+        micro_seconds = time_micro_step(model, objective, train.batch_size, config.model.block_size, device, dtype)
+        optimizer_seconds = time_optimizer_step(build_optimizer(model, train, device.type), model, device)
+    return dry_run_report(estimate, config, budget, micro_seconds, optimizer_seconds)
+

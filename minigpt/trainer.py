@@ -36,12 +36,13 @@ from minigpt.config import RunConfig
 from minigpt.errors import UserInputError
 from minigpt.files import atomic_write_bytes, atomic_write_json, unlock_run_directory
 from minigpt.lora import AdapterRun
+from minigpt.memory import PeakMemory, resize_stream, smallest_factor, split_batch
 from minigpt.metrics import MetricsWriter, evaluation_scalars, read_metrics
 from minigpt.model import GPT
 from minigpt.objective import Batch, Objective
 from minigpt.optim import build_optimizer, learning_rate_at
 from minigpt.plots import save_loss_curve
-from minigpt.resources import ResourceGovernor
+from minigpt.resources import ResourceGovernor, free_memory
 from minigpt.runtime import (
     accelerator_memory_bytes, accelerator_utilisation, autocast, compile_mode, compile_model, measure_matmul_peak,
     rng_state, set_rng_state, software_versions, synchronize,
@@ -157,6 +158,7 @@ class Trainer:
         config = self.train_config
         self.monitoring = not config.disable_monitoring
         self.governor = ResourceGovernor(config.max_cpu, config.max_memory) if self.monitoring else None
+        self.peak_memory = PeakMemory(device) if self.monitoring else None  # peak_rss_bytes per log row
         # Model FLOPs utilisation compares against a matrix-multiply peak measured right here.
         self.peak_flops = measure_matmul_peak(device, dtype) if self.monitoring else None
         self.history: list[dict[str, Any]] = []  # recent metric rows, for the anomaly rules
@@ -277,7 +279,10 @@ class Trainer:
                 step_start = time.perf_counter()
                 micro_batches = [next(batches) for _ in range(config.gradient_accumulation_steps)]
                 self.phase_seconds["data"] = time.perf_counter() - step_start
-                loss, grad_norm, finite, step_tokens = self.optimizer_step(model, micro_batches, timed)
+                result = self.step_with_backoff(model, micro_batches, timed, metrics)
+                if result is None:  # out of memory even at a micro-batch of 1
+                    break
+                loss, grad_norm, finite, step_tokens = result
                 step_seconds = time.perf_counter() - step_start
 
                 # Tally on the device: the mean loss of the window, skipped steps, the run of bad steps.
@@ -296,7 +301,8 @@ class Trainer:
                     if step == PROFILE_STEPS[1] - 1:
                         self._print_profile()
                 if self.governor is not None and not self.governor.after_step():
-                    self.stop_reason = "memory_limit"
+                    if not self.reduce_micro_batch(metrics, "system memory stayed above --max-memory"):
+                        self.stop_reason = "memory_limit"
 
                 logging_step = step % config.log_steps == 0
                 settling_step = logging_step or step % config.eval_steps == 0 or step % config.save_steps == 0
@@ -318,7 +324,7 @@ class Trainer:
         self._settle_skipped_steps()
         self.progress.elapsed_seconds = elapsed()
         self.session_start = time.perf_counter()  # the clock is now in progress.elapsed_seconds
-        failed = self.stop_reason in ("non_finite_loss", "memory_limit")
+        failed = self.stop_reason in ("non_finite_loss", "memory_limit", "out_of_memory")
         if self.progress.step > 0 and evaluated_at != self.progress.step and not failed and self.val_batches is not None:
             last_evaluation = self._evaluate(metrics)
             evaluated_at = self.progress.step
@@ -350,6 +356,49 @@ class Trainer:
         batch = self.objective.example_batch(self.train_config.batch_size, self.model.config.block_size)
         with autocast(self.device, self.dtype):
             return self.objective.loss(model, self.objective.to_device(batch, self.device))
+
+    # ----------------------------------------------------------------------------------------
+    # running out of memory: a smaller micro-batch, the same step
+
+    def step_with_backoff(
+        self, model: torch.nn.Module, micro_batches: list[Batch], timed: bool, metrics: MetricsWriter
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+        """optimizer_step; if it runs out of memory, cut each micro-batch in parts (half, for an even
+        size), redo the step on those, and keep the smaller micro-batch for the steps after. The
+        global batch is unchanged, and so, to float rounding, is the step: its loss is divided by
+        the weight of all its micro-batches however they are cut. None: it cannot be cut further."""
+        while True:
+            try:
+                return self.optimizer_step(model, micro_batches, timed)
+            except torch.OutOfMemoryError:
+                pass  # recovered below: the except block's traceback still holds the failed step's tensors
+            parts = smallest_factor(self.train_config.batch_size)
+            self.optimizer.zero_grad(set_to_none=True)  # the partial gradients of the failed attempt
+            free_memory()
+            if not self.reduce_micro_batch(metrics, "out of memory"):
+                self.stop_reason = "out_of_memory"
+                return None
+            micro_batches = [part for batch in micro_batches for part in split_batch(batch, parts)]
+
+    def reduce_micro_batch(self, metrics: MetricsWriter, reason: str) -> bool:
+        """Divide the micro-batch by its smallest factor and multiply the accumulation by it, for the
+        steps to come; say so in the log and metrics.jsonl and record it in config.json (and so in
+        every later checkpoint), so a resumed run continues with the same micro-batch. False when
+        it is already 1, or the stream cannot change its batch size (dataloader workers)."""
+        config = self.train_config  # changed in place: the loop reads the accumulation from it
+        micro, accumulation = config.batch_size, config.gradient_accumulation_steps
+        parts = smallest_factor(micro)
+        if micro == 1 or not resize_stream(self.train_batches, micro // parts):
+            log.error("Step %d: %s at a micro-batch of %d, which cannot be reduced further here.", self.progress.step + 1, reason, micro)
+            return False
+        config.batch_size, config.gradient_accumulation_steps = micro // parts, accumulation * parts
+        message = (f"reducing micro-batch from {micro} to {config.batch_size} "
+                   f"(gradient accumulation {accumulation} -> {config.gradient_accumulation_steps})")
+        log.warning("Step %d: %s: %s", self.progress.step + 1, reason, message)
+        metrics.write({"type": "memory", "step": self.progress.step + 1, "reason": reason, "message": message,
+                       "batch_size": config.batch_size, "gradient_accumulation_steps": config.gradient_accumulation_steps})
+        atomic_write_json(self.run_dir / "config.json", self.config.to_dict())
+        return True
 
     def optimizer_step(
         self, model: torch.nn.Module, micro_batches: list[Batch], timed: bool
@@ -490,6 +539,8 @@ class Trainer:
             row["accelerator_utilisation"] = accelerator_utilisation(self.device)
             if self.governor is not None:
                 row["paused_seconds"] = self.governor.paused_seconds
+            if self.peak_memory is not None:
+                row.update(self.peak_memory.read_and_reset())
         metrics.write(row)
         memory = f" | mem {row['rss_bytes'] / 1e9:.1f} GB" if "rss_bytes" in row else ""
         log.info("step %d | loss %.4f | lr %.2e | %s tok/s%s", step, row["loss"], learning_rate, f"{tokens_per_second:,.0f}", memory)
@@ -554,6 +605,11 @@ class Trainer:
             "non_finite_loss": (
                 f"Stopped: the loss or gradient was NaN/Inf for {MAX_CONSECUTIVE_BAD_STEPS} steps in a row. "
                 "Lower the learning rate, keep gradient clipping on (--grad-clip 1.0), and check the data."
+            ),
+            "out_of_memory": (
+                "Stopped with a checkpoint: a step ran out of memory even with a micro-batch of 1 "
+                "(that step's batch was not trained on). Use --gradient-checkpointing, a smaller --block-size or model, "
+                "or check the estimate with --dry-run, then --resume."
             ),
             "memory_limit": (
                 f"Stopped with a checkpoint: system memory stayed above --max-memory {self.train_config.max_memory:g}%. "

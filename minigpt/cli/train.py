@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 from minigpt.cli.common import SHARED_ARGUMENTS, ArgumentParser, program_name, run_command
 from minigpt.config import CHOICES, PRESETS, RunConfig, apply_overrides, load_config, validate
 from minigpt.errors import UserInputError
-from minigpt.run import initial_model_config, prepare_run, resolve_run_paths
+from minigpt.run import dry_run, initial_model_config, prepare_run, resolve_run_paths
 
 log = logging.getLogger("minigpt.train")
 
@@ -66,7 +66,8 @@ FLAGS: dict[str, list[Flag]] = {
         Flag(("--learning-rate", "--lr"), "train.learning_rate", "peak learning rate"),
         Flag(("--weight-decay",), "train.weight_decay", "AdamW weight decay for the matrices"),
         Flag(("--grad-clip",), "train.grad_clip", "clip the gradient norm to this (0 = off)"),
-        Flag(("--batch-size",), "train.batch_size", "sequences per micro-batch"),
+        Flag(("--batch-size",), "train.batch_size", "sequences per micro-batch, or auto: the largest that fits and pays, "
+             "with the accumulation raised to keep the global batch (batch size x accumulation)"),
         Flag(("--gradient-accumulation-steps",), "train.gradient_accumulation_steps", "micro-batches per optimizer step"),
     ],
     "schedule": [
@@ -91,6 +92,7 @@ FLAGS: dict[str, list[Flag]] = {
         Flag(("--dataloader-workers",), "train.dataloader_workers", "processes that read and tokenize data (-1 = auto: up to 4 on CUDA, 0 elsewhere)"),
         Flag(("--enable-compile",), "train.compile", "torch.compile the model (slow first step, faster after)"),
         Flag(("--compile-mode",), "train.compile_mode", "torch.compile mode with --enable-compile (auto: max-autotune on CUDA, default elsewhere)"),
+        Flag(("--gradient-checkpointing",), "train.gradient_checkpointing", "recompute each block's activations in the backward pass: much less memory, about a third more compute"),
         Flag(("--disable-optimizations",), "train.disable_optimizations", "eager float32, plain AdamW, math attention: every optimisation off, for debugging"),
         Flag(("--max-cpu",), "train.max_cpu", "hold this process at or below PERCENT of the machine's CPU (0 = no limit)"),
         Flag(("--max-memory",), "train.max_memory", "save and stop cleanly if system memory stays above PERCENT (0 = no limit)"),
@@ -111,8 +113,9 @@ FLAGS: dict[str, list[Flag]] = {
 
 EXIT_STATUSES = """exit status:
   0        the run finished (max steps, time budget or early stopping)
-  1        the run failed: NaN/Inf losses, the --max-memory limit (a checkpoint is saved), or a full
-           disk (the partial write is removed, the last checkpoint kept: free space and --resume)
+  1        the run failed: NaN/Inf losses, the --max-memory limit or out of memory at a micro-batch of 1
+           (a checkpoint is saved), or a full disk (the partial write is removed, the last checkpoint
+           kept: free space and --resume)
   2        bad command line, configuration or data (nothing is written)
   130/143  stopped by Ctrl-C / SIGTERM after saving a checkpoint: continue with --resume"""
 
@@ -138,7 +141,19 @@ def flag_options(flag: Flag, defaults: RunConfig) -> dict[str, Any]:
     else:
         metavar = {int: "N", float: "X"}.get(type(default), shared.get("metavar"))
         options.update(type=type(default), choices=CHOICES.get(flag.key), metavar=metavar)
+    if flag.key == "train.batch_size":
+        options.update(type=batch_size_argument, metavar="N|auto")
     return options
+
+
+def batch_size_argument(text: str) -> int | str:
+    """--batch-size: a number, or "auto" (config_from_arguments turns it into train.auto_batch_size)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got '{text}'") from None
 
 
 def chosen_config(argv: list[str]) -> str:
@@ -173,6 +188,10 @@ def build_parser(defaults: RunConfig, config_name: str = DEFAULT_CONFIG) -> Argu
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any setting, e.g. --set model.n_layer=6 (repeatable)")
     parser.add_argument("--print-config", action="store_true", help="print the fully resolved configuration as JSON and exit, writing nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print parameters, memory (weights, gradients, optimizer, activations) against the device's, "
+                             "and the step time from one timed micro-step; then exit without training or making a run directory")
+    parser.add_argument("--dry-run-no-probe", action="store_true", help="--dry-run without the timed micro-step (estimates only)")
     for title, flags in FLAGS.items():
         group = parser.add_argument_group(title)
         for flag in flags:
@@ -185,7 +204,9 @@ def config_from_arguments(arguments: argparse.Namespace, config: RunConfig) -> R
     overrides = {}
     for flag in (flag for flags in FLAGS.values() for flag in flags):
         value = getattr(arguments, flag.key.partition(".")[2])
-        if value is not None:
+        if value == "auto" and flag.key == "train.batch_size":
+            overrides["train.auto_batch_size"] = True  # the configured batch x accumulation stays the global batch
+        elif value is not None:
             overrides[flag.key] = value
     for assignment in arguments.set:
         key, separator, value = assignment.partition("=")
@@ -212,7 +233,7 @@ def config_from_arguments(arguments: argparse.Namespace, config: RunConfig) -> R
 def exit_status(stop_reason: str | None, stop_signal: int | None) -> int:
     """0 only when the run finished; 1 when it failed; 128 + the signal's number when a signal
     stopped it after saving (the shell's convention: 130 for Ctrl-C, 143 for SIGTERM)."""
-    if stop_reason in ("non_finite_loss", "memory_limit"):
+    if stop_reason in ("non_finite_loss", "memory_limit", "out_of_memory"):
         return 1
     if stop_reason == "signal":
         return 128 + (stop_signal or signal.SIGINT)
@@ -229,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.print_config:
         validate(config)
         print(json.dumps(config.to_dict(), indent=2))
+        return 0
+    if arguments.dry_run or arguments.dry_run_no_probe:
+        print(dry_run(config, probe=not arguments.dry_run_no_probe))
         return 0
     trainer = prepare_run(config)
     run_dir = trainer.run_dir
