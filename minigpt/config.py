@@ -129,7 +129,8 @@ class TrainConfig:
     compile: bool = False
     compile_mode: str = "auto"  # torch.compile mode; auto = max-autotune on CUDA, default elsewhere
     disable_optimizations: bool = False  # eager, float32, plain AdamW loops, math attention: for debugging
-    num_threads: int = 0  # CPU threads; 0 = the physical cores available to the process
+    num_threads: int = 0  # CPU threads; 0 = the physical cores available (under torchrun: split between a machine's processes)
+    ddp_backend: str = "auto"  # under torchrun: auto = nccl on CUDA, gloo on the CPU
     dataloader_workers: int = -1  # processes reading data; -1 = auto (CUDA: up to 4; CPU, MPS: 0, the main process)
     # monitoring and resources
     max_cpu: float = 0.0  # hold the process at or below this % of the machine's CPU; 0 = no limit
@@ -218,6 +219,7 @@ CHOICES = {
     "train.tokenizer_type": ("bpe", "char"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
     "train.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "train.ddp_backend": ("auto", "nccl", "gloo"),
     "train.compile_mode": ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "train.class_weights": ("none", "balanced"),
     "train.pooling": ("last", "mean"),

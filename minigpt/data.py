@@ -87,8 +87,7 @@ class TokenBlockStream(IterableDataset):
     def _reset(self) -> None:
         self.reader = DocumentReader(self.sources, self.text_field, self.report)
         self.epoch = 0
-        self.document_index = 0  # documents read this epoch (all splits), for sharding
-        self.accepted_documents = 0  # documents of this split read this epoch, for max_documents
+        self.accepted_documents = 0  # documents of this split read this epoch: for sharding and max_documents
         self.shard_documents = 0  # of those, documents of this shard
         self.pending_tokens = np.zeros(0, dtype=np.int64)  # tokenized, not yet packed into a block
         self.pending_mask = np.zeros(0, dtype=bool)  # True where the token is a training target
@@ -99,7 +98,7 @@ class TokenBlockStream(IterableDataset):
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly here, as tensors and plain values."""
         return {
-            "reader": self.reader.position(), "epoch": self.epoch, "document_index": self.document_index,
+            "reader": self.reader.position(), "epoch": self.epoch,
             "accepted_documents": self.accepted_documents, "shard_documents": self.shard_documents,
             "pending_tokens": torch.from_numpy(self.pending_tokens.copy()),
             "pending_mask": torch.from_numpy(self.pending_mask.copy()),
@@ -111,7 +110,7 @@ class TokenBlockStream(IterableDataset):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.reader.seek(state["reader"])
         self.reader.warn = state["epoch"] == 0
-        self.epoch, self.document_index = state["epoch"], state["document_index"]
+        self.epoch = state["epoch"]
         self.accepted_documents, self.shard_documents = state["accepted_documents"], state["shard_documents"]
         self.pending_tokens = state["pending_tokens"].numpy().copy()
         self.pending_mask = state["pending_mask"].numpy().copy()
@@ -151,17 +150,21 @@ class TokenBlockStream(IterableDataset):
 
     def check_not_empty(self) -> None:
         """Read (on a fresh copy, leaving this stream untouched) until one block exists; raise
-        UserInputError if none can, so a run fails at its start rather than at its first evaluation."""
-        probe = TokenBlockStream(
-            self.sources, self.tokenizer, self.block_size, 1, split=self.split, val_fraction=self.val_fraction,
-            loop=False, rank=self.shard, world_size=self.num_shards, text_field=self.text_field,
-            max_documents=self.max_documents, tokenize_batch_size=8, assistant_only_loss=self.assistant_only_loss,
-            one_document_per_row=self.one_document_per_row,
-        )
-        probe.reader.warn = False  # this stream reports the bad lines when it reads them itself
-        if probe._next_block() is None:
-            raise self._empty_error()
-        probe.reader.close()
+        UserInputError if none can, so a run fails at its start rather than at its first evaluation.
+
+        Every shard is checked, not only this one: under torchrun every process then reaches the
+        same verdict, and the error is the same sentence everywhere (rank 0 prints it once)."""
+        for shard in range(self.num_shards):
+            probe = TokenBlockStream(
+                self.sources, self.tokenizer, self.block_size, 1, split=self.split, val_fraction=self.val_fraction,
+                loop=False, rank=shard, world_size=self.num_shards, text_field=self.text_field,
+                max_documents=self.max_documents, tokenize_batch_size=8, assistant_only_loss=self.assistant_only_loss,
+                one_document_per_row=self.one_document_per_row,
+            )
+            probe.reader.warn = False  # this stream reports the bad lines when it reads them itself
+            if probe._next_block() is None:
+                raise probe._empty_error()
+            probe.reader.close()
 
     def _empty_error(self) -> UserInputError:
         where = ", ".join(str(source) for source in self.sources)
@@ -258,10 +261,12 @@ class TokenBlockStream(IterableDataset):
                     raise self._empty_error()
                 self._start_next_epoch()
                 continue
-            index = self.document_index
-            self.document_index += 1
             if self.split != "all" and (document_hash_fraction(document) < self.val_fraction) != (self.split == "val"):
                 continue
+            # Shard by the position among this split's documents: shard s of n takes documents
+            # s, s + n, s + 2n, ... so n processes with one micro-batch each see the documents
+            # that one process sees in n micro-batches (what makes their gradients equal).
+            index = self.accepted_documents
             self.accepted_documents += 1
             if index % self.num_shards == self.shard:
                 self.shard_documents += 1
@@ -270,7 +275,7 @@ class TokenBlockStream(IterableDataset):
 
     def _start_next_epoch(self) -> None:
         self.epoch += 1
-        self.document_index = self.accepted_documents = self.shard_documents = 0
+        self.accepted_documents = self.shard_documents = 0
         self.reader.seek([0, 0, 0, 0, 0])
         self.reader.warn = False  # bad lines were reported in the first epoch
 

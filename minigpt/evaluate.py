@@ -17,6 +17,7 @@ from typing import Iterable
 
 import torch
 
+from minigpt.distributed import all_reduce_sum, this_process_share
 from minigpt.loss import IGNORE_INDEX
 from minigpt.model import GPT
 from minigpt.runtime import autocast
@@ -45,7 +46,8 @@ def evaluate(
     max_batches: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> EvaluationResult:
-    """Evaluate on up to `max_batches` (0 = all) batches of (inputs, targets)."""
+    """Evaluate on up to `max_batches` (0 = all) batches of (inputs, targets). Under torchrun every
+    process must call this, with the same batches: each evaluates its share."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -53,7 +55,9 @@ def evaluate(
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_tokens = torch.zeros((), dtype=torch.long, device=device)
     total_bytes = torch.zeros((), dtype=torch.long, device=device)
-    for inputs, targets in islice(batches, max_batches or None):
+    # Under torchrun each process takes every world_size-th of the same batches and the sums are
+    # added up over the processes: the result is the single-process result on the same batches.
+    for inputs, targets in this_process_share(islice(batches, max_batches or None)):
         inputs, targets = inputs.to(device), targets.to(device)
         with autocast(device, dtype):
             _, losses = model(inputs, targets, loss_reduction="none")
@@ -62,6 +66,8 @@ def evaluate(
         total_tokens += counted.sum()
         total_bytes += token_byte_lengths[targets.view(-1)[counted]].sum()
     model.train(was_training)
+    for total in (total_nats, total_tokens, total_bytes):
+        all_reduce_sum(total)
     tokens, byte_count = int(total_tokens), int(total_bytes)
     if tokens == 0:
         raise ValueError("Evaluation saw no target tokens: the validation data is empty.")

@@ -31,19 +31,24 @@ def encode_row(row: dict[str, Any]) -> str:
 
 
 class MetricsWriter:
-    """Appends rows to metrics.jsonl, flushing each so readers see it at once."""
+    """Appends rows to metrics.jsonl, flushing each so readers see it at once. A writer that is
+    not `enabled` (a process other than rank 0 under torchrun) opens nothing and writes nothing."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, enabled: bool = True):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(self.path, "a", encoding="utf-8")
+        self.file = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a", encoding="utf-8")
 
     def write(self, row: dict[str, Any]) -> None:
-        self.file.write(encode_row(row))
-        self.file.flush()
+        if self.file is not None:
+            self.file.write(encode_row(row))
+            self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -23,6 +23,9 @@ from minigpt.config import ModelConfig, RunConfig, validate
 from minigpt.files import atomic_write_json, check_plain_name, lock_run_directory, remove_temporary_files
 from minigpt.corpus import BUILTIN_CORPUS
 from minigpt.sft_corpus import BUILTIN_SFT
+from minigpt.distributed import (
+    broadcast_from_main, compute_init, cores_per_process, is_main_process, main_process_first, process_place,
+)
 from minigpt.data import ParallelBatches, RepeatedBatch, TokenBlockStream, holdout_filling_one_block
 from minigpt.sources import iter_documents, resolve_data_files, sources_fingerprint
 from minigpt.errors import UserInputError
@@ -200,23 +203,30 @@ def build_streams(
     config: RunConfig, sources: list, tokenizer: Tokenizer, device: torch.device = torch.device("cpu")
 ) -> tuple[TokenBlockStream | RepeatedBatch | ParallelBatches, TokenBlockStream | None]:
     """The endless, shuffled training stream (or its first batch, repeated) and the finite
-    validation stream (None with val_fraction 0 and no validation files: no evaluations)."""
+    validation stream (None with val_fraction 0 and no validation files: no evaluations).
+
+    Under torchrun the training stream reads only this process's share of the documents (every
+    world_size-th, from its rank on); the validation stream is read whole by every process, and
+    evaluation splits its batches (see `minigpt.evaluate`)."""
     train = config.train
+    place = process_place()
+    shard = dict(rank=place.rank, world_size=place.world_size)
     chat = train.stage == "sft"  # the assistant's words only, one conversation per row
     common = dict(tokenizer=tokenizer, block_size=config.model.block_size, batch_size=train.batch_size, text_field=train.text_field,
                   assistant_only_loss=chat, one_document_per_row=chat)
     val_sources = resolve_data_files(train.val_data_files) if train.val_data_files else []
     if train.token_cache:
         cache_root = Path(train.output_dir) / "token_cache"
-        sources = [build_token_cache(sources, tokenizer, cache_root, train.text_field)]
-        val_sources = [build_token_cache(val_sources, tokenizer, cache_root, train.text_field)] if val_sources else []
+        with main_process_first():  # rank 0 builds the cache, the others then find it
+            sources = [build_token_cache(sources, tokenizer, cache_root, train.text_field)]
+            val_sources = [build_token_cache(val_sources, tokenizer, cache_root, train.text_field)] if val_sources else []
     if val_sources or train.val_fraction == 0:
         train_stream = TokenBlockStream(sources, split="all", shuffle_buffer=train.shuffle_buffer, seed=train.seed,
-                                        max_documents=train.max_data_size, **common)
+                                        max_documents=train.max_data_size, **shard, **common)
         val_stream = TokenBlockStream(val_sources, split="all", loop=False, **common) if val_sources else None
     else:
         train_stream = TokenBlockStream(sources, split="train", val_fraction=train.val_fraction, shuffle_buffer=train.shuffle_buffer,
-                                        seed=train.seed, max_documents=train.max_data_size, **common)
+                                        seed=train.seed, max_documents=train.max_data_size, **shard, **common)
         val_stream = TokenBlockStream(sources, split="val", val_fraction=train.val_fraction, loop=False, **common)
     train_stream.check_not_empty()
     if val_stream is not None:
@@ -235,6 +245,14 @@ def with_builtin_labelled_set(config: RunConfig) -> RunConfig:
     train_file, val_file = builtin_labelled_files(Path(config.train.output_dir) / "builtin_labelled")
     val_files = config.train.val_data_files or [str(val_file)]
     return dataclasses.replace(config, train=dataclasses.replace(config.train, data_files=[str(train_file)], val_data_files=val_files))
+
+
+def describe_global_batch(config: RunConfig, processes: int) -> str:
+    """The tokens one optimizer step learns from: micro-batch x accumulation x processes."""
+    train, block = config.train, config.model.block_size
+    tokens = train.batch_size * block * train.gradient_accumulation_steps * processes
+    return (f"{train.batch_size} sequences x {block} tokens x {train.gradient_accumulation_steps} micro-batch(es) "
+            f"x {processes} process(es) = {tokens:,} tokens per step")
 
 
 def build_callbacks(config: RunConfig) -> list[Callback]:
@@ -270,14 +288,15 @@ def prepare_run(
     script hooks into the loop this way. `objective` replaces the one the configuration implies.
     """
     validate(config)
+    place = process_place()
     if config.train.lora_rank and not config.train.init_from:
         raise UserInputError("LoRA trains small adapters on a frozen, already trained model: give that model with --init-from.")
     if config.train.stage == "classify" and not (config.train.data_files or config.train.use_full_data):
         config = with_builtin_labelled_set(config)
     paths = resolve_run_paths(config)
-    device = select_device(config.train.device)
+    device = compute_init(select_device(config.train.device), config.train.ddp_backend)  # joins torchrun's processes, if any
     dtype = torch.float32 if config.train.disable_optimizations else select_dtype(config.train.dtype, device)
-    threads = configure_threads(config.train.num_threads)
+    threads = configure_threads(config.train.num_threads or cores_per_process(available_cpu_cores()))
     if not config.train.disable_optimizations:
         keep_freed_memory_for_reuse()
     sources = training_sources(config)
@@ -287,7 +306,8 @@ def prepare_run(
     elif initial is not None:
         tokenizer = initial[1]
     else:
-        tokenizer = obtain_tokenizer(config, sources, show_progress)
+        with main_process_first():  # rank 0 trains (and caches) the tokenizer, the others then load it
+            tokenizer = obtain_tokenizer(config, sources, show_progress and is_main_process())
     if not config.model.vocab_size:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size))
     validate(config, tokenizer.vocab_size)
@@ -329,25 +349,29 @@ def prepare_run(
     if device.type == "cpu" and config.train.dtype == "auto" and not config.train.disable_optimizations:
         sequences = max(1, min(config.train.batch_size, PROBE_TOKENS // config.model.block_size))
         probe_batch = objective.example_batch(sequences, config.model.block_size)
-        dtype = fastest_cpu_dtype(model, lambda probe: objective.loss(probe, probe_batch))
+        # Timed, the choice could differ between processes: rank 0's holds for all.
+        dtype = broadcast_from_main(fastest_cpu_dtype(model, lambda probe: objective.loss(probe, probe_batch)))
     # Record the precision chosen, so that a resumed run computes exactly as this one did.
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, dtype=str(dtype).replace("torch.", "")))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    lock_run_directory(run_dir)  # a second trainer here is refused; Trainer.train() releases it
-    remove_temporary_files(run_dir)
-    atomic_write_json(run_dir / "config.json", config.to_dict())
-    if paths.resume_from is None:
-        tokenizer.save(run_dir / "tokenizer.json")
+    if is_main_process():  # under torchrun only rank 0 writes
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock_run_directory(run_dir)  # a second trainer here is refused; Trainer.train() releases it
+        remove_temporary_files(run_dir)
+        atomic_write_json(run_dir / "config.json", config.to_dict())
+        if paths.resume_from is None:
+            tokenizer.save(run_dir / "tokenizer.json")
     trainer = Trainer(config, model, tokenizer, objective, train_stream, val_stream, run_dir, device, dtype, callbacks, show_progress,
                       adapter=adapter)
     if paths.resume_from is not None:
         trainer.resume(paths.resume_from)
-        truncate_metrics(run_dir / "metrics.jsonl", trainer.progress.step)
+        if is_main_process():
+            truncate_metrics(run_dir / "metrics.jsonl", trainer.progress.step)
     log.info(
         "Run %s: %s parameters (%s without embeddings), device %s, %s, %d CPU threads",
         run_dir, f"{model.num_parameters():,}", f"{model.num_parameters(exclude_embeddings=True):,}", device,
         str(dtype).replace("torch.", ""), threads,
     )
+    log.info("Global batch: %s", describe_global_batch(config, place.world_size))
     return trainer
 
 

@@ -33,6 +33,10 @@ from tqdm import tqdm
 from minigpt.anomalies import diagnose
 from minigpt.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint, save_model_directory, write_model_files
 from minigpt.config import RunConfig
+from minigpt.distributed import (
+    agree_on_stop, all_reduce_sum, gather_to_main, gradient_sync, is_distributed, is_main_process, rank, sum_over_processes,
+    world_size, wrap_model,
+)
 from minigpt.errors import UserInputError
 from minigpt.files import atomic_write_bytes, atomic_write_json, unlock_run_directory
 from minigpt.lora import AdapterRun
@@ -55,6 +59,9 @@ MAX_CONSECUTIVE_BAD_STEPS = 5  # NaN/Inf steps in a row before the run gives up
 PROFILE_STEPS = (3, 13)  # --profile times steps 3 to 12 (the first ones warm caches up)
 HISTORY_ROWS = 500  # metric rows kept in memory for the anomaly rules
 PHASES = ("data", "forward", "backward", "optimizer")
+# Reasons to stop that one process may reach alone, least to most severe: the processes agree on
+# the most severe any of them reached (see `minigpt.distributed.agree_on_stop`).
+LOCAL_STOP_REASONS = ("max_time", "signal", "memory_limit")
 
 
 @dataclass
@@ -144,8 +151,10 @@ class Trainer:
         self.train_batches, self.val_batches = train_batches, val_batches
         self.run_dir = Path(run_dir)
         self.device, self.dtype = device, dtype
-        self.callbacks = list(callbacks or [])
-        self.show_progress = show_progress
+        # Under torchrun only rank 0 writes files and prints; the other processes only compute.
+        self.is_main = is_main_process()
+        self.callbacks = list(callbacks or []) if self.is_main else []
+        self.show_progress = show_progress and self.is_main
         self.adapter = adapter  # a LoRA run: only the adapters train, on a frozen base model
         self.optimizer = build_optimizer(model, self.train_config, device.type)
         # float16 has a narrow range: scale the loss up so small gradients do not flush to zero.
@@ -153,6 +162,7 @@ class Trainer:
         self.progress = Progress()
         self.session_start = time.perf_counter()  # of this session's training (set again when the loop starts)
         self.stop_reason: str | None = None
+        self.requested_stop: str | None = None  # a signal or the memory limit, until the processes agree to stop
         self.stop_signal: int | None = None  # which signal stopped the run, if one did (SIGINT, SIGTERM)
         self.process = psutil.Process()
         config = self.train_config
@@ -183,23 +193,27 @@ class Trainer:
     def training_state(self) -> dict[str, Any]:
         progress = asdict(self.progress)
         progress["elapsed_seconds"] = self.elapsed()  # a resumed run continues the clock (and its --max-time)
-        state = {
-            "optimizer": self.optimizer.state_dict(),
-            "train_stream": self.train_batches.state_dict(),
-            "rng": rng_state(),
-            "progress": progress,
-        }
+        # Each process reads its own share of the data and draws its own random numbers, so the
+        # checkpoint holds every process's data position and RNG state, by rank (a list of one
+        # without torchrun). The weights and optimizer state are the same in every process.
+        per_process = gather_to_main({"train_stream": self.train_batches.state_dict(), "rng": rng_state()})
+        state = {"optimizer": self.optimizer.state_dict(), "processes": per_process, "progress": progress}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         return state
 
-    def save_checkpoint(self, evaluation: dict[str, Any] | None = None) -> Path:
+    def save_checkpoint(self, evaluation: dict[str, Any] | None = None) -> Path | None:
         """Save the run's state; `evaluation`, the metrics of an evaluation at this very step, goes
-        into meta.json, where pruning finds the best checkpoint by the objective's metric."""
+        into meta.json, where pruning finds the best checkpoint by the objective's metric.
+        Every process must call this (it gathers their data positions); rank 0 writes, and returns
+        the checkpoint's path; the others return None."""
+        training_state = self.training_state()
+        if not self.is_main:
+            return None
         meta = {"tokens_seen": self.progress.tokens_seen, "saved_at": time.time(), **evaluation_scalars(evaluation or {})}
         if self.adapter is not None:
             meta.update(base_model=self.adapter.base_path, base_model_sha256=self.adapter.base_sha256)
-        path = save_checkpoint(self.run_dir, self.progress.step, self.model, self.training_state(), meta, self.config, self.tokenizer)
+        path = save_checkpoint(self.run_dir, self.progress.step, self.model, training_state, meta, self.config, self.tokenizer)
         monitor = self.objective.monitor
         prune_checkpoints(self.run_dir, self.train_config.keep_checkpoints, monitor.metric, monitor.mode == "max")
         log.info("Saved checkpoint %s", path)
@@ -215,9 +229,16 @@ class Trainer:
                 f"The base model {self.adapter.base_path} has changed since this LoRA run's checkpoint {checkpoint_dir} "
                 "was saved (its SHA-256 differs); restore that base model or start a new run."
             )
+        saved_by = len(state["processes"])
+        if saved_by != world_size():
+            raise UserInputError(
+                f"Checkpoint {checkpoint_dir} was saved by {saved_by} process(es) and this run has {world_size()}: resume it "
+                f"with the same number (torchrun --nproc_per_node ... totalling {saved_by}), since each process's data "
+                "position belongs to its own share of the documents."
+            )
         self.optimizer.load_state_dict(state["optimizer"])
-        self.train_batches.load_state_dict(state["train_stream"])
-        set_rng_state(state["rng"])
+        self.train_batches.load_state_dict(state["processes"][rank()]["train_stream"])
+        set_rng_state(state["processes"][rank()]["rng"])
         self.progress = Progress(**state["progress"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
@@ -235,16 +256,16 @@ class Trainer:
                     return self._train()
             return self._train()
         finally:
-            unlock_run_directory(self.run_dir)  # taken by prepare_run: the next trainer may use the directory
+            if self.is_main:
+                unlock_run_directory(self.run_dir)  # taken by prepare_run: the next trainer may use the directory
 
     def _train(self) -> dict[str, Any]:
         config = self.train_config
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        metrics = MetricsWriter(self.run_dir / "metrics.jsonl")
+        metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=self.is_main)
         batches = iter(self.train_batches)
         self.session_start = time.perf_counter()
         elapsed = self.elapsed
-        model: torch.nn.Module = self.model
+        model: torch.nn.Module = wrap_model(self.model, self.device)  # DDP under torchrun; self.model stays unwrapped
         model.train()
         if config.compile and not config.disable_optimizations:
             model = compile_model(self.model, self.example_loss, mode=compile_mode(self.device, config.compile_mode))
@@ -264,9 +285,6 @@ class Trainer:
             while self.stop_reason is None:
                 if config.max_steps and self.progress.step >= config.max_steps:
                     self.stop_reason = "max_steps"
-                    break
-                if config.max_time and elapsed() >= config.max_time:
-                    self.stop_reason = "max_time"
                     break
 
                 learning_rate = learning_rate_at(self.progress.step, config, elapsed())
@@ -302,7 +320,9 @@ class Trainer:
                         self._print_profile()
                 if self.governor is not None and not self.governor.after_step():
                     if not self.reduce_micro_batch(metrics, "system memory stayed above --max-memory"):
-                        self.stop_reason = "memory_limit"
+                        self.requested_stop = "memory_limit"
+                local_stop = self.requested_stop or ("max_time" if config.max_time and elapsed() >= config.max_time else None)
+                self.stop_reason = agree_on_stop(local_stop, LOCAL_STOP_REASONS, self.device)
 
                 logging_step = step % config.log_steps == 0
                 settling_step = logging_step or step % config.eval_steps == 0 or step % config.save_steps == 0
@@ -331,11 +351,12 @@ class Trainer:
         if self.progress.step > 0:
             if self.progress.step % config.save_steps:
                 self.save_checkpoint(last_evaluation if evaluated_at == self.progress.step else None)
-            if not failed:
+            if not failed and self.is_main:
                 self.save_final_model()
         metrics.close()
         summary = self._summary(last_evaluation)
-        atomic_write_json(self.run_dir / "summary.json", summary)
+        if self.is_main:
+            atomic_write_json(self.run_dir / "summary.json", summary)
         finished = self.stop_reason in ("max_steps", "max_time", "early_stopping")
         self._write_status("finished" if finished else "failed" if failed else "stopped", message=self.stop_message())
         for callback in self.callbacks:
@@ -388,6 +409,10 @@ class Trainer:
         config = self.train_config  # changed in place: the loop reads the accumulation from it
         micro, accumulation = config.batch_size, config.gradient_accumulation_steps
         parts = smallest_factor(micro)
+        if is_distributed():  # one process alone changing its batch would leave the others waiting in a collective
+            log.error("Step %d: %s under torchrun: the micro-batch is not reduced across processes; "
+                      "restart with a smaller --batch-size.", self.progress.step + 1, reason)
+            return False
         if micro == 1 or not resize_stream(self.train_batches, micro // parts):
             log.error("Step %d: %s at a micro-batch of %d, which cannot be reduced further here.", self.progress.step + 1, reason, micro)
             return False
@@ -414,10 +439,18 @@ class Trainer:
         clock = time.perf_counter
         forward = backward = 0.0
         # Divide by the weight of the whole step, not of each micro-batch: micro-batches with
-        # more counted targets (chat data with masked prompts) then weigh correctly.
-        step_weight = sum(self.objective.weight(batch) for batch in micro_batches)
+        # more counted targets (chat data with masked prompts) then weigh correctly. Under
+        # torchrun "the whole step" is every process's micro-batches: one all-reduce sums them.
+        step_weight, tokens = sum_over_processes(
+            sum(self.objective.weight(batch) for batch in micro_batches),
+            sum(self.objective.tokens(batch) for batch in micro_batches), device=self.device,
+        )
+        # DDP *averages* the gradients of the P processes: it gives (1/P) sum_p grad(loss_p). We
+        # want sum_p grad(loss_p) / step_weight, the gradient of the global batch, so each
+        # process scales its loss by P before backward. With one process P = 1: nothing changes.
+        processes = world_size()
         total_loss = torch.zeros((), device=self.device)
-        for batch in micro_batches:
+        for index, batch in enumerate(micro_batches):
             batch = self.objective.to_device(batch, self.device)
             start = clock()
             with autocast(self.device, self.dtype):
@@ -425,11 +458,14 @@ class Trainer:
             if timed:
                 synchronize(self.device)
             middle = clock()
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            with gradient_sync(model, enabled=index == len(micro_batches) - 1):  # all-reduce once, on the last
+                (self.scaler.scale(loss * processes) if self.scaler else loss * processes).backward()
             total_loss += loss.detach()
             if timed:
                 synchronize(self.device)
             forward, backward = forward + middle - start, backward + clock() - middle
+        # The loss of the global batch, identical in every process, so all agree to skip a bad step.
+        all_reduce_sum(total_loss)
         start = clock()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
@@ -451,7 +487,6 @@ class Trainer:
         if timed:
             synchronize(self.device)
         self.phase_seconds.update(forward=forward, backward=backward, optimizer=clock() - start)
-        tokens = sum(self.objective.tokens(batch) for batch in micro_batches)
         return total_loss, grad_norm.detach(), finite, tokens
 
     def _new_window(self) -> LogWindow:
@@ -529,7 +564,8 @@ class Trainer:
             "eta_seconds": min(remaining) if remaining else None,
         }
         if self.peak_flops:
-            row["mfu"] = self.model.flops_per_token() * tokens_per_second / self.peak_flops
+            # tokens_per_second counts every process; the measured peak is one device's.
+            row["mfu"] = self.model.flops_per_token() * tokens_per_second / world_size() / self.peak_flops
         if self.monitoring:
             wall = time.perf_counter() - window.wall_start
             row["cpu_percent"] = 100 * (self._cpu_seconds() - window.cpu_start) / wall / (psutil.cpu_count() or 1)
@@ -622,6 +658,8 @@ class Trainer:
     # status and signals
 
     def _write_status(self, state: str, message: str = "") -> None:
+        if not self.is_main:
+            return
         monitor = self.objective.monitor
         atomic_write_json(self.run_dir / "status.json", {
             "state": state, "pid": os.getpid(), "step": self.progress.step, "max_steps": self.train_config.max_steps,
@@ -633,9 +671,9 @@ class Trainer:
         """Ctrl-C or SIGTERM: finish the current step, save, and exit cleanly. A second one stops at once."""
 
         def request_stop(signum: int, _frame: Any) -> None:
-            if self.stop_reason == "signal":
+            if self.requested_stop == "signal":
                 raise KeyboardInterrupt
-            self.stop_reason, self.stop_signal = "signal", signum
+            self.requested_stop, self.stop_signal = "signal", signum
             log.warning("Received %s: saving a checkpoint after this step (press again to stop at once).", signal.Signals(signum).name)
 
         previous = {}

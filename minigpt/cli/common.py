@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from minigpt.cli import COMMANDS
 from minigpt.config import CHOICES
+from minigpt.distributed import is_main_process
 from minigpt.errors import UserInputError
 
 USAGE_ERROR = 2  # the conventional exit status for a bad command line or bad input
@@ -138,7 +139,8 @@ def run_command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] 
         try:
             return main(argv)
         except UserInputError as error:
-            print(f"error: {error}", file=sys.stderr)
+            if is_main_process():  # under torchrun every process finds the same mistake: say it once
+                print(f"error: {error}", file=sys.stderr)
             return error.exit_status
         except KeyboardInterrupt:
             print("Interrupted.", file=sys.stderr)

@@ -11,6 +11,7 @@ import sys
 from typing import Any, NamedTuple
 
 from minigpt.cli.common import SHARED_ARGUMENTS, ArgumentParser, program_name, run_command
+from minigpt.distributed import compute_cleanup
 from minigpt.config import CHOICES, PRESETS, RunConfig, apply_overrides, load_config, validate
 from minigpt.errors import UserInputError
 from minigpt.run import dry_run, initial_model_config, prepare_run, resolve_run_paths
@@ -89,6 +90,7 @@ FLAGS: dict[str, list[Flag]] = {
         Flag(("--dtype",), "train.dtype"),
         Flag(("--seed",), "train.seed"),
         Flag(("--num-threads",), "train.num_threads", "CPU threads (0 = the physical cores available to the process)"),
+        Flag(("--ddp-backend",), "train.ddp_backend", "under torchrun: how processes exchange gradients (auto: nccl on CUDA, gloo on the CPU)"),
         Flag(("--dataloader-workers",), "train.dataloader_workers", "processes that read and tokenize data (-1 = auto: up to 4 on CUDA, 0 elsewhere)"),
         Flag(("--enable-compile",), "train.compile", "torch.compile the model (slow first step, faster after)"),
         Flag(("--compile-mode",), "train.compile_mode", "torch.compile mode with --enable-compile (auto: max-autotune on CUDA, default elsewhere)"),
@@ -254,10 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.dry_run or arguments.dry_run_no_probe:
         print(dry_run(config, probe=not arguments.dry_run_no_probe))
         return 0
-    trainer = prepare_run(config)
+    trainer = prepare_run(config)  # under torchrun: joins the other processes
     run_dir = trainer.run_dir
     log.info("Run directory: %s (metrics.jsonl, status.json, checkpoints%s)", run_dir, ", plots/" if config.train.plot_loss else "")
     summary = trainer.train()
+    # Leave the process group only after a clean end: after a failure the process just exits, and
+    # torchrun stops the others (a barrier here could wait for a process that is gone).
+    compute_cleanup()
     log.info(trainer.stop_message())
     final_model = run_dir / "final_model"
     if final_model.is_dir():
