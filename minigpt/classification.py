@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from minigpt.checkpoint import save_model_directory
 from minigpt.config import RunConfig
 from minigpt.errors import UserInputError
+from minigpt.files import atomic_write_bytes
 from minigpt.heads import GPTClassifier
 from minigpt.labelled_data import (
     ClassificationBatch, ClassificationBatches, EncodedRecords, LabelMaps, build_label_maps, encode_records, find_tasks, holdout_split,
@@ -216,7 +217,7 @@ class ClassifierCallback(Callback):
             title = f"{task} at step {row['step']}: macro-F1 {scores['f1_macro']:.3f}, accuracy {scores['accuracy']:.3f}"
             try:
                 first = save_confusion_matrix(plots / f"confusion_{task}_step_{row['step']}.png", scores["confusion"], scores["labels"], title)
-                save_confusion_matrix(plots / f"confusion_{task}_latest.png", scores["confusion"], scores["labels"], title)
+                atomic_write_bytes(plots / f"confusion_{task}_latest.png", first.read_bytes())  # drawn once, copied whole
             except Exception as error:  # noqa: BLE001 - a plot must never stop training
                 log.warning("Could not draw the confusion matrix of %s: %s", task, error)
         if trainer.progress.evaluations_without_improvement == 0:  # this evaluation is the best so far

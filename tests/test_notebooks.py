@@ -1,0 +1,210 @@
+"""minigpt.notebook outside Jupyter, and every notebook of notebooks/ executed headless.
+
+The notebooks run in a real kernel (nbclient, the "python3" kernel of this interpreter), each in
+a fresh temporary directory, with their default (small) parameters: a notebook that no longer
+runs top to bottom fails here, not in a reader's hands.
+"""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from ipykernel.kernelspec import install as install_kernel_spec
+from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+from nbclient import NotebookClient
+
+from minigpt.cli.train import build_parser, config_from_arguments
+from minigpt.config import CHOICES, apply_overrides, load_config, preset_config
+from minigpt.errors import UserInputError
+from minigpt.generate import SamplingConfig
+from minigpt.notebook import (
+    STAGES, LivePlotCallback, NotebookSettings, analyze_data, chat_reply, config_from_settings, format_duration,
+    in_notebook, plot_data,
+)
+from minigpt.lora import load_model_for_inference
+from minigpt.run import prepare_run
+from minigpt.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+KERNEL = "python3"
+
+
+def tiny_run(tmp_path, corpus_jsonl, tokenizer_file, name, callbacks=(), **overrides):
+    config = apply_overrides(preset_config("tiny"), {
+        "train.data_files": [str(corpus_jsonl)], "train.tokenizer_path": str(tokenizer_file), "train.max_steps": 10,
+        "train.eval_steps": 5, "train.eval_batches": 2, "train.save_steps": 10, "train.log_steps": 5, "train.sample_tokens": 0,
+        "train.output_dir": str(tmp_path), "train.run_name": name, "train.dtype": "float32", **overrides,
+    })
+    trainer = prepare_run(config, show_progress=False, callbacks=list(callbacks))
+    return trainer, trainer.train()
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory, corpus_jsonl, tokenizer_file):
+    """A tiny model trained for a few steps: the final_model/ directory."""
+    trainer, _ = tiny_run(tmp_path_factory.mktemp("base"), corpus_jsonl, tokenizer_file, "base")
+    return trainer.run_dir / "final_model"
+
+
+# ---------------------------------------------------------------------------------- live plot
+
+
+def test_outside_jupyter_the_live_plot_prints_progress_and_times_itself(tmp_path, corpus_jsonl, tokenizer_file, capsys):
+    assert not in_notebook()
+    live = LivePlotCallback(min_interval=0.0)
+    trainer, summary = tiny_run(tmp_path, corpus_jsonl, tokenizer_file, "live", callbacks=[live])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("step 5/10 | loss ") and "tok/s | ETA" in lines[0]
+    assert "val loss" in lines[-2] and lines[-1] == "Reached max_steps."
+    assert len(live.train_rows) == 2 and len(live.eval_rows) == 2
+    assert live.redraws >= 2 and 0 < live.drawing_seconds < summary["training_seconds"]
+    figure = live.figure("title")
+    loss_panel = figure.axes[0]
+    assert len(figure.axes) == 4 and len(loss_panel.lines) == 2  # train and validation loss
+    assert list(loss_panel.lines[0].get_xdata()) == [5, 10]
+
+
+def test_the_live_plot_throttles_its_redraws():
+    class FakeTrainer:
+        class train_config:
+            max_steps = 100
+
+    live = LivePlotCallback(min_interval=60.0)
+    live.on_start(FakeTrainer())
+    for step in range(1, 11):
+        live.on_log(FakeTrainer(), {"step": step, "loss": 1.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_second": 1.0, "eta_seconds": 9.0})
+    assert live.redraws == 1  # the first row draws; the next ones come within the minimum interval
+
+
+def test_format_duration():
+    assert [format_duration(seconds) for seconds in (None, 12, 75, 3700)] == ["?", "12s", "1m15s", "1h01m"]
+
+
+# ------------------------------------------------------------------------------- settings form
+
+
+def cli_config(argv):
+    base = load_config("tiny")
+    return config_from_arguments(build_parser(base, "tiny").parse_args(["--config", "tiny", *argv]), base)
+
+
+def test_the_settings_build_the_config_the_cli_builds(base_model, corpus_jsonl):
+    pretrain = NotebookSettings(preset="tiny", data_file=str(corpus_jsonl), learning_rate=2e-3, max_steps=50)
+    assert config_from_settings(pretrain) == cli_config(["--data-files", str(corpus_jsonl), "--lr", "2e-3", "--max-steps", "50"])
+    lora = NotebookSettings(preset="tiny", stage="LoRA", init_from=str(base_model), max_steps=30, lora_rank=4, lora_alpha=8.0)
+    expected = cli_config(["--stage", "sft", "--init-from", str(base_model), "--max-steps", "30", "--lora-rank", "4", "--lora-alpha", "8"])
+    assert config_from_settings(lora) == expected
+    assert config_from_settings(lora, {"train.eval_steps": 7}).train.eval_steps == 7
+    assert set(STAGES.values()) <= set(CHOICES["train.stage"])
+
+
+def test_the_settings_give_the_cli_validation_messages():
+    with pytest.raises(UserInputError, match="train.learning_rate must be positive"):
+        config_from_settings(NotebookSettings(learning_rate=-1.0))
+    with pytest.raises(UserInputError, match="already trained model"):
+        config_from_settings(NotebookSettings(stage="LoRA"))
+    with pytest.raises(UserInputError, match="Unknown preset"):
+        config_from_settings(NotebookSettings(preset="huge"))
+
+
+def test_the_settings_form_shows_the_error_or_ok():
+    widgets = pytest.importorskip("ipywidgets")
+    from minigpt.notebook import SettingsForm
+
+    form = SettingsForm(NotebookSettings(max_steps=40))
+    assert isinstance(form.widget, widgets.VBox)
+    assert form.show_check() and form.message.value.startswith("OK: pretrain, 40 steps")
+    form.stage.value = "LoRA"
+    assert not form.show_check() and "already trained model" in form.message.value
+    assert form.lora_rank.layout.display is None  # the LoRA fields appear with the LoRA stage
+
+
+# ------------------------------------------------------------------------------- data analysis
+
+
+def test_analysis_of_plain_text(corpus_jsonl, tokenizer_file):
+    tokenizer = load_tokenizer(tokenizer_file)
+    statistics = analyze_data([corpus_jsonl], tokenizer, block_size=64, max_documents=50)
+    assert statistics.documents == 50 and len(statistics.tokens) == 50
+    assert 0 < statistics.truncated_share <= 1  # documentation pages are longer than 65 tokens
+    assert statistics.truncated_share == pytest.approx((statistics.tokens > 65).mean())
+    assert statistics.turns is None and statistics.loss_token_share is None
+    assert len(statistics.top_tokens) == 20 and statistics.top_tokens[0][1] >= statistics.top_tokens[-1][1]
+    assert statistics.summary["total_tokens"] == int(statistics.tokens.sum())
+    assert len(plot_data(statistics).axes) == 3
+
+
+def test_analysis_of_chat_data(tmp_path, tokenizer_file):
+    tokenizer = load_tokenizer(tokenizer_file)
+    path = tmp_path / "chat.jsonl"
+    path.write_text('{"conversations": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}]}\n'
+                    '{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}, '
+                    '{"role": "assistant", "content": "Because."}, {"role": "user", "content": "Ok"}, {"role": "assistant", "content": "Yes"}]}\n')
+    statistics = analyze_data([path], tokenizer, block_size=64)
+    assert list(statistics.turns) == [2, 5]
+    ids, mask = tokenizer.render_chat([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}])
+    assert statistics.tokens[0] == len(ids) + 1  # plus <|endoftext|>
+    assert 0 < statistics.loss_token_share < 0.5  # the template and the questions carry no loss
+    assert len(plot_data(statistics).axes) == 6
+
+
+# ---------------------------------------------------------------------------------------- chat
+
+
+def test_chat_reply_streams_and_keeps_the_history(base_model, capsys):
+    model, tokenizer, _ = load_model_for_inference(base_model)
+    history = []
+    sampling = SamplingConfig(max_new_tokens=8, temperature=0.0)
+    first = chat_reply(model, tokenizer, history, "Hello?", sampling)
+    assert capsys.readouterr().out == first + "\n"  # streamed to stdout as it was sampled
+    second = chat_reply(model, tokenizer, history, "And then?", sampling)
+    assert history == [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": first},
+                       {"role": "user", "content": "And then?"}, {"role": "assistant", "content": second}]
+    assert sampling.stop_ids == ()  # the caller's settings are left as they were
+
+
+# ----------------------------------------------------------------------------------- notebooks
+
+
+def test_there_are_notebooks_and_none_holds_outputs():
+    assert [path.name for path in NOTEBOOKS] == ["01_pretrain_quickstart.ipynb", "02_finetune_lora_chat.ipynb"]
+    for path in NOTEBOOKS:
+        notebook = nbformat.read(path, as_version=4)
+        nbformat.validate(notebook)
+        for cell in notebook.cells:
+            if cell.cell_type == "code":
+                assert not cell.outputs and cell.execution_count is None, f"{path.name} holds outputs: strip them"
+
+
+def ensure_kernel() -> None:
+    """The "python3" kernel is this interpreter's (jupyter_client starts kernels named python3
+    with sys.executable); install its spec into this environment where none is found."""
+    try:
+        KernelSpecManager().get_kernel_spec(KERNEL)
+    except NoSuchKernel:
+        install_kernel_spec(prefix=sys.prefix, kernel_name=KERNEL)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[path.stem for path in NOTEBOOKS])
+def test_notebook_runs(path, tmp_path, monkeypatch):
+    ensure_kernel()
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the kernel imports this checkout's minigpt
+    notebook = nbformat.read(path, as_version=4)
+    start = time.perf_counter()
+    NotebookClient(notebook, kernel_name=KERNEL, timeout=300, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    print(f"{path.name}: {time.perf_counter() - start:.1f} s")
+    errors = [output for cell in notebook.cells for output in cell.get("outputs", []) if output.output_type == "error"]
+    assert not errors  # execute() raises on the first error; this is a second guard
+
+
+def test_the_module_imports_without_ipython_and_ipywidgets():
+    code = ("import sys; sys.modules['IPython'] = sys.modules['ipywidgets'] = None  # importing them now fails\n"
+            "import minigpt.notebook as notebook; assert not notebook.in_notebook()\n"
+            "try:\n    notebook.SettingsForm()\nexcept notebook.UserInputError as error:\n    print(error)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "install it with pip install" in result.stdout
