@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -276,6 +277,21 @@ def build_objective(config: RunConfig, tokenizer: Tokenizer) -> Objective:
     return LanguageModelObjective(tokenizer, sample_tokens=train.sample_tokens, seed=train.seed, sample_chat_prompt=prompt)
 
 
+def show_log_lines() -> None:
+    """Let MiniGPT's progress lines reach a notebook or script user who configured no logging.
+
+    The command-line tools route the log through the progress bar themselves. A library call
+    with no logging set up anywhere would otherwise show only warnings; here it gets the same
+    plain INFO lines on stdout. Any handler the user did configure is left alone.
+    """
+    package = logging.getLogger("minigpt")
+    if not package.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+
+
 def prepare_run(
     config: RunConfig,
     show_progress: bool = True,
@@ -286,7 +302,10 @@ def prepare_run(
 
     `callbacks` are added to those the configuration asks for (plots, sinks): a notebook or a
     script hooks into the loop this way. `objective` replaces the one the configuration implies.
+    Process-wide settings it makes, each said in the log: the CPU threads, the seeds of Python's,
+    NumPy's and PyTorch's generators, and (unless --disable-optimizations) glibc's malloc thresholds.
     """
+    show_log_lines()
     validate(config)
     place = process_place()
     if config.train.lora_rank and not config.train.init_from:
@@ -297,8 +316,9 @@ def prepare_run(
     device = compute_init(select_device(config.train.device), config.train.ddp_backend)  # joins torchrun's processes, if any
     dtype = torch.float32 if config.train.disable_optimizations else select_dtype(config.train.dtype, device)
     threads = configure_threads(config.train.num_threads or cores_per_process(available_cpu_cores()))
-    if not config.train.disable_optimizations:
-        keep_freed_memory_for_reuse()
+    if not config.train.disable_optimizations and keep_freed_memory_for_reuse():
+        log.info("Memory: freed blocks stay in this process for the next step (glibc malloc thresholds; "
+                 "--disable-optimizations leaves the allocator alone).")
     sources = training_sources(config)
     initial = load_model_for_inference(config.train.init_from) if config.train.init_from else None
     if paths.resume_from is not None:
@@ -367,9 +387,9 @@ def prepare_run(
         if is_main_process():
             truncate_metrics(run_dir / "metrics.jsonl", trainer.progress.step)
     log.info(
-        "Run %s: %s parameters (%s without embeddings), device %s, %s, %d CPU threads",
+        "Run %s: %s parameters (%s without embeddings), device %s, %s, %d CPU threads, seed %d",
         run_dir, f"{model.num_parameters():,}", f"{model.num_parameters(exclude_embeddings=True):,}", device,
-        str(dtype).replace("torch.", ""), threads,
+        str(dtype).replace("torch.", ""), threads, config.train.seed,
     )
     log.info("Global batch: %s", describe_global_batch(config, place.world_size))
     return trainer

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a widget in Jupyter, text in a terminal
 
 from minigpt.files import write_directory_atomically
 from minigpt.sources import Document, DocumentReader, TokenCache, document_hash_fraction, encode_documents, sources_fingerprint

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator, Sequence
 
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HuggingFaceTokenizer
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a widget in Jupyter, text in a terminal
 
 from minigpt.errors import UserInputError
 from minigpt.files import atomic_write_bytes

@@ -28,7 +28,7 @@ from typing import Any
 import psutil
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a widget in Jupyter, text in a terminal
 
 from minigpt.anomalies import diagnose
 from minigpt.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint, save_model_directory, write_model_files

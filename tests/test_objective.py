@@ -104,3 +104,23 @@ def test_a_checkpoint_saved_inside_the_loop_carries_the_training_clock(tmp_path,
     assert 0 < state["progress"]["elapsed_seconds"] < final["progress"]["elapsed_seconds"]
     resumed = prepare_run(apply_overrides(config, {"train.resume": str(trainer.run_dir / "checkpoint_step_10")}), show_progress=False)
     assert resumed.elapsed() >= state["progress"]["elapsed_seconds"]
+
+
+def test_the_library_reaches_a_script_user_without_any_logging_set_up(tmp_path, corpus_jsonl, tokenizer_file):
+    """`from minigpt import ...` in a plain script: the run's lines are printed, as the CLI prints them."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    script = (
+        "from minigpt import apply_overrides, prepare_run, preset_config\n"
+        f"config = apply_overrides(preset_config('tiny'), {{'train.data_files': [{str(corpus_jsonl)!r}], "
+        f"'train.tokenizer_path': {str(tokenizer_file)!r}, 'train.output_dir': 'runs', 'train.max_steps': 10, "
+        "'train.sample_tokens': 0, 'train.eval_batches': 1, 'train.dtype': 'float32', 'train.val_fraction': 0.1})\n"
+        "prepare_run(config, show_progress=False).train()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert "parameters" in result.stdout and "step 10 | loss" in result.stdout
