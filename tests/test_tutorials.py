@@ -1,10 +1,14 @@
 """Every tutorial chapter runs: its Python code blocks are executed in order, as a reader would.
 
 A block fenced as ```python runs; one fenced as ```python no-run is only meant to be read (a
-long training command, say) and is skipped. Each chapter runs in its own process, in a fresh
-temporary directory, so chapters cannot lean on each other's files.
+long training command, say) and is skipped. The solutions to the exercises are ordinary blocks
+at the end of a chapter, so they run too. Each chapter runs in its own process, in a fresh
+temporary directory, so chapters cannot lean on each other's files. Beside the chapters: every
+figure a chapter shows exists, and the notebooks are what `tutorials/make_notebooks.py` writes.
 """
 
+import importlib.util
+import json
 import os
 import re
 import subprocess
@@ -36,3 +40,34 @@ def test_chapter_runs(chapter, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "MPLBACKEND": "Agg"}
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{chapter.name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+
+IMAGE = re.compile(r"!\[[^\]]*\]\((?P<path>[^)]+)\)")
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=[chapter.stem for chapter in CHAPTERS])
+def test_chapter_figures_exist(chapter):
+    for match in IMAGE.finditer(chapter.read_text(encoding="utf-8")):
+        assert (chapter.parent / match["path"]).is_file(), f"{chapter.name} shows {match['path']}, which is missing"
+
+
+def _make_notebooks():
+    spec = importlib.util.spec_from_file_location("make_notebooks", REPO / "tutorials" / "make_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_notebooks_are_up_to_date_and_hold_no_outputs():
+    make_notebooks = _make_notebooks()
+    for chapter in CHAPTERS:
+        path = make_notebooks.notebook_path(chapter)
+        assert path.is_file(), f"{path.name} is missing: run python tutorials/make_notebooks.py"
+        committed = path.read_text(encoding="utf-8")
+        assert committed == make_notebooks.notebook_json(chapter.read_text(encoding="utf-8")), (
+            f"{path.name} is out of date with {chapter.name}: run python tutorials/make_notebooks.py"
+        )
+        cells = json.loads(committed)["cells"]
+        assert all(cell.get("outputs", []) == [] and cell.get("execution_count") is None for cell in cells)
+        code = "\n".join("".join(cell["source"]) + "\n" for cell in cells if cell["cell_type"] == "code")
+        assert code.strip() == chapter_code(chapter).strip()  # the notebook runs exactly what the test runs

@@ -1,0 +1,189 @@
+"""Draw the figures the tutorial chapters show, from the library's own code.
+
+    python tutorials/figures/make_figures.py            # all figures, into tutorials/figures/
+    python tutorials/figures/make_figures.py lr_schedule block_shapes   # only these
+
+Each figure is computed from MiniGPT itself (the schedule from `learning_rate_at`, the loss
+curves by `minigpt.plots` from a real run, attention and sampling from a model trained the way
+chapter 7 trains it), so when the library changes, running this again keeps the pictures true.
+The runs go in a temporary directory; only the PNGs are kept. About a minute on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import FancyBboxPatch
+
+from minigpt.config import ModelConfig, TrainConfig, apply_overrides, preset_config
+from minigpt.generate import SamplingConfig, next_token_distribution
+from minigpt.model import apply_rotary
+from minigpt.optim import learning_rate_at
+from minigpt.run import prepare_run
+
+HERE = Path(__file__).resolve().parent
+SENTENCE = "The function returns a list of the items in the sequence."
+
+
+def save(figure: Figure, name: str) -> None:
+    FigureCanvasAgg(figure)
+    figure.savefig(HERE / f"{name}.png", dpi=100)
+    print(f"wrote {HERE / name}.png")
+
+
+def train_tiny(workdir: Path, name: str, **overrides):
+    """The `tiny` preset on the built-in corpus, as chapters 6 and 7 train it."""
+    settings = {"train.tokenizer_samples": 300, "train.sample_tokens": 0, "train.output_dir": str(workdir), "train.run_name": name,
+                "train.dtype": "float32"}
+    trainer = prepare_run(apply_overrides(preset_config("tiny"), {**settings, **overrides}), show_progress=False)
+    trainer.train()
+    return trainer
+
+
+def lr_schedule(workdir: Path) -> None:
+    """Chapter 5's schedule: 20 warmup steps to 3e-3, then a half cosine to 3e-4 at step 300."""
+    train = TrainConfig(learning_rate=3e-3, min_learning_rate=3e-4, warmup_steps=20, max_steps=300)
+    steps = list(range(train.max_steps))
+    figure = Figure(figsize=(7, 3.2))
+    axes = figure.add_subplot()
+    axes.plot(steps, [learning_rate_at(step, train) for step in steps], color="tab:blue")
+    axes.axvline(train.warmup_steps, color="grey", linestyle=":", linewidth=1)
+    axes.annotate("end of warmup", (train.warmup_steps, 1e-3), xytext=(40, 8e-4), arrowprops={"arrowstyle": "->"})
+    axes.axhline(train.min_learning_rate, color="grey", linestyle="--", linewidth=1)
+    axes.text(200, train.min_learning_rate + 1e-4, "floor: min_learning_rate")
+    axes.set(xlabel="step", ylabel="learning rate", title="Warmup, then cosine decay (chapter 5)")
+    figure.tight_layout()
+    save(figure, "lr_schedule")
+
+
+def loss_curves(workdir: Path) -> None:
+    """Chapter 6's first run, 600 steps of `tiny` at 3e-3: the plot the library itself draws."""
+    trainer = train_tiny(workdir, "lr-3e-3", **{"train.max_steps": 600, "train.save_steps": 600, "train.eval_steps": 100,
+                                                 "train.log_steps": 20, "train.plot_loss": True})
+    shutil.copyfile(trainer.run_dir / "plots" / "loss_curve_latest.png", HERE / "loss_curve.png")
+    print(f"wrote {HERE / 'loss_curve.png'}")
+
+
+def writer(workdir: Path):
+    """Chapter 7's model: `tiny`, 400 steps."""
+    trainer = train_tiny(workdir, "writer", **{"train.max_steps": 400, "train.eval_steps": 400, "train.save_steps": 400})
+    return trainer.model.eval(), trainer.tokenizer
+
+
+def writer_figures(workdir: Path) -> None:
+    """Chapter 7's model: its attention weights (chapter 3) and its sampling distributions (chapter 7)."""
+    model, tokenizer = writer(workdir)
+    attention_heads(model, tokenizer)
+    sampling_temperatures(model, tokenizer)
+
+
+def attention_heads(model, tokenizer) -> None:
+    """The first layer's attention weights on one sentence, computed by hand and checked against the layer."""
+    ids = torch.tensor([[tokenizer.eos_id] + tokenizer.encode(SENTENCE)])
+    labels = ["<eos>"] + [tokenizer.decode([index]) for index in ids[0, 1:].tolist()]
+    block, time = model.blocks[0], ids.size(1)
+    attention, config = block.attention, model.config
+    cos, sin = model.rotary_cos[:time], model.rotary_sin[:time]
+    with torch.no_grad():
+        x = block.attention_norm(model.token_embedding(ids))
+        q = attention.q_proj(x).view(1, time, config.n_head, config.head_dim).transpose(1, 2)
+        k = attention.k_proj(x).view(1, time, config.kv_heads, config.head_dim).transpose(1, 2)
+        v = attention.v_proj(x).view(1, time, config.kv_heads, config.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        group = config.n_head // config.kv_heads  # query heads per key/value head
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        mask = torch.ones(time, time, dtype=torch.bool).tril()
+        weights = torch.softmax((q @ k.transpose(-2, -1) / math.sqrt(config.head_dim)).masked_fill(~mask, float("-inf")), dim=-1)
+        mixed = (weights @ v).transpose(1, 2).reshape(1, time, -1)
+        assert torch.allclose(attention.o_proj(mixed), attention(x, cos, sin), atol=1e-5)  # the weights drawn are the layer's
+    figure = Figure(figsize=(12, 4.2))
+    for head in range(config.n_head):
+        axes = figure.add_subplot(1, config.n_head, head + 1)
+        axes.imshow(weights[0, head].numpy(), cmap="Blues", vmin=0, vmax=1)
+        axes.set_xticks(range(time), labels, rotation=90, fontsize=7)
+        axes.set_yticks(range(time), labels if head == 0 else [], fontsize=7)
+        axes.set_title(f"layer 0, head {head}", fontsize=9)
+    figure.suptitle("Attention weights of a trained tiny model: row = query token, column = key token", fontsize=10)
+    figure.tight_layout()
+    save(figure, "attention_heads")
+
+
+def sampling_temperatures(model, tokenizer) -> None:
+    """Chapter 7's next-token distribution after "The", at three temperatures and under top-k and top-p."""
+    prompt = torch.tensor([tokenizer.eos_id] + tokenizer.encode("The"))
+    with torch.no_grad():
+        logits = model(prompt.view(1, -1))[0][0, -1]
+    order = torch.argsort(logits, descending=True)[:20]
+    names = [repr(tokenizer.decode([index]))[1:-1] or "?" for index in order.tolist()]
+    settings = [("temperature 0.5", {"temperature": 0.5}), ("temperature 1", {}), ("temperature 2", {"temperature": 2.0}),
+                ("top-k 10", {"top_k": 10}), ("top-p 0.5", {"top_p": 0.5})]
+    figure = Figure(figsize=(12, 6))
+    for panel, (title, options) in enumerate(settings):
+        distribution = next_token_distribution(logits, prompt, SamplingConfig(**options))
+        axes = figure.add_subplot(2, 3, panel + 1)
+        axes.bar(range(len(order)), distribution[order].numpy(), color="tab:blue")
+        axes.set_xticks(range(len(order)), names, rotation=90, fontsize=7)
+        axes.set_ylim(0, 0.55)
+        kept = int((distribution > 0).sum())
+        axes.set_title(f"{title}: {kept} tokens possible", fontsize=9)
+    figure.suptitle('Next-token probabilities after "The": the 20 most likely tokens of 512', fontsize=10)
+    figure.tight_layout()
+    save(figure, "sampling_distributions")
+
+
+def block_shapes(workdir: Path) -> None:
+    """The path of a batch through the model, with each tensor's shape, for chapter 4's configuration."""
+    config = ModelConfig(vocab_size=512, block_size=64, n_layer=4, n_head=4, n_kv_head=2, n_embd=128)
+    B, T, C, H, KV, D = 2, config.block_size, config.n_embd, config.n_head, config.kv_heads, config.head_dim
+    steps = [
+        ("token ids", f"({B}, {T})", "white"),
+        ("token embedding", f"({B}, {T}, {C})", "#dbe9f6"),
+        ("RMSNorm", f"({B}, {T}, {C})", "#f6e7d8"),
+        ("attention", f"q ({B}, {H}, {T}, {D}), k and v ({B}, {KV}, {T}, {D})", "#f6e7d8"),
+        ("x + attention(...)", f"({B}, {T}, {C})", "#e3f1df"),
+        ("RMSNorm", f"({B}, {T}, {C})", "#f6e7d8"),
+        ("SwiGLU: silu(gate) * up", f"({B}, {T}, {config.hidden_dim})", "#f6e7d8"),
+        ("x + mlp(...)", f"({B}, {T}, {C})", "#e3f1df"),
+        ("final RMSNorm", f"({B}, {T}, {C})", "#dbe9f6"),
+        ("output head (tied)", f"logits ({B}, {T}, {config.vocab_size})", "#dbe9f6"),
+    ]
+    figure = Figure(figsize=(7, 7.5))
+    axes = figure.add_subplot()
+    axes.set_xlim(0, 10)
+    axes.set_ylim(-0.5, len(steps))
+    axes.axis("off")
+    for row, (name, shape, color) in enumerate(steps):
+        y = len(steps) - 1 - row
+        axes.add_patch(FancyBboxPatch((1, y - 0.3), 8, 0.6, boxstyle="round,pad=0.05", facecolor=color, edgecolor="black"))
+        axes.text(1.3, y, name, va="center", fontsize=10, weight="bold")
+        axes.text(8.7, y, shape, va="center", ha="right", fontsize=9, family="monospace")
+        if row:
+            axes.annotate("", (5, y + 0.35), (5, y + 0.65), arrowprops={"arrowstyle": "->"})
+    top, bottom = len(steps) - 3, len(steps) - 8  # the block: from the first RMSNorm to the second residual
+    axes.add_patch(FancyBboxPatch((0.5, bottom - 0.45), 9, top - bottom + 0.9, boxstyle="round,pad=0.05", fill=False,
+                                  linestyle="--", edgecolor="grey"))
+    axes.text(0.2, (top + bottom) / 2, f"block, × {config.n_layer}", rotation=90, va="center", color="grey")
+    axes.set_title(f"One batch through the GPT of chapter 4 (batch {B}, block {T}, width {C}, {H} heads of {D})", fontsize=10)
+    figure.tight_layout()
+    save(figure, "block_shapes")
+
+
+FIGURES = {"lr_schedule": lr_schedule, "loss_curves": loss_curves, "writer": writer_figures, "block_shapes": block_shapes}
+
+
+def main(names: list[str]) -> None:
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in names or FIGURES:
+            FIGURES[name](Path(workdir))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
