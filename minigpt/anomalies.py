@@ -106,7 +106,7 @@ def overfitting(rows: Sequence[Row]) -> Anomaly | None:
     train_before, train_now = _train_loss_at(rows, first["step"]), _train_loss_at(rows, last["step"])
     if first["val_loss"] < middle["val_loss"] < last["val_loss"] and train_before and train_now and train_now < train_before:
         return Anomaly("overfitting", last["step"],
-                       f"Validation loss rose three evaluations running ({first['val_loss']:.3f} -> {last['val_loss']:.3f}) while the training loss fell.",
+                       f"Validation loss rose at each of the last two evaluations ({first['val_loss']:.3f} -> {last['val_loss']:.3f}) while the training loss fell.",
                        "The model is memorising: stop early (--early-stopping-patience), add data, or raise dropout/weight decay.")
     return None
 
