@@ -286,10 +286,23 @@ def show_log_lines() -> None:
     """
     package = logging.getLogger("minigpt")
     if not package.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler(sys.stdout)
+        handler = StdoutHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         package.addHandler(handler)
         package.setLevel(logging.INFO)
+
+
+class StdoutHandler(logging.StreamHandler):
+    """A log handler that writes to whatever sys.stdout is when a line is logged: Jupyter and
+    test runners replace sys.stdout, and a handler holding the old one would write nowhere."""
+
+    @property
+    def stream(self):  # noqa: ANN201 - the attribute logging.StreamHandler reads and writes
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001 - StreamHandler.__init__ assigns it; sys.stdout is always used
+        pass
 
 
 def prepare_run(

@@ -2,12 +2,14 @@
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from conftest import run_script
+from minigpt.checkpoint import load_model_directory, save_model_directory
 from minigpt.config import apply_overrides, preset_config
 from minigpt.data import TokenBlockStream
 from minigpt.errors import UserInputError
@@ -98,16 +100,19 @@ def test_fine_tuning_resumes_exactly_after_a_stop(tmp_path, tokenizer_file, pret
     if lora_rank:
         saved = load_file(straight.run_dir / "checkpoint_step_10" / "model.safetensors")
         assert saved and all("lora" in name for name in saved)  # the frozen base is not copied into checkpoints
-        base = pretrained / "model.safetensors"
-        original = base.read_bytes()
-        try:
-            tensors = load_file(base)
-            save_file({name: tensor + 1e-3 for name, tensor in tensors.items()}, str(base))
+        backup = tmp_path / "base-backup"
+        shutil.copytree(pretrained, backup)
+        try:  # the base retrained (a valid model directory, other weights): the adapter no longer fits it
+            model, tokenizer, base_config = load_model_directory(pretrained)
+            with torch.no_grad():
+                model.final_norm.weight.add_(1e-3)
+            save_model_directory(pretrained, model, base_config, tokenizer)
             with pytest.raises(UserInputError, match="has changed"):
                 prepare_run(apply_overrides(config("stopped"), {"train.resume": str(stopped.run_dir / "checkpoint_step_10")}),
                             show_progress=False)
         finally:
-            base.write_bytes(original)
+            shutil.rmtree(pretrained)
+            shutil.copytree(backup, pretrained)
 
 
 def test_flags_that_contradict_the_initial_model_are_refused(tmp_path, pretrained):

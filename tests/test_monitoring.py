@@ -92,8 +92,11 @@ def test_memory_limit_saves_and_stops_instead_of_being_killed(tmp_path, corpus_j
     trainer.governor.memory_percent = lambda: next(readings)
     trainer.governor.sleep = lambda seconds: None
     summary = trainer.train()
-    assert summary["stop_reason"] == "memory_limit" and summary["steps"] == 8
-    assert (trainer.run_dir / "checkpoint_step_8").is_dir()
+    # Over the limit, the micro-batch is halved first (8 -> 4 -> 2 -> 1, at steps 8, 9 and 10); at
+    # a micro-batch of 1 the run saves and stops.
+    assert summary["stop_reason"] == "memory_limit" and summary["steps"] == 11
+    assert [row["batch_size"] for row in read_metrics(trainer.run_dir / "metrics.jsonl") if row["type"] == "memory"] == [4, 2, 1]
+    assert (trainer.run_dir / "checkpoint_step_11").is_dir()
     assert json.loads((trainer.run_dir / "status.json").read_text())["state"] == "failed"
 
 
@@ -126,6 +129,7 @@ def test_disabled_optimizations_and_compiled_runs_both_train(tmp_path, corpus_js
     assert summary["steps"] == 15
     compiled = prepare_run(tiny_config(tmp_path, corpus_jsonl, tokenizer_file, **{"train.max_steps": 15, "train.compile": True,
                                                                                     "train.run_name": "compiled"}), show_progress=False)
+    torch._dynamo.reset()  # forget graphs other tests compiled for GPT.forward in this process
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # compiled once, on a batch laid out like the data's
     summary = compiled.train()
     assert summary["steps"] == 15 and summary["last_val_loss"] < 7

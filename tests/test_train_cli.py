@@ -162,7 +162,7 @@ def test_the_built_in_corpus_is_used_when_no_data_is_given(tmp_path):
     [
         (["--lr-scheduler", "exponential"], ["invalid choice", "exponential"]),
         (["--batch-size", "0"], ["batch_size must be positive"]),
-        (["--batch-size", "many"], ["invalid int value", "many"]),
+        (["--batch-size", "many"], ["expected a number or auto", "many"]),
         (["--set", "model.n_head=3"], ["must divide model.n_embd"]),
         (["--config", "enormous"], ["neither a preset"]),
         (["--data-files", "missing.jsonl"], ["missing.jsonl"]),
