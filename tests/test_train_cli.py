@@ -142,7 +142,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_the_signal_status(tmp_path, c
     shutil.copytree(checkpoint, copy)
     model, tokenizer, config = load_model_directory(copy)
     assert config.model.vocab_size == tokenizer.vocab_size and model.num_parameters() > 0
-    assert load_file_metadata(copy / "model.safetensors") == {"format": "pt"}
+    assert load_file_metadata(copy / "model.safetensors")["format"] == "pt"
 
 
 def test_the_built_in_corpus_is_used_when_no_data_is_given(tmp_path):
