@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 from minigpt.checkpoint import latest_checkpoint, list_checkpoints  # noqa: E402
 from minigpt.corpus import builtin_documents  # noqa: E402
 from minigpt.files import FAULT_POINT_VARIABLE, LOCK_NAME, TEMPORARY_PREFIX, verify_manifest  # noqa: E402
+from minigpt.metrics import read_metrics  # noqa: E402
 from minigpt.tokenizer import train_bpe_tokenizer  # noqa: E402
 
 FAULT_POINTS = ("after_weights", "before_rename", "after_rename_before_prune", "during_prune")
@@ -111,18 +112,7 @@ def train_command(corpus: Path, tokenizer: Path, run_name: str, max_steps: int, 
 
 def steps_logged(run: Path) -> list[int]:
     """The training steps in metrics.jsonl (one row per step: --log-steps 1)."""
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    steps = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # the line being written when the process was killed
-        if row.get("type") == "train":
-            steps.append(row["step"])
-    return steps
+    return [row["step"] for row in read_metrics(run / "metrics.jsonl") if row.get("type") == "train"]  # a torn last line is skipped
 
 
 def checkpoint_step(checkpoint: Path | None) -> int:
