@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minigpt.config import preset_config  # noqa: E402
-from minigpt.generate import SamplingConfig, generate  # noqa: E402
+from minigpt.generation import SamplingConfig, generate  # noqa: E402
 from minigpt.model import GPT  # noqa: E402
 
 

@@ -32,7 +32,7 @@ from minigpt.files import atomic_write_bytes  # noqa: E402
 from minigpt.cli.common import setup_logging  # noqa: E402
 from minigpt.config import apply_overrides, preset_config  # noqa: E402
 from minigpt.data import TokenBlockStream  # noqa: E402
-from minigpt.evaluate import evaluate  # noqa: E402
+from minigpt.evaluation import evaluate  # noqa: E402
 from minigpt.run import prepare_run  # noqa: E402
 
 SETTINGS = {

@@ -21,7 +21,7 @@ PUBLIC_API = {  # name -> the module that defines it
     "prepare_run": "minigpt.run", "Trainer": "minigpt.trainer", "Callback": "minigpt.trainer",
     "LanguageModelObjective": "minigpt.objective",
     "load_model_directory": "minigpt.checkpoint", "load_tokenizer": "minigpt.tokenizer",
-    "generate": "minigpt.generate", "SamplingConfig": "minigpt.generate", "evaluate": "minigpt.evaluate",
+    "generate": "minigpt.generation", "SamplingConfig": "minigpt.generation", "evaluate": "minigpt.evaluation",
 }
 __all__ = ["__version__", *PUBLIC_API]
 

@@ -37,7 +37,7 @@ from matplotlib.figure import Figure
 from minigpt.cli.chat import ChatSession
 from minigpt.config import PRESETS, RunConfig, apply_overrides, preset_config, validate
 from minigpt.errors import UserInputError
-from minigpt.generate import SamplingConfig
+from minigpt.generation import SamplingConfig
 from minigpt.model import GPT
 from minigpt.plots import CURVE_PANELS, TRAIN_COLOR, VALIDATION_COLOR
 from minigpt.run import initial_model_config

@@ -27,8 +27,8 @@ from typing import Any, Iterable
 
 import torch
 
-from minigpt.evaluate import evaluate
-from minigpt.generate import SamplingConfig, generate
+from minigpt.evaluation import evaluate
+from minigpt.generation import SamplingConfig, generate
 from minigpt.loss import IGNORE_INDEX
 from minigpt.tokenizer import Tokenizer
 

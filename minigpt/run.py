@@ -208,7 +208,7 @@ def build_streams(
 
     Under torchrun the training stream reads only this process's share of the documents (every
     world_size-th, from its rank on); the validation stream is read whole by every process, and
-    evaluation splits its batches (see `minigpt.evaluate`)."""
+    evaluation splits its batches (see `minigpt.evaluation`)."""
     train = config.train
     place = process_place()
     shard = dict(rank=place.rank, world_size=place.world_size)

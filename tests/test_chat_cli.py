@@ -14,7 +14,7 @@ from minigpt.cli import chat
 from minigpt.cli.chat import ChatSession, training_stage
 from minigpt.config import ModelConfig, RunConfig
 from minigpt.errors import UserInputError
-from minigpt.generate import SamplingConfig, generate
+from minigpt.generation import SamplingConfig, generate
 from minigpt.model import GPT
 from minigpt.tokenizer import load_tokenizer
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minigpt.config import ModelConfig
-from minigpt.generate import SamplingConfig, generate, next_token_distribution
+from minigpt.generation import SamplingConfig, generate, next_token_distribution
 import minigpt.model
 from minigpt.loss import IGNORE_INDEX
 from minigpt.model import CPU_FLOAT32_ATTENTION_MAX_KEYS, GPT, KVCache

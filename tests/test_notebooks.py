@@ -20,7 +20,7 @@ from nbclient import NotebookClient
 from minigpt.cli.train import build_parser, config_from_arguments
 from minigpt.config import CHOICES, apply_overrides, load_config, preset_config
 from minigpt.errors import UserInputError
-from minigpt.generate import SamplingConfig
+from minigpt.generation import SamplingConfig
 from minigpt.notebook import (
     STAGES, LivePlotCallback, NotebookSettings, analyze_data, chat_reply, config_from_settings, format_duration,
     in_notebook, plot_data,

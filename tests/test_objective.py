@@ -124,3 +124,13 @@ def test_the_library_reaches_a_script_user_without_any_logging_set_up(tmp_path, 
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
     assert "parameters" in result.stdout and "step 10 | loss" in result.stdout
+
+
+def test_the_public_api_names_functions_not_modules():
+    """`from minigpt import generate` is the function even after its module was imported (no
+    module of the package shares a name with a function of the public API)."""
+    import minigpt
+    import minigpt.generation  # noqa: F401 - imported first on purpose
+
+    for name in minigpt.PUBLIC_API:
+        assert callable(getattr(minigpt, name)), name

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, run_script
 from minigpt.checkpoint import load_model_directory
-from minigpt.generate import SamplingConfig, generate
+from minigpt.generation import SamplingConfig, generate
 from minigpt.tokenizer import load_tokenizer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

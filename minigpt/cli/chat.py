@@ -21,7 +21,7 @@ from minigpt.checkpoint import resolve_model_directory
 from minigpt.cli.common import ArgumentParser, add_shared_arguments, program_name, run_command
 from minigpt.cli.sampling import add_sampling_flags, print_streamed, sampling_from_arguments
 from minigpt.errors import UserInputError
-from minigpt.generate import SamplingConfig, stream_tokens
+from minigpt.generation import SamplingConfig, stream_tokens
 from minigpt.lora import find_adapter, load_model_for_inference
 from minigpt.model import GPT
 from minigpt.runtime import select_device

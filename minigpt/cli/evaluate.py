@@ -12,7 +12,7 @@ from minigpt.cli.common import ArgumentParser, add_shared_arguments, program_nam
 from minigpt.data import TokenBlockStream
 from minigpt.sources import resolve_data_files
 from minigpt.errors import UserInputError
-from minigpt.evaluate import evaluate
+from minigpt.evaluation import evaluate
 from minigpt.runtime import select_device
 
 

@@ -7,7 +7,7 @@ import sys
 from minigpt.cli.common import ArgumentParser, add_shared_arguments, program_name, run_command
 from minigpt.cli.sampling import add_sampling_flags, print_streamed, sampling_from_arguments
 from minigpt.errors import UserInputError
-from minigpt.generate import stream_tokens
+from minigpt.generation import stream_tokens
 from minigpt.lora import load_model_for_inference
 from minigpt.runtime import select_device
 

@@ -8,7 +8,7 @@ from typing import Iterable
 
 from minigpt.cli.common import add_shared_arguments
 from minigpt.errors import UserInputError
-from minigpt.generate import SamplingConfig
+from minigpt.generation import SamplingConfig
 from minigpt.tokenizer import Tokenizer
 
 

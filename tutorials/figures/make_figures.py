@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch
 
 from minigpt.config import ModelConfig, TrainConfig, apply_overrides, preset_config
-from minigpt.generate import SamplingConfig, next_token_distribution
+from minigpt.generation import SamplingConfig, next_token_distribution
 from minigpt.model import apply_rotary
 from minigpt.optim import learning_rate_at
 from minigpt.run import prepare_run
