@@ -147,7 +147,10 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def sum_over_processes(*values: int, device: torch.device) -> list[int]:
-    """Integers summed over every process, in one small all-reduce."""
+    """Integers summed over every process, in one small all-reduce. In a single process they are
+    returned as they are: no tensor, so no wait for an accelerator on the training step's path."""
+    if not is_distributed():
+        return [int(value) for value in values]
     return [int(value) for value in all_reduce_sum(torch.tensor(values, dtype=torch.long, device=device)).tolist()]
 
 

@@ -268,7 +268,7 @@ class Trainer:
         model: torch.nn.Module = wrap_model(self.model, self.device)  # DDP under torchrun; self.model stays unwrapped
         model.train()
         if config.compile and not config.disable_optimizations:
-            model = compile_model(self.model, self.example_loss, mode=compile_mode(self.device, config.compile_mode))
+            model = compile_model(model, self.example_loss, mode=compile_mode(self.device, config.compile_mode))  # the DDP-wrapped model under torchrun
 
         self._write_status("running")
         for callback in self.callbacks:
