@@ -11,8 +11,9 @@
 Why one conversation per row for chat fine-tuning: packed, a row would hold the end of one
 conversation and the start of the next, and attention would let an answer look at another
 conversation, or a block would start with an answer whose question is in the block before.
-With a row per conversation (padding is never a target) neither can happen; the price is the
-padding's compute, which the data report and tokens/s show.
+With a row per conversation (padding is never a target) neither can happen. The price is the
+padding's compute, kept small by cutting each batch after its longest conversation (attention
+is causal, so the padding after a row's last target never changes its loss).
 
 The stream's position (which file, which byte, the tokens waiting to be packed, the shuffle
 buffer, the random generator) is all in `state_dict()`, so a resumed run sees exactly the
@@ -33,6 +34,20 @@ from minigpt.errors import UserInputError
 from minigpt.loss import IGNORE_INDEX
 from minigpt.sources import DataReport, Document, DocumentReader, document_hash_fraction, encode_documents
 from minigpt.tokenizer import Tokenizer
+
+# A batch of one-conversation rows is cut after its last target, rounded up to a multiple of this,
+# so that a compiled model meets a handful of shapes, not one per batch.
+ROW_WIDTH_STEP = 32
+
+
+def trimmed_width(target_mask: torch.Tensor, block_size: int) -> int:
+    """How many columns of a padded batch matter: up to its last target, rounded up to
+    ROW_WIDTH_STEP (never past the block). Later columns are padding or text after the last answer,
+    which causal attention keeps from every earlier position, so dropping them changes no loss."""
+    columns = target_mask.any(dim=0).nonzero()
+    last = int(columns[-1]) + 1 if len(columns) else 1
+    return min(block_size, -(-last // ROW_WIDTH_STEP) * ROW_WIDTH_STEP)
+
 
 class TokenBlockStream(IterableDataset):
     """Batches of (inputs, targets), each (batch_size, block_size) int64, streamed from the sources.
@@ -146,6 +161,9 @@ class TokenBlockStream(IterableDataset):
         mask = torch.from_numpy(np.stack([mask for _, mask in blocks]))
         inputs = tokens[:, :-1]
         targets = tokens[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX)
+        if self.one_document_per_row:
+            width = trimmed_width(mask[:, 1:], self.block_size)
+            inputs, targets = inputs[:, :width], targets[:, :width]
         return inputs, targets
 
     def check_not_empty(self) -> None:

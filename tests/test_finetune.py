@@ -14,6 +14,7 @@ from minigpt.config import apply_overrides, preset_config
 from minigpt.data import TokenBlockStream
 from minigpt.errors import UserInputError
 from minigpt.loss import IGNORE_INDEX
+from minigpt.model import GPT
 from minigpt.run import initial_model_config, prepare_run
 from minigpt.tokenizer import load_tokenizer
 from minigpt.trainer import Callback
@@ -56,6 +57,25 @@ def test_each_row_holds_one_whole_conversation_and_padding_is_never_a_target(tmp
         assert set(row[end + 1:]) <= {tokenizer.pad_id}  # nothing of another conversation after it
         counted = [token for token in row_targets if token != IGNORE_INDEX]
         assert tokenizer.decode(counted).endswith("<|im_end|><|endoftext|>") and "What is" not in tokenizer.decode(counted)
+
+
+def test_a_batch_is_cut_after_its_last_target_and_the_loss_is_unchanged(tmp_path, tokenizer_file):
+    tokenizer = load_tokenizer(tokenizer_file)
+    stream = TokenBlockStream([chat_file(tmp_path / "chat.jsonl")], tokenizer, block_size=128, batch_size=4,
+                              assistant_only_loss=True, one_document_per_row=True, loop=False)
+    inputs, targets = next(iter(stream))
+    width = inputs.shape[1]
+    assert targets.shape[1] == width and width % 32 == 0 and width < 128  # these conversations are short
+    assert (targets[:, width - 32:] != IGNORE_INDEX).any()  # no whole step of 32 columns without a target is kept
+    full_inputs = torch.cat([inputs, torch.full((4, 128 - width), tokenizer.pad_id)], dim=1)  # the rows as they were
+    full_targets = torch.cat([targets, torch.full((4, 128 - width), IGNORE_INDEX)], dim=1)
+    config = dataclasses.replace(preset_config("tiny").model, vocab_size=tokenizer.vocab_size, block_size=128)
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    with torch.no_grad():
+        _, trimmed = model(inputs, targets, loss_reduction="sum")
+        _, full = model(full_inputs, full_targets, loss_reduction="sum")
+    torch.testing.assert_close(trimmed, full, rtol=1e-5, atol=1e-4)
 
 
 def test_a_long_conversation_is_cut_at_its_end_and_counted(tmp_path, tokenizer_file):
