@@ -369,7 +369,8 @@ def test_peft_export_loads_in_peft_with_equal_logits(adapter_dir, hf_dir, traine
     assert (ours - theirs).abs().max().item() < 1e-4
 
 
-def test_peft_export_records_a_checked_hf_base(adapter_dir, hf_dir, tokenizer, tmp_path, capsys):
+def test_peft_export_records_a_checked_hf_base(adapter_dir, hf_dir, tokenizer, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # AutoPeftModel would otherwise ask the Hub for a tokenizer
     output = tmp_path / "peft"
     assert export_main([str(adapter_dir), "--format", "peft", "--hf-base", str(hf_dir), "--output", str(output)]) == 0
     assert json.loads((output / PEFT_CONFIG).read_text())["base_model_name_or_path"] == str(hf_dir)
@@ -384,6 +385,23 @@ def test_peft_export_records_a_checked_hf_base(adapter_dir, hf_dir, tokenizer, t
     save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
     assert export_main([str(adapter_dir), "--format", "peft", "--hf-base", str(other), "--output", str(tmp_path / "wrong")]) == 2
     assert "does not hold the adapter's base model" in capsys.readouterr().err and not (tmp_path / "wrong").exists()
+
+
+def test_peft_export_of_a_lora_on_an_imported_hf_folder_records_that_folder(hf_dir, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # AutoPeftModel would otherwise ask the Hub for a tokenizer
+    model, _, run_config = load_model_directory(hf_dir)  # imported from Hugging Face
+    apply_lora(model, LoRAConfig(rank=2, targets=("q", "v")))
+    for parameter in lora_parameters(model):
+        torch.nn.init.normal_(parameter, std=0.2)
+    run = AdapterRun.start(LoRAConfig(rank=2, targets=("q", "v")), hf_dir)
+    adapter = run.save(tmp_path / "final_model", model, lambda directory: write_model_files(directory, run_config, tokenizer))
+    assert export_main([str(adapter), "--format", "peft", "--output", str(tmp_path / "peft")]) == 0
+    config = json.loads((tmp_path / "peft" / PEFT_CONFIG).read_text())
+    assert config["base_model_name_or_path"] == str(hf_dir) and config["target_modules"] == ["q_proj", "v_proj"]
+    adapted = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "peft").eval()
+    ids = sample_ids(tokenizer)
+    with torch.no_grad():
+        assert (model.eval()(ids)[0] - adapted(ids).logits).abs().max().item() < 1e-4
 
 
 @pytest.mark.parametrize("outtype", ["f32", "q8_0"])

@@ -11,11 +11,14 @@ A LoRA run's final_model/ holds an adapter, not a model: `--format peft` exports
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from minigpt.checkpoint import load_model_directory
 from minigpt.cli.common import ArgumentParser, add_shared_arguments, program_name, run_command
 from minigpt.errors import UserInputError
 from minigpt.export import GGUF_OUTTYPES, check_hf_export_of, export_gguf, export_hf, export_peft, is_hf_directory
 from minigpt.lora import find_adapter, load_adapter, load_model_for_inference, lora_state_dict, read_adapter_config
+from minigpt.tokenizer import Tokenizer
 
 
 def build_parser() -> ArgumentParser:
@@ -31,6 +34,17 @@ def build_parser() -> ArgumentParser:
                              "(default: the base's own folder if it is a Hugging Face folder, else none)")
     parser.add_argument("--force", action="store_true", help="replace an existing --output")
     return parser
+
+
+def recorded_base(hf_base: str | None, base_path: Path, tokenizer: Tokenizer) -> str | None:
+    """What the PEFT adapter records as base_model_name_or_path: --hf-base once it is checked to
+    hold the adapter's base, else the base's own folder if transformers can load it, else None."""
+    if hf_base:
+        check_hf_export_of(hf_base, load_model_directory(base_path)[0], tokenizer)
+        return str(Path(hf_base).resolve())  # absolute, like the MiniGPT base path the adapter records
+    if is_hf_directory(base_path):  # a LoRA on an imported Hugging Face model: that folder is the base
+        return str(base_path)
+    return None
 
 
 @run_command
@@ -49,11 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserInputError("--format peft exports the adapter alone, unmerged; drop --merge, or use --merge with --format hf or gguf.")
         model, tokenizer, _ = load_adapter(adapter)
         lora_config, base_path, _ = read_adapter_config(adapter)
-        base_name = arguments.hf_base
-        if base_name:
-            check_hf_export_of(base_name, load_model_directory(base_path)[0], tokenizer)
-        elif is_hf_directory(base_path):  # a LoRA on an imported Hugging Face model: that folder is the base
-            base_name = str(base_path)
+        base_name = recorded_base(arguments.hf_base, base_path, tokenizer)
         path = export_peft(lora_state_dict(model), model.config, lora_config.alpha, lora_config.dropout, arguments.output,
                            base_model_name_or_path=base_name, force=arguments.force)
         print(f"Wrote {path}")
