@@ -7,6 +7,7 @@ the table one way, import the other, and every tensor's shape is asserted on the
 
     export_hf(...)      a folder `transformers.AutoModelForCausalLM` / `AutoTokenizer` load as is
     export_gguf(...)    a folder with one `model.gguf` (llama.cpp, LM Studio) and an Ollama `Modelfile`
+    export_peft(...)    a LoRA adapter as PEFT saves one, for `peft.PeftModel.from_pretrained`
     import_hf_llama(..) a local Hugging Face Llama folder -> a MiniGPT model, tokenizer and config
 
 Two details are worth knowing:
@@ -19,6 +20,9 @@ Two details are worth knowing:
   ("interleaved"). Both are the same rotation if the rows of q_proj and k_proj are reordered so
   that row i and row i + head_dim/2 of each head become neighbours; `permute_for_gguf` does that.
   Queries and keys get the same permutation, so their dot products, and the model, are unchanged.
+  The Hugging Face export needs no permutation (transformers rotates halves too), so a LoRA
+  adapter's matrices go to PEFT as they are; a GGUF file of a LoRA model is exported merged, and
+  the merged q/k weights are permuted like any others.
 
 Refused on import, each with one sentence (MiniGPT has no code for them, and silently dropping
 them would give a model that loads but talks nonsense): biases, rope scaling, sliding-window
@@ -204,6 +208,20 @@ def is_hf_directory(directory: str | Path) -> bool:
         return False
 
 
+def check_hf_export_of(folder: str | Path, model: GPT, tokenizer: Tokenizer) -> None:
+    """Refuse, in one sentence, a folder that is not a Hugging Face export of exactly `model`
+    (same configuration, bit-identical weights): the base a PEFT adapter is recorded against."""
+    if not is_hf_directory(folder):
+        raise UserInputError(f"{folder} is not a Hugging Face model folder; export the base model with --format hf and name that folder.")
+    exported, exported_tokenizer, _ = import_hf_llama(folder)
+    ours, theirs = model.state_dict(), exported.state_dict()
+    same = hf_config(model.config, tokenizer) == hf_config(exported.config, exported_tokenizer) and all(
+        ours[name].shape == theirs[name].shape and torch.equal(ours[name].cpu(), theirs[name]) for name in ours
+    )
+    if not same:
+        raise UserInputError(f"{folder} does not hold the adapter's base model; export that base with --format hf and name its folder.")
+
+
 def _rope_theta(hf: dict, source: str) -> float:
     """rope_theta, read from the top level (transformers 4) or `rope_parameters` (transformers 5)."""
     parameters = hf.get("rope_parameters") or {}
@@ -278,6 +296,100 @@ def import_hf_llama(folder: str | Path) -> tuple[GPT, Tokenizer, RunConfig]:
     return model.eval(), tokenizer, RunConfig(model=config)
 
 
+# ----------------------------------------------------------------------------- PEFT (LoRA adapters)
+
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_CONFIG = "adapter_config.json"
+
+
+def peft_tensor_name(hf_name: str, matrix: str) -> str:
+    """PEFT's saved name of a LoRA matrix ("lora_A" or "lora_B") on the Hugging Face weight `hf_name`:
+    `model.layers.0.self_attn.q_proj.weight` -> `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`
+    (`base_model.model.` is the PeftModel and its LoraModel wrapped around the LlamaForCausalLM)."""
+    return f"base_model.model.{hf_name.removesuffix('.weight')}.{matrix}.weight"
+
+
+def peft_adapter_config(rank: int, alpha: float, dropout: float, target_modules: list[str], base_model_name_or_path: str | None) -> dict:
+    """adapter_config.json as PEFT writes it for a LoRA on a causal language model.
+
+    Every field that changes what the adapter computes is written out rather than left to PEFT's
+    defaults: the update is (lora_alpha / r) B A on each target's input (no rsLoRA scaling, no
+    DoRA, no biases, weights stored (out, in) as nn.Linear keeps them), on every layer.
+    """
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": dropout,
+        "target_modules": target_modules,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def peft_tensors(adapter_weights: dict[str, torch.Tensor], config: ModelConfig) -> tuple[dict[str, torch.Tensor], int, list[str]]:
+    """(PEFT-named tensors, rank, target module names) for MiniGPT adapter weights named as in
+    `lora.lora_state_dict` (`blocks.0.attention.q_proj.lora_A.weight`), shapes checked against the table."""
+    tensors, ranks, targets, unused = {}, set(), set(), set(adapter_weights)
+    for row in tensor_table(config):
+        prefix = row.minigpt.removesuffix(".weight")
+        names = {matrix: f"{prefix}.{matrix}.weight" for matrix in ("lora_A", "lora_B")}
+        if not any(name in adapter_weights for name in names.values()):
+            continue
+        if not all(name in adapter_weights for name in names.values()):
+            raise UserInputError(f"The adapter has only one of the two LoRA matrices of {prefix}; train the adapter again.")
+        down, up = adapter_weights[names["lora_A"]], adapter_weights[names["lora_B"]]
+        rank = down.shape[0]
+        if tuple(down.shape) != (rank, row.shape[1]) or tuple(up.shape) != (row.shape[0], rank):
+            raise UserInputError(
+                f"The adapter of {prefix} has shapes {tuple(down.shape)} and {tuple(up.shape)}, which do not fit its "
+                f"{row.shape} weight; was it trained on another base model?"
+            )
+        ranks.add(rank)
+        targets.add(row.hf.split(".")[-2])  # q_proj, gate_proj, ...: the module name PEFT matches
+        unused -= set(names.values())
+        tensors[peft_tensor_name(row.hf, "lora_A")] = down.float().contiguous()
+        tensors[peft_tensor_name(row.hf, "lora_B")] = up.float().contiguous()
+    if unused or len(ranks) != 1:
+        raise UserInputError(f"The adapter's weights do not fit a LoRA on this model (unexpected {sorted(unused)[:2]}, ranks {sorted(ranks)}).")
+    return tensors, ranks.pop(), sorted(targets)
+
+
+def export_peft(
+    adapter_weights: dict[str, torch.Tensor], config: ModelConfig, alpha: float, dropout: float, output: str | Path,
+    base_model_name_or_path: str | None = None, force: bool = False,
+) -> Path:
+    """Write a LoRA adapter in PEFT's layout: adapter_config.json + adapter_model.safetensors.
+
+    `adapter_weights` are the adapter's matrices under MiniGPT's names (`lora.lora_state_dict`),
+    `config` the base model's shape. `peft.PeftModel.from_pretrained(base, output)` on the base
+    exported with `export_hf` then computes what MiniGPT's base + adapter computes: the Hugging
+    Face weights are MiniGPT's unpermuted, so A and B need no reordering either.
+    """
+    output = Path(output)
+    tensors, rank, targets = peft_tensors(adapter_weights, config)
+    _refuse_existing(output, force)
+    record = peft_adapter_config(rank, alpha, dropout, targets, base_model_name_or_path)
+
+    def fill(directory: Path) -> None:
+        save_file(tensors, str(directory / PEFT_WEIGHTS), metadata={"format": "pt"})
+        _write_json(directory / PEFT_CONFIG, record)
+
+    return write_directory_atomically(output, fill)
+
+
 # ----------------------------------------------------------------------------- GGUF (llama.cpp)
 
 
@@ -309,7 +421,9 @@ def unpermute_from_gguf(weight: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _gguf_data(tensor: torch.Tensor, outtype: str) -> tuple[np.ndarray, object]:
     """(numpy data, GGML type) for one tensor. Norm vectors stay float32 in every outtype, as in
-    llama.cpp's converter; q8_0 needs rows that are a whole number of 32-blocks, else float16."""
+    llama.cpp's converter; q8_0 needs rows that are a whole number of 32-blocks, else float16.
+    These are the converter's rules, and the q8_0 tensors come out byte-identical to those of
+    llama.cpp's own quantizer run on the f32 file (benchmarks/check_gguf_with_llama_cpp.py)."""
     gguf = _gguf()
     data = tensor.float().numpy()
     if outtype == "f32" or data.ndim == 1:

@@ -1,31 +1,35 @@
-"""Export to Hugging Face and GGUF, import from Hugging Face: checked against transformers and gguf's own readers."""
+"""Export to Hugging Face, GGUF and PEFT, import from Hugging Face: checked against transformers, gguf and peft themselves."""
 
 import json
 import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import run_script
-from minigpt.checkpoint import load_model_directory, save_model_directory
+from minigpt.checkpoint import load_model_directory, save_model_directory, write_model_files
 from minigpt.cli.export import main as export_main
 from minigpt.config import ModelConfig, RunConfig
 from minigpt.errors import UserInputError
 from minigpt.export import (
     CHAT_TEMPLATE,
     GGUF_FILE_NAME,
+    PEFT_CONFIG,
+    PEFT_WEIGHTS,
     export_hf,
     import_hf_llama,
     permute_for_gguf,
     tensor_table,
     unpermute_from_gguf,
 )
+from minigpt.lora import AdapterRun, LoRAConfig, apply_lora, load_adapter, lora_parameters, merge_lora
 from minigpt.model import GPT, apply_rotary, rotary_tables
 from minigpt.tokenizer import load_tokenizer, train_char_tokenizer
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
+peft = pytest.importorskip("peft")
 
 TRICKY_TEXTS = [
     "Hello, world!",
@@ -309,3 +313,132 @@ def test_script_reports_a_bad_model_path_in_one_line(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "does not exist" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- LoRA adapters: PEFT and --merge
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(model_dir, tokenizer, corpus_jsonl, tmp_path_factory):
+    """A LoRA run's final_model/ on the trained base: rank 4 on every target, trained a few steps (B is not zero)."""
+    torch.manual_seed(2)
+    model, _, run_config = load_model_directory(model_dir)
+    apply_lora(model.train(), LoRAConfig(rank=4, alpha=12.0, targets=("q", "k", "v", "o", "gate", "up", "down")))
+    optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
+    text = " ".join(json.loads(line)["text"] for line in corpus_jsonl.read_text().splitlines()[20:40])
+    data = torch.tensor(tokenizer.encode(text))
+    for _ in range(15):
+        starts = torch.randint(0, len(data) - 33, (8,))
+        batch = torch.stack([data[start : start + 33] for start in starts])
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    run = AdapterRun.start(LoRAConfig(rank=4, alpha=12.0), model_dir)
+    return run.save(tmp_path_factory.mktemp("lora") / "final_model", model, lambda directory: write_model_files(directory, run_config, tokenizer))
+
+
+def adapter_logits(adapter_dir, ids) -> torch.Tensor:
+    """MiniGPT's base + adapter (unmerged), float32."""
+    model, _, _ = load_adapter(adapter_dir)
+    with torch.no_grad():
+        return model(ids)[0]
+
+
+def test_peft_export_loads_in_peft_with_equal_logits(adapter_dir, hf_dir, trained, tokenizer, tmp_path):
+    output = tmp_path / "peft"
+    assert export_main([str(adapter_dir), "--format", "peft", "--output", str(output)]) == 0
+    assert sorted(path.name for path in output.iterdir()) == [PEFT_CONFIG, PEFT_WEIGHTS]
+    config = json.loads((output / PEFT_CONFIG).read_text())
+    assert {key: config[key] for key in ("peft_type", "task_type", "r", "lora_alpha", "bias", "fan_in_fan_out", "use_rslora")} == {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 12.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+    }
+    assert config["target_modules"] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert config["base_model_name_or_path"] is None  # the base is a MiniGPT folder, which transformers cannot load
+    names = set(load_file(str(output / PEFT_WEIGHTS)))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in names and len(names) == 2 * 7 * trained.config.n_layer
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    adapted = peft.PeftModel.from_pretrained(base, output).eval()
+    ids = sample_ids(tokenizer)
+    ours = adapter_logits(adapter_dir, ids)
+    with torch.no_grad():
+        theirs = adapted(ids).logits
+        base_logits = trained(ids)[0]
+    assert (ours - base_logits).abs().max().item() > 0.1  # the adapter changes the model: B is not zero
+    assert (ours - theirs).abs().max().item() < 1e-4
+
+
+def test_peft_export_records_a_checked_hf_base(adapter_dir, hf_dir, tokenizer, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # AutoPeftModel would otherwise ask the Hub for a tokenizer
+    output = tmp_path / "peft"
+    assert export_main([str(adapter_dir), "--format", "peft", "--hf-base", str(hf_dir), "--output", str(output)]) == 0
+    assert json.loads((output / PEFT_CONFIG).read_text())["base_model_name_or_path"] == str(hf_dir)
+    adapted = peft.AutoPeftModelForCausalLM.from_pretrained(output).eval()  # finds the base through that record
+    ids = sample_ids(tokenizer)
+    with torch.no_grad():
+        assert (adapter_logits(adapter_dir, ids) - adapted(ids).logits).abs().max().item() < 1e-4
+
+    other = shutil.copytree(hf_dir, tmp_path / "other")
+    weights = load_file(str(other / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.01
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    assert export_main([str(adapter_dir), "--format", "peft", "--hf-base", str(other), "--output", str(tmp_path / "wrong")]) == 2
+    assert "does not hold the adapter's base model" in capsys.readouterr().err and not (tmp_path / "wrong").exists()
+
+
+def test_peft_export_of_a_lora_on_an_imported_hf_folder_records_that_folder(hf_dir, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # AutoPeftModel would otherwise ask the Hub for a tokenizer
+    model, _, run_config = load_model_directory(hf_dir)  # imported from Hugging Face
+    apply_lora(model, LoRAConfig(rank=2, targets=("q", "v")))
+    for parameter in lora_parameters(model):
+        torch.nn.init.normal_(parameter, std=0.2)
+    run = AdapterRun.start(LoRAConfig(rank=2, targets=("q", "v")), hf_dir)
+    adapter = run.save(tmp_path / "final_model", model, lambda directory: write_model_files(directory, run_config, tokenizer))
+    assert export_main([str(adapter), "--format", "peft", "--output", str(tmp_path / "peft")]) == 0
+    config = json.loads((tmp_path / "peft" / PEFT_CONFIG).read_text())
+    assert config["base_model_name_or_path"] == str(hf_dir) and config["target_modules"] == ["q_proj", "v_proj"]
+    adapted = peft.AutoPeftModelForCausalLM.from_pretrained(tmp_path / "peft").eval()
+    ids = sample_ids(tokenizer)
+    with torch.no_grad():
+        assert (model.eval()(ids)[0] - adapted(ids).logits).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+def test_merge_exports_base_plus_adapter_as_one_model(adapter_dir, tokenizer, tmp_path, outtype):
+    hf_output, gguf_output = tmp_path / "merged-hf", tmp_path / "merged-gguf"
+    if outtype == "f32":
+        assert export_main([str(adapter_dir), "--format", "hf", "--merge", "--output", str(hf_output)]) == 0
+        hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_output)
+        ids = sample_ids(tokenizer)
+        with torch.no_grad():
+            assert (adapter_logits(adapter_dir, ids) - hf_model(ids).logits).abs().max().item() < 1e-4
+    assert export_main([str(adapter_dir), "--format", "gguf", "--outtype", outtype, "--merge", "--output", str(gguf_output)]) == 0
+    merged = merge_lora(load_adapter(adapter_dir)[0])
+    state, reader = merged.state_dict(), gguf.GGUFReader(gguf_output / GGUF_FILE_NAME)
+    for name, (data, _) in gguf_tensors_as_minigpt(reader, merged.config).items():
+        step = state[name].abs().max() / 127 if outtype == "q8_0" and state[name].dim() == 2 else 0
+        assert (data - state[name]).abs().max() <= step, name  # f32: exact; q8_0: within a step of the tensor's largest
+
+
+@pytest.mark.parametrize(
+    ("arguments", "phrase"),
+    [
+        (["--format", "hf"], "--merge"),  # an adapter is not a whole model
+        (["--format", "gguf"], "--format peft"),
+        (["--format", "peft", "--merge"], "drop --merge"),
+        (["--format", "hf", "--merge", "--outtype", "f16"], "--outtype"),
+        (["--format", "hf", "--merge", "--hf-base", "x"], "--hf-base"),
+        (["--format", "peft", "--hf-base", "missing-folder"], "not a Hugging Face model folder"),
+    ],
+)
+def test_adapter_export_refusals(adapter_dir, tmp_path, capsys, arguments, phrase):
+    assert export_main([str(adapter_dir), *arguments, "--output", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err
+    assert phrase in error and error.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("arguments", "phrase"), [(["--format", "peft"], "holds no LoRA adapter"), (["--format", "hf", "--merge"], "drop --merge")])
+def test_a_whole_model_has_no_adapter_to_export_or_merge(model_dir, tmp_path, capsys, arguments, phrase):
+    assert export_main([str(model_dir), *arguments, "--output", str(tmp_path / "out")]) == 2
+    assert phrase in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -28,5 +28,5 @@ COMMANDS: dict[str, Command] = {
     "merge-lora": Command("minigpt.cli.merge_lora", "merge_lora.py", "fold a LoRA adapter into its base model"),
     "train-classifier": Command("minigpt.cli.train_classifier", "train_classifier.py", "train text classification heads (multi-task, macro-F1)"),
     "classify": Command("minigpt.cli.classify", "classify.py", "label texts with a trained classifier"),
-    "export": Command("minigpt.cli.export", "export.py", "write a model for transformers, or llama.cpp/Ollama (GGUF)"),
+    "export": Command("minigpt.cli.export", "export.py", "write a model for transformers, llama.cpp/Ollama (GGUF) or PEFT (a LoRA adapter)"),
 }

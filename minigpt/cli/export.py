@@ -1,33 +1,79 @@
-"""`minigpt export MODEL --format hf|gguf --output DIR`: hand a model to other tools.
+"""`minigpt export MODEL --format hf|gguf|peft --output DIR`: hand a model to other tools.
 
     --format hf     a folder transformers loads with AutoModelForCausalLM / AutoTokenizer
     --format gguf   a folder with model.gguf (llama.cpp, LM Studio) and a Modelfile (ollama create)
+    --format peft   a LoRA run's adapter alone, as PEFT saves one (adapter_config.json +
+                    adapter_model.safetensors), for PeftModel.from_pretrained on the base's hf export
+
+A LoRA run's final_model/ holds an adapter, not a model: `--format peft` exports it as it is,
+`--merge` folds it into its base first (lora.merge_lora) so that hf and gguf get one plain model.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from minigpt.checkpoint import load_model_directory
 from minigpt.cli.common import ArgumentParser, add_shared_arguments, program_name, run_command
 from minigpt.errors import UserInputError
-from minigpt.export import GGUF_OUTTYPES, export_gguf, export_hf
+from minigpt.export import GGUF_OUTTYPES, check_hf_export_of, export_gguf, export_hf, export_peft, is_hf_directory
+from minigpt.lora import find_adapter, load_adapter, load_model_for_inference, lora_state_dict, read_adapter_config
+from minigpt.tokenizer import Tokenizer
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog=program_name("export"), description="Export a MiniGPT model for Hugging Face transformers or llama.cpp/Ollama.")
+    parser = ArgumentParser(prog=program_name("export"), description="Export a MiniGPT model for Hugging Face transformers, llama.cpp/Ollama or PEFT.")
     add_shared_arguments(parser, "model")
-    parser.add_argument("--format", required=True, choices=["hf", "gguf"], help="hf = transformers folder; gguf = llama.cpp file + Ollama Modelfile")
+    parser.add_argument("--format", required=True, choices=["hf", "gguf", "peft"],
+                        help="hf = transformers folder; gguf = llama.cpp file + Ollama Modelfile; peft = a LoRA run's adapter for PEFT")
     parser.add_argument("--output", required=True, help="the folder to write (refused if it exists, unless --force)")
     parser.add_argument("--outtype", choices=GGUF_OUTTYPES, help="GGUF weight type (default f16; norms stay f32)")
+    parser.add_argument("--merge", action="store_true", help="for a LoRA adapter: fold it into its base model and export the merged model (hf, gguf)")
+    parser.add_argument("--hf-base", metavar="DIR",
+                        help="with --format peft: the base model's --format hf export, checked and recorded as base_model_name_or_path "
+                             "(default: the base's own folder if it is a Hugging Face folder, else none)")
     parser.add_argument("--force", action="store_true", help="replace an existing --output")
     return parser
+
+
+def recorded_base(hf_base: str | None, base_path: Path, tokenizer: Tokenizer) -> str | None:
+    """What the PEFT adapter records as base_model_name_or_path: --hf-base once it is checked to
+    hold the adapter's base, else the base's own folder if transformers can load it, else None."""
+    if hf_base:
+        check_hf_export_of(hf_base, load_model_directory(base_path)[0], tokenizer)
+        return str(Path(hf_base).resolve())  # absolute, like the MiniGPT base path the adapter records
+    if is_hf_directory(base_path):  # a LoRA on an imported Hugging Face model: that folder is the base
+        return str(base_path)
+    return None
 
 
 @run_command
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
-    if arguments.format == "hf" and arguments.outtype:
-        raise UserInputError("--outtype sets GGUF weight types; a Hugging Face export is float32, so drop --outtype or use --format gguf.")
-    model, tokenizer, _ = load_model_directory(arguments.model)
+    if arguments.format != "gguf" and arguments.outtype:
+        raise UserInputError(f"--outtype sets GGUF weight types and a --format {arguments.format} export is float32, so drop --outtype or use --format gguf.")
+    if arguments.format != "peft" and arguments.hf_base:
+        raise UserInputError("--hf-base names the base of a PEFT adapter, so it needs --format peft; drop it for hf and gguf.")
+    adapter = find_adapter(arguments.model)
+    if arguments.format == "peft":
+        if adapter is None:
+            raise UserInputError(f"{arguments.model} holds no LoRA adapter, so there is nothing to export for PEFT; "
+                                 "give a LoRA run's final_model/, or export a whole model with --format hf or gguf.")
+        if arguments.merge:
+            raise UserInputError("--format peft exports the adapter alone, unmerged; drop --merge, or use --merge with --format hf or gguf.")
+        model, tokenizer, _ = load_adapter(adapter)
+        lora_config, base_path, _ = read_adapter_config(adapter)
+        base_name = recorded_base(arguments.hf_base, base_path, tokenizer)
+        path = export_peft(lora_state_dict(model), model.config, lora_config.alpha, lora_config.dropout, arguments.output,
+                           base_model_name_or_path=base_name, force=arguments.force)
+        print(f"Wrote {path}")
+        return 0
+    if adapter is not None and not arguments.merge:
+        raise UserInputError(f"{adapter} is a LoRA adapter, not a whole model: pass --merge to export it merged into its base, "
+                             "or use --format peft to export the adapter alone.")
+    if adapter is None and arguments.merge:
+        raise UserInputError(f"--merge folds a LoRA adapter into its base model, but {arguments.model} holds no adapter; drop --merge.")
+    model, tokenizer, _ = load_model_for_inference(arguments.model)  # an adapter comes back merged
     if arguments.format == "hf":
         path = export_hf(model, tokenizer, arguments.output, force=arguments.force)
     else:
