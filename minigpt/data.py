@@ -163,7 +163,7 @@ class TokenBlockStream(IterableDataset):
         targets = tokens[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX)
         if self.one_document_per_row:
             width = trimmed_width(mask[:, 1:], self.block_size)
-            inputs, targets = inputs[:, :width], targets[:, :width]
+            inputs, targets = inputs[:, :width].contiguous(), targets[:, :width].contiguous()  # .view() needs them whole
         return inputs, targets
 
     def check_not_empty(self) -> None:

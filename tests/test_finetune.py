@@ -66,6 +66,7 @@ def test_a_batch_is_cut_after_its_last_target_and_the_loss_is_unchanged(tmp_path
     inputs, targets = next(iter(stream))
     width = inputs.shape[1]
     assert targets.shape[1] == width and width % 32 == 0 and width < 128  # these conversations are short
+    assert inputs.is_contiguous() and targets.is_contiguous()  # evaluation views them flat
     assert (targets[:, width - 32:] != IGNORE_INDEX).any()  # no whole step of 32 columns without a target is kept
     full_inputs = torch.cat([inputs, torch.full((4, 128 - width), tokenizer.pad_id)], dim=1)  # the rows as they were
     full_targets = torch.cat([targets, torch.full((4, 128 - width), IGNORE_INDEX)], dim=1)
