@@ -415,7 +415,9 @@ def resolve_auto_batch_size(config: RunConfig, model: GPT, objective: Objective,
     resumed run trains exactly as this one)."""
     if not resize_stream(train_stream, config.train.batch_size):
         raise UserInputError("--batch-size auto cannot be combined with --overfit-batch (its one batch is fixed); give a number.")
-    choice = choose_micro_batch(model, objective, config, device, dtype)
+    # Under torchrun rank 0 measures (the others wait) and its choice holds for all: processes that
+    # accumulated different numbers of micro-batches would wait for each other's gradients forever.
+    choice = broadcast_from_main(choose_micro_batch(model, objective, config, device, dtype) if is_main_process() else None)
     resize_stream(train_stream, choice.micro_batch)
     log.info("Batch size auto: %s.", choice.reason)
     return dataclasses.replace(config, train=dataclasses.replace(
