@@ -93,8 +93,8 @@ def compute_init(device: torch.device, backend: str = "auto") -> torch.device:
 
     Under torchrun each process binds one GPU, the LOCAL_RANK-th of its machine, so that two
     processes never share a GPU. The console hears each event once, from rank 0; the other ranks
-    say only what is theirs alone (see `OtherRankLogFilter`). Without torchrun (WORLD_SIZE unset or 1) nothing happens and
-    `device` is returned.
+    say only what is theirs alone (see `OtherRankLogFilter`). Without torchrun (WORLD_SIZE unset
+    or 1) nothing happens and `device` is returned.
     """
     place = process_place()
     if place.world_size == 1 or is_distributed():
