@@ -393,6 +393,10 @@ def prepare_run(
         atomic_write_json(run_dir / "config.json", config.to_dict())
         if paths.resume_from is None:
             tokenizer.save(run_dir / "tokenizer.json")
+    if place.world_size > 1:
+        # Every process built the same model (and DDP copies rank 0's weights to all); from here on
+        # each draws its own random numbers, as on a machine of its own: its own dropout masks.
+        seed_everything(config.train.seed + place.rank)
     trainer = Trainer(config, model, tokenizer, objective, train_stream, val_stream, run_dir, device, dtype, callbacks, show_progress,
                       adapter=adapter)
     if paths.resume_from is not None:

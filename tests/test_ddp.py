@@ -133,6 +133,7 @@ def test_only_rank_zero_writes_and_the_log_states_the_global_batch(two_process_r
     assert "2 sequences x 64 tokens x 1 micro-batch(es) x 2 process(es) = 256 tokens per step" in result.stdout
     state = torch.load(run / "checkpoint_step_6" / "state.pt", weights_only=True)
     assert len(state["processes"]) == 2  # both processes' data positions and RNG states
+    assert not torch.equal(*(process["rng"]["torch"] for process in state["processes"]))  # each its own dropout masks
     assert not any(name.startswith("module.") for name in weights(run))  # loads in a single process too
     assert json.loads((run / "summary.json").read_text())["tokens"] == STEPS * 256
 
