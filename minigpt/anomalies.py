@@ -140,6 +140,11 @@ def low_accelerator_utilisation(rows: Sequence[Row]) -> Anomaly | None:
     return None
 
 
+# Findings about one process's own machine or GPU. Under torchrun every process checks its own
+# rows: their losses, gradient norms and validation metrics are all-reduced (the same everywhere,
+# so rank 0 reports those once), but memory and GPU use are each process's own.
+PER_PROCESS_KINDS = frozenset({"memory_pressure", "low_accelerator_utilisation"})
+
 RULES: list[Callable[[Sequence[Row]], Anomaly | None]] = [
     non_finite_loss, loss_spike, loss_plateau, gradient_norm, overfitting, throughput_drop, memory_pressure,
     low_accelerator_utilisation,

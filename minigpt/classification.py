@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from minigpt.checkpoint import save_model_directory
 from minigpt.config import RunConfig
+from minigpt.distributed import process_place, sum_over_processes, this_process_share
 from minigpt.errors import UserInputError
 from minigpt.files import atomic_write_bytes
 from minigpt.heads import GPTClassifier
@@ -143,7 +144,7 @@ class ClassificationObjective(Objective):
 
     def loss(self, model: torch.nn.Module, batch: ClassificationBatch) -> torch.Tensor:
         ids, lengths, labels = batch
-        return self._losses(model.classify(ids, lengths), labels)
+        return self._losses(model(ids, lengths), labels)  # forward(), through DDP or torch.compile
 
     def tokens(self, batch: ClassificationBatch) -> int:
         _, lengths, _ = batch
@@ -153,31 +154,41 @@ class ClassificationObjective(Objective):
     def evaluate(self, model: torch.nn.Module, batches: Iterable[ClassificationBatch], max_batches: int,
                  dtype: torch.dtype) -> dict[str, Any]:
         """val_loss, then per task accuracy, macro-F1, per-class figures and the confusion matrix;
-        eval_f1_macro is the mean of the tasks' macro-F1."""
+        eval_f1_macro is the mean of the tasks' macro-F1.
+
+        Under torchrun every process must call this with the same batches: each evaluates its
+        share, and the loss sums and confusion matrices are added up over the processes. Every
+        metric is computed from those sums, so it is the single-process metric on the same data.
+        """
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
         loss_sum, weight_sum = 0.0, 0.0
-        true: dict[str, list[np.ndarray]] = {task: [] for task in self.tasks}
-        predicted: dict[str, list[np.ndarray]] = {task: [] for task in self.tasks}
-        for batch in islice(batches, max_batches or None):
+        counts = {task: np.zeros((len(labels), len(labels)), dtype=np.int64) for task, labels in self.label_maps.items()}
+        for batch in this_process_share(islice(batches, max_batches or None)):
             ids, lengths, labels = self.to_device(batch, device)
             with autocast(device, dtype):
-                logits = model.classify(ids, lengths)
+                logits = model(ids, lengths)
             loss_sum += float(self._losses(logits, labels))
             weight_sum += self.weight((ids, lengths, labels))
             for index, task in enumerate(self.tasks):
                 known = labels[:, index] != IGNORE_INDEX
-                true[task].append(labels[known, index].cpu().numpy())
-                predicted[task].append(logits[task][known].argmax(-1).cpu().numpy())
+                counts[task] += confusion_matrix(labels[known, index].cpu().numpy(), logits[task][known].argmax(-1).cpu().numpy(),
+                                                 len(self.label_maps[task]))
         model.train(was_training)
+        # Summed over the processes in one all-reduce, in float64 (exact for counts below 2**53).
+        loss_sum, weight_sum, *cells = sum_over_processes(
+            loss_sum, weight_sum, *np.concatenate([matrix.ravel() for matrix in counts.values()]), device=device)
+        start = 0
+        for task, matrix in counts.items():
+            counts[task] = np.asarray(cells[start : start + matrix.size], dtype=np.int64).reshape(matrix.shape)
+            start += matrix.size
         if weight_sum == 0:
             raise UserInputError("The validation records carry no label the training data knows: nothing to evaluate.")
         metrics: dict[str, Any] = {"val_loss": loss_sum / weight_sum}
         per_task = {}
         for task, labels in self.label_maps.items():
-            counts = confusion_matrix(np.concatenate(true[task]), np.concatenate(predicted[task]), len(labels))
-            per_task[task] = {**scores_from_confusion(counts), "labels": labels, "confusion": counts.tolist()}
+            per_task[task] = {**scores_from_confusion(counts[task]), "labels": labels, "confusion": counts[task].tolist()}
             metrics[f"{task}_accuracy"], metrics[f"{task}_f1_macro"] = per_task[task]["accuracy"], per_task[task]["f1_macro"]
         metrics["eval_f1_macro"] = float(np.mean([scores["f1_macro"] for scores in per_task.values()]))
         metrics["tasks"] = per_task
@@ -268,7 +279,9 @@ def prepare_classification(
     label_maps = config.train.label_maps
     block_size, pad = config.model.block_size, tokenizer.pad_id
     encoded = encode_records(records, tokenizer, label_maps, block_size, report)
-    train_stream = ClassificationBatches(encoded, train.batch_size, pad, loop=True, seed=train.seed)
+    place = process_place()  # under torchrun each process trains on its share of every round of batches
+    train_stream = ClassificationBatches(encoded, train.batch_size, pad, loop=True, seed=train.seed, rank=place.rank,
+                                         world_size=place.world_size)
     val_stream = None
     if val_records:
         val_stream = ClassificationBatches(encode_records(val_records, tokenizer, label_maps, block_size), train.batch_size, pad, loop=False)

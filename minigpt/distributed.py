@@ -92,8 +92,9 @@ def compute_init(device: torch.device, backend: str = "auto") -> torch.device:
     """Join the process group torchrun prepared and return this process's device.
 
     Under torchrun each process binds one GPU, the LOCAL_RANK-th of its machine, so that two
-    processes never share a GPU. Other ranks log warnings only: one console line per event, from
-    rank 0. Without torchrun (WORLD_SIZE unset or 1) nothing happens and `device` is returned.
+    processes never share a GPU. The console hears each event once, from rank 0; the other ranks
+    say only what is theirs alone (see `OtherRankLogFilter`). Without torchrun (WORLD_SIZE unset
+    or 1) nothing happens and `device` is returned.
     """
     place = process_place()
     if place.world_size == 1 or is_distributed():
@@ -106,8 +107,37 @@ def compute_init(device: torch.device, backend: str = "auto") -> torch.device:
     dist.init_process_group(backend=chosen, device_id=device if chosen == "nccl" else None)
     if place.rank != 0:
         logging.getLogger("minigpt").setLevel(logging.WARNING)
+        rank_filter = OtherRankLogFilter(place.rank)
+        for handler in logging.getLogger().handlers + logging.getLogger("minigpt").handlers:
+            handler.addFilter(rank_filter)
     log.info("Process group: %d processes (%d on this machine), backend %s", place.world_size, place.local_world_size, chosen)
     return device
+
+
+# `log.warning(..., extra=PER_PROCESS)`: a warning about this process alone (its machine's memory,
+# its GPU), which every rank reports for itself; other warnings are the same on every rank.
+PER_PROCESS: dict[str, Any] = {"per_process": True}
+
+
+class OtherRankLogFilter(logging.Filter):
+    """The console filter of every process but rank 0.
+
+    Most of what a process logs is the same on every rank: the loss and gradient norm after their
+    all-reduce, the validation metrics, a warning about the configuration. Rank 0 says those once.
+    This filter lets through only what this process alone can say, errors and warnings marked
+    `PER_PROCESS`, each line starting with `[rank R]` so one knows which process (and machine).
+    """
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.prefix = f"[rank {rank}] "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR and not getattr(record, "per_process", False):
+            return False
+        if not str(record.msg).startswith(self.prefix):  # a record can pass through two handlers
+            record.msg = self.prefix + str(record.msg)
+        return True
 
 
 def compute_cleanup() -> None:
@@ -146,12 +176,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def sum_over_processes(*values: int, device: torch.device) -> list[int]:
-    """Integers summed over every process, in one small all-reduce. In a single process they are
-    returned as they are: no tensor, so no wait for an accelerator on the training step's path."""
+def sum_over_processes(*values: float, device: torch.device) -> list[float]:
+    """Numbers summed over every process, in one small all-reduce, in float64 (exact for integers
+    below 2**53). In a single process they are returned as they are: no tensor, so no wait for an
+    accelerator on the training step's path."""
     if not is_distributed():
-        return [int(value) for value in values]
-    return [int(value) for value in all_reduce_sum(torch.tensor(values, dtype=torch.long, device=device)).tolist()]
+        return list(values)
+    return all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
 
 def agree_on_stop(reason: str | None, reasons: tuple[str, ...], device: torch.device) -> str | None:
@@ -209,7 +240,11 @@ def wrap_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
 
 def gradient_sync(model: torch.nn.Module, enabled: bool) -> ContextManager:
     """`model.no_sync()` when `enabled` is False: with gradient accumulation only the last
-    micro-batch's backward needs the all-reduce; the earlier ones just add to local gradients."""
+    micro-batch's backward needs the all-reduce; the earlier ones just add to local gradients.
+
+    Put the forward pass inside it too, not only the backward: DDP reads the setting in forward()
+    to prepare that pass's backward (a forward outside would all-reduce anyway: the same sums,
+    once per micro-batch instead of once per step)."""
     ddp = getattr(model, "_orig_mod", model)  # torch.compile wraps the DDP module
     if enabled or not isinstance(ddp, DistributedDataParallel):
         return nullcontext()

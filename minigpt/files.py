@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import psutil
+import torch
 
-from minigpt.errors import UserInputError
+from minigpt.errors import RunFailure, UserInputError
 
 log = logging.getLogger("minigpt.files")
 
@@ -41,6 +42,10 @@ TEMPORARY_PREFIX = ".tmp-"  # a name that nothing reads: what an interrupted wri
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = "run.lock"
 FAULT_POINT_VARIABLE = "MINIGPT_FAULT_POINT"
+FAULT_RANK_VARIABLE = "MINIGPT_FAULT_RANK"
+FAULT_RAISE_VARIABLE = "MINIGPT_FAULT_RAISE"
+# What MINIGPT_FAULT_RAISE may ask a fault point to raise instead of killing the process.
+FAULT_EXCEPTIONS: dict[str, type[Exception]] = {"out_of_memory": torch.OutOfMemoryError, "error": RuntimeError}
 
 _fault_point_passes: dict[str, int] = {}
 
@@ -53,27 +58,33 @@ def fault_point(name: str) -> None:
     at the instants where a crash does most harm: `after_weights` (a checkpoint half written),
     `before_rename` (written but not yet in place), `after_rename_before_prune` (in place, old
     ones not yet pruned) and `during_prune` (an old checkpoint renamed away but not yet deleted).
-    Without the variable (always, outside tests) this costs one dictionary lookup.
+    The trainer passes `training_step` after each micro-batch's forward pass.
+
+    Two more variables shape the fault, for drills of one process failing among several under
+    torchrun: `MINIGPT_FAULT_RANK=1` faults only in the process of rank 1, and
+    `MINIGPT_FAULT_RAISE=out_of_memory` (or `error`) raises torch.OutOfMemoryError (or a
+    RuntimeError) there instead of killing. Without the variables (always, outside tests) this
+    costs one dictionary lookup.
     """
     wanted = os.environ.get(FAULT_POINT_VARIABLE)
     if not wanted:
         return
     point, _, count = wanted.partition("@")
-    if point != name:
+    rank = os.environ.get("RANK", "0")  # torchrun's; 0 in a single process
+    if point != name or os.environ.get(FAULT_RANK_VARIABLE, rank) != rank:
         return
     _fault_point_passes[name] = _fault_point_passes.get(name, 0) + 1
-    if _fault_point_passes[name] >= int(count or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _fault_point_passes[name] < int(count or 1):
+        return
+    failure = os.environ.get(FAULT_RAISE_VARIABLE)
+    if failure:
+        raise FAULT_EXCEPTIONS[failure](f"{failure} injected by {FAULT_POINT_VARIABLE}={wanted} in the process of rank {rank}")
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
-class DiskFullError(UserInputError):
-    """The disk filled up during a write; the partial files are already removed.
-
-    Exit status 1, not 2: the input was fine and the run failed, like a run stopped by NaN
-    losses. Its last complete checkpoint is intact, so freeing space and `--resume` continues it.
-    """
-
-    exit_status = 1
+class DiskFullError(RunFailure):
+    """The disk filled up during a write; the partial files are already removed. Its last complete
+    checkpoint is intact, so freeing space and `--resume` continues the run."""
 
 
 def _size_of(path: Path) -> int:

@@ -50,11 +50,21 @@ class GPTClassifier(GPT):
         for head in self.heads.values():
             nn.init.normal_(head.weight, mean=0.0, std=0.02)
             nn.init.zeros_(head.bias)
+        if not config.model.tie_embeddings:
+            # The language-model head is kept (a pretrained model loads whole) but never used, so
+            # it does not train; frozen, it is no gradient that DDP would wait for in vain.
+            self.lm_head.requires_grad_(False)
 
     def classify(self, idx: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each task's logits (batch, classes) for right-padded token ids and their lengths."""
         pooled = pool(self.hidden_states(idx), lengths, self.pooling)
         return {task: head(pooled) for task, head in self.heads.items()}
+
+    def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        """`classifier(ids, lengths)` is `classify`: training calls the model this way, since
+        DistributedDataParallel and torch.compile wrap forward() and no other method (a method
+        called through them would skip the gradient all-reduce, or the compiled code)."""
+        return self.classify(idx, lengths)
 
     def freeze_trunk(self) -> None:
         """Train only the heads (a linear probe): what the trunk already knows, read out linearly."""

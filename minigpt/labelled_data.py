@@ -236,15 +236,24 @@ class ClassificationBatches:
     loop=True (training): shuffled anew each epoch (the order is drawn from `seed` and the epoch
     number, so the position is just two integers) and never ends. loop=False (evaluation): in
     order, once, starting over each time it is iterated.
+
+    Under torchrun (`rank` of `world_size`) every process holds all the records (the label maps
+    and class weights are counted over all of them) and trains on its share: the epoch's order is
+    cut in batches, the last one shorter, and the processes take them in turn, each its own
+    batch of every `world_size` in a row. So 2 processes with one batch each see exactly the
+    records that 1 process sees in 2 accumulated batches. The position is where the next round of
+    `world_size` batches starts, the same in every process.
     """
 
     one_document_per_row = True  # for the trainer's data report: truncation is counted
 
-    def __init__(self, encoded: EncodedRecords, batch_size: int, pad_id: int, *, loop: bool = True, seed: int = 0):
+    def __init__(self, encoded: EncodedRecords, batch_size: int, pad_id: int, *, loop: bool = True, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
         if not encoded.ids:
             raise UserInputError("No labelled records are left to train on.")
         self.encoded, self.batch_size, self.pad_id = encoded, batch_size, pad_id
         self.loop, self.seed = loop, seed
+        self.rank, self.world_size = rank, world_size
         self.report = encoded.report
         self.epoch, self.position = 0, 0
 
@@ -253,10 +262,12 @@ class ClassificationBatches:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        if self.position >= len(self.encoded.ids):  # saved at the very end of an epoch
+            self.epoch, self.position = self.epoch + 1, 0
 
-    def _order(self) -> np.ndarray:
+    def _order(self, epoch: int) -> np.ndarray:
         count = len(self.encoded.ids)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(count) if self.loop else np.arange(count)
+        return np.random.default_rng([self.seed, epoch]).permutation(count) if self.loop else np.arange(count)
 
     def __iter__(self) -> Iterator[ClassificationBatch]:
         if self.loop:
@@ -264,14 +275,19 @@ class ClassificationBatches:
         return (self._batch(np.arange(start, min(start + self.batch_size, len(self.encoded.ids))))
                 for start in range(0, len(self.encoded.ids), self.batch_size))
 
+    def _after_batch(self, epoch: int, position: int) -> tuple[int, int]:
+        """Where the batch after the one at (epoch, position) starts."""
+        position += self.batch_size
+        return (epoch + 1, 0) if position >= len(self.encoded.ids) else (epoch, position)
+
     def _endless(self) -> Iterator[ClassificationBatch]:
         while True:
-            order = self._order()
-            if self.position >= len(order):
-                self.epoch, self.position = self.epoch + 1, 0
-                continue
-            chosen = order[self.position : self.position + self.batch_size]
-            self.position += len(chosen)
+            epoch, position = self.epoch, self.position
+            for _ in range(self.rank):  # the batches of the processes before this one
+                epoch, position = self._after_batch(epoch, position)
+            chosen = self._order(epoch)[position : position + self.batch_size]
+            for _ in range(self.world_size):  # the round: this process's batch and the others'
+                self.epoch, self.position = self._after_batch(self.epoch, self.position)
             yield self._batch(chosen)
 
     def _batch(self, chosen: np.ndarray) -> ClassificationBatch:

@@ -22,6 +22,8 @@ from typing import Callable
 import psutil
 import torch
 
+from minigpt.distributed import PER_PROCESS
+
 log = logging.getLogger("minigpt.resources")
 
 WARNING_MARGIN_PERCENT = 5.0  # warn this far below the memory limit
@@ -90,10 +92,12 @@ class ResourceGovernor:
         percent = self.memory_percent()
         if percent < self.max_memory_percent:
             if percent >= self.max_memory_percent - WARNING_MARGIN_PERCENT and not self.memory_warned:
-                log.warning("System memory is %.0f%% used, close to the --max-memory limit of %.0f%%.", percent, self.max_memory_percent)
+                log.warning("System memory is %.0f%% used, close to the --max-memory limit of %.0f%%.", percent, self.max_memory_percent,
+                            extra=PER_PROCESS)
                 self.memory_warned = True
             return True
-        log.warning("System memory is %.0f%% used, over the %.0f%% limit: freeing caches and pausing.", percent, self.max_memory_percent)
+        log.warning("System memory is %.0f%% used, over the %.0f%% limit: freeing caches and pausing.", percent, self.max_memory_percent,
+                    extra=PER_PROCESS)
         for _ in range(MEMORY_PAUSES):
             self.release_memory()
             self.sleep(MEMORY_PAUSE_SECONDS)

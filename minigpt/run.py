@@ -393,6 +393,10 @@ def prepare_run(
         atomic_write_json(run_dir / "config.json", config.to_dict())
         if paths.resume_from is None:
             tokenizer.save(run_dir / "tokenizer.json")
+    if place.world_size > 1:
+        # Every process built the same model (and DDP copies rank 0's weights to all); from here on
+        # each draws its own random numbers, as on a machine of its own: its own dropout masks.
+        seed_everything(config.train.seed + place.rank)
     trainer = Trainer(config, model, tokenizer, objective, train_stream, val_stream, run_dir, device, dtype, callbacks, show_progress,
                       adapter=adapter)
     if paths.resume_from is not None:
@@ -415,7 +419,9 @@ def resolve_auto_batch_size(config: RunConfig, model: GPT, objective: Objective,
     resumed run trains exactly as this one)."""
     if not resize_stream(train_stream, config.train.batch_size):
         raise UserInputError("--batch-size auto cannot be combined with --overfit-batch (its one batch is fixed); give a number.")
-    choice = choose_micro_batch(model, objective, config, device, dtype)
+    # Under torchrun rank 0 measures (the others wait) and its choice holds for all: processes that
+    # accumulated different numbers of micro-batches would wait for each other's gradients forever.
+    choice = broadcast_from_main(choose_micro_batch(model, objective, config, device, dtype) if is_main_process() else None)
     resize_stream(train_stream, choice.micro_batch)
     log.info("Batch size auto: %s.", choice.reason)
     return dataclasses.replace(config, train=dataclasses.replace(

@@ -30,15 +30,15 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm  # a widget in Jupyter, text in a terminal
 
-from minigpt.anomalies import diagnose
+from minigpt.anomalies import PER_PROCESS_KINDS, diagnose
 from minigpt.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint, save_model_directory, write_model_files
 from minigpt.config import RunConfig
 from minigpt.distributed import (
-    agree_on_stop, all_reduce_sum, gather_to_main, gradient_sync, is_distributed, is_main_process, rank, sum_over_processes,
-    world_size, wrap_model,
+    PER_PROCESS, agree_on_stop, all_reduce_sum, gather_to_main, gradient_sync, is_distributed, is_main_process, rank,
+    sum_over_processes, world_size, wrap_model,
 )
-from minigpt.errors import UserInputError
-from minigpt.files import atomic_write_bytes, atomic_write_json, unlock_run_directory
+from minigpt.errors import RunFailure, UserInputError
+from minigpt.files import atomic_write_bytes, atomic_write_json, fault_point, unlock_run_directory
 from minigpt.lora import AdapterRun
 from minigpt.memory import PeakMemory, resize_stream, smallest_factor, split_batch
 from minigpt.metrics import MetricsWriter, evaluation_scalars, read_metrics
@@ -393,6 +393,8 @@ class Trainer:
                 return self.optimizer_step(model, micro_batches, timed)
             except torch.OutOfMemoryError:
                 pass  # recovered below: the except block's traceback still holds the failed step's tensors
+            if is_distributed():
+                raise self._out_of_memory_under_torchrun()
             parts = smallest_factor(self.train_config.batch_size)
             self.optimizer.zero_grad(set_to_none=True)  # the partial gradients of the failed attempt
             free_memory()
@@ -400,6 +402,22 @@ class Trainer:
                 self.stop_reason = "out_of_memory"
                 return None
             micro_batches = [part for batch in micro_batches for part in split_batch(batch, parts)]
+
+    def _out_of_memory_under_torchrun(self) -> RunFailure:
+        """What stops every process when one runs out of memory under torchrun.
+
+        The others are already in this step's gradient all-reduce, waiting for this process's
+        gradients: it can neither retry with a smaller micro-batch alone nor join them in saving a
+        checkpoint. So it says what happened and exits (status 1); torchrun then stops the rest,
+        and the run continues from its last checkpoint with a micro-batch that fits.
+        """
+        config = self.train_config
+        return RunFailure(
+            f"Step {self.progress.step + 1}: the process of rank {rank()} (of {world_size()}) ran out of memory with a "
+            f"micro-batch of {config.batch_size}, so every process stops; continue from the last checkpoint with "
+            "--resume and a smaller --batch-size (a larger --gradient-accumulation-steps keeps the global batch) "
+            "or --gradient-checkpointing."
+        )
 
     def reduce_micro_batch(self, metrics: MetricsWriter, reason: str) -> bool:
         """Divide the micro-batch by its smallest factor and multiply the accumulation by it, for the
@@ -445,6 +463,7 @@ class Trainer:
             sum(self.objective.weight(batch) for batch in micro_batches),
             sum(self.objective.tokens(batch) for batch in micro_batches), device=self.device,
         )
+        tokens = int(tokens)
         # DDP *averages* the gradients of the P processes: it gives (1/P) sum_p grad(loss_p). We
         # want sum_p grad(loss_p) / step_weight, the gradient of the global batch, so each
         # process scales its loss by P before backward. With one process P = 1: nothing changes.
@@ -452,13 +471,17 @@ class Trainer:
         total_loss = torch.zeros((), device=self.device)
         for index, batch in enumerate(micro_batches):
             batch = self.objective.to_device(batch, self.device)
-            start = clock()
-            with autocast(self.device, self.dtype):
-                loss = self.objective.loss(model, batch) / max(step_weight, 1)
-            if timed:
-                synchronize(self.device)
-            middle = clock()
-            with gradient_sync(model, enabled=index == len(micro_batches) - 1):  # all-reduce once, on the last
+            # Under DDP only the last micro-batch's backward all-reduces the gradients (the earlier
+            # ones add to the local gradients). DDP decides that in the forward pass, so the
+            # forward goes inside no_sync() as well as the backward.
+            with gradient_sync(model, enabled=index == len(micro_batches) - 1):
+                start = clock()
+                with autocast(self.device, self.dtype):
+                    loss = self.objective.loss(model, batch) / max(step_weight, 1)
+                fault_point("training_step")  # a test hook: out of memory (or a crash) here, on demand
+                if timed:
+                    synchronize(self.device)
+                middle = clock()
                 (self.scaler.scale(loss * processes) if self.scaler else loss * processes).backward()
             total_loss += loss.detach()
             if timed:
@@ -587,14 +610,17 @@ class Trainer:
         return row
 
     def _check_anomalies(self, metrics: MetricsWriter, row: dict[str, Any]) -> None:
-        """Run the anomaly rules on recent rows; report each finding when it first appears."""
+        """Run the anomaly rules on recent rows; report each finding when it first appears. Under
+        torchrun every process checks its own rows, with no collective (nothing to wait for): a
+        finding about its own machine it reports itself, the rest (the same everywhere) rank 0 does."""
         if not self.monitoring:
             return
         self.history = self.history[-HISTORY_ROWS:] + [row]
         findings = diagnose(self.history)
         for anomaly in findings:
             if anomaly.kind not in self.active_anomalies:
-                log.warning("Anomaly at step %d: %s %s", anomaly.step, anomaly.message, anomaly.advice)
+                log.warning("Anomaly at step %d: %s %s", anomaly.step, anomaly.message, anomaly.advice,
+                            extra=PER_PROCESS if anomaly.kind in PER_PROCESS_KINDS else None)
                 metrics.write({"type": "anomaly", **anomaly.as_dict()})
         self.active_anomalies = {anomaly.kind for anomaly in findings}
 

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from minigpt.cli import COMMANDS
 from minigpt.config import CHOICES
-from minigpt.distributed import is_main_process
+from minigpt.distributed import is_distributed, process_place
 from minigpt.errors import UserInputError
 
 USAGE_ERROR = 2  # the conventional exit status for a bad command line or bad input
@@ -130,6 +130,20 @@ def setup_logging(verbose: bool = False) -> None:
     logging.captureWarnings(True)
 
 
+def print_error(error: UserInputError) -> None:
+    """`error: ...` on stderr, said once where torchrun runs several processes.
+
+    A mistake found before the processes joined (a flag, the configuration, a missing file) is
+    found alike by every process of a machine: its first process (LOCAL_RANK 0) says it. One found
+    after they joined can be one process's own (its share of the data, its memory): that process
+    says it, marked with its rank, and exits; torchrun then stops the others.
+    """
+    place = process_place()
+    if is_distributed() or place.local_rank == 0:
+        marker = f"[rank {place.rank}] " if place.rank else ""
+        print(f"{marker}error: {error}", file=sys.stderr)
+
+
 def run_command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """Wrap a command's main: logging goes through the progress bar from the first line on, and
     user mistakes become one line on stderr and exit status 2."""
@@ -139,8 +153,7 @@ def run_command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] 
         try:
             return main(argv)
         except UserInputError as error:
-            if is_main_process():  # under torchrun every process finds the same mistake: say it once
-                print(f"error: {error}", file=sys.stderr)
+            print_error(error)
             return error.exit_status
         except KeyboardInterrupt:
             print("Interrupted.", file=sys.stderr)

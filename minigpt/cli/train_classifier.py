@@ -14,6 +14,7 @@ import sys
 from minigpt.cli.common import dash_spellings, program_name, run_command
 from minigpt.cli.train import build_parser, chosen_config, config_from_arguments, exit_status
 from minigpt.config import RunConfig, apply_overrides, load_config, validate
+from minigpt.distributed import compute_cleanup
 from minigpt.run import prepare_run
 
 log = logging.getLogger("minigpt.train")
@@ -74,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         validate(config)
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    trainer = prepare_run(config)
+    trainer = prepare_run(config)  # under torchrun: joins the other processes
     summary = trainer.train()
+    compute_cleanup()  # after a clean end only, as `minigpt train` does
     log.info(trainer.stop_message())
     final_model = trainer.run_dir / "final_model"
     if final_model.is_dir():
