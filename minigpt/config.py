@@ -135,7 +135,7 @@ class TrainConfig:
     # monitoring and resources
     max_cpu: float = 0.0  # hold the process at or below this % of the machine's CPU; 0 = no limit
     max_memory: float = 0.0  # stop cleanly (with a checkpoint) past this % of system memory; 0 = no limit
-    disable_monitoring: bool = False  # no CPU/memory sampling, no anomaly checks, no governor
+    disable_monitoring: bool = False  # no CPU/memory sampling, no anomaly checks (--max-cpu/--max-memory still hold)
     # debugging
     overfit_batch: bool = False  # train on one fixed batch: the loss must go to ~0
     profile: bool = False  # print where the step time goes after a few steps

@@ -123,6 +123,8 @@ class TokenBlockStream(IterableDataset):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "consumed_batches" in state:  # saved by ParallelBatches: read by worker processes, in another order
+            raise worker_count_changed(state.get("workers"), 0)
         self.reader.seek(state["reader"])
         self.reader.warn = state["epoch"] == 0
         self.epoch = state["epoch"]
@@ -356,6 +358,11 @@ class ParallelBatches:
     consumed instead, and a resumed run replays that many: the DataLoader hands out the workers'
     batches in a fixed round-robin order, so the replay reaches exactly the same place (at the
     cost of reading the data up to it again).
+
+    That order depends on the number of workers (each reads every n-th document), so a position
+    means something only with the same number: a checkpoint records it, and resuming with
+    another is refused (`worker_count_changed`). The run records the number it resolved
+    `dataloader_workers = -1` to in its config.json, so a plain --resume keeps it on any device.
     """
 
     def __init__(self, stream: TokenBlockStream, workers: int, pin_memory: bool = False):
@@ -372,7 +379,22 @@ class ParallelBatches:
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"consumed_batches": self.consumed}
+        return {"consumed_batches": self.consumed, "workers": self.workers}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if "consumed_batches" not in state:  # a TokenBlockStream's position: read in the main process
+            raise worker_count_changed(0, self.workers)
+        if state.get("workers", self.workers) != self.workers:  # checkpoints before the count was saved: trusted
+            raise worker_count_changed(state["workers"], self.workers)
         self.consumed = state["consumed_batches"]
+
+
+def worker_count_changed(saved: int | None, current: int) -> UserInputError:
+    """The one sentence for a resume whose data-loader worker count differs from the checkpoint's
+    (`saved` None: a checkpoint from before the count was recorded)."""
+    saved_with = "data-loader workers" if saved is None else f"{saved} data-loader worker(s)"
+    again = "the --dataloader-workers it was saved with" if saved is None else f"--dataloader-workers {saved}"
+    return UserInputError(
+        f"This checkpoint's data position was saved with {saved_with} and this run has {current}: resume with {again}, "
+        "since each worker reads its own share of the documents and the batch order depends on their number."
+    )

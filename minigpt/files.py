@@ -93,7 +93,41 @@ def _size_of(path: Path) -> int:
     return sum(file.stat().st_size for file in path.rglob("*") if file.is_file()) if path.is_dir() else 0
 
 
-def _disk_full(error: OSError, target: Path, partial: Path) -> DiskFullError:
+DISK_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # no space left; the user's quota used up
+PROBE_BYTES = 4096  # one block of most file systems
+
+
+def _is_disk_full(error: BaseException, directory: Path) -> bool:
+    """Whether `error`, raised while writing into `directory`, means the disk (or quota) is full.
+
+    Python's own writes say so plainly: an OSError with errno ENOSPC. Libraries that write from
+    C++ or Rust lose the errno on the way: torch.save raises a RuntimeError ("PytorchStreamWriter
+    failed writing file data/0: file write failed", or in newer versions "unexpected pos 704 vs
+    598"), safetensors a SafetensorError. For those the file system itself is asked, by writing
+    one more block beside the partial files (still in place, so the disk is as full as when the
+    write failed): a full disk refuses it with ENOSPC.
+    """
+    if isinstance(error, OSError):
+        return error.errno in DISK_FULL_ERRNOS
+    if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit: nothing to do with the disk
+        return False
+    probe = directory / f"{TEMPORARY_PREFIX}space-probe-{os.getpid()}"
+    try:
+        descriptor = os.open(probe, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+    except OSError as probe_error:
+        return probe_error.errno in DISK_FULL_ERRNOS
+    try:
+        os.write(descriptor, b"\0" * PROBE_BYTES)
+        os.fsync(descriptor)  # file systems that allocate late (ext4, XFS) find out here
+    except OSError as probe_error:
+        return probe_error.errno in DISK_FULL_ERRNOS
+    finally:
+        os.close(descriptor)
+        probe.unlink(missing_ok=True)
+    return False
+
+
+def _disk_full(target: Path, partial: Path) -> DiskFullError:
     """Remove the partial write `partial` and describe the failure in one sentence."""
     freed = _size_of(partial)
     if partial.is_dir():
@@ -131,12 +165,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except OSError as error:
-        if error.errno == errno.ENOSPC:
-            raise _disk_full(error, path, Path(temporary)) from None
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    except BaseException:
+    except BaseException as error:
+        if _is_disk_full(error, path.parent):
+            raise _disk_full(path, Path(temporary)) from None
         Path(temporary).unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
@@ -172,12 +203,9 @@ def write_directory_atomically(path: str | Path, fill: Callable[[Path], None], m
             shutil.rmtree(retired, ignore_errors=True)
         else:
             os.replace(temporary, path)
-    except OSError as error:
-        if error.errno == errno.ENOSPC:
-            raise _disk_full(error, path, temporary) from None
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
-    except BaseException:
+    except BaseException as error:
+        if _is_disk_full(error, temporary if temporary.is_dir() else path.parent):
+            raise _disk_full(path, temporary) from None
         shutil.rmtree(temporary, ignore_errors=True)
         raise
     _fsync_directory(path.parent)

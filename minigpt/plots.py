@@ -121,6 +121,15 @@ def _statistics_text(
     return "\n".join(lines)
 
 
+def save_png(figure: Figure, path: str | Path) -> Path:
+    """Render `figure` to PNG in memory, then write it atomically (temporary file beside the target,
+    then rename), so a monitor or notebook reading the file never sees half an image."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+    return Path(path)
+
+
 def save_loss_curve(
     path: str | Path,
     train: Sequence[tuple[int, float]],
@@ -128,12 +137,21 @@ def save_loss_curve(
     title: str = "",
     recent_steps: int = 1000,
 ) -> Path:
-    """Save a PNG of (step, loss) pairs: the whole run beside its last `recent_steps` steps, with
-    the loss statistics written above. NaN/Inf losses are left out (and counted).
+    """Save a PNG of (step, loss) pairs (see `loss_curve_figure`), replaced atomically.
 
-    Raises ValueError when there is no finite training loss yet. The file is replaced atomically,
-    so a monitor reading it never sees half an image.
+    Raises ValueError when there is no finite training loss yet.
     """
+    return save_png(loss_curve_figure(train, validation, title, recent_steps), path)
+
+
+def loss_curve_figure(
+    train: Sequence[tuple[int, float]],
+    validation: Sequence[tuple[int, float]] = (),
+    title: str = "",
+    recent_steps: int = 1000,
+) -> Figure:
+    """The figure of (step, loss) pairs: the whole run beside its last `recent_steps` steps, with
+    the loss statistics written above. NaN/Inf losses are left out (and counted)."""
     if recent_steps < 1:
         raise ValueError(f"recent_steps must be at least 1, not {recent_steps}.")
     steps, losses, train_left_out = _finite_points(train)
@@ -165,12 +183,7 @@ def save_loss_curve(
     statistics = _statistics_text((steps, losses), (val_steps, val_losses), (train_left_out, val_left_out))
     figure.text(0.985, 0.97, statistics, ha="right", va="top", multialignment="left", fontsize=8.5, family="monospace",
                 bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": "0.7"})
-
-    # Render in memory, then write atomically (temporary file beside the target, then rename).
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    atomic_write_bytes(path, buffer.getvalue())
-    return Path(path)
+    return figure
 
 
 CURVE_PANELS = [  # (metric, title, logarithmic y axis)
@@ -182,8 +195,13 @@ CURVE_PANELS = [  # (metric, title, logarithmic y axis)
 
 
 def save_training_curves(path: str | Path, runs: dict[str, Sequence[dict]]) -> Path:
-    """One PNG of a run's (or several runs') metrics.jsonl rows: loss, learning rate, gradient
-    norm and throughput against the step, each run in its own colour."""
+    """One PNG of a run's (or several runs') metrics.jsonl rows (see `training_curves_figure`)."""
+    return save_png(training_curves_figure(runs), path)
+
+
+def training_curves_figure(runs: dict[str, Sequence[dict]]) -> Figure:
+    """Loss, learning rate, gradient norm and throughput against the step, each run in its own
+    colour, its validation losses as markers on the loss panel. Raises ValueError with nothing to draw."""
     figure = Figure(figsize=(12, 8), dpi=100)
     FigureCanvasAgg(figure)
     panels = figure.subplots(2, 2).flatten()
@@ -210,10 +228,7 @@ def save_training_curves(path: str | Path, runs: dict[str, Sequence[dict]]) -> P
         if axes.lines:
             axes.legend(fontsize=8)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    atomic_write_bytes(path, buffer.getvalue())
-    return Path(path)
+    return figure
 
 
 def save_confusion_matrix(path: str | Path, matrix: Sequence[Sequence[int]], labels: Sequence[str], title: str = "") -> Path:
@@ -237,10 +252,7 @@ def save_confusion_matrix(path: str | Path, matrix: Sequence[Sequence[int]], lab
             axes.text(column, row, str(counts[row, column]), ha="center", va="center",
                       color="white" if shares[row, column] > 0.5 else "black", fontsize=9)
     axes.set_title(title or "confusion matrix")
-    buffer = io.BytesIO()
     with warnings.catch_warnings():  # a label in a script the font lacks (Chinese, say) is drawn as boxes: fine for a plot
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
         figure.tight_layout()
-        figure.savefig(buffer, format="png")
-    atomic_write_bytes(path, buffer.getvalue())
-    return Path(path)
+        return save_png(figure, path)

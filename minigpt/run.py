@@ -21,7 +21,7 @@ import torch
 from minigpt.checkpoint import latest_checkpoint, latest_intact_checkpoint
 from minigpt.classification import ClassifierCallback, build_classification_objective, prepare_classification
 from minigpt.config import ModelConfig, RunConfig, validate
-from minigpt.files import atomic_write_json, check_plain_name, lock_run_directory, remove_temporary_files
+from minigpt.files import atomic_write_json, check_plain_name, lock_run_directory, remove_temporary_files, unlock_run_directory
 from minigpt.corpus import BUILTIN_CORPUS
 from minigpt.sft_corpus import BUILTIN_SFT
 from minigpt.distributed import (
@@ -208,7 +208,8 @@ def build_streams(
 
     Under torchrun the training stream reads only this process's share of the documents (every
     world_size-th, from its rank on); the validation stream is read whole by every process, and
-    evaluation splits its batches (see `minigpt.evaluation`)."""
+    evaluation splits its batches (see `minigpt.evaluation`). With train.dataloader_workers above
+    0 (prepare_run resolves -1 first), that many worker processes read the training stream."""
     train = config.train
     place = process_place()
     shard = dict(rank=place.rank, world_size=place.world_size)
@@ -234,9 +235,8 @@ def build_streams(
         val_stream.check_not_empty()
     if train.overfit_batch:
         return RepeatedBatch(train_stream), val_stream
-    workers = dataloader_workers(train.dataloader_workers, device)
-    if workers:
-        return ParallelBatches(train_stream, workers, pin_memory=device.type == "cuda"), val_stream
+    if train.dataloader_workers > 0:  # resolved from -1 (auto) by prepare_run
+        return ParallelBatches(train_stream, train.dataloader_workers, pin_memory=device.type == "cuda"), val_stream
     return train_stream, val_stream
 
 
@@ -351,6 +351,10 @@ def prepare_run(
 
     if paths.resume_from is None:  # a resumed run keeps the split recorded in its config.json
         config = resolve_validation(config, sources, tokenizer)
+    # Record the number of data-loader workers -1 (auto) means on this device: the batch order
+    # depends on it, so a resumed run, on whatever device, reads with the same number.
+    workers = dataloader_workers(config.train.dataloader_workers, device)
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, dataloader_workers=workers))
     seed_everything(config.train.seed)
     if config.train.stage == "classify":  # also fills in the tasks and label maps found in the data
         config, train_stream, val_stream = prepare_classification(config, sources, tokenizer, resumed=paths.resume_from is not None)
@@ -390,9 +394,6 @@ def prepare_run(
         run_dir.mkdir(parents=True, exist_ok=True)
         lock_run_directory(run_dir)  # a second trainer here is refused; Trainer.train() releases it
         remove_temporary_files(run_dir)
-        atomic_write_json(run_dir / "config.json", config.to_dict())
-        if paths.resume_from is None:
-            tokenizer.save(run_dir / "tokenizer.json")
     if place.world_size > 1:
         # Every process built the same model (and DDP copies rank 0's weights to all); from here on
         # each draws its own random numbers, as on a machine of its own: its own dropout masks.
@@ -400,8 +401,16 @@ def prepare_run(
     trainer = Trainer(config, model, tokenizer, objective, train_stream, val_stream, run_dir, device, dtype, callbacks, show_progress,
                       adapter=adapter)
     if paths.resume_from is not None:
-        trainer.resume(paths.resume_from)
-        if is_main_process():
+        try:  # before anything is written: a refused resume (another process or worker count, a changed base) changes nothing
+            trainer.resume(paths.resume_from)
+        except BaseException:
+            unlock_run_directory(run_dir)
+            raise
+    if is_main_process():
+        atomic_write_json(run_dir / "config.json", config.to_dict())
+        if paths.resume_from is None:
+            tokenizer.save(run_dir / "tokenizer.json")
+        else:
             truncate_metrics(run_dir / "metrics.jsonl", trainer.progress.step)
     log.info(
         "Run %s: %s parameters (%s without embeddings), device %s, %s, %d CPU threads, seed %d",

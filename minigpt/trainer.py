@@ -167,7 +167,13 @@ class Trainer:
         self.process = psutil.Process()
         config = self.train_config
         self.monitoring = not config.disable_monitoring
-        self.governor = ResourceGovernor(config.max_cpu, config.max_memory) if self.monitoring else None
+        limits = bool(config.max_cpu or config.max_memory)
+        # The limits are a promise to the machine's other users, not a measurement: they hold
+        # even with monitoring off (which only drops the sampling, the anomaly rules and MFU).
+        self.governor = ResourceGovernor(config.max_cpu, config.max_memory) if self.monitoring or limits else None
+        if not self.monitoring and limits:
+            log.warning("--disable-monitoring turns off sampling and anomaly checks, but the --max-cpu/--max-memory limits "
+                        "stay in force (set them to 0 to lift them).")
         self.peak_memory = PeakMemory(device) if self.monitoring else None  # peak_rss_bytes per log row
         # Model FLOPs utilisation compares against a matrix-multiply peak measured right here.
         self.peak_flops = measure_matmul_peak(device, dtype) if self.monitoring else None

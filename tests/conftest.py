@@ -36,6 +36,16 @@ def tokenizer_file(corpus_jsonl, tmp_path_factory) -> Path:
     return path
 
 
+def chat_file(path: Path, count: int = 120) -> Path:
+    """`count` short conversations in the `conversations` format, one per line."""
+    with open(path, "w", encoding="utf-8") as file:
+        for number in range(count):
+            turns = [{"role": "user", "content": f"What is {number} times two?"},
+                     {"role": "assistant", "content": f"{number} times two is {2 * number}."}]
+            file.write(json.dumps({"conversations": turns}) + "\n")
+    return path
+
+
 def run_script(script: str, *arguments: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run one of scripts/ as a user would, in `cwd`, capturing its output."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

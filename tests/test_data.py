@@ -104,6 +104,23 @@ def test_dataloader_workers_split_the_stream(tmp_path, tokenizer):
     assert abs(blocks - single) <= 2  # each worker may leave a partial block at its end
 
 
+def test_a_position_is_refused_by_a_stream_read_with_another_number_of_workers(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "a.jsonl", 60)
+
+    def stream():
+        return TokenBlockStream([path], tokenizer, block_size=16, batch_size=2)
+
+    main_process, two_workers, three_workers = stream(), ParallelBatches(stream(), 2), ParallelBatches(stream(), 3)
+    with pytest.raises(UserInputError, match=r"saved with 2 data-loader worker\(s\) and this run has 0: resume with --dataloader-workers 2"):
+        main_process.load_state_dict(two_workers.state_dict())
+    with pytest.raises(UserInputError, match=r"saved with 0 data-loader worker\(s\) and this run has 2"):
+        two_workers.load_state_dict(main_process.state_dict())
+    with pytest.raises(UserInputError, match=r"saved with 3 data-loader worker\(s\) and this run has 2"):
+        two_workers.load_state_dict(three_workers.state_dict())
+    two_workers.load_state_dict({"consumed_batches": 5})  # saved before the count was recorded: trusted
+    assert two_workers.state_dict() == {"consumed_batches": 5, "workers": 2}
+
+
 def test_validation_hold_out_is_disjoint_deterministic_and_repeatable(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "a.jsonl", 300)
     texts = list(iter_documents([path]))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_script
+from conftest import chat_file, run_script
 from minigpt.checkpoint import load_model_directory, save_model_directory
 from minigpt.config import apply_overrides, preset_config
 from minigpt.data import TokenBlockStream
@@ -18,15 +18,6 @@ from minigpt.model import GPT
 from minigpt.run import initial_model_config, prepare_run
 from minigpt.tokenizer import load_tokenizer
 from minigpt.trainer import Callback
-
-
-def chat_file(path, count=120):
-    with open(path, "w", encoding="utf-8") as file:
-        for number in range(count):
-            turns = [{"role": "user", "content": f"What is {number} times two?"},
-                     {"role": "assistant", "content": f"{number} times two is {2 * number}."}]
-            file.write(json.dumps({"conversations": turns}) + "\n")
-    return path
 
 
 def settings(tmp_path, tokenizer_file, name, **overrides):

@@ -1,4 +1,5 @@
-"""The monitor against a live run, a finished run, a crashed run and a half-written metrics file."""
+"""The monitor against a live run (its refresh loop), a stalled, a finished and a crashed run, a
+half-written metrics file, and the comparison of runs."""
 
 import json
 import os
@@ -10,8 +11,9 @@ import time
 import pytest
 
 from conftest import REPO, run_script
+from minigpt.cli import monitor as monitor_command
 from minigpt.errors import UserInputError
-from minigpt.monitor import compare_runs, find_latest_run, loss_chart, read_run, render_report
+from minigpt.monitor import STALE_SECONDS, compare_runs, find_latest_run, loss_chart, read_run, render_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -71,24 +73,84 @@ def test_loss_chart_scales_to_its_width():
     assert loss_chart([2.0, float("nan")], width=10) == "▁"
 
 
+def write_status(run, **fields) -> None:
+    status = json.loads((run / "status.json").read_text())
+    (run / "status.json").write_text(json.dumps({**status, **fields}))
+
+
+def test_a_stalled_run_is_told_apart_from_a_running_one(tmp_path):
+    run = fake_run(tmp_path / "stuck", state="running", pid=os.getpid())
+    write_status(run, updated_at=time.time() - STALE_SECONDS - 60)  # alive, but silent for eleven minutes
+    report = read_run(run)
+    assert report.state == "stalled"
+    screen = render_report(report)
+    assert "[stalled]" in screen and "no update for over 10 minutes" in screen and "ETA 1m00s" in screen
+    write_status(run, updated_at=time.time())
+    assert read_run(run).state == "running"
+
+
+def test_the_refresh_loop_redraws_until_the_run_ends(tmp_path, monkeypatch, capsys):
+    """Watching a stalled run: it wakes up, logs a step, finishes; the monitor redraws at each
+    interval (a stalled run is still live) and returns by itself once the run has ended."""
+    run = fake_run(tmp_path / "watched", state="running", pid=os.getpid())
+    write_status(run, updated_at=time.time() - STALE_SECONDS - 60)
+    pauses = []
+
+    def the_run_moves_on(seconds):  # what happens in the run while the monitor waits
+        pauses.append(seconds)
+        if len(pauses) == 1:
+            with open(run / "metrics.jsonl", "a") as metrics:
+                metrics.write(json.dumps({"type": "train", "step": 40, "loss": 2.5, "elapsed_seconds": 20.0, "eta_seconds": 5.0}) + "\n")
+            write_status(run, step=40, updated_at=time.time())
+        else:
+            write_status(run, state="finished", step=40, message="Reached max_steps.")
+
+    monkeypatch.setattr(monitor_command.time, "sleep", the_run_moves_on)
+    assert monitor_command.main([str(run), "--interval", "0.5"]) == 0
+    screens = capsys.readouterr().out.split("(refreshing every 0.5 s; Ctrl-C to stop watching, the run goes on)")
+    assert pauses == [0.5, 0.5] and len(screens) == 3  # two live screens, then the last one without the refresh line
+    assert "[stalled]" in screens[0] and "step 30 / 30" in screens[0]
+    assert "[running]" in screens[1] and "loss now 2.5000" in screens[1] and "ETA 0m05s" in screens[1]
+    assert "[finished]" in screens[2] and "Reached max_steps." in screens[2] and "ETA" not in screens[2]
+
+
+def test_compare_from_the_command_line(tmp_path, capsys):
+    fast = fake_run(tmp_path / "fast", config_changes={"learning_rate": 3e-3}, val=(3.0, 2.0))
+    slow = fake_run(tmp_path / "slow", config_changes={"learning_rate": 1e-4}, val=(2.5,))
+    assert monitor_command.main([str(fast), str(slow), "--compare"]) == 0
+    header, rule, *rows = capsys.readouterr().out.strip().splitlines()
+    assert [cell.strip() for cell in header.split(" | ")][3:] == ["train.learning_rate", "best val loss"]
+    assert rows[0].split(" | ")[0].strip() == "fast" and rows[0].endswith("2.0000 <- best")  # its best, not its last
+    assert rows[1].split(" | ")[-1].strip() == "2.5000"
+
+
 def test_monitor_script_follows_a_live_run_then_sees_it_crash(tmp_path, corpus_jsonl, tokenizer_file):
     command = [sys.executable, str(REPO / "scripts" / "train.py"), "--config", "tiny", "--data-files", str(corpus_jsonl),
                "--tokenizer", str(tokenizer_file), "--val-fraction", "0.1", "--output-dir", "runs", "--run-name", "live",
                "--max-steps", "1000000", "--log-steps", "5", "--sample-tokens", "0"]
-    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    training = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    screen = tmp_path / "monitor.out"
     try:
         metrics = tmp_path / "runs" / "live" / "metrics.jsonl"
         deadline = time.time() + 120
         while not (metrics.exists() and metrics.stat().st_size) and time.time() < deadline:
             time.sleep(0.05)
-        live = run_script("monitor_training.py", "--checkpoints-dir", "runs", "--once", cwd=tmp_path)
-        assert live.returncode == 0, live.stderr
-        assert "[running]" in live.stdout and "tokens/s" in live.stdout and "step" in live.stdout
+        with open(screen, "w") as output:  # the refresh loop, as a user runs it: no --once
+            monitor = subprocess.Popen([sys.executable, str(REPO / "scripts" / "monitor_training.py"), "--checkpoints-dir", "runs",
+                                        "--interval", "0.2"], cwd=tmp_path, stdout=output, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while screen.read_text().count("refreshing every 0.2 s") < 2 and monitor.poll() is None and time.time() < deadline:
+            time.sleep(0.05)  # two live screens drawn
     finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    crashed = run_script("monitor_training.py", str(tmp_path / "runs" / "live"), cwd=tmp_path)  # returns: the run is not live
-    assert crashed.returncode == 0 and "[crashed]" in crashed.stdout
+        training.send_signal(signal.SIGKILL)
+        training.wait()
+    _, errors = monitor.communicate(timeout=60)  # the run is gone: the monitor notices and returns by itself
+    assert monitor.returncode == 0, errors
+    live, *_, last = screen.read_text().split("(refreshing every 0.2 s; Ctrl-C to stop watching, the run goes on)")
+    assert "[running]" in live and "tokens/s" in live and "step" in live
+    assert "[crashed]" in last and "--resume" in last
+    once = run_script("monitor_training.py", str(tmp_path / "runs" / "live"), "--once", cwd=tmp_path)
+    assert once.returncode == 0 and "[crashed]" in once.stdout
 
 
 def test_plot_training_curves_script(tmp_path):

@@ -40,6 +40,17 @@ def test_a_time_budget_drives_the_decay_when_it_ends_first():
     assert learning_rate_at(20, train, elapsed_seconds=100.0) == pytest.approx(1e-4)
 
 
+@pytest.mark.parametrize("step, elapsed_seconds, progress", [
+    (60, 10.0, 0.5),  # the steps are half done, the time a tenth: the steps drive the decay
+    (20, 50.0, 0.5),  # the time is half gone, the steps a tenth: the time drives it
+    (110, 1.0, 1.0),  # the step budget ends first: the floor
+    (20, 100.0, 1.0),  # the time budget ends first: the floor
+])
+def test_with_both_budgets_the_decay_follows_whichever_ends_first(step, elapsed_seconds, progress):
+    train = dataclasses.replace(TRAIN, lr_scheduler="linear", max_time=100.0)  # 100 steps after warmup, or 100 seconds
+    assert learning_rate_at(step, train, elapsed_seconds) == pytest.approx(1e-4 + (1.0 - progress) * 9e-4)
+
+
 def test_norm_gains_get_no_weight_decay():
     model = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32))
     optimizer = build_optimizer(model, TrainConfig(weight_decay=0.1), "cpu")

@@ -1,4 +1,5 @@
-"""Loss-curve PNGs: valid images, robust to NaN and short runs, written atomically, fast on long runs."""
+"""Loss-curve PNGs: valid images, robust to NaN and short runs, written atomically, fast on long runs;
+and, through the figure objects before saving, that the curves and statistics drawn are the data's."""
 
 import math
 import time
@@ -7,7 +8,9 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from minigpt.plots import MAX_DRAWN_POINTS, _decimate, _rolling_mean, save_loss_curve
+from minigpt.plots import (
+    CURVE_PANELS, MAX_DRAWN_POINTS, _decimate, _rolling_mean, loss_curve_figure, save_loss_curve, training_curves_figure,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -34,6 +37,65 @@ def test_valid_png_for_every_shape_of_run(tmp_path, train, validation):
     assert path == tmp_path / "plots" / "loss.png"
     assert_png(path)
     assert [entry.name for entry in path.parent.iterdir()] == ["loss.png"]  # no temporary files left
+
+
+def lines_labelled(axes, label: str) -> list:
+    return [line for line in axes.get_lines() if line.get_label() == label]
+
+
+def test_the_loss_figure_draws_both_curves_and_the_statistics_of_the_data():
+    train = curve(50) + [(51, math.nan)]
+    validation = [(10, 4.0), (20, 3.25), (30, math.inf), (40, 3.5)]
+    figure = loss_curve_figure(train, validation, title="my run", recent_steps=25)
+    whole, recent = figure.axes
+    finite_train = train[:50]
+    (raw,) = lines_labelled(whole, "train")
+    np.testing.assert_array_equal(raw.get_xdata(), [step for step, _ in finite_train])
+    np.testing.assert_array_equal(raw.get_ydata(), [loss for _, loss in finite_train])
+    (drawn_validation,) = lines_labelled(whole, "validation")
+    np.testing.assert_array_equal(drawn_validation.get_xdata(), [10, 20, 40])  # the Inf is left out
+    np.testing.assert_array_equal(drawn_validation.get_ydata(), [4.0, 3.25, 3.5])
+    assert lines_labelled(whole, "train (centred rolling mean)")  # 50 points: enough to smooth
+    (recent_validation,) = lines_labelled(recent, "validation")
+    np.testing.assert_array_equal(recent_validation.get_xdata(), [40])  # the window holds steps 26 to 50
+    assert recent.get_title() == "last 25 steps" and figure.texts[0].get_text() == "my run"
+    statistics = figure.texts[1].get_text()
+    losses = [loss for _, loss in finite_train]
+    assert "steps      1 to 50 (50 train points)" in statistics
+    assert f"last {losses[-1]:.4f}  min {min(losses):.4f}  max {max(losses):.4f}  mean {np.mean(losses):.4f}" in statistics
+    assert "validation last 3.5000  best 3.2500 at step 20" in statistics
+    assert "left out   1 train and 1 validation NaN/Inf losses" in statistics
+
+
+def test_a_loss_figure_without_finite_validation_draws_no_validation_curve():
+    figure = loss_curve_figure(curve(5), [(2, math.nan)])
+    statistics = figure.texts[1].get_text()
+    assert not lines_labelled(figure.axes[0], "validation") and "validation last" not in statistics
+    assert "0 train and 1 validation NaN/Inf losses" in statistics
+    (raw,) = lines_labelled(figure.axes[0], "train")
+    assert raw.get_marker() == "None" and not lines_labelled(figure.axes[0], "train (centred rolling mean)")  # too few to smooth
+
+
+def test_the_training_curves_figure_draws_every_metric_of_every_run():
+    def rows(scale: float) -> list[dict]:
+        train = [{"type": "train", "step": step, "loss": scale * 5 / step, "lr": 1e-3 * step, "grad_norm": scale / step,
+                  "tokens_per_second": 1000.0 * scale} for step in range(1, 11)]
+        return train + [{"type": "eval", "step": 5, "val_loss": scale * 1.5}, {"type": "eval", "step": 10, "val_loss": scale}]
+
+    figure = training_curves_figure({"first": rows(1.0), "second": rows(2.0)})
+    panels = figure.axes
+    assert [axes.get_title() for axes in panels] == [title for _, title, _ in CURVE_PANELS]
+    for axes, (metric, _, _) in zip(panels, CURVE_PANELS):
+        for name, scale in (("first", 1.0), ("second", 2.0)):
+            (line,) = lines_labelled(axes, name)
+            np.testing.assert_array_equal(line.get_xdata(), range(1, 11))
+            np.testing.assert_allclose(line.get_ydata(), [row[metric] for row in rows(scale)[:10]])
+    validation = [line for line in panels[0].get_lines() if line.get_linestyle() == "--"]
+    assert [list(line.get_ydata()) for line in validation] == [[1.5, 1.0], [3.0, 2.0]]
+    assert [list(line.get_xdata()) for line in validation] == [[5, 10], [5, 10]]
+    assert panels[2].get_yscale() == "log" and panels[1].get_yscale() == "linear"  # gradient norms span decades
+    with pytest.raises(ValueError, match="no training metrics"):
+        training_curves_figure({"empty": [{"type": "eval", "step": 1, "val_loss": 2.0}]})
 
 
 def test_redrawing_replaces_the_file(tmp_path):

@@ -1,5 +1,6 @@
 """Device, precision, threads and compilation choices."""
 
+import json
 import logging
 import os
 import platform
@@ -9,9 +10,11 @@ import numpy
 import pytest
 import torch
 
-from minigpt.config import ModelConfig
+from minigpt import run as run_module
+from minigpt.config import ModelConfig, apply_overrides, preset_config
 from minigpt.errors import UserInputError
 from minigpt.model import GPT
+from minigpt.run import prepare_run
 from minigpt.runtime import (
     available_cpu_cores, compile_mode, compile_model, configure_threads, rng_state, select_device, select_dtype,
     set_rng_state,
@@ -24,9 +27,34 @@ def test_device_and_dtype_choices_on_this_machine():
     if not torch.cuda.is_available():
         with pytest.raises(UserInputError, match="no CUDA GPU"):
             select_device("cuda")
-    assert select_dtype("auto", torch.device("cpu")) == torch.float32  # no bf16 units on this CPU class
+    assert select_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16 and select_dtype("float32", torch.device("cpu")) == torch.float32
     with pytest.raises(UserInputError, match="float16 training is not supported on the CPU"):
         select_dtype("float16", torch.device("cpu"))
+    with pytest.raises(UserInputError, match="Unknown dtype 'half'"):
+        select_dtype("half", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("faster", [torch.float32, torch.bfloat16])
+def test_auto_precision_on_a_cpu_is_the_measured_one_and_recorded(tmp_path, corpus_jsonl, tokenizer_file, monkeypatch, faster):
+    """On a CPU, --dtype auto is decided by timing this very model in both precisions (select_dtype
+    alone only gives float32 until then); the run computes in the faster one and records it in
+    config.json, so a resumed run computes exactly as this one did."""
+    probes = []
+
+    def timed(model, loss_of):  # stands in for the timing, which depends on the CPU and its load
+        loss = loss_of(model)
+        probes.append(loss)
+        return faster
+
+    monkeypatch.setattr(run_module, "fastest_cpu_dtype", timed)
+    config = apply_overrides(preset_config("tiny"), {
+        "train.data_files": [str(corpus_jsonl)], "train.tokenizer_path": str(tokenizer_file), "train.device": "cpu",
+        "train.dtype": "auto", "train.output_dir": str(tmp_path / "runs"), "train.run_name": "auto", "train.val_fraction": 0.1})
+    trainer = prepare_run(config, show_progress=False)
+    (loss,) = probes
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad  # the probe timed a real training loss
+    assert trainer.dtype == faster
+    assert json.loads((trainer.run_dir / "config.json").read_text())["train"]["dtype"] == str(faster).removeprefix("torch.")
 
 
 def test_threads_follow_the_available_cores():

@@ -7,7 +7,9 @@ import torch
 from conftest import run_script
 from minigpt.checkpoint import list_checkpoints
 from minigpt.config import apply_overrides, preset_config
+from minigpt.metrics import read_metrics
 from minigpt.objective import LanguageModelObjective
+from minigpt.optim import learning_rate_at
 from minigpt.run import prepare_run
 
 
@@ -28,6 +30,42 @@ def test_accumulating_micro_batches_equals_one_large_batch(tmp_path, corpus_json
     accumulated.train()
     for (name, expected), actual in zip(one.model.state_dict().items(), accumulated.model.state_dict().values()):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def assert_learning_rates_follow_the_clock(trainer) -> list[dict]:
+    """Each logged step's learning rate was set between the previous row and this one, so it lies
+    between the schedule's values at those two elapsed times (the decay never rises with time)."""
+    rows = [row for row in read_metrics(trainer.run_dir / "metrics.jsonl") if row["type"] == "train"]
+    previous_elapsed = 0.0
+    for row in rows:
+        latest = learning_rate_at(row["step"] - 1, trainer.train_config, row["elapsed_seconds"])
+        earliest = learning_rate_at(row["step"] - 1, trainer.train_config, previous_elapsed)
+        assert latest - 1e-12 <= row["lr"] <= earliest + 1e-12, row
+        previous_elapsed = row["elapsed_seconds"]
+    return rows
+
+
+def test_with_both_budgets_set_the_step_budget_ends_the_run_when_it_ends_first(tmp_path, corpus_jsonl, tokenizer_file):
+    run = tiny(tmp_path, corpus_jsonl, tokenizer_file, "steps-first", **{
+        "train.max_steps": 8, "train.max_time": 3600.0, "train.warmup_steps": 0, "train.lr_scheduler": "linear", "train.log_steps": 1})
+    summary = run.train()
+    assert summary["stop_reason"] == "max_steps" and summary["steps"] == 8 and summary["training_seconds"] < 3600
+    rows = assert_learning_rates_follow_the_clock(run)
+    train = run.train_config
+    assert rows[-1]["lr"] == learning_rate_at(7, train, 0.0) == train.min_learning_rate + (train.learning_rate - train.min_learning_rate) / 8
+
+
+def test_with_both_budgets_set_the_time_budget_ends_the_run_when_it_runs_out_first(tmp_path, corpus_jsonl, tokenizer_file):
+    run = tiny(tmp_path, corpus_jsonl, tokenizer_file, "time-first", **{
+        "train.max_steps": 100_000, "train.max_time": 2.0, "train.warmup_steps": 0, "train.lr_scheduler": "linear",
+        "train.log_steps": 1})
+    summary = run.train()
+    assert summary["stop_reason"] == "max_time" and summary["steps"] < 100_000 and summary["training_seconds"] >= 2.0
+    rows = assert_learning_rates_follow_the_clock(run)
+    assert rows[-1]["elapsed_seconds"] >= 2.0
+    steps_alone = learning_rate_at(rows[-1]["step"] - 1, run.train_config, 0.0)  # what 100,000 steps would still allow
+    assert rows[-1]["lr"] < steps_alone  # the time budget drove the decay
+    assert json.loads((run.run_dir / "status.json").read_text())["state"] == "finished"
 
 
 def test_early_stopping_after_evaluations_without_improvement(tmp_path, corpus_jsonl, tokenizer_file, monkeypatch):

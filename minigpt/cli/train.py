@@ -105,7 +105,7 @@ FLAGS: dict[str, list[Flag]] = {
         Flag(("--log-steps",), "train.log_steps", "log every this many steps"),
         Flag(("--sample-tokens",), "train.sample_tokens", "tokens generated as a sample at each evaluation (0 = none)"),
         Flag(("--plot-loss",), "train.plot_loss", "save loss-curve PNGs under plots/ at every checkpoint and at the end"),
-        Flag(("--disable-monitoring",), "train.disable_monitoring", "no CPU/memory sampling, anomaly checks or resource governor"),
+        Flag(("--disable-monitoring",), "train.disable_monitoring", "no CPU/memory sampling or anomaly checks (the --max-cpu/--max-memory limits still hold)"),
         Flag(("--overfit-batch",), "train.overfit_batch", "train on one fixed batch: the loss must fall to about 0"),
         Flag(("--profile",), "train.profile", "print where the step time goes (data, forward, backward, optimizer) after a few steps"),
         Flag(("--tensorboard",), "train.tensorboard", "also write TensorBoard event files (needs the 'tensorboard' extra)"),

@@ -1,9 +1,20 @@
-"""A full disk (ENOSPC, simulated) while saving: the previous checkpoint stays, the partial write goes,
-and the run stops with one sentence and exit status 1."""
+"""A full disk while saving: the previous checkpoint stays, the partial write goes, and the run stops
+with one sentence and exit status 1.
+
+Simulated the two ways a full disk shows itself: Python's own writes raise OSError(ENOSPC), while
+torch.save raises a RuntimeError that has lost the errno. Where the tests run as root, a real
+1 MB file system is filled too.
+"""
 
 import errno
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import assert_one_sentence, small_model, tiny_arguments
 from minigpt import checkpoint as checkpoint_module
@@ -27,6 +38,25 @@ def disk_full_at_fsync(descriptor: int) -> None:
     raise OSError(errno.ENOSPC, "No space left on device")
 
 
+TORCH_WRITE_FAILURE = "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"  # torch 2.13 on a full disk
+
+
+def torch_save_fills_the_disk(monkeypatch):
+    """A stand-in for torch.save on a disk that fills up: the part that fits is written, then torch
+    raises its RuntimeError, which carries no errno; from then on every write finds the disk full."""
+
+    def no_space(descriptor, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def save(_what, path, *args, **kwargs):
+        with open(path, "wb") as file:
+            file.write(b"\0" * PARTIAL_BYTES)
+        monkeypatch.setattr(os, "write", no_space)
+        raise RuntimeError(TORCH_WRITE_FAILURE)
+
+    return save
+
+
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
     save_checkpoint(tmp_path, 10, small_model(), {"step": 10}, {})
     monkeypatch.setattr(checkpoint_module.torch, "save", fill_the_disk)
@@ -38,6 +68,54 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
     assert [entry.name for entry in tmp_path.iterdir()] == ["checkpoint_step_10"]  # the partial directory is gone
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "checkpoint_step_10", small_model())[0] == {"step": 10}
+
+
+def test_torch_saves_runtime_error_on_a_full_disk_is_reported_as_a_full_disk(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 10, small_model(), {"step": 10}, {})
+    monkeypatch.setattr(checkpoint_module.torch, "save", torch_save_fills_the_disk(monkeypatch))
+    with pytest.raises(DiskFullError) as error:
+        save_checkpoint(tmp_path, 20, small_model(), {"step": 20}, {})
+    assert_one_sentence(str(error.value), "No space left on device while saving", "checkpoint_step_20", "freed 3.", "--resume")
+    assert [entry.name for entry in tmp_path.iterdir()] == ["checkpoint_step_10"]  # the partial directory and the probe are gone
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "checkpoint_step_10", small_model())[0] == {"step": 10}
+
+
+def test_a_runtime_error_with_room_on_the_disk_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    def save(_what, path, *args, **kwargs):
+        raise RuntimeError(TORCH_WRITE_FAILURE)
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save)
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        save_checkpoint(tmp_path, 20, small_model(), {"step": 20}, {})
+    assert list(tmp_path.iterdir()) == []  # the partial directory is removed all the same
+
+
+@pytest.fixture
+def one_megabyte_disk():
+    """A real file system of 1 MB (tmpfs); mounting one needs root, so elsewhere the test is skipped.
+    Mounted outside pytest's own temporary directories, which pytest may move away while the test runs."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = Path(tempfile.mkdtemp(prefix="minigpt-full-disk-"))
+    try:
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+            pytest.skip("this machine does not allow mounting a tmpfs")
+        yield disk
+        # Lazily: the test's loaded checkpoint may still be mapped in memory until it is collected.
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)
+    finally:
+        disk.rmdir()
+
+
+def test_a_really_full_disk_during_a_checkpoint(one_megabyte_disk):
+    save_checkpoint(one_megabyte_disk, 10, small_model(), {"step": 10}, {})
+    too_big = {"step": 20, "optimizer": torch.zeros(1_000_000)}  # 4 MB of state on a 1 MB disk: torch.save fails
+    with pytest.raises(DiskFullError) as error:
+        save_checkpoint(one_megabyte_disk, 20, small_model(), too_big, {})
+    assert_one_sentence(str(error.value), "No space left on device while saving", "checkpoint_step_20", "MB of partial files")
+    assert [entry.name for entry in one_megabyte_disk.iterdir()] == ["checkpoint_step_10"]
+    assert load_checkpoint(one_megabyte_disk / "checkpoint_step_10", small_model())[0] == {"step": 10}
 
 
 def test_a_full_disk_while_writing_final_model_keeps_the_old_one(tmp_path, monkeypatch, tokenizer_file):
@@ -59,14 +137,16 @@ def test_a_full_disk_during_a_small_file_write_removes_the_temporary_file(tmp_pa
     assert (tmp_path / "status.json").read_bytes() == b"old"
 
 
-def test_training_stops_with_one_sentence_and_status_1(tmp_path, monkeypatch, capsys, corpus_jsonl, tokenizer_file):
+@pytest.mark.parametrize("failure", ["OSError", "torch RuntimeError"])
+def test_training_stops_with_one_sentence_and_status_1(tmp_path, monkeypatch, capsys, corpus_jsonl, tokenizer_file, failure):
     real_save = checkpoint_module.torch.save
+    fills_the_disk = fill_the_disk if failure == "OSError" else torch_save_fills_the_disk(monkeypatch)
     saves = []
 
     def second_save_fills_the_disk(what, path, *args, **kwargs):
         saves.append(path)
         if len(saves) == 2:
-            return fill_the_disk(what, path)
+            return fills_the_disk(what, path)
         return real_save(what, path, *args, **kwargs)
 
     monkeypatch.chdir(tmp_path)

@@ -1,0 +1,218 @@
+"""MiniGPT against nanoGPT on the same CPU, at the same shapes, the two programs taking turns.
+
+    python benchmarks/versus_nanogpt.py --nanogpt PATH --data tinyshakespeare.txt [--shapes baby nanogpt-10.7M]
+        [--minigpt eager-float32 compiled-auto] [--rounds 3] [--iters 30] [--warmup 5] [--num-threads N]
+
+PATH is your own checkout of https://github.com/karpathy/nanoGPT; it is run in place and never
+copied, and nothing is written into it. Both programs train on Tiny Shakespeare (--data), in
+characters, with nanoGPT's data layout (train.bin, val.bin and meta.pkl, written here into a
+temporary directory from the first 90% and the last 10% of the file, as nanoGPT's
+data/shakespeare_char/prepare.py does) and MiniGPT's (train.txt and val.txt, the same split).
+
+The shapes are the two of nanoGPT's README: its CPU "baby GPT" (4 layers, 4 heads, width 128,
+block 64, batch 12, the recipe it gives for a MacBook) and config/train_shakespeare_char.py's
+10.7M-parameter model (6 layers, 6 heads, width 384, block 256) at batch 16. Same shape means
+layers, heads, width, block and batch; the blocks themselves differ (nanoGPT: GPT-2's LayerNorm,
+GELU MLP and learned positions; MiniGPT: RMSNorm, SwiGLU, rotary positions), as does the
+vocabulary by MiniGPT's 4 special tokens. Dropout is off in both.
+
+Each round runs nanoGPT once and then each --minigpt variant once, for --iters iterations each;
+a program's figure for the round is the median time per iteration after --warmup iterations
+(nanoGPT's own "time ...ms" log lines; MiniGPT's step_ms in metrics.jsonl, both the wall time of
+a whole optimizer step, data included). The table shows the median over the rounds, tokens per
+second (batch x block / time) and the ratio to nanoGPT (above 1: faster than nanoGPT).
+
+nanoGPT runs as its README says for a CPU: --device=cpu --compile=False, in float32 (it has no
+CPU autocast). The MiniGPT variants: eager-float32 (the same precision, no compilation),
+eager-auto and compiled-auto (--dtype auto: bfloat16 autocast where this CPU multiplies it fast;
+compiled: --enable-compile). Both get the same --num-threads (default: the physical cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from minigpt.metrics import read_metrics  # noqa: E402
+from minigpt.runtime import available_cpu_cores  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Shape:
+    description: str
+    n_layer: int
+    n_head: int
+    n_embd: int
+    block_size: int
+    batch_size: int
+
+
+SHAPES = {
+    "baby": Shape("nanoGPT's CPU baby GPT", n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
+    "nanogpt-10.7M": Shape("train_shakespeare_char.py's model, batch 16", n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=16),
+}
+MINIGPT_VARIANTS = {  # name: (--dtype, --enable-compile)
+    "eager-float32": ("float32", False),
+    "eager-auto": ("auto", False),
+    "compiled-auto": ("auto", True),
+}
+NANOGPT_ITERATION = re.compile(r"^iter (\d+): loss [-\d.naif]+, time ([\d.]+)ms", re.MULTILINE)
+
+
+def write_nanogpt_data(text: str, directory: Path) -> int:
+    """nanoGPT's shakespeare_char files for `text`: train.bin and val.bin (uint16 character ids of
+    the first 90% and the last 10%) and meta.pkl (the vocabulary). Returns the vocabulary size."""
+    characters = sorted(set(text))
+    to_id = {character: index for index, character in enumerate(characters)}
+    split = int(len(text) * 0.9)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train.bin", text[:split]), ("val.bin", text[split:])):
+        np.array([to_id[character] for character in part], dtype=np.uint16).tofile(directory / name)
+    meta = {"vocab_size": len(characters), "itos": dict(enumerate(characters)), "stoi": to_id}
+    (directory / "meta.pkl").write_bytes(pickle.dumps(meta))
+    return len(characters)
+
+
+def write_minigpt_data(text: str, directory: Path) -> tuple[Path, Path]:
+    """The same split as plain text files for MiniGPT."""
+    split = int(len(text) * 0.9)
+    train, val = directory / "train.txt", directory / "val.txt"
+    train.write_text(text[:split], encoding="utf-8")
+    val.write_text(text[split:], encoding="utf-8")
+    return train, val
+
+
+def nanogpt_iteration_ms(log: str, warmup: int) -> list[float]:
+    """The per-iteration times nanoGPT's train.py printed ("iter N: loss L, time Tms, ..."), from iteration `warmup` on."""
+    return [float(milliseconds) for iteration, milliseconds in NANOGPT_ITERATION.findall(log) if int(iteration) >= warmup]
+
+
+def run_nanogpt(checkout: Path, workdir: Path, shape: Shape, iterations: int, threads: int) -> str:
+    """One nanoGPT training run in `workdir`, which holds data/shakespeare_char/ and a link to the
+    checkout's configurator.py (train.py reads both relative to the working directory); its output."""
+    command = [
+        sys.executable, str(checkout / "train.py"), str(checkout / "config" / "train_shakespeare_char.py"),
+        "--device=cpu", "--compile=False", "--dtype=float32", "--dropout=0.0", f"--out_dir={workdir / 'nanogpt-out'}",
+        f"--n_layer={shape.n_layer}", f"--n_head={shape.n_head}", f"--n_embd={shape.n_embd}",
+        f"--block_size={shape.block_size}", f"--batch_size={shape.batch_size}", f"--max_iters={iterations}",
+        f"--lr_decay_iters={iterations}", "--log_interval=1", "--eval_interval=1000000", "--eval_iters=1",
+        "--always_save_checkpoint=False", "--wandb_log=False",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"nanoGPT failed (status {result.returncode}): {result.stderr.strip()[-2000:]}")
+    return result.stdout
+
+
+def run_minigpt(workdir: Path, train: Path, val: Path, shape: Shape, variant: str, iterations: int, threads: int,
+                round_number: int) -> list[float]:
+    """One `minigpt train` run at `shape`; the step_ms of every step, from metrics.jsonl."""
+    dtype, compiled = MINIGPT_VARIANTS[variant]
+    name = f"{variant}-{shape.n_layer}x{shape.n_embd}-round{round_number}"
+    command = [
+        sys.executable, str(REPO / "scripts" / "train.py"), "--config", "tiny", "--data-files", str(train),
+        "--val-data-files", str(val), "--tokenizer-type", "char", "--output-dir", str(workdir / "minigpt-runs"),
+        "--run-name", name, "--set", f"model.n_layer={shape.n_layer}", "--set", f"model.n_head={shape.n_head}",
+        "--set", f"model.n_kv_head={shape.n_head}", "--set", f"model.n_embd={shape.n_embd}", "--set", "model.dropout=0.0",
+        "--block-size", str(shape.block_size), "--batch-size", str(shape.batch_size), "--max-steps", str(iterations),
+        "--log-steps", "1", "--eval-steps", "1000000", "--save-steps", "1000000", "--eval-batches", "1",
+        "--sample-tokens", "0", "--dtype", dtype, "--num-threads", str(threads),
+        *(["--enable-compile"] if compiled else []),
+    ]
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"MiniGPT ({variant}) failed (status {result.returncode}): {result.stderr.strip()[-2000:]}")
+    rows = read_metrics(workdir / "minigpt-runs" / name / "metrics.jsonl")
+    return [row["step_ms"] for row in rows if row.get("type") == "train"]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def checkout_version(checkout: Path) -> str:
+    result = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return f"commit {result.stdout.strip()}" if result.returncode == 0 else "not a git checkout"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nanogpt", type=Path, required=True, help="your local nanoGPT checkout (holding train.py)")
+    parser.add_argument("--data", type=Path, required=True, help="Tiny Shakespeare as one text file (tinyshakespeare.txt)")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--minigpt", nargs="+", choices=list(MINIGPT_VARIANTS), default=["eager-float32", "compiled-auto"],
+                        help="MiniGPT variants to run (default: eager-float32 compiled-auto)")
+    parser.add_argument("--rounds", type=int, default=3, help="times each program runs, taking turns (default: 3)")
+    parser.add_argument("--iters", type=int, default=30, help="iterations per run (default: 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="first iterations of each run left out of its median (default: 5)")
+    parser.add_argument("--num-threads", type=int, default=0, help="CPU threads for both programs (default: the physical cores)")
+    arguments = parser.parse_args()
+    checkout = arguments.nanogpt.resolve()
+    for name in ("train.py", "model.py", "configurator.py", "config/train_shakespeare_char.py"):
+        if not (checkout / name).is_file():
+            parser.error(f"{checkout} is not a nanoGPT checkout: it has no {name}")
+    if not arguments.data.is_file():
+        parser.error(f"--data {arguments.data} does not exist")
+    if arguments.iters <= arguments.warmup or arguments.rounds < 1:
+        parser.error("--iters must be above --warmup, and --rounds at least 1")
+    threads = arguments.num_threads or available_cpu_cores()
+    text = arguments.data.read_text(encoding="utf-8")
+
+    print(f"CPU: {cpu_model()}; {threads} threads; torch {torch.__version__}; nanoGPT {checkout} ({checkout_version(checkout)})")
+    print(f"{arguments.rounds} round(s) of {arguments.iters} iterations per program, the first {arguments.warmup} of each run "
+          "left out; figures are medians. Timings vary 20-40% on a shared machine: compare only figures of one sitting.")
+    with tempfile.TemporaryDirectory(prefix="versus-nanogpt-") as temporary:
+        workdir = Path(temporary)
+        vocabulary = write_nanogpt_data(text, workdir / "data" / "shakespeare_char")
+        (workdir / "configurator.py").symlink_to(checkout / "configurator.py")  # train.py reads it from the working directory
+        train, val = write_minigpt_data(text, workdir)
+        print(f"Tiny Shakespeare: {len(text):,} characters, a vocabulary of {vocabulary}")
+        for shape_name in arguments.shapes:
+            shape = SHAPES[shape_name]
+            programs = ["nanoGPT"] + [f"MiniGPT {variant}" for variant in arguments.minigpt]
+            medians: dict[str, list[float]] = {program: [] for program in programs}
+            for round_number in range(1, arguments.rounds + 1):
+                times = nanogpt_iteration_ms(run_nanogpt(checkout, workdir, shape, arguments.iters, threads), arguments.warmup)
+                medians["nanoGPT"].append(statistics.median(times))
+                for variant in arguments.minigpt:
+                    steps = run_minigpt(workdir, train, val, shape, variant, arguments.iters, threads, round_number)
+                    medians[f"MiniGPT {variant}"].append(statistics.median(steps[arguments.warmup:]))
+                print(f"  {shape_name} round {round_number}: " + ", ".join(f"{program} {values[-1]:.1f} ms" for program, values in medians.items()),
+                      flush=True)
+            tokens = shape.batch_size * shape.block_size
+            print(f"\n{shape_name}: {shape.description} ({shape.n_layer} layers, {shape.n_head} heads, width {shape.n_embd}, "
+                  f"block {shape.block_size}, batch {shape.batch_size}: {tokens:,} tokens per iteration)")
+            print(f"  {'program':<24} {'ms/iter':>9} {'tokens/s':>10} {'vs nanoGPT':>11}")
+            reference = statistics.median(medians["nanoGPT"])
+            for program in programs:
+                milliseconds = statistics.median(medians[program])
+                print(f"  {program:<24} {milliseconds:>9.1f} {1000 * tokens / milliseconds:>10,.0f} {reference / milliseconds:>10.2f}x")
+            print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
