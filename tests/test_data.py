@@ -292,7 +292,7 @@ def test_parallel_batches_resume_exactly_by_replaying(tmp_path, tokenizer):
     batches(first, 12)
     resumed = make()
     resumed.load_state_dict(first.state_dict())
-    assert resumed.state_dict() == {"consumed_batches": 12}
+    assert resumed.state_dict() == {"consumed_batches": 12, "workers": 2}
     for expected, actual in zip(uninterrupted[12:], batches(resumed, 18)):
         assert torch.equal(expected[0], actual[0]) and torch.equal(expected[1], actual[1])
     single_process = batches(TokenBlockStream([path], tokenizer, block_size=16, batch_size=2, shuffle_buffer=8, seed=2), 30)
