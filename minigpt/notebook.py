@@ -10,7 +10,7 @@ thin Jupyter layer on top:
                         `minigpt train` command builds from the same settings, checked the same way
     analyze_data        lengths, truncation at a block size, frequent tokens, and for chat data
                         turns per conversation and the share of tokens that carry loss
-    ChatBox             a text box, sampling sliders and streamed replies, on `chat_reply`
+    ChatBox             a text box, sampling sliders and streamed replies, on minigpt.chat.ChatSession
 
 A notebook calls these and `prepare_run(...).train()`; it never holds a copy of the training loop.
 
@@ -34,7 +34,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from minigpt.cli.chat import ChatSession
+from minigpt.chat import ChatSession
 from minigpt.config import PRESETS, RunConfig, apply_overrides, preset_config, validate
 from minigpt.errors import UserInputError
 from minigpt.generation import SamplingConfig
@@ -402,29 +402,15 @@ def plot_data(statistics: DataStatistics) -> Figure:
 # chat
 
 
-def chat_reply(model: GPT, tokenizer: Tokenizer, history: list[dict], message: str, sampling: SamplingConfig,
-               system: str = "") -> str:
-    """The model's reply to `message` after `history` (user and assistant turns, oldest first).
-
-    The reply is streamed to stdout as it is sampled (in a notebook, into the cell or Output
-    widget in which this runs) and returned; `history` gains the message and the reply. This is
-    the terminal chat's session (`minigpt chat`): the same prompt template, stop tokens, and
-    dropping of the oldest exchanges once the conversation outgrows the model's window.
-    """
-    session = ChatSession(model, tokenizer, dataclasses.replace(sampling), system)
-    session.history = history
-    answer = session.reply(message)
-    history[:] = session.history
-    return answer
-
-
 class ChatBox:
-    """A chat in the notebook: a text box, sampling sliders, and replies streamed into an Output widget."""
+    """A chat in the notebook: a text box, sampling sliders, and replies streamed into an Output widget.
+
+    The conversation is a `minigpt.chat.ChatSession` (`chat.session`), the one `minigpt chat` runs:
+    the same template, stop tokens and trimming to the window; the sliders set its sampling per reply.
+    """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, system: str = "", max_new_tokens: int = 64):
         _require_widgets()
-        self.model, self.tokenizer, self.system = model, tokenizer, system
-        self.history: list[dict] = []
         self.message = widgets.Text(placeholder="Ask something and press Enter", layout={"width": "60%"})
         self.temperature = widgets.FloatSlider(value=0.8, min=0.0, max=2.0, step=0.05, description="temperature")
         self.top_p = widgets.FloatSlider(value=0.95, min=0.05, max=1.0, step=0.05, description="top-p")
@@ -440,6 +426,7 @@ class ChatBox:
             widgets.HBox([self.message, self.send, self.clear]),
             widgets.HBox([self.temperature, self.top_p, self.max_new_tokens]), self.output,
         ])
+        self.session = ChatSession(model, tokenizer, self.sampling(), system)
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens.value, temperature=self.temperature.value,
@@ -453,13 +440,14 @@ class ChatBox:
         self.message.value = ""
         with self.output:
             print(f"you> {message}\nassistant> ", end="", flush=True)
+            self.session.sampling = self.sampling()
             try:
-                return chat_reply(self.model, self.tokenizer, self.history, message, self.sampling(), self.system)
+                return self.session.reply(message)
             except UserInputError as error:
                 print(f"error: {error}")
                 return ""
 
     def reset(self) -> None:
-        self.history.clear()
+        self.session.reset()
         self.output.clear_output()
 

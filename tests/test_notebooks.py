@@ -20,9 +20,9 @@ from nbclient import NotebookClient
 from minigpt.cli.train import build_parser, config_from_arguments
 from minigpt.config import CHOICES, apply_overrides, load_config, preset_config
 from minigpt.errors import UserInputError
-from minigpt.generation import SamplingConfig
+from minigpt.generation import SamplingConfig, generate
 from minigpt.notebook import (
-    STAGES, LivePlotCallback, NotebookSettings, analyze_data, chat_reply, config_from_settings, format_duration,
+    STAGES, LivePlotCallback, NotebookSettings, analyze_data, config_from_settings, format_duration,
     in_notebook, plot_data,
 )
 from minigpt.lora import load_model_for_inference
@@ -157,16 +157,28 @@ def test_analysis_of_chat_data(tmp_path, tokenizer_file):
 # ---------------------------------------------------------------------------------------- chat
 
 
-def test_chat_reply_streams_and_keeps_the_history(base_model, capsys):
+def test_the_chat_box_is_the_terminal_chat_session_with_the_sliders_settings(base_model, capsys):
+    pytest.importorskip("ipywidgets")
+    from minigpt.notebook import ChatBox
+
     model, tokenizer, _ = load_model_for_inference(base_model)
-    history = []
-    sampling = SamplingConfig(max_new_tokens=8, temperature=0.0)
-    first = chat_reply(model, tokenizer, history, "Hello?", sampling)
-    assert capsys.readouterr().out == first + "\n"  # streamed to stdout as it was sampled
-    second = chat_reply(model, tokenizer, history, "And then?", sampling)
-    assert history == [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": first},
-                       {"role": "user", "content": "And then?"}, {"role": "assistant", "content": second}]
-    assert sampling.stop_ids == ()  # the caller's settings are left as they were
+    chat = ChatBox(model, tokenizer, system="Be brief.", max_new_tokens=8)
+    chat.temperature.value = 0.0
+    first = chat.ask("  Hello?  ")
+    # Outside a kernel the Output widget does not capture: the reply streams to stdout.
+    assert capsys.readouterr().out == f"you> Hello?\nassistant> {first}\n"
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}]
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0.0, stop_ids=(tokenizer.im_end_id, tokenizer.eos_id))
+    assert first == tokenizer.decode(generate(model, tokenizer.chat_prompt(turns), greedy))  # what `minigpt chat` answers
+    second = chat.ask("And then?")  # the 64-token window may drop the first exchange (tests/test_chat_cli.py checks how)
+    assert chat.session.history[-2:] == [{"role": "user", "content": "And then?"}, {"role": "assistant", "content": second}]
+    chat.max_new_tokens.value = 20
+    chat.ask("More?")
+    assert chat.session.sampling.max_new_tokens == 20 and chat.session.prompt_limit == model.config.block_size - 20
+    history = list(chat.session.history)
+    assert chat.ask("   ") == "" and chat.session.history == history  # an empty message is not sent
+    chat.reset()
+    assert chat.session.history == []
 
 
 # ----------------------------------------------------------------------------------- notebooks
