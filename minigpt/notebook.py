@@ -102,12 +102,16 @@ def format_duration(seconds: float | None) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def progress_line(row: dict[str, Any], max_steps: int, val_loss: float | None) -> str:
-    """One line on where a run stands, from its latest train row."""
+def progress_line(row: dict[str, Any], max_steps: int, evaluation: dict[str, float] | None = None) -> str:
+    """One line on where a run stands, from its latest train row and evaluation figures
+    ({"val loss": 2.31} or {"val loss": 0.84, "eval_f1_macro": 0.62})."""
     total = f"/{max_steps}" if max_steps else ""
-    validation = f" | val loss {val_loss:.4f}" if val_loss is not None else ""
+    validation = "".join(f" | {name} {value:.4f}" for name, value in (evaluation or {}).items())
     return (f"step {row['step']}{total} | loss {row['loss']:.4f}{validation} | lr {row['lr']:.2e} | "
             f"{row['tokens_per_second']:,.0f} tok/s | ETA {format_duration(row.get('eta_seconds'))}")
+
+
+MONITOR_COLOR = "tab:green"  # the monitored metric when it is not the validation loss
 
 
 class LivePlotCallback(Callback):
@@ -122,12 +126,22 @@ class LivePlotCallback(Callback):
 
     The figure is shown once and then replaced through its display handle (`handle.update`),
     so the notebook holds one image, not one per redraw. `drawing_seconds` is the time spent
-    drawing, to compare with the run's training time.
+    drawing, to compare with the run's training time. When the objective monitors something
+    other than the validation loss (a classifier's eval_f1_macro), the loss panel shows it too,
+    on a second axis, and the progress line quotes it.
+
+    `figures`: None draws figures inside a notebook and prints the progress line elsewhere; True
+    always draws and shows them through IPython's display (benchmarks/live_plot_overhead.py
+    measures that path in a plain IPython shell); False always prints.
     """
 
-    def __init__(self, min_interval: float = 2.0, max_overhead: float = 0.03, figure_size: tuple[float, float] = (11, 6)):
+    def __init__(self, min_interval: float = 2.0, max_overhead: float = 0.03, figure_size: tuple[float, float] = (11, 6),
+                 figures: bool | None = None):
         self.min_interval, self.max_overhead, self.figure_size = min_interval, max_overhead, figure_size
-        self.notebook = in_notebook()
+        self.figures = in_notebook() if figures is None else figures
+        if self.figures and get_ipython is None:
+            raise UserInputError(f"Showing the live figure needs IPython; install it with {NOTEBOOK_EXTRA}.")
+        self.monitor = "val_loss"  # the objective's monitored metric, read at the start of a run
         self.train_rows: list[dict[str, Any]] = []
         self.eval_rows: list[dict[str, Any]] = []
         self.drawing_seconds = 0.0
@@ -138,6 +152,7 @@ class LivePlotCallback(Callback):
     def on_start(self, trainer: Trainer) -> None:
         self.train_rows, self.eval_rows = [], []
         self.next_draw_at, self.handle = 0.0, None
+        self.monitor = trainer.objective.monitor.metric
 
     def on_log(self, trainer: Trainer, row: dict[str, Any]) -> None:
         self.train_rows.append(row)
@@ -152,14 +167,18 @@ class LivePlotCallback(Callback):
             self.draw(trainer, final=trainer.stop_message())
 
     def title(self, trainer: Trainer, final: str = "") -> str:
-        val_loss = self.eval_rows[-1]["val_loss"] if self.eval_rows else None
-        line = progress_line(self.train_rows[-1], trainer.train_config.max_steps, val_loss)
+        evaluation = {}
+        if self.eval_rows:
+            evaluation["val loss"] = self.eval_rows[-1]["val_loss"]
+            if self.monitor != "val_loss":
+                evaluation[self.monitor] = self.eval_rows[-1][self.monitor]
+        line = progress_line(self.train_rows[-1], trainer.train_config.max_steps, evaluation)
         return f"{line}\n{final}" if final else line
 
     def draw(self, trainer: Trainer, final: str = "") -> None:
         """Show the figure (or print the progress line) now, and time it for the throttle."""
         start = time.perf_counter()
-        if self.notebook:
+        if self.figures:
             image = Image(data=figure_png(self.figure(self.title(trainer, final))))
             if self.handle is None:
                 self.handle = display(image, display_id=True)
@@ -187,11 +206,18 @@ class LivePlotCallback(Callback):
             if logarithmic and all(value and value > 0 for value in values):
                 axes.set_yscale("log")
         if self.eval_rows:
-            panels[0].plot([row["step"] for row in self.eval_rows], [row["val_loss"] for row in self.eval_rows],
+            eval_steps = [row["step"] for row in self.eval_rows]
+            panels[0].plot(eval_steps, [row["val_loss"] for row in self.eval_rows],
                            color=VALIDATION_COLOR, marker="o", linestyle="--", label="validation")
-            panels[0].legend(fontsize=8)
+            panels[0].legend(fontsize=8, loc="upper left")
+            if self.monitor != "val_loss":
+                monitored = panels[0].twinx()
+                monitored.plot(eval_steps, [row[self.monitor] for row in self.eval_rows], color=MONITOR_COLOR, marker="s",
+                               linestyle=":", label=self.monitor)
+                monitored.set_ylabel(self.monitor, color=MONITOR_COLOR)
+                monitored.legend(fontsize=8, loc="upper right")
         figure.suptitle(title, fontsize=10)
-        figure.subplots_adjust(top=0.86, hspace=0.5, wspace=0.2)  # fixed margins: tight_layout would add half the drawing time
+        figure.subplots_adjust(top=0.86, hspace=0.5, wspace=0.3)  # fixed margins: tight_layout would add half the drawing time
         return figure
 
 

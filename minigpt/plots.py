@@ -216,10 +216,9 @@ def save_training_curves(path: str | Path, runs: dict[str, Sequence[dict]]) -> P
     return Path(path)
 
 
-def save_confusion_matrix(path: str | Path, matrix: Sequence[Sequence[int]], labels: Sequence[str], title: str = "") -> Path:
-    """A PNG of a confusion matrix: row = the true class, column = the predicted one, each cell
-    its count, shaded by the share of its row (so a rare class's mistakes show as clearly as a
-    common one's). Written atomically, like the loss curves."""
+def confusion_matrix_figure(matrix: Sequence[Sequence[int]], labels: Sequence[str], title: str = "") -> Figure:
+    """A confusion matrix: row = the true class, column = the predicted one, each cell its count,
+    shaded by the share of its row (so a rare class's mistakes show as clearly as a common one's)."""
     counts = np.asarray(matrix, dtype=np.int64)
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     size = 2.5 + 0.6 * len(labels)
@@ -237,10 +236,17 @@ def save_confusion_matrix(path: str | Path, matrix: Sequence[Sequence[int]], lab
             axes.text(column, row, str(counts[row, column]), ha="center", va="center",
                       color="white" if shares[row, column] > 0.5 else "black", fontsize=9)
     axes.set_title(title or "confusion matrix")
-    buffer = io.BytesIO()
     with warnings.catch_warnings():  # a label in a script the font lacks (Chinese, say) is drawn as boxes: fine for a plot
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
         figure.tight_layout()
-        figure.savefig(buffer, format="png")
+    return figure
+
+
+def save_confusion_matrix(path: str | Path, matrix: Sequence[Sequence[int]], labels: Sequence[str], title: str = "") -> Path:
+    """A PNG of `confusion_matrix_figure`, written atomically like the loss curves."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        confusion_matrix_figure(matrix, labels, title).savefig(buffer, format="png")
     atomic_write_bytes(path, buffer.getvalue())
     return Path(path)
