@@ -117,10 +117,11 @@ MONITOR_COLOR = "tab:green"  # the monitored metric when it is not the validatio
 class LivePlotCallback(Callback):
     """Redraw one figure in place while a run trains; print a progress line where there is no notebook.
 
-    Drawing a figure costs tens of milliseconds, a tiny model's step a few, so redrawing at every
-    logged step could double the training time. Two rules keep the cost small:
+    Drawing a figure costs many times a tiny model's step (tenths of a second against a few
+    milliseconds on a 2-core CPU), so redrawing at every logged step could triple the training
+    time (benchmarks/live_plot_overhead.py measures it). Two rules keep the cost small:
 
-    - at most one redraw every `min_interval` seconds, and
+    - at most one redraw every `min_interval` seconds, the first `min_interval` seconds into the run, and
     - after a redraw that took d seconds, the next waits at least d / `max_overhead` seconds,
       so drawing takes at most `max_overhead` (3%) of the time however slow the figure is.
 
@@ -151,7 +152,7 @@ class LivePlotCallback(Callback):
 
     def on_start(self, trainer: Trainer) -> None:
         self.train_rows, self.eval_rows = [], []
-        self.next_draw_at, self.handle = 0.0, None
+        self.next_draw_at, self.handle = time.perf_counter() + self.min_interval, None
         self.monitor = trainer.objective.monitor.metric
 
     def on_log(self, trainer: Trainer, row: dict[str, Any]) -> None:

@@ -92,7 +92,13 @@ def test_the_live_plot_throttles_its_redraws():
     live.on_start(FakeTrainer())
     for step in range(1, 11):
         live.on_log(FakeTrainer(), train_row(step))
-    assert live.redraws == 1  # the first row draws; the next ones come within the minimum interval
+    assert live.redraws == 0  # every row came within the first minimum interval of the run
+    live.next_draw_at = 0.0  # as if that interval had passed
+    for step in range(11, 21):
+        live.on_log(FakeTrainer(), train_row(step))
+    assert live.redraws == 1  # one redraw; the rows after it come within the next interval
+    live.on_end(FakeTrainer(), {})
+    assert live.redraws == 2 and live.train_rows[-1]["step"] == 20  # the end always draws the final state
 
 
 def test_the_live_plot_shows_a_monitored_metric_other_than_the_loss(capsys):
