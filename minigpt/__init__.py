@@ -22,6 +22,7 @@ PUBLIC_API = {  # name -> the module that defines it
     "LanguageModelObjective": "minigpt.objective",
     "load_model_directory": "minigpt.checkpoint", "load_tokenizer": "minigpt.tokenizer",
     "generate": "minigpt.generation", "SamplingConfig": "minigpt.generation", "evaluate": "minigpt.evaluation",
+    "ChatSession": "minigpt.chat",
 }
 __all__ = ["__version__", *PUBLIC_API]
 

@@ -80,6 +80,15 @@ def scores_from_confusion(counts: np.ndarray) -> dict[str, Any]:
     }
 
 
+def scores_table(scores: dict[str, Any], labels: Sequence[Any]) -> str:
+    """The per-class precision, recall, F1 and support of `scores_from_confusion`, as a text table."""
+    lines = [f"  {'class':<20} {'precision':>9} {'recall':>9} {'F1':>9} {'support':>8}"]
+    for number, name in enumerate(labels):
+        lines.append(f"  {str(name):<20} {scores['precision'][number]:>9.4f} {scores['recall'][number]:>9.4f} "
+                     f"{scores['f1'][number]:>9.4f} {scores['support'][number]:>8}")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # the objective
 

@@ -12,12 +12,14 @@ new token at each step, instead of the whole context again.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 
 from minigpt.model import GPT, KVCache
+from minigpt.tokenizer import Tokenizer
 
 
 @dataclass
@@ -96,3 +98,21 @@ def stream_tokens(model: GPT, prompt_ids: Sequence[int], sampling: SamplingConfi
 def generate(model: GPT, prompt_ids: Sequence[int], sampling: SamplingConfig) -> list[int]:
     """The generated ids (prompt excluded) as a list."""
     return list(stream_tokens(model, prompt_ids, sampling))
+
+
+def print_streamed(tokenizer: Tokenizer, ids: Iterable[int]) -> str:
+    """Print tokens to stdout as they come and return the whole text. A byte-level token can end
+    inside a multi-byte character, so decode everything so far and print only the new, complete part."""
+    generated: list[int] = []
+    shown = ""
+    for token in ids:
+        generated.append(token)
+        text = tokenizer.decode(generated)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    text = tokenizer.decode(generated)
+    sys.stdout.write(text[len(shown):] + "\n")
+    sys.stdout.flush()
+    return text

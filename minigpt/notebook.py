@@ -10,7 +10,7 @@ thin Jupyter layer on top:
                         `minigpt train` command builds from the same settings, checked the same way
     analyze_data        lengths, truncation at a block size, frequent tokens, and for chat data
                         turns per conversation and the share of tokens that carry loss
-    ChatBox             a text box, sampling sliders and streamed replies, on `chat_reply`
+    ChatBox             a text box, sampling sliders and streamed replies, on minigpt.chat.ChatSession
 
 A notebook calls these and `prepare_run(...).train()`; it never holds a copy of the training loop.
 
@@ -34,7 +34,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from minigpt.cli.chat import ChatSession
+from minigpt.chat import ChatSession
 from minigpt.config import PRESETS, RunConfig, apply_overrides, preset_config, validate
 from minigpt.errors import UserInputError
 from minigpt.generation import SamplingConfig
@@ -102,32 +102,47 @@ def format_duration(seconds: float | None) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def progress_line(row: dict[str, Any], max_steps: int, val_loss: float | None) -> str:
-    """One line on where a run stands, from its latest train row."""
+def progress_line(row: dict[str, Any], max_steps: int, evaluation: dict[str, float] | None = None) -> str:
+    """One line on where a run stands, from its latest train row and evaluation figures
+    ({"val loss": 2.31} or {"val loss": 0.84, "eval_f1_macro": 0.62})."""
     total = f"/{max_steps}" if max_steps else ""
-    validation = f" | val loss {val_loss:.4f}" if val_loss is not None else ""
+    validation = "".join(f" | {name} {value:.4f}" for name, value in (evaluation or {}).items())
     return (f"step {row['step']}{total} | loss {row['loss']:.4f}{validation} | lr {row['lr']:.2e} | "
             f"{row['tokens_per_second']:,.0f} tok/s | ETA {format_duration(row.get('eta_seconds'))}")
+
+
+MONITOR_COLOR = "tab:green"  # the monitored metric when it is not the validation loss
 
 
 class LivePlotCallback(Callback):
     """Redraw one figure in place while a run trains; print a progress line where there is no notebook.
 
-    Drawing a figure costs tens of milliseconds, a tiny model's step a few, so redrawing at every
-    logged step could double the training time. Two rules keep the cost small:
+    Drawing a figure costs many times a tiny model's step (tenths of a second against a few
+    milliseconds on a 2-core CPU), so redrawing at every logged step could triple the training
+    time (benchmarks/live_plot_overhead.py measures it). Two rules keep the cost small:
 
-    - at most one redraw every `min_interval` seconds, and
+    - at most one redraw every `min_interval` seconds, the first `min_interval` seconds into the run, and
     - after a redraw that took d seconds, the next waits at least d / `max_overhead` seconds,
       so drawing takes at most `max_overhead` (3%) of the time however slow the figure is.
 
     The figure is shown once and then replaced through its display handle (`handle.update`),
     so the notebook holds one image, not one per redraw. `drawing_seconds` is the time spent
-    drawing, to compare with the run's training time.
+    drawing, to compare with the run's training time. When the objective monitors something
+    other than the validation loss (a classifier's eval_f1_macro), the loss panel shows it too,
+    on a second axis, and the progress line quotes it.
+
+    `figures`: None draws figures inside a notebook and prints the progress line elsewhere; True
+    always draws and shows them through IPython's display (benchmarks/live_plot_overhead.py
+    measures that path in a plain IPython shell); False always prints.
     """
 
-    def __init__(self, min_interval: float = 2.0, max_overhead: float = 0.03, figure_size: tuple[float, float] = (11, 6)):
+    def __init__(self, min_interval: float = 2.0, max_overhead: float = 0.03, figure_size: tuple[float, float] = (11, 6),
+                 figures: bool | None = None):
         self.min_interval, self.max_overhead, self.figure_size = min_interval, max_overhead, figure_size
-        self.notebook = in_notebook()
+        self.figures = in_notebook() if figures is None else figures
+        if self.figures and get_ipython is None:
+            raise UserInputError(f"Showing the live figure needs IPython; install it with {NOTEBOOK_EXTRA}.")
+        self.monitor = "val_loss"  # the objective's monitored metric, read at the start of a run
         self.train_rows: list[dict[str, Any]] = []
         self.eval_rows: list[dict[str, Any]] = []
         self.drawing_seconds = 0.0
@@ -137,7 +152,8 @@ class LivePlotCallback(Callback):
 
     def on_start(self, trainer: Trainer) -> None:
         self.train_rows, self.eval_rows = [], []
-        self.next_draw_at, self.handle = 0.0, None
+        self.next_draw_at, self.handle = time.perf_counter() + self.min_interval, None
+        self.monitor = trainer.objective.monitor.metric
 
     def on_log(self, trainer: Trainer, row: dict[str, Any]) -> None:
         self.train_rows.append(row)
@@ -152,14 +168,18 @@ class LivePlotCallback(Callback):
             self.draw(trainer, final=trainer.stop_message())
 
     def title(self, trainer: Trainer, final: str = "") -> str:
-        val_loss = self.eval_rows[-1]["val_loss"] if self.eval_rows else None
-        line = progress_line(self.train_rows[-1], trainer.train_config.max_steps, val_loss)
+        evaluation = {}
+        if self.eval_rows:
+            evaluation["val loss"] = self.eval_rows[-1]["val_loss"]
+            if self.monitor != "val_loss":
+                evaluation[self.monitor] = self.eval_rows[-1][self.monitor]
+        line = progress_line(self.train_rows[-1], trainer.train_config.max_steps, evaluation)
         return f"{line}\n{final}" if final else line
 
     def draw(self, trainer: Trainer, final: str = "") -> None:
         """Show the figure (or print the progress line) now, and time it for the throttle."""
         start = time.perf_counter()
-        if self.notebook:
+        if self.figures:
             image = Image(data=figure_png(self.figure(self.title(trainer, final))))
             if self.handle is None:
                 self.handle = display(image, display_id=True)
@@ -187,11 +207,18 @@ class LivePlotCallback(Callback):
             if logarithmic and all(value and value > 0 for value in values):
                 axes.set_yscale("log")
         if self.eval_rows:
-            panels[0].plot([row["step"] for row in self.eval_rows], [row["val_loss"] for row in self.eval_rows],
+            eval_steps = [row["step"] for row in self.eval_rows]
+            panels[0].plot(eval_steps, [row["val_loss"] for row in self.eval_rows],
                            color=VALIDATION_COLOR, marker="o", linestyle="--", label="validation")
-            panels[0].legend(fontsize=8)
+            panels[0].legend(fontsize=8, loc="upper left")
+            if self.monitor != "val_loss":
+                monitored = panels[0].twinx()
+                monitored.plot(eval_steps, [row[self.monitor] for row in self.eval_rows], color=MONITOR_COLOR, marker="s",
+                               linestyle=":", label=self.monitor)
+                monitored.set_ylabel(self.monitor, color=MONITOR_COLOR)
+                monitored.legend(fontsize=8, loc="upper right")
         figure.suptitle(title, fontsize=10)
-        figure.subplots_adjust(top=0.86, hspace=0.5, wspace=0.2)  # fixed margins: tight_layout would add half the drawing time
+        figure.subplots_adjust(top=0.86, hspace=0.5, wspace=0.3)  # fixed margins: tight_layout would add half the drawing time
         return figure
 
 
@@ -402,29 +429,15 @@ def plot_data(statistics: DataStatistics) -> Figure:
 # chat
 
 
-def chat_reply(model: GPT, tokenizer: Tokenizer, history: list[dict], message: str, sampling: SamplingConfig,
-               system: str = "") -> str:
-    """The model's reply to `message` after `history` (user and assistant turns, oldest first).
-
-    The reply is streamed to stdout as it is sampled (in a notebook, into the cell or Output
-    widget in which this runs) and returned; `history` gains the message and the reply. This is
-    the terminal chat's session (`minigpt chat`): the same prompt template, stop tokens, and
-    dropping of the oldest exchanges once the conversation outgrows the model's window.
-    """
-    session = ChatSession(model, tokenizer, dataclasses.replace(sampling), system)
-    session.history = history
-    answer = session.reply(message)
-    history[:] = session.history
-    return answer
-
-
 class ChatBox:
-    """A chat in the notebook: a text box, sampling sliders, and replies streamed into an Output widget."""
+    """A chat in the notebook: a text box, sampling sliders, and replies streamed into an Output widget.
+
+    The conversation is a `minigpt.chat.ChatSession` (`chat.session`), the one `minigpt chat` runs:
+    the same template, stop tokens and trimming to the window; the sliders set its sampling per reply.
+    """
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, system: str = "", max_new_tokens: int = 64):
         _require_widgets()
-        self.model, self.tokenizer, self.system = model, tokenizer, system
-        self.history: list[dict] = []
         self.message = widgets.Text(placeholder="Ask something and press Enter", layout={"width": "60%"})
         self.temperature = widgets.FloatSlider(value=0.8, min=0.0, max=2.0, step=0.05, description="temperature")
         self.top_p = widgets.FloatSlider(value=0.95, min=0.05, max=1.0, step=0.05, description="top-p")
@@ -440,6 +453,7 @@ class ChatBox:
             widgets.HBox([self.message, self.send, self.clear]),
             widgets.HBox([self.temperature, self.top_p, self.max_new_tokens]), self.output,
         ])
+        self.session = ChatSession(model, tokenizer, self.sampling(), system)
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens.value, temperature=self.temperature.value,
@@ -453,13 +467,14 @@ class ChatBox:
         self.message.value = ""
         with self.output:
             print(f"you> {message}\nassistant> ", end="", flush=True)
+            self.session.sampling = self.sampling()
             try:
-                return chat_reply(self.model, self.tokenizer, self.history, message, self.sampling(), self.system)
+                return self.session.reply(message)
             except UserInputError as error:
                 print(f"error: {error}")
                 return ""
 
     def reset(self) -> None:
-        self.history.clear()
+        self.session.reset()
         self.output.clear_output()
 

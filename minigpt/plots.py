@@ -231,10 +231,9 @@ def training_curves_figure(runs: dict[str, Sequence[dict]]) -> Figure:
     return figure
 
 
-def save_confusion_matrix(path: str | Path, matrix: Sequence[Sequence[int]], labels: Sequence[str], title: str = "") -> Path:
-    """A PNG of a confusion matrix: row = the true class, column = the predicted one, each cell
-    its count, shaded by the share of its row (so a rare class's mistakes show as clearly as a
-    common one's). Written atomically, like the loss curves."""
+def confusion_matrix_figure(matrix: Sequence[Sequence[int]], labels: Sequence[str], title: str = "") -> Figure:
+    """A confusion matrix: row = the true class, column = the predicted one, each cell its count,
+    shaded by the share of its row (so a rare class's mistakes show as clearly as a common one's)."""
     counts = np.asarray(matrix, dtype=np.int64)
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     size = 2.5 + 0.6 * len(labels)
@@ -255,4 +254,11 @@ def save_confusion_matrix(path: str | Path, matrix: Sequence[Sequence[int]], lab
     with warnings.catch_warnings():  # a label in a script the font lacks (Chinese, say) is drawn as boxes: fine for a plot
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
         figure.tight_layout()
-        return save_png(figure, path)
+    return figure
+
+
+def save_confusion_matrix(path: str | Path, matrix: Sequence[Sequence[int]], labels: Sequence[str], title: str = "") -> Path:
+    """A PNG of `confusion_matrix_figure`, written atomically like the loss curves."""
+    with warnings.catch_warnings():  # drawing happens in savefig: the missing glyphs are met again there
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        return save_png(confusion_matrix_figure(matrix, labels, title), path)

@@ -10,8 +10,9 @@ import torch
 
 from conftest import REPO
 from minigpt.checkpoint import load_model_directory, save_model_directory
+from minigpt.chat import ChatSession
 from minigpt.cli import chat
-from minigpt.cli.chat import ChatSession, training_stage
+from minigpt.cli.chat import training_stage
 from minigpt.config import ModelConfig, RunConfig
 from minigpt.errors import UserInputError
 from minigpt.generation import SamplingConfig, generate
@@ -91,9 +92,11 @@ def test_bad_flags_are_one_sentence(model_directory, tmp_path, capsys):
 
 def test_replies_are_kept_in_the_history_until_reset(model_directory, capsys):
     model, tokenizer, _ = load_model_directory(model_directory)
-    session = ChatSession(model, tokenizer, SamplingConfig(max_new_tokens=3, temperature=0))
+    sampling = SamplingConfig(max_new_tokens=3, temperature=0)
+    session = ChatSession(model, tokenizer, sampling)
     answer = session.reply("hi")
     assert capsys.readouterr().out == answer + "\n"
+    assert sampling.stop_ids == ()  # the stop tokens go on a copy: the caller's settings are left as they were
     assert session.history == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": answer}]
     second_prompt = tokenizer.decode(session.prompt_ids("more"))
     assert second_prompt.count("<|im_start|>user") == 2

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minigpt.classification import (
-    ClassificationObjective, balanced_class_weights, confusion_matrix, parse_task_weights, scores_from_confusion,
+    ClassificationObjective, balanced_class_weights, confusion_matrix, parse_task_weights, scores_from_confusion, scores_table,
 )
 from minigpt.cli import classify, train_classifier
 from minigpt.config import RunConfig, apply_overrides
@@ -65,6 +65,14 @@ def test_a_class_never_predicted_scores_zero_and_pulls_macro_f1_down():
     assert scores["accuracy"] == 0.75
     assert scores["precision"][1] == 0.0 and scores["recall"][1] == 0.0
     assert scores["f1_macro"] == pytest.approx((6 / 7) / 2)
+
+
+def test_the_scores_table_lists_each_class_with_its_figures():
+    scores = scores_from_confusion(confusion_matrix(np.array([0, 0, 0, 1]), np.array([0, 0, 0, 0]), 2))
+    lines = scores_table(scores, ["spam", "ham"]).splitlines()
+    assert lines[0].split() == ["class", "precision", "recall", "F1", "support"]
+    assert lines[1].split() == ["spam", "0.7500", "1.0000", "0.8571", "3"]
+    assert lines[2].split() == ["ham", "0.0000", "0.0000", "0.0000", "1"]
 
 
 def test_classes_absent_from_the_evaluation_are_left_out_of_the_mean():

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import nbformat
 import pytest
@@ -20,12 +21,13 @@ from nbclient import NotebookClient
 from minigpt.cli.train import build_parser, config_from_arguments
 from minigpt.config import CHOICES, apply_overrides, load_config, preset_config
 from minigpt.errors import UserInputError
-from minigpt.generation import SamplingConfig
+from minigpt.generation import SamplingConfig, generate
 from minigpt.notebook import (
-    STAGES, LivePlotCallback, NotebookSettings, analyze_data, chat_reply, config_from_settings, format_duration,
+    STAGES, LivePlotCallback, NotebookSettings, analyze_data, config_from_settings, format_duration,
     in_notebook, plot_data,
 )
 from minigpt.lora import load_model_for_inference
+from minigpt.objective import Monitor
 from minigpt.run import prepare_run
 from minigpt.tokenizer import load_tokenizer
 
@@ -70,16 +72,78 @@ def test_outside_jupyter_the_live_plot_prints_progress_and_times_itself(tmp_path
     assert list(loss_panel.lines[0].get_xdata()) == [5, 10]
 
 
-def test_the_live_plot_throttles_its_redraws():
-    class FakeTrainer:
-        class train_config:
-            max_steps = 100
+class FakeTrainer:
+    """What the live plot reads of a trainer: the step budget and the objective's monitored metric."""
 
+    def __init__(self, monitor: Monitor = Monitor()):
+        self.train_config = SimpleNamespace(max_steps=100)
+        self.objective = SimpleNamespace(monitor=monitor)
+
+    def stop_message(self) -> str:
+        return "Reached max_steps."
+
+
+def train_row(step):
+    return {"step": step, "loss": 1.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_second": 1.0, "eta_seconds": 9.0}
+
+
+def test_the_live_plot_throttles_its_redraws():
     live = LivePlotCallback(min_interval=60.0)
     live.on_start(FakeTrainer())
     for step in range(1, 11):
-        live.on_log(FakeTrainer(), {"step": step, "loss": 1.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_second": 1.0, "eta_seconds": 9.0})
-    assert live.redraws == 1  # the first row draws; the next ones come within the minimum interval
+        live.on_log(FakeTrainer(), train_row(step))
+    assert live.redraws == 0  # every row came within the first minimum interval of the run
+    live.next_draw_at = 0.0  # as if that interval had passed
+    for step in range(11, 21):
+        live.on_log(FakeTrainer(), train_row(step))
+    assert live.redraws == 1  # one redraw; the rows after it come within the next interval
+    live.on_end(FakeTrainer(), {})
+    assert live.redraws == 2 and live.train_rows[-1]["step"] == 20  # the end always draws the final state
+
+
+def test_the_live_plot_shows_a_monitored_metric_other_than_the_loss(capsys):
+    trainer = FakeTrainer(Monitor("eval_f1_macro", "max"))  # a classifier's
+    live = LivePlotCallback(min_interval=0.0)
+    live.on_start(trainer)
+    for step, f1 in ((5, 0.4), (10, 0.6)):
+        live.on_log(trainer, train_row(step))
+        live.on_evaluate(trainer, {"step": step, "val_loss": 2.0 - f1, "eval_f1_macro": f1})
+    live.draw(trainer)
+    assert "step 10/100 | loss 1.0000 | val loss 1.4000 | eval_f1_macro 0.6000 | lr" in capsys.readouterr().out.splitlines()[-1]
+    figure = live.figure("title")
+    assert len(figure.axes) == 5  # the four panels and the loss panel's second axis
+    monitored = figure.axes[-1]
+    assert monitored.get_ylabel() == "eval_f1_macro" and list(monitored.lines[0].get_ydata()) == [0.4, 0.6]
+
+
+def test_with_figures_the_live_plot_shows_one_image_and_updates_it_in_place():
+    """The Jupyter path in a plain IPython shell (what benchmarks/live_plot_overhead.py times): a
+    subprocess, so that the shell it creates does not outlive the test."""
+    code = (
+        "from types import SimpleNamespace\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "from IPython.utils.capture import capture_output\n"
+        "from traitlets.config import Config\n"
+        "from minigpt.notebook import LivePlotCallback\n"
+        "from minigpt.objective import Monitor\n"
+        "InteractiveShell.instance(config=Config({'HistoryManager': {'enabled': False}}))\n"
+        "live = LivePlotCallback(min_interval=0.0, figures=True)\n"
+        "trainer = SimpleNamespace(train_config=SimpleNamespace(max_steps=100), objective=SimpleNamespace(monitor=Monitor()),\n"
+        "                          stop_message=lambda: 'Reached max_steps.')\n"
+        "row = {'loss': 1.0, 'lr': 1e-3, 'grad_norm': 1.0, 'tokens_per_second': 1.0, 'eta_seconds': 9.0}\n"
+        "with capture_output() as captured:\n"
+        "    live.on_start(trainer)\n"
+        "    for step in (5, 10):\n"
+        "        live.on_log(trainer, {'step': step, **row})\n"
+        "        live.next_draw_at = 0.0  # draw at every row\n"
+        "    live.on_end(trainer, {})\n"
+        "images = [output for output in captured.outputs if 'image/png' in output.data]\n"
+        "print(len(images), live.redraws, len({image.transient['display_id'] for image in images}), [image.update for image in images])\n"
+        "print(repr(captured.stdout))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["3 3 1 [False, True, True]", "''"]  # no progress line printed
 
 
 def test_format_duration():
@@ -157,23 +221,35 @@ def test_analysis_of_chat_data(tmp_path, tokenizer_file):
 # ---------------------------------------------------------------------------------------- chat
 
 
-def test_chat_reply_streams_and_keeps_the_history(base_model, capsys):
+def test_the_chat_box_is_the_terminal_chat_session_with_the_sliders_settings(base_model, capsys):
+    pytest.importorskip("ipywidgets")
+    from minigpt.notebook import ChatBox
+
     model, tokenizer, _ = load_model_for_inference(base_model)
-    history = []
-    sampling = SamplingConfig(max_new_tokens=8, temperature=0.0)
-    first = chat_reply(model, tokenizer, history, "Hello?", sampling)
-    assert capsys.readouterr().out == first + "\n"  # streamed to stdout as it was sampled
-    second = chat_reply(model, tokenizer, history, "And then?", sampling)
-    assert history == [{"role": "user", "content": "Hello?"}, {"role": "assistant", "content": first},
-                       {"role": "user", "content": "And then?"}, {"role": "assistant", "content": second}]
-    assert sampling.stop_ids == ()  # the caller's settings are left as they were
+    chat = ChatBox(model, tokenizer, system="Be brief.", max_new_tokens=8)
+    chat.temperature.value = 0.0
+    first = chat.ask("  Hello?  ")
+    # Outside a kernel the Output widget does not capture: the reply streams to stdout.
+    assert capsys.readouterr().out == f"you> Hello?\nassistant> {first}\n"
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}]
+    greedy = SamplingConfig(max_new_tokens=8, temperature=0.0, stop_ids=(tokenizer.im_end_id, tokenizer.eos_id))
+    assert first == tokenizer.decode(generate(model, tokenizer.chat_prompt(turns), greedy))  # what `minigpt chat` answers
+    second = chat.ask("And then?")  # the 64-token window may drop the first exchange (tests/test_chat_cli.py checks how)
+    assert chat.session.history[-2:] == [{"role": "user", "content": "And then?"}, {"role": "assistant", "content": second}]
+    chat.max_new_tokens.value = 20
+    chat.ask("More?")
+    assert chat.session.sampling.max_new_tokens == 20 and chat.session.prompt_limit == model.config.block_size - 20
+    history = list(chat.session.history)
+    assert chat.ask("   ") == "" and chat.session.history == history  # an empty message is not sent
+    chat.reset()
+    assert chat.session.history == []
 
 
 # ----------------------------------------------------------------------------------- notebooks
 
 
 def test_there_are_notebooks_and_none_holds_outputs():
-    assert [path.name for path in NOTEBOOKS] == ["01_pretrain_quickstart.ipynb", "02_finetune_lora_chat.ipynb"]
+    assert [path.name for path in NOTEBOOKS] == ["01_pretrain_quickstart.ipynb", "02_finetune_lora_chat.ipynb", "03_classification.ipynb"]
     for path in NOTEBOOKS:
         notebook = nbformat.read(path, as_version=4)
         nbformat.validate(notebook)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from minigpt.plots import (
-    CURVE_PANELS, MAX_DRAWN_POINTS, _decimate, _rolling_mean, loss_curve_figure, save_loss_curve, training_curves_figure,
+    CURVE_PANELS, MAX_DRAWN_POINTS, _decimate, _rolling_mean, confusion_matrix_figure, loss_curve_figure, save_confusion_matrix,
+    save_loss_curve, training_curves_figure,
 )
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -146,3 +147,15 @@ def test_a_long_run_plots_quickly(tmp_path):
     started = time.perf_counter()
     assert_png(save_loss_curve(tmp_path / "loss.png", train, train[::5000]))
     assert time.perf_counter() - started < 2.0  # about 0.15-0.3 s on 2 CPU cores
+
+
+def test_the_confusion_matrix_figure_shows_counts_shaded_by_row_and_saves_as_a_png(tmp_path):
+    counts = [[8, 2, 0], [1, 1, 0], [0, 0, 5]]
+    figure = confusion_matrix_figure(counts, ["cat", "dog", "fish"], "pets")
+    axes = figure.axes[0]
+    assert sorted(text.get_text() for text in axes.texts) == sorted(str(value) for row in counts for value in row)
+    shares = axes.images[0].get_array()
+    assert shares[0].tolist() == [0.8, 0.2, 0.0] and shares[1].tolist() == [0.5, 0.5, 0.0]  # each row's share, not raw counts
+    assert [label.get_text() for label in axes.get_yticklabels()] == ["cat", "dog", "fish"] and axes.get_title() == "pets"
+    path = save_confusion_matrix(tmp_path / "confusion.png", counts, ["cat", "dog", "fish"])
+    assert path.read_bytes()[:8] == PNG_SIGNATURE and [entry.name for entry in tmp_path.iterdir()] == ["confusion.png"]

@@ -1,10 +1,7 @@
 """`minigpt chat MODEL`: talk to a chat-tuned model in the terminal, reply streamed.
 
-Each turn, the whole conversation so far is rendered with the chat template (ChatML:
-`<|im_start|>role\\ncontent<|im_end|>\\n`) followed by the header of the assistant's reply, and
-the model writes until it produces <|im_end|> (or <|endoftext|>). The model sees at most
-block_size tokens, so when the conversation grows past that the oldest exchanges are dropped
-(the system prompt is kept), with a notice.
+The conversation itself (the chat template, the stop tokens, dropping the oldest exchanges once
+it outgrows the model's window) is `minigpt.chat.ChatSession`; this module is the terminal loop.
 
     /reset   forget the conversation (the system prompt stays)
     /exit    leave (so does Ctrl-D); Ctrl-C stops a reply that runs on
@@ -17,15 +14,13 @@ import json
 import sys
 from pathlib import Path
 
+from minigpt.chat import ChatSession, notice
 from minigpt.checkpoint import resolve_model_directory
 from minigpt.cli.common import ArgumentParser, add_shared_arguments, program_name, run_command
-from minigpt.cli.sampling import add_sampling_flags, print_streamed, sampling_from_arguments
+from minigpt.cli.sampling import add_sampling_flags, sampling_from_arguments
 from minigpt.errors import UserInputError
-from minigpt.generation import SamplingConfig, stream_tokens
 from minigpt.lora import find_adapter, load_model_for_inference
-from minigpt.model import GPT
 from minigpt.runtime import select_device
-from minigpt.tokenizer import Tokenizer
 
 CHAT_STAGE = "sft"  # the stage a chat-tuned model's config.json records under "train"
 USER_PROMPT = "you> "
@@ -53,52 +48,6 @@ def training_stage(path: str | Path) -> str:
     else:
         _, home = resolve_model_directory(path)
     return json.loads((home / "config.json").read_text()).get("train", {}).get("stage", "pretrain")
-
-
-class ChatSession:
-    """A conversation with a model: the history, and how it is cut down to fit the model's window."""
-
-    def __init__(self, model: GPT, tokenizer: Tokenizer, sampling: SamplingConfig, system: str = ""):
-        self.model, self.tokenizer = model, tokenizer
-        self.sampling = sampling
-        self.sampling.stop_ids = (tokenizer.im_end_id, tokenizer.eos_id)
-        self.system_turns = [{"role": "system", "content": system}] if system else []
-        self.history: list[dict] = []  # user and assistant turns, oldest first
-        # The prompt leaves room for a reply of max_new_tokens, but never more than half the window.
-        self.prompt_limit = model.config.block_size - min(sampling.max_new_tokens, model.config.block_size // 2)
-
-    def reset(self) -> None:
-        self.history.clear()
-
-    def prompt_ids(self, message: str) -> list[int]:
-        """The prompt for the reply to `message`; drops the oldest exchanges while it is too long."""
-        turns = self.history + [{"role": "user", "content": message}]
-        dropped = 0
-        while len(ids := self.tokenizer.chat_prompt(self.system_turns + turns)) > self.prompt_limit:
-            if len(turns) == 1:
-                raise UserInputError(
-                    f"The message is {len(ids)} tokens with the system prompt; this model's window leaves room for "
-                    f"{self.prompt_limit}: write a shorter one (or lower --max-new-tokens)."
-                )
-            turns = turns[2:] if len(turns) > 2 and turns[1]["role"] == "assistant" else turns[1:]
-            dropped += 1
-        if dropped:
-            self.history = turns[:-1]
-            notice(f"(the conversation outgrew the {self.model.config.block_size}-token window: "
-                   f"dropped its {dropped} oldest exchange{'' if dropped == 1 else 's'})")
-        return ids
-
-    def reply(self, message: str) -> str:
-        """Stream the model's answer to `message` to stdout and add both to the history."""
-        ids = self.prompt_ids(message)
-        answer = print_streamed(self.tokenizer, stream_tokens(self.model, ids, self.sampling))
-        self.history += [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]
-        return answer
-
-
-def notice(text: str) -> None:
-    """A message about the session, on stderr: stdout carries only the conversation."""
-    print(text, file=sys.stderr, flush=True)
 
 
 def interactive(session: ChatSession) -> None:

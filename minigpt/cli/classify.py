@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minigpt.classification import confusion_matrix, predict, scores_from_confusion
+from minigpt.classification import confusion_matrix, predict, scores_from_confusion, scores_table
 from minigpt.cli.common import ArgumentParser, add_shared_arguments, program_name, run_command
 from minigpt.errors import UserInputError
 from minigpt.files import atomic_write_bytes
@@ -54,10 +54,7 @@ def print_metrics(labels: np.ndarray, probabilities: dict[str, np.ndarray], labe
             continue
         scores = scores_from_confusion(confusion_matrix(labels[known, index], probabilities[task][known].argmax(-1), len(names)))
         print(f"{task}: {int(known.sum())} labelled records, accuracy {scores['accuracy']:.4f}, macro-F1 {scores['f1_macro']:.4f}")
-        print(f"  {'class':<20} {'precision':>9} {'recall':>9} {'F1':>9} {'support':>8}")
-        for number, name in enumerate(names):
-            print(f"  {str(name):<20} {scores['precision'][number]:>9.4f} {scores['recall'][number]:>9.4f} "
-                  f"{scores['f1'][number]:>9.4f} {scores['support'][number]:>8}")
+        print(scores_table(scores, names))
 
 
 @run_command

@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 
 from minigpt.cli.common import ArgumentParser, add_shared_arguments, program_name, run_command
-from minigpt.cli.sampling import add_sampling_flags, print_streamed, sampling_from_arguments
+from minigpt.cli.sampling import add_sampling_flags, sampling_from_arguments
 from minigpt.errors import UserInputError
-from minigpt.generation import stream_tokens
+from minigpt.generation import print_streamed, stream_tokens
 from minigpt.lora import load_model_for_inference
 from minigpt.runtime import select_device
 

@@ -1,15 +1,12 @@
-"""What the commands that generate text share: the sampling flags and printing a streamed reply."""
+"""What the commands that generate text share: the sampling flags, checked."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Iterable
 
 from minigpt.cli.common import add_shared_arguments
 from minigpt.errors import UserInputError
 from minigpt.generation import SamplingConfig
-from minigpt.tokenizer import Tokenizer
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int = 200) -> None:
@@ -43,20 +40,3 @@ def sampling_from_arguments(arguments: argparse.Namespace) -> SamplingConfig:
         raise UserInputError(f"--repetition-penalty must be positive, got {sampling.repetition_penalty}.")
     return sampling
 
-
-def print_streamed(tokenizer: Tokenizer, ids: Iterable[int]) -> str:
-    """Print tokens as they come and return the whole text. A byte-level token can end inside a
-    multi-byte character, so decode everything so far and print only the new, complete part."""
-    generated: list[int] = []
-    shown = ""
-    for token in ids:
-        generated.append(token)
-        text = tokenizer.decode(generated)
-        if not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-            shown = text
-    text = tokenizer.decode(generated)
-    sys.stdout.write(text[len(shown):] + "\n")
-    sys.stdout.flush()
-    return text
