@@ -6,7 +6,9 @@ import logging
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from minigpt.checkpoint import save_model_directory
 from minigpt.classification import (
     ClassificationObjective, balanced_class_weights, confusion_matrix, parse_task_weights, scores_from_confusion, scores_table,
 )
@@ -19,11 +21,12 @@ from minigpt.labelled_data import (
     ClassificationBatches, build_label_maps, encode_records, find_tasks, pad_batch, read_labelled_records,
 )
 from minigpt.loss import IGNORE_INDEX
+from minigpt.model import GPT
 from minigpt.tokenizer import load_tokenizer
 
-TINY = ["--block-size", "32", "--set", "model.n_layer=1", "--set", "model.n_embd=32", "--set", "model.n_head=2",
-        "--vocab-size", "300", "--batch-size", "8", "--eval-steps", "10", "--save-steps", "10", "--log-steps", "5",
-        "--max-time", "0", "--dtype", "float32", "--disable-monitoring"]
+SHORT_RUN = ["--block-size", "32", "--batch-size", "8", "--eval-steps", "10", "--save-steps", "10", "--log-steps", "5",
+             "--max-time", "0", "--dtype", "float32", "--disable-monitoring"]
+TINY = ["--set", "model.n_layer=1", "--set", "model.n_embd=32", "--set", "model.n_head=2", "--vocab-size", "300", *SHORT_RUN]
 
 
 def write_jsonl(path, records):
@@ -220,17 +223,71 @@ def test_multi_task_training_then_classify(tmp_path, capsys):
     assert set(model.heads) == {"sentiment", "size"}
 
 
-@pytest.mark.slow  # a second training run; the multi-task test covers the same path by default
 def test_chinese_texts_without_spaces_train_end_to_end(tmp_path, capsys):
+    """Short texts with no spaces between words: byte-level BPE splits them, and ten steps of the
+    smallest model learn the 48 records; predictions come back as the training data's strings."""
     good, bad = ["这部电影非常好看", "我很喜欢这本书", "今天天气真好", "服务热情周到"], ["这部电影太难看了", "我讨厌这本书", "今天天气很糟糕", "服务态度很差"]
     records = [{"text": text, "labels": "好评"} for text in good * 6] + [{"text": text, "labels": "差评"} for text in bad * 6]
     train = write_jsonl(tmp_path / "zh.jsonl", records)
     assert train_classifier.main(["--data-files", str(train), "--val-data-files", str(train), "--output-dir", str(tmp_path / "runs"),
-                                  "--run-name", "zh", "--max-steps", "40", "--learning-rate", "0.01", *TINY]) == 0
+                                  "--run-name", "zh", "--max-steps", "10", "--learning-rate", "0.01", *TINY,
+                                  "--eval-steps", "10", "--save-steps", "10"]) == 0
     capsys.readouterr()
-    assert classify.main([str(tmp_path / "runs" / "zh" / "final_model"), "--data-files", str(train)]) == 0
-    printed = capsys.readouterr().out
-    assert "labels: 48 labelled records" in printed and "差评" in printed
+    output = tmp_path / "predictions.jsonl"
+    assert classify.main([str(tmp_path / "runs" / "zh" / "final_model"), "--data-files", str(train), "--output", str(output)]) == 0
+    assert "labels: 48 labelled records, accuracy 1.0000" in capsys.readouterr().out
+    raw = output.read_text(encoding="utf-8")
+    assert "这部电影非常好看" in raw  # written as text, not as \u escapes
+    predictions = [json.loads(line)["predictions"]["labels"] for line in raw.splitlines()]
+    assert [prediction["label"] for prediction in predictions] == [record["labels"] for record in records]
+    assert all(set(prediction["probabilities"]) == {"好评", "差评"} for prediction in predictions)
+
+
+@pytest.fixture
+def pretrained_model(tmp_path, tokenizer_file):
+    """A small language model's final_model/ to fine-tune (random weights do: only what changes is checked)."""
+    tokenizer = load_tokenizer(tokenizer_file)
+    config = apply_overrides(RunConfig(), {"model.vocab_size": tokenizer.vocab_size, "model.block_size": 32, "model.n_layer": 1,
+                                           "model.n_embd": 32, "model.n_head": 2})
+    torch.manual_seed(0)
+    return save_model_directory(tmp_path / "pretrained", GPT(config.model), config, tokenizer)
+
+
+@pytest.mark.parametrize("method", ["freeze-trunk", "lora"])
+def test_linear_probe_and_lora_train_only_what_they_should(tmp_path, capsys, pretrained_model, method):
+    """--freeze-trunk trains the heads alone; LoRA trains the heads and the adapters; either way the
+    trunk's own weights stay the pretrained ones, and final_model/ is one classifier `classify` loads."""
+    data = write_jsonl(tmp_path / "train.jsonl", two_task_records(40))
+    extra = ["--freeze-trunk"] if method == "freeze-trunk" else ["--lora-rank", "4", "--lora-targets", "q,v"]
+    status = train_classifier.main(["--init-from", str(pretrained_model), "--data-files", str(data), "--val-data-files", str(data),
+                                    "--output-dir", str(tmp_path / "runs"), "--run-name", method, "--max-steps", "10",
+                                    "--learning-rate", "0.01", *SHORT_RUN, *extra])
+    assert status == 0
+    run = tmp_path / "runs" / method
+    pretrained = load_file(str(pretrained_model / "model.safetensors"))
+    # A checkpoint of a run with frozen weights holds exactly the trainable ones.
+    trained = load_file(str(run / "checkpoint_step_10" / "model.safetensors"))
+    heads = {name for name in trained if name.startswith("heads.")}
+    adapters = set(trained) - heads
+    assert heads == {f"heads.{task}.{part}" for task in ("sentiment", "size") for part in ("weight", "bias")}
+    if method == "freeze-trunk":
+        assert adapters == set()
+    else:
+        assert adapters and all(".lora_A." in name or ".lora_B." in name for name in adapters)
+        assert {name.split(".")[3] for name in adapters} == {"q_proj", "v_proj"}
+        assert all(trained[name].abs().sum() > 0 for name in adapters if ".lora_B." in name)  # B starts at zero
+    assert all(trained[f"heads.{task}.bias"].abs().sum() > 0 for task in ("sentiment", "size"))  # biases start at zero
+
+    final = load_file(str(run / "final_model" / "model.safetensors"))
+    merged = {name for name in pretrained if name.split(".")[-2] in ("q_proj", "v_proj")} if method == "lora" else set()
+    for name, tensor in pretrained.items():
+        if name in merged:  # the adapters, folded into the layers they sat on
+            assert not torch.equal(final[name], tensor), name
+        else:
+            assert torch.equal(final[name], tensor), name
+    capsys.readouterr()
+    assert classify.main([str(run / "final_model"), "--text", "great lovely happy"]) == 0
+    assert capsys.readouterr().out.startswith("sentiment: ")
 
 
 def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, capsys):
