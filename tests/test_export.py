@@ -63,12 +63,18 @@ def tokenizer(tokenizer_file):
 def trained(tokenizer, corpus_jsonl):
     """A tiny model trained for a few dozen AdamW steps (weights well away from their init)."""
     torch.manual_seed(0)
-    text = " ".join(json.loads(line)["text"] for line in corpus_jsonl.read_text().splitlines()[:20])
-    data = torch.tensor(tokenizer.encode(text))
     model = GPT(small_config(tokenizer.vocab_size))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = train_briefly(model, torch.optim.AdamW(model.parameters(), lr=3e-3), tokenizer, corpus_jsonl, slice(0, 20), 40)
+    assert losses[-1] < losses[0] - 1.0  # it learned something
+    return model.eval()
+
+
+def train_briefly(model, optimizer, tokenizer, corpus_jsonl, documents: slice, steps: int) -> list[float]:
+    """`steps` AdamW steps on random 32-token windows of some of the corpus' documents; the losses."""
+    text = " ".join(json.loads(line)["text"] for line in corpus_jsonl.read_text().splitlines()[documents])
+    data = torch.tensor(tokenizer.encode(text))
     losses = []
-    for _ in range(40):
+    for _ in range(steps):
         starts = torch.randint(0, len(data) - 33, (8,))
         batch = torch.stack([data[start : start + 33] for start in starts])
         _, loss = model(batch[:, :-1], batch[:, 1:])
@@ -76,8 +82,7 @@ def trained(tokenizer, corpus_jsonl):
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < losses[0] - 1.0  # it learned something
-    return model.eval()
+    return losses
 
 
 @pytest.fixture(scope="module")
@@ -324,16 +329,7 @@ def adapter_dir(model_dir, tokenizer, corpus_jsonl, tmp_path_factory):
     torch.manual_seed(2)
     model, _, run_config = load_model_directory(model_dir)
     apply_lora(model.train(), LoRAConfig(rank=4, alpha=12.0, targets=("q", "k", "v", "o", "gate", "up", "down")))
-    optimizer = torch.optim.AdamW(lora_parameters(model), lr=1e-2)
-    text = " ".join(json.loads(line)["text"] for line in corpus_jsonl.read_text().splitlines()[20:40])
-    data = torch.tensor(tokenizer.encode(text))
-    for _ in range(15):
-        starts = torch.randint(0, len(data) - 33, (8,))
-        batch = torch.stack([data[start : start + 33] for start in starts])
-        _, loss = model(batch[:, :-1], batch[:, 1:])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_briefly(model, torch.optim.AdamW(lora_parameters(model), lr=1e-2), tokenizer, corpus_jsonl, slice(20, 40), 15)
     run = AdapterRun.start(LoRAConfig(rank=4, alpha=12.0), model_dir)
     return run.save(tmp_path_factory.mktemp("lora") / "final_model", model, lambda directory: write_model_files(directory, run_config, tokenizer))
 
