@@ -314,18 +314,20 @@ def estimate_memory(model: torch.nn.Module, config: RunConfig, batch_size: int, 
 # On a CPU the process holds more than its live tensors at the peak: glibc's malloc serves tensors
 # under 32 MB from one heap (minigpt.runtime.keep_freed_memory_for_reuse), where each step frees
 # and allocates blocks of many sizes in a different order, so holes form that later tensors do not
-# fit. benchmarks/memory.py measures this slack: 2.6 to 5.5 blocks' activations in steady state
-# (small and medium; float32 and bfloat16; with and without checkpointing), and almost none when
-# every tensor over 1 MB gets pages of its own (which makes steps about 20% slower).
+# fit; the heap grows for the first few steps, then settles. benchmarks/memory.py measures this
+# slack: 3.2 to 6.5 blocks' activations after six steps of small and medium at their preset batch
+# (float32 and bfloat16, with and without checkpointing; tiny's are lost in the process's own
+# noise), and almost none when every tensor over 1 MB gets pages of its own (steps about 20% slower).
 ALLOCATOR_SLACK_BLOCKS = 4
 
 
 def process_memory(device: torch.device, dtype: torch.dtype) -> int:
-    """The resident memory of this process without any model, once warmed up like a run: the
-    interpreter, PyTorch, MiniGPT and the tokenizer, the compiler stack that building AdamW
-    imports (about 70 MB), and the CPU kernels' runtime that a first step starts (about 20 MB).
-    Measured by taking one training step of a throwaway four-thousand-parameter model. On CUDA
-    the budget is the GPU's memory, which none of this uses: 0."""
+    """The resident memory of this process, once warmed up like a run: besides what it holds already
+    (the interpreter, PyTorch, MiniGPT; in a dry-run also the tokenizer and a data reader that has
+    read its first batch), the compiler stack that building AdamW imports (about 70 MB) and the CPU
+    kernels' runtime that a first step starts (about 20 MB): one training step of a throwaway
+    model of a few thousand parameters brings both in. On CUDA the budget is the GPU's memory,
+    which none of this uses: 0."""
     if device.type == "cuda":
         return 0
     with torch.random.fork_rng():
