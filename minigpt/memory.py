@@ -578,7 +578,7 @@ def dry_run_report(estimate: MemoryEstimate, config: RunConfig, budget: DeviceMe
                            f"{gb(estimate.block)} of recomputed activations)"),
     ]
     if estimate.process:
-        rows.append(("process", f"{gb(estimate.process)} (Python, PyTorch, MiniGPT, the tokenizer: measured)"))
+        rows.append(("process", f"{gb(estimate.process)} (Python, PyTorch, MiniGPT, the tokenizer and data reader: measured)"))
     if estimate.allocator_slack:
         rows.append(("allocator slack", f"{gb(estimate.allocator_slack)} ({ALLOCATOR_SLACK_BLOCKS} blocks' activations: "
                                         "holes in the CPU's heap)"))
