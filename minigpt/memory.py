@@ -189,7 +189,7 @@ def saved_bytes_per_token(model: GPT, dtype: torch.dtype, path: str, language_mo
         head = linear_input_bytes([model.lm_head], d, FLOAT32, compute) + FLOAT32 * config.vocab_size + TOKEN_ID
     else:  # a classifier's heads read one pooled vector per sequence
         head = 0
-    return SavedPerToken(per_block, FLOAT32 * d, embedding + final_norm + head, first_block_less)
+    return SavedPerToken(per_block, FLOAT32 * d if per_block else 0, embedding + final_norm + head, first_block_less)
 
 
 def weight_copy_bytes(model: GPT, dtype: torch.dtype, gradient_checkpointing: bool, language_model: bool = True) -> int:
