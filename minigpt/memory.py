@@ -1,24 +1,34 @@
 """Memory that manages itself: the estimate before a run, the batch that fits, the backoff during one.
 
-Where a training step's memory goes (float32 weights, AdamW):
+Where a training step's memory goes (float32 weights, AdamW), term by term as the dry-run prints it:
 
     weights              4 bytes per parameter
-    gradients            4 bytes per *trainable* parameter (LoRA: only the adapters)
+    gradients            4 bytes per *trainable* parameter (LoRA: only the adapters); during the
+                         backward pass only with gradient accumulation (earlier micro-batches' are kept)
     optimizer state      AdamW keeps two running averages per trainable parameter: 8 bytes
-    activations          what the forward pass saves for the backward pass; it grows with the
-                         tokens of a micro-batch (batch x block), see `activation_elements`
-    backward working     the backward pass of the loss holds three vocabulary-wide float32 tensors
-                         per token at once (see `loss_elements`), and that of each block the
-                         gradients of its activations, one block's worth at a time
+    weight copies        under bfloat16/float16 autocast, a 2-byte copy of every matrix the forward
+                         pass multiplies with, kept for the backward pass
+    activations          what the forward pass keeps for the backward pass; it grows with the tokens
+                         of a micro-batch (batch x block), see `saved_bytes_per_token`
+    loss backward        the backward pass starts with two float32 gradients as wide as the
+                         vocabulary per token (of the log-probabilities, then of the logits)
+    block backward       later, a block's backward pass holds two SwiGLU-wide gradients at once
+    process              on a CPU, the process itself: Python, PyTorch, the tokenizer, the data
+                         reader (measured, `process_memory`: 350-400 MB)
+    allocator slack      on a CPU, the holes glibc's heap keeps between tensors (ALLOCATOR_SLACK_BLOCKS)
 
-So a 12M-parameter model needs about 16 bytes x 12M = 190 MB before it sees a single token, and
-then ~100-400 KB more for every token of the micro-batch. Activations usually dominate; gradient
-checkpointing trades them for compute: each block keeps only its input, and recomputes the rest
-in the backward pass (about a third more compute, one block's activations alive at a time).
+The peak is the largest of three moments (`MemoryEstimate.phases`): the start of the backward pass,
+a block's backward pass, and the optimizer's update. So a 12M-parameter model needs about 16 bytes
+x 12M = 190 MB before it sees a single token, and then (float32, with the slack) about 40 KB (tiny),
+380 KB (small) or 560 KB (medium) more for every token of the micro-batch. Activations usually dominate; gradient checkpointing trades them for compute: each
+block keeps only its input, and recomputes the rest in the backward pass (about a third more
+compute, one block's activations alive at a time).
 
-The estimate is derived from the shapes (no calibration), and checked by the tests against what
-autograd really saves (`torch.autograd.graph.saved_tensors_hooks`) and against the peak resident
-memory of a real step.
+The tensor terms are derived from the shapes, tensor by tensor (no calibration); the tests check
+them against what autograd really keeps (`torch.autograd.graph.saved_tensors_hooks`), against the
+most bytes of tensors alive at once in real training steps, and the whole estimate against the
+peak resident memory of a real run. The process is measured; the allocator slack is the one
+measured constant (benchmarks/memory.py prints it for each run).
 
 This module also holds the pieces the trainer uses when memory runs out mid-run (`split_batch`,
 `resize_stream`, `smallest_factor`) and the per-interval peak memory it reports (`PeakMemory`).
@@ -26,6 +36,7 @@ This module also holds the pieces the trainer uses when memory runs out mid-run 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import platform
@@ -38,11 +49,13 @@ from typing import Any
 import psutil
 import torch
 
-from minigpt.config import ModelConfig, RunConfig
+from minigpt.config import ModelConfig, RunConfig, TrainConfig
 from minigpt.data import ParallelBatches, TokenBlockStream
 from minigpt.errors import UserInputError
-from minigpt.model import GPT
+from minigpt.lora import LoRALinear
+from minigpt.model import CPU_FLOAT32_ATTENTION_MAX_KEYS, GPT
 from minigpt.objective import Batch, Objective
+from minigpt.optim import build_optimizer
 from minigpt.runtime import autocast, synchronize
 
 log = logging.getLogger("minigpt.memory")
@@ -54,40 +67,145 @@ PROBE_SECONDS = 10.0  # stop probing larger micro-batches once one takes longer 
 
 
 # ------------------------------------------------------------------------------------------------
-# the estimate
+# the estimate: the tensors of a training step
+
+FLOAT32 = 4  # the residual stream, the normalisations and the loss stay float32 under autocast
+TOKEN_ID = 8  # an int64 token id: the embedding keeps its input, the loss its targets
 
 
-def activation_elements(config: ModelConfig) -> tuple[int, int]:
-    """(per layer, per layer with gradient checkpointing) elements saved for backward, per token.
+def attention_path(device: torch.device, dtype: torch.dtype, keys: int, dropout: float, disable_optimizations: bool) -> str:
+    """Which attention computation a training step runs, which decides what it keeps for backward:
 
-    Follow one token through a Block (d = n_embd, kv = kv_heads * head_dim, h = hidden_dim) and
-    count what autograd keeps for the backward pass:
-
-        attention_norm   its input x and its output (the q/k/v projections' input)     2d
-        attention        rotated q (d), rotated k and v (2 kv), the attention output
-                         (d) and its contiguous copy, the o_proj input (d)            3d + 2kv
-        mlp_norm         its input (the new residual stream) and its output            2d
-        SwiGLU           gate(x) (silu's input), silu(gate) and up(x) (the product's
-                         inputs), and the product (down_proj's input)                   4h
-                                                                              = 7d + 2kv + 4h
-
-    A frozen Linear (LoRA's base) needs only its weight for the input's gradient, but the
-    adapter beside it saves the same input, so LoRA changes little. Not counted: the attention's
-    log-sum-exp (n_head numbers per token), dropout masks (1 byte per element, dropout > 0 only).
-
-    With gradient checkpointing each block saves only its input (d); during the backward pass
-    one block at a time recomputes its full 7d + 2kv + 4h.
+        fused           scaled_dot_product_attention's fused kernel: q, k, v, the output and one
+                        log-sum-exp per head, in the compute precision
+        fused float32   the same in float32: a CPU under bfloat16 autocast attends over short blocks
+                        in float32 (model.CPU_FLOAT32_ATTENTION_MAX_KEYS)
+        math            softmax(q k^T) v written out in float32, which keeps the attention weights,
+                        `keys` numbers per head per token: --disable-optimizations, and a CPU with
+                        attention dropout (its fused kernel has none)
     """
-    d, kv, h = config.n_embd, config.kv_heads * config.head_dim, config.hidden_dim
-    return 7 * d + 2 * kv + 4 * h, d
+    if disable_optimizations or (device.type == "cpu" and dropout > 0):
+        return "math"
+    upcast = device.type == "cpu" and dtype != torch.float32 and keys <= CPU_FLOAT32_ATTENTION_MAX_KEYS
+    return "fused float32" if upcast else "fused"
 
 
-def loss_elements(config: ModelConfig) -> tuple[int, int]:
-    """(saved, transient) float32 elements per token at the output: the final norm's input and
-    output (2d) and the log-softmax of the logits (vocab) are saved; the backward pass of the
-    log-softmax then holds three more vocabulary-wide tensors at once: the incoming gradient, the
-    softmax exp(log-softmax) and the logits' gradient it produces (3 x vocab)."""
-    return 2 * config.n_embd + config.vocab_size, 3 * config.vocab_size
+@dataclass(frozen=True)
+class SavedPerToken:
+    """Bytes autograd keeps for the backward pass, per token of a micro-batch."""
+
+    block: int  # one transformer block
+    checkpointed_block: int  # one block under gradient checkpointing: its input only
+    output: int  # the embedding's input, the final norm, the output head and the loss
+    first_block_less: int  # what the first block does not keep when the embedding is frozen (LoRA)
+
+
+def trains(module: torch.nn.Module) -> bool:
+    return any(parameter.requires_grad for parameter in module.parameters())
+
+
+def linear_input_bytes(linears: list[torch.nn.Module], width: int, precision: int, compute: int, already_kept: bool = False) -> int:
+    """Bytes per token that Linear layers reading the same input (`width` numbers per token, stored
+    in `precision` bytes) keep of it for their weight gradients. A Linear keeps its input only when
+    its weight trains; a LoRA layer keeps its adapter's input (whose A trains) and the rank-R middle
+    (B's input), and with adapter dropout the mask and the dropped input. In float32 the layers share
+    one tensor (nothing more if something else keeps it already); under autocast each Linear casts
+    the input to the compute precision itself and keeps its own copy."""
+    total, shared = 0, False
+    for linear in linears:
+        if isinstance(linear, LoRALinear):
+            total += linear.lora_A.out_features * compute
+            if linear.dropout.p > 0:
+                total += width * (precision + compute)
+                continue
+        elif not linear.weight.requires_grad:
+            continue
+        if precision == compute:
+            shared = True
+        else:
+            total += width * compute
+    return total + (width * precision if shared and not already_kept else 0)
+
+
+def saved_bytes_per_token(model: GPT, dtype: torch.dtype, path: str, language_model: bool = True) -> SavedPerToken:
+    """What a training step keeps for the backward pass, tensor by tensor, per token.
+
+    Follow one token through a Block (d = n_embd, kv = kv_heads * head_dim, h = hidden_dim, n =
+    n_head). Under autocast the residual stream and the RMSNorms stay float32 (4 bytes) and the
+    Linear layers compute in bfloat16/float16 (2 bytes, "c" below); in float32 c = 4:
+
+        each RMSNorm (2)     its input x (4d), 1/rms (4) and x/rms (4d) for its gain's gradient
+        q, k, v, gate, up    their input, the norm's output: one shared 4d tensor in float32; under
+                             autocast each Linear keeps its own cast, c x d apiece
+        attention            q, k, v (d + 2kv) and the output (d) in the attention's precision,
+                             a log-sum-exp (4 bytes) per head; the math path adds the weights
+                             (block_size per head) and keeps k, v widened to every head
+        o_proj               the attention's output; a cast of it where that precision differs
+        SwiGLU               gate(x) (silu's input), silu(gate) and up(x) (the product's inputs)
+                             and the product (down_proj's input): 4h in c
+        dropout (if > 0)     a mask as large as what it drops, on each residual branch
+
+    float32 this is 4 x (8d + 2kv + 4h + n + 2) bytes. With gradient checkpointing a block keeps
+    only its input (4d); in the backward pass one block at a time recomputes everything above.
+    LoRA (frozen base, adapters) keeps about the same: the frozen Linear needs no input for its
+    weight, but the adapter beside it keeps it, plus its rank-R middle.
+    """
+    config = model.config
+    d, kv, h, heads, keys = config.n_embd, config.kv_heads * config.head_dim, config.hidden_dim, config.n_head, config.block_size
+    parameter = next(model.parameters()).element_size()  # 4: the model's weights are float32
+    compute = torch.empty((), dtype=dtype).element_size() if dtype != torch.float32 else parameter
+    attention = compute if path == "fused" else FLOAT32
+    dropout_masks = config.dropout > 0
+    block = model.blocks[0]
+    first_block_less = 0
+    if trains(block):
+        norms = sum(FLOAT32 * (d + 1) + (FLOAT32 * d if trains(norm) else 0) for norm in (block.attention_norm, block.mlp_norm))
+        projections = block.attention
+        inputs = (linear_input_bytes([projections.q_proj, projections.k_proj, projections.v_proj], d, FLOAT32, compute)
+                  + linear_input_bytes([block.mlp.gate_proj, block.mlp.up_proj], d, FLOAT32, compute))
+        if path == "math":  # q, k and v widened to every head; the weights (and dropout's mask, the dropped weights)
+            kept = attention * (3 * d + heads * keys * (3 if dropout_masks else 1))
+            output = linear_input_bytes([projections.o_proj], d, attention, compute)  # a contiguous copy of the output
+        else:  # q, k, v, the output (o_proj's input), one log-sum-exp per head
+            kept = attention * (2 * d + 2 * kv) + FLOAT32 * heads
+            output = linear_input_bytes([projections.o_proj], d, attention, compute, already_kept=True)
+        mlp = 3 * compute * h + linear_input_bytes([block.mlp.down_proj], h, compute, compute)
+        masks = 2 * compute * d if dropout_masks else 0
+        per_block = norms + inputs + kept + output + mlp + masks
+        if not model.token_embedding.weight.requires_grad:
+            # Nothing below the first block needs a gradient: its attention norm keeps nothing, nor
+            # do adapter dropouts on that norm's output keep their masks.
+            adapters = [linear for linear in (projections.q_proj, projections.k_proj, projections.v_proj)
+                        if isinstance(linear, LoRALinear) and linear.dropout.p > 0]
+            first_block_less = FLOAT32 * (d + 1) + (FLOAT32 * d if trains(block.attention_norm) else 0) + FLOAT32 * d * len(adapters)
+            if path == "math":  # q @ k^T keeps q only for k's gradient, weights @ v the (dropped) weights only for v's
+                first_block_less += (0 if trains(projections.k_proj) else attention * d)
+                first_block_less += (0 if trains(projections.v_proj) or not dropout_masks else attention * heads * keys)
+    else:  # a frozen trunk (a classifier's): nothing in it needs a gradient
+        per_block = 0
+    embedding = TOKEN_ID + (FLOAT32 * d if dropout_masks else 0) if model.token_embedding.weight.requires_grad else 0
+    final_norm = FLOAT32 * (d + 1) + (FLOAT32 * d if trains(model.final_norm) else 0)
+    if language_model:  # the output head's input, float32 log-probabilities over the vocabulary, the targets
+        head = linear_input_bytes([model.lm_head], d, FLOAT32, compute) + FLOAT32 * config.vocab_size + TOKEN_ID
+    else:  # a classifier's heads read one pooled vector per sequence
+        head = 0
+    return SavedPerToken(per_block, FLOAT32 * d if per_block else 0, embedding + final_norm + head, first_block_less)
+
+
+def weight_copy_bytes(model: GPT, dtype: torch.dtype, gradient_checkpointing: bool, language_model: bool = True) -> int:
+    """Autocast multiplies with low-precision copies of the weights (made once per forward pass and
+    kept for the backward pass, which needs them for the inputs' gradients): c bytes for every
+    Linear weight. With gradient checkpointing the blocks' copies are made again in the backward
+    pass, one block at a time; the output head's stays."""
+    if dtype == torch.float32:
+        return 0
+    element = torch.empty((), dtype=dtype).element_size()
+
+    def linear_weights(module: torch.nn.Module) -> int:
+        return sum(layer.weight.numel() for layer in module.modules() if isinstance(layer, torch.nn.Linear))
+
+    blocks = linear_weights(model.blocks[0]) * (1 if gradient_checkpointing else len(model.blocks))
+    return element * (blocks + (model.lm_head.weight.numel() if language_model else 0))
 
 
 @dataclass(frozen=True)
@@ -106,49 +224,122 @@ def count_parameters(model: torch.nn.Module) -> ParameterCounts:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes of one training step, by kind. `activations` are for the whole micro-batch."""
+    """Bytes of one training step, by kind; those that grow with the tokens are for the whole micro-batch."""
 
     parameters: ParameterCounts
     batch_size: int
     block_size: int
     dtype: torch.dtype
+    accumulation: int
+    attention: str  # attention_path()
     weights: int
     gradients: int
     optimizer_state: int
-    activations: int
+    weight_copies: int  # autocast's low-precision copies of the weights
+    weight_copies_checkpointed: int
+    activations: int  # what autograd keeps for the backward pass
     activations_checkpointed: int
-    backward_working: int
+    log_probabilities: int  # the part of `activations` the loss keeps, freed before the blocks' backward pass
+    block: int  # one block's activations (recomputed in the backward pass under gradient checkpointing)
+    block_gradients: int  # the most a block's backward pass holds at once: two SwiGLU-wide gradients per token
+    loss_gradients: int  # the backward pass's first tensors: two vocabulary-wide float32 gradients per token
+    allocator_slack: int  # a CPU heap's holes (ALLOCATOR_SLACK_BLOCKS blocks' activations; 0 elsewhere)
+    process: int = 0  # the process without the model (process_memory; 0 on CUDA)
+
+    def phases(self, gradient_checkpointing: bool) -> dict[str, int]:
+        """Bytes alive at the three moments a step peaks, beyond the process itself:
+
+            loss backward    every activation is still kept, and the loss's backward pass holds the
+                             gradients of the log-probabilities and of the logits
+            block backward   the log-probabilities are gone; a block's backward pass holds the
+                             gradients of silu(gate) and of up(x) while its product's is still
+                             alive (with checkpointing it has recomputed the block's activations too)
+            update           AdamW reads every gradient and its two states
+
+        Gradients are alive during the backward pass only when the step has several micro-batches
+        (the earlier ones left theirs); with one, they appear as the activations go."""
+        copies = self.weight_copies_checkpointed if gradient_checkpointing else self.weight_copies
+        kept = self.activations_checkpointed if gradient_checkpointing else self.activations
+        resident = self.weights + self.optimizer_state + copies + (self.gradients if self.accumulation > 1 else 0)
+        recomputed = self.block if gradient_checkpointing else 0
+        return {
+            "loss backward": resident + kept + self.loss_gradients,
+            "block backward": resident + kept - self.log_probabilities + recomputed + self.block_gradients,
+            "update": self.weights + self.optimizer_state + self.gradients,
+        }
+
+    def tensors(self, gradient_checkpointing: bool) -> int:
+        """The most bytes of tensors alive at once."""
+        return max(self.phases(gradient_checkpointing).values())
 
     def peak(self, gradient_checkpointing: bool) -> int:
-        """Everything alive at the start of the backward pass of a step's last micro-batch: the
-        gradients of the earlier micro-batches are there already, all activations are still saved."""
-        activations = self.activations_checkpointed if gradient_checkpointing else self.activations
-        return self.weights + self.gradients + self.optimizer_state + activations + self.backward_working
+        """The process's peak memory: its own size, the tensors' peak and the allocator's slack."""
+        return self.process + self.tensors(gradient_checkpointing) + self.allocator_slack
 
 
-def estimate_memory(model: torch.nn.Module, config: ModelConfig, batch_size: int, dtype: torch.dtype) -> MemoryEstimate:
-    """The memory of a training step of `model` (it may live on the meta device: only shapes are read).
-
-    Under autocast (bfloat16/float16) the blocks' activations are stored in that type, 2 bytes an
-    element; the loss is computed in float32 whatever the precision.
-    """
+def estimate_memory(model: torch.nn.Module, config: RunConfig, batch_size: int, dtype: torch.dtype, device: torch.device,
+                    process: int = 0, accumulation: int | None = None) -> MemoryEstimate:
+    """The memory of a training step of `model` (it may live on the meta device: only shapes are read)
+    at `batch_size` sequences per micro-batch and `accumulation` micro-batches per step (default:
+    the configuration's), computing in `dtype` (autocast unless float32) on `device`; `process` is
+    what the process holds without the model (see `process_memory`)."""
+    train = config.train
     counts = count_parameters(model)
     parameter_bytes = next(model.parameters()).element_size()
-    tokens = batch_size * config.block_size
-    per_layer, per_layer_checkpointed = activation_elements(config)
-    saved_loss, transient_loss = loss_elements(config)
-    item = torch.empty((), dtype=dtype).element_size()
-    float32 = 4
-    trainable_bytes = counts.trainable * parameter_bytes
+    language_model = train.stage != "classify"
+    path = attention_path(device, dtype, config.model.block_size, config.model.dropout, train.disable_optimizations)
+    saved = saved_bytes_per_token(model, dtype, path, language_model)
+    tokens = batch_size * config.model.block_size
+    trainable = counts.trainable * parameter_bytes
+    vocabulary = FLOAT32 * config.model.vocab_size if language_model and counts.trainable else 0
+    layers = len(model.blocks)
+    compute = torch.empty((), dtype=dtype).element_size() if dtype != torch.float32 else parameter_bytes
     return MemoryEstimate(
-        parameters=counts, batch_size=batch_size, block_size=config.block_size, dtype=dtype,
-        weights=counts.total * parameter_bytes,
-        gradients=trainable_bytes,
-        optimizer_state=ADAMW_STATES * trainable_bytes,
-        activations=tokens * (config.n_layer * per_layer * item + saved_loss * float32),
-        activations_checkpointed=tokens * ((config.n_layer * per_layer_checkpointed + per_layer) * item + saved_loss * float32),
-        backward_working=tokens * (transient_loss * float32 + per_layer * item),
+        parameters=counts, batch_size=batch_size, block_size=config.model.block_size, dtype=dtype,
+        accumulation=accumulation or train.gradient_accumulation_steps, attention=path,
+        weights=counts.total * parameter_bytes, gradients=trainable, optimizer_state=ADAMW_STATES * trainable,
+        weight_copies=weight_copy_bytes(model, dtype, False, language_model),
+        weight_copies_checkpointed=weight_copy_bytes(model, dtype, True, language_model),
+        activations=tokens * (layers * saved.block + saved.output - saved.first_block_less),
+        activations_checkpointed=tokens * (layers * saved.checkpointed_block + saved.output),
+        log_probabilities=tokens * vocabulary, block=tokens * saved.block, block_gradients=tokens * 2 * compute * config.model.hidden_dim,
+        loss_gradients=tokens * 2 * vocabulary,
+        allocator_slack=ALLOCATOR_SLACK_BLOCKS * tokens * saved.block if device.type == "cpu" else 0, process=process,
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# the process around the tensors (CPU)
+
+# On a CPU the process holds more than its live tensors at the peak: glibc's malloc serves tensors
+# under 32 MB from one heap (minigpt.runtime.keep_freed_memory_for_reuse), where each step frees
+# and allocates blocks of many sizes in a different order, so holes form that later tensors do not
+# fit; the heap grows for the first few steps, then settles. benchmarks/memory.py measures this
+# slack: 3.2 to 6.5 blocks' activations after six steps of small and medium at their preset batch
+# (float32 and bfloat16, with and without checkpointing; tiny's are lost in the process's own
+# noise), and almost none when every tensor over 1 MB gets pages of its own (steps about 20% slower).
+ALLOCATOR_SLACK_BLOCKS = 4
+
+
+def process_memory(device: torch.device, dtype: torch.dtype) -> int:
+    """The resident memory of this process, once warmed up like a run: besides what it holds already
+    (the interpreter, PyTorch, MiniGPT; in a dry-run also the tokenizer and a data reader that has
+    read its first batch), the compiler stack that building AdamW imports (about 70 MB) and the CPU
+    kernels' runtime that a first step starts (about 20 MB): one training step of a throwaway
+    model of a few thousand parameters brings both in. On CUDA the budget is the GPU's memory,
+    which none of this uses: 0."""
+    if device.type == "cuda":
+        return 0
+    with torch.random.fork_rng():
+        model = GPT(ModelConfig(vocab_size=64, block_size=8, n_layer=1, n_head=2, n_embd=16))
+        optimizer = build_optimizer(model, TrainConfig(), "cpu")
+        tokens = torch.randint(0, 64, (2, 9))
+        with autocast(torch.device("cpu"), dtype):
+            loss = model(tokens[:, :-1], tokens[:, 1:])[1]
+        loss.backward()
+        optimizer.step()
+    del model, optimizer, loss
+    return psutil.Process().memory_info().rss
 
 
 # ------------------------------------------------------------------------------------------------
@@ -236,12 +427,15 @@ def choose_micro_batch(model: torch.nn.Module, objective: Objective, config: Run
     train, block = config.train, config.model.block_size
     global_batch = train.batch_size * train.gradient_accumulation_steps
     budget = device_memory(device, train.max_memory)
+    resident = process_memory(device, dtype)  # the model's weights included
     chosen, best_rate, why = 0, 0.0, ""
     for candidate in divisors(global_batch):
         if device.type != "cuda":
-            peak = estimate_memory(model, config.model, candidate, dtype).peak(train.gradient_checkpointing)
-            if peak > FIT_MARGIN * budget.usable:
-                why = f"{candidate} would need about {gb(peak)}, over {FIT_MARGIN:.0%} of {budget.description}"
+            estimate = estimate_memory(model, config, candidate, dtype, device, accumulation=global_batch // candidate)
+            estimate = dataclasses.replace(estimate, process=max(0, resident - estimate.weights))
+            need = estimate.peak(train.gradient_checkpointing) - resident
+            if need > FIT_MARGIN * budget.usable:
+                why = f"{candidate} would need about {gb(need)} more, over {FIT_MARGIN:.0%} of {budget.description}"
                 break
         try:
             seconds = time_micro_step(model, objective, candidate, block, device, dtype)
@@ -359,26 +553,41 @@ class PeakMemory:
 
 def dry_run_report(estimate: MemoryEstimate, config: RunConfig, budget: DeviceMemory,
                    micro_step_seconds: float | None, optimizer_seconds: float | None = None) -> str:
-    """The table `minigpt train --dry-run` prints."""
+    """The table `minigpt train --dry-run` prints: each term of the estimate, then the peaks."""
     train = config.train
     counts = estimate.parameters
     tokens_per_step = train.batch_size * train.gradient_accumulation_steps * estimate.block_size
     dtype = str(estimate.dtype).replace("torch.", "")
+    accumulating = "alive through the backward pass: accumulation > 1" if estimate.accumulation > 1 else "made as activations go"
     rows = [
         ("parameters", f"{counts.total:,} ({counts.trainable:,} trainable, {counts.embedding:,} in the embedding)"),
         ("micro-batch", f"{estimate.batch_size} x {estimate.block_size} tokens, {dtype}, "
-                        f"accumulation {train.gradient_accumulation_steps}: {tokens_per_step:,} tokens per optimizer step"),
+                        f"accumulation {estimate.accumulation}: {tokens_per_step:,} tokens per optimizer step"),
         ("weights", gb(estimate.weights)),
-        ("gradients", gb(estimate.gradients)),
+        ("gradients", f"{gb(estimate.gradients)} ({accumulating})"),
         ("optimizer state", f"{gb(estimate.optimizer_state)} (AdamW: {ADAMW_STATES} per trainable parameter)"),
-        ("activations", f"{gb(estimate.activations)} ({gb(estimate.activations_checkpointed)} with gradient checkpointing)"),
-        ("backward working", f"{gb(estimate.backward_working)} (the loss's and one block's gradients)"),
     ]
+    if estimate.weight_copies:
+        rows.append(("weight copies", f"{gb(estimate.weight_copies)} ({dtype} autocast's, kept for the backward pass; "
+                                      f"{gb(estimate.weight_copies_checkpointed)} with gradient checkpointing)"))
+    rows += [
+        ("activations", f"{gb(estimate.activations)} ({gb(estimate.activations_checkpointed)} with gradient checkpointing; "
+                        f"attention: {estimate.attention})"),
+        ("loss backward", f"{gb(estimate.loss_gradients)} (gradients of the log-probabilities and the logits, float32)"),
+        ("block backward", f"{gb(estimate.block_gradients)} (a block's SwiGLU gradients; with checkpointing also its "
+                           f"{gb(estimate.block)} of recomputed activations)"),
+    ]
+    if estimate.process:
+        rows.append(("process", f"{gb(estimate.process)} (Python, PyTorch, MiniGPT, the tokenizer and data reader: measured)"))
+    if estimate.allocator_slack:
+        rows.append(("allocator slack", f"{gb(estimate.allocator_slack)} ({ALLOCATOR_SLACK_BLOCKS} blocks' activations: "
+                                        "holes in the CPU's heap)"))
     for checkpointing in (False, True):
-        peak = estimate.peak(checkpointing)
+        phases = estimate.phases(checkpointing)
         chosen = " <- this run" if checkpointing == train.gradient_checkpointing else ""
-        verdict = "fits" if peak <= FIT_MARGIN * budget.usable else "DOES NOT FIT"
-        rows.append((f"peak{' (checkpointing)' if checkpointing else ''}", f"{gb(peak)}: {verdict}{chosen}"))
+        verdict = "fits" if probe_fits(estimate, budget, checkpointing) else "DOES NOT FIT"
+        rows.append((f"peak{' (checkpointing)' if checkpointing else ''}",
+                     f"{gb(estimate.peak(checkpointing))} at the {max(phases, key=phases.get)}: {verdict}{chosen}"))
     rows.append(("device", budget.description))
     if micro_step_seconds is None:
         rows.append(("step time", "not measured (--dry-run-no-probe, or the step does not fit)"))
@@ -406,5 +615,7 @@ def time_optimizer_step(optimizer: torch.optim.Optimizer, model: torch.nn.Module
 
 
 def probe_fits(estimate: MemoryEstimate, budget: DeviceMemory, gradient_checkpointing: bool) -> bool:
-    return estimate.peak(gradient_checkpointing) <= FIT_MARGIN * budget.usable
+    """Whether a run fits in what the device has: beyond the process it starts as (which the
+    estimate measured here), its peak must stay under FIT_MARGIN of the memory still free."""
+    return estimate.peak(gradient_checkpointing) - estimate.process <= FIT_MARGIN * budget.usable
 

@@ -35,7 +35,8 @@ from minigpt.heads import build_classifier
 from minigpt.labelled_corpus import builtin_labelled_files
 from minigpt.lora import AdapterRun, LoRAConfig, apply_lora, count_trainable, format_trainable, load_model_for_inference, parse_targets
 from minigpt.memory import (
-    choose_micro_batch, device_memory, dry_run_report, estimate_memory, probe_fits, resize_stream, time_micro_step, time_optimizer_step,
+    MemoryEstimate, choose_micro_batch, device_memory, dry_run_report, estimate_memory, probe_fits, process_memory, resize_stream,
+    time_micro_step, time_optimizer_step,
 )
 from minigpt.model import GPT
 from minigpt.objective import LanguageModelObjective, Objective
@@ -437,16 +438,45 @@ def resolve_auto_batch_size(config: RunConfig, model: GPT, objective: Objective,
         config.train, batch_size=choice.micro_batch, gradient_accumulation_steps=choice.accumulation))
 
 
-def dry_run(config: RunConfig, probe: bool = True) -> str:
-    """`minigpt train --dry-run`: the memory a run of this configuration needs, against what the
-    device has, and (with `probe`) its step time from one timed micro-step; no run directory is
-    made and nothing is trained. The model is built on the meta device (shapes, no memory) for the
-    estimate, and for real only for the probe, and only if the estimate says it fits.
+@dataclass(frozen=True)
+class DryRun:
+    """What `minigpt train --dry-run` works out before it prints: the configuration (with the
+    tokenizer's vocabulary), the objective, where and in what precision the run would compute,
+    and the memory estimate of a step."""
 
-    The tokenizer comes from where the run would take it (--tokenizer, --init-from, the resumed
-    run, or the tokenizer cache, where a missing one is trained once and kept for the real run).
-    On a CPU, --dtype auto is taken as float32 here (the run itself measures whether bfloat16 pays).
-    """
+    config: RunConfig
+    objective: Objective
+    device: torch.device
+    dtype: torch.dtype
+    estimate: MemoryEstimate
+
+
+def dry_run_model(config: RunConfig, on: torch.device) -> GPT:
+    """The model a run of `config` trains (LoRA applied, checkpointing set), built on `on`: on the
+    meta device its parameters have shapes and no data, so an estimate costs no memory."""
+    with on:
+        model = GPT(config.model)
+    train = config.train
+    if train.lora_rank:
+        apply_lora(model, LoRAConfig(train.lora_rank, train.lora_alpha, train.lora_dropout, parse_targets(train.lora_targets)))
+    model.gradient_checkpointing = train.gradient_checkpointing
+    return model
+
+
+def read_first_batch(config: RunConfig, tokenizer: Tokenizer) -> None:
+    """Read the first training batch as a run does (filling the shuffle buffer) and drop it: the
+    process a dry-run measures then holds a data reader, as the run's will. Text is read where the
+    run would read a token cache (a dry-run builds none)."""
+    text = dataclasses.replace(config, train=dataclasses.replace(config.train, token_cache=False, overfit_batch=False, dataloader_workers=0))
+    train_stream, _ = build_streams(text, training_sources(config), tokenizer)
+    next(iter(train_stream))
+
+
+def plan_dry_run(config: RunConfig) -> DryRun:
+    """The estimate `dry_run` prints, without the probe. The tokenizer comes from where the run would
+    take it (--tokenizer, --init-from, the resumed run, or the tokenizer cache, where a missing one is
+    trained once and kept for the real run). On a CPU, --dtype auto is taken as float32 here (the run
+    itself measures whether bfloat16 pays)."""
     validate(config)
     train = config.train
     device = select_device(train.device)
@@ -460,24 +490,28 @@ def dry_run(config: RunConfig, probe: bool = True) -> str:
     if not config.model.vocab_size:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size))
     validate(config, tokenizer.vocab_size)
-    objective = build_objective(config, tokenizer)
+    configure_threads(train.num_threads or cores_per_process(available_cpu_cores()))  # as the run will: threads take memory too
+    if not train.disable_optimizations:
+        keep_freed_memory_for_reuse()
+    if device.type != "cuda" and train.stage != "classify":
+        read_first_batch(config, tokenizer)
+    estimate = estimate_memory(dry_run_model(config, torch.device("meta")), config, train.batch_size, dtype, device,
+                               process=process_memory(device, dtype))
+    return DryRun(config, build_objective(config, tokenizer), device, dtype, estimate)
 
-    def build(on: torch.device) -> GPT:
-        with on:  # on the meta device parameters have shapes and no data: the estimate costs no memory
-            model = GPT(config.model)
-        if train.lora_rank:
-            apply_lora(model, LoRAConfig(train.lora_rank, train.lora_alpha, train.lora_dropout, parse_targets(train.lora_targets)))
-        model.gradient_checkpointing = train.gradient_checkpointing
-        return model
 
-    estimate = estimate_memory(build(torch.device("meta")), config.model, train.batch_size, dtype)
-    budget = device_memory(device, train.max_memory)
+def dry_run(config: RunConfig, probe: bool = True) -> str:
+    """`minigpt train --dry-run`: the memory a run of this configuration needs, against what the
+    device has, and (with `probe`) its step time from one timed micro-step; no run directory is
+    made and nothing is trained. The model is built on the meta device for the estimate, and for
+    real only for the probe, and only if the estimate says it fits."""
+    plan = plan_dry_run(config)
+    config, train = plan.config, plan.config.train
+    budget = device_memory(plan.device, train.max_memory)
     micro_seconds = optimizer_seconds = None
-    if probe and probe_fits(estimate, budget, train.gradient_checkpointing):
-        configure_threads(train.num_threads)
+    if probe and probe_fits(plan.estimate, budget, train.gradient_checkpointing):
         seed_everything(train.seed)
-        model = build(device)
-        micro_seconds = time_micro_step(model, objective, train.batch_size, config.model.block_size, device, dtype)
-        optimizer_seconds = time_optimizer_step(build_optimizer(model, train, device.type), model, device)
-    return dry_run_report(estimate, config, budget, micro_seconds, optimizer_seconds)
-
+        model = dry_run_model(config, plan.device)
+        micro_seconds = time_micro_step(model, plan.objective, train.batch_size, config.model.block_size, plan.device, plan.dtype)
+        optimizer_seconds = time_optimizer_step(build_optimizer(model, train, plan.device.type), model, plan.device)
+    return dry_run_report(plan.estimate, config, budget, micro_seconds, optimizer_seconds)

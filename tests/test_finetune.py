@@ -13,6 +13,9 @@ from minigpt.checkpoint import load_model_directory, save_model_directory
 from minigpt.config import apply_overrides, preset_config
 from minigpt.data import TokenBlockStream
 from minigpt.errors import UserInputError
+from minigpt.generation import SamplingConfig, generate
+from minigpt.lora import load_model_for_inference
+from minigpt.metrics import read_metrics
 from minigpt.loss import IGNORE_INDEX
 from minigpt.model import GPT
 from minigpt.run import initial_model_config, prepare_run
@@ -125,6 +128,38 @@ def test_fine_tuning_resumes_exactly_after_a_stop(tmp_path, tokenizer_file, pret
         finally:
             shutil.rmtree(pretrained)
             shutil.copytree(backup, pretrained)
+
+
+@pytest.mark.parametrize("precision", [
+    pytest.param({"train.compile": True}, id="compiled", marks=pytest.mark.slow),  # inductor: tens of seconds
+    pytest.param({"train.dtype": "bfloat16"}, id="bfloat16"),
+])
+def test_a_lora_run_trains_only_its_adapters_and_its_final_model_generates(tmp_path, tokenizer_file, pretrained, precision):
+    """LoRA through prepare_run and the Trainer, compiled or under bfloat16 autocast: the loss falls,
+    the base weights do not move, final_model/ holds only the adapter, and it loads back onto the
+    base and generates."""
+    data = chat_file(tmp_path / "chat.jsonl")
+    config = dataclasses.replace(settings(tmp_path, tokenizer_file, "lora", **{
+        "train.stage": "sft", "train.init_from": str(pretrained), "train.data_files": [str(data)], "train.tokenizer_path": "",
+        "train.lora_rank": 4, "train.max_steps": 12, "train.log_steps": 1, "train.eval_steps": 100, "train.warmup_steps": 2,
+        "train.learning_rate": 1e-2, **precision}), model=initial_model_config(str(pretrained)))
+    trainer = prepare_run(config, show_progress=False)
+    before = {name: tensor.clone() for name, tensor in trainer.model.state_dict().items()}
+    torch._dynamo.reset()  # forget graphs other tests compiled
+    trainer.train()
+    losses = [row["loss"] for row in read_metrics(trainer.run_dir / "metrics.jsonl") if row.get("type") == "train"]
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+    after = trainer.model.state_dict()
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items() if "lora_" not in name)
+    assert all(not torch.equal(after[name], tensor) for name, tensor in before.items() if "lora_B" in name)
+    final = trainer.run_dir / "final_model"
+    assert (final / "adapter.safetensors").is_file() and not (final / "model.safetensors").exists()
+    loaded, tokenizer, _ = load_model_for_inference(final)  # base + adapter, merged
+    prompt = tokenizer.chat_prompt([{"role": "user", "content": "What is 3 times two?"}])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(torch.tensor([prompt]))[0], trainer.model.eval()(torch.tensor([prompt]))[0], rtol=1e-4, atol=1e-5)
+    reply = generate(loaded, prompt, SamplingConfig(max_new_tokens=8, seed=0))
+    assert 0 < len(reply) <= 8 and all(0 <= token < tokenizer.vocab_size for token in reply)
 
 
 def test_flags_that_contradict_the_initial_model_are_refused(tmp_path, pretrained):

@@ -68,7 +68,8 @@ FLAGS: dict[str, list[Flag]] = {
         Flag(("--weight-decay",), "train.weight_decay", "AdamW weight decay for the matrices"),
         Flag(("--grad-clip",), "train.grad_clip", "clip the gradient norm to this (0 = off)"),
         Flag(("--batch-size",), "train.batch_size", "sequences per micro-batch, or auto: the largest that fits and pays, "
-             "with the accumulation raised to keep the global batch (batch size x accumulation)"),
+             "with the accumulation raised to keep the global batch (batch size x accumulation); chosen when a run "
+             "starts, kept by --resume"),
         Flag(("--gradient-accumulation-steps",), "train.gradient_accumulation_steps", "micro-batches per optimizer step"),
     ],
     "schedule": [
@@ -222,6 +223,15 @@ def config_from_arguments(arguments: argparse.Namespace, config: RunConfig) -> R
         paths = resolve_run_paths(apply_overrides(config, {**overrides, "train.resume": arguments.resume}, source="command line"))
         saved = paths.run_dir / "config.json"
         config = load_config(str(saved))  # a damaged or hand-edited config.json is one sentence, not a traceback
+        if overrides.pop("train.auto_batch_size", False):
+            if not config.train.auto_batch_size:
+                raise UserInputError(
+                    f"--batch-size auto chooses the micro-batch when a run starts, and {paths.run_dir} was started with "
+                    f"--batch-size {config.train.batch_size}: resume it without --batch-size auto."
+                )
+            # The run chose its micro-batch and accumulation for the global batch asked at its start:
+            # config.json holds both, and the accumulation given with auto again is part of that request.
+            overrides.pop("train.gradient_accumulation_steps", None)
         overrides["train.resume"] = str(paths.resume_from)
         overrides.setdefault("train.run_name", paths.run_dir.name)
         overrides.setdefault("train.output_dir", str(paths.run_dir.parent))
