@@ -116,22 +116,31 @@ def balanced_class_weights(labels: np.ndarray, classes: int) -> np.ndarray:
 
 
 class ClassificationObjective(Objective):
-    """Cross-entropy of each task's head, weighted by task (and class) and summed.
+    """Cross-entropy of each task's head, weighted by task (and class) and summed; with
+    `lm_loss_weight`, plus that much of the next-token loss on the same texts.
 
     The trainer divides the summed loss by `weight`: the weighted count of (task, example)
     pairs that have a label, so a step's loss is the weighted mean over its labelled pairs and
-    an example missing one task's label simply adds nothing to that task.
+    an example missing one task's label simply adds nothing to that task. The next-token loss
+    (a mean over the batch's tokens) is multiplied by the batch's weight before that division,
+    so it is added as lm_loss_weight x its mean, however the step is cut into micro-batches.
+
+    Why a language-model loss in a classifier: a model trained from scratch on a thousand
+    labelled texts memorises their labels within a few epochs, after which the labels teach it
+    nothing more. Predicting each next word keeps teaching the trunk what the texts say.
+    Evaluation reports the classification loss alone (val_loss).
     """
 
     monitor = Monitor("eval_f1_macro", "max")
 
     def __init__(self, label_maps: LabelMaps, task_weights: dict[str, float], class_weights: dict[str, np.ndarray] | None = None,
-                 vocab_size: int = 4):
+                 vocab_size: int = 4, lm_loss_weight: float = 0.0):
         self.label_maps, self.tasks = label_maps, list(label_maps)
         self.task_weights = task_weights
         self.class_weights = {task: torch.tensor(class_weights[task] if class_weights else np.ones(len(labels)), dtype=torch.float32)
                               for task, labels in label_maps.items()}
         self.vocab_size = vocab_size
+        self.lm_loss_weight = lm_loss_weight
 
     def _pair_weights(self, labels: torch.Tensor, task: int) -> torch.Tensor:
         """Each example's weight in task `task`: task weight x class weight, 0 where unlabelled."""
@@ -153,7 +162,10 @@ class ClassificationObjective(Objective):
 
     def loss(self, model: torch.nn.Module, batch: ClassificationBatch) -> torch.Tensor:
         ids, lengths, labels = batch
-        return self._losses(model(ids, lengths), labels)  # forward(), through DDP or torch.compile
+        if not self.lm_loss_weight:
+            return self._losses(model(ids, lengths), labels)  # forward(), through DDP or torch.compile
+        logits, next_token = model(ids, lengths, ids)
+        return self._losses(logits, labels) + self.lm_loss_weight * self.weight(batch) * next_token
 
     def tokens(self, batch: ClassificationBatch) -> int:
         _, lengths, _ = batch
@@ -307,7 +319,8 @@ def build_classification_objective(config: RunConfig, train_stream: Classificati
     if config.train.class_weights == "balanced":
         labels = train_stream.encoded.labels
         class_weights = {task: balanced_class_weights(labels[:, index], len(label_maps[task])) for index, task in enumerate(label_maps)}
-    return ClassificationObjective(label_maps, parse_task_weights(config.train.task_weights, list(label_maps)), class_weights, vocab_size)
+    return ClassificationObjective(label_maps, parse_task_weights(config.train.task_weights, list(label_maps)), class_weights, vocab_size,
+                                   lm_loss_weight=config.train.lm_loss_weight)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -146,8 +146,9 @@ class TrainConfig:
     tasks: str = ""  # comma-separated tasks to train; empty = every "<task>_labels" field of the data
     task_weights: str = ""  # "sentiment=1,toxicity=0.5": each task's loss is multiplied by its weight (default 1)
     class_weights: str = "none"  # balanced: weigh each class by records / (classes * its records)
-    pooling: str = "last"  # last: the last real token's vector; mean: the average over real tokens
+    pooling: str = "last"  # last: the last real token's vector; mean: the average over real tokens; max: each feature's largest
     freeze_trunk: bool = False  # train only the heads on a frozen --init-from model (a linear probe)
+    lm_loss_weight: float = 0.0  # add this x the next-token loss on the texts to the classification loss; 0 = off
     label_maps: dict = field(default_factory=dict)  # task -> labels in id order; found in the training data
 
 
@@ -222,7 +223,7 @@ CHOICES = {
     "train.ddp_backend": ("auto", "nccl", "gloo"),
     "train.compile_mode": ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "train.class_weights": ("none", "balanced"),
-    "train.pooling": ("last", "mean"),
+    "train.pooling": ("last", "mean", "max"),
 }
 
 
@@ -332,7 +333,7 @@ def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None
         "train.grad_clip": train.grad_clip, "train.max_steps": train.max_steps, "train.max_time": train.max_time,
         "train.early_stopping_patience": train.early_stopping_patience, "train.sample_tokens": train.sample_tokens,
         "train.max_cpu": train.max_cpu, "train.max_memory": train.max_memory, "train.num_threads": train.num_threads,
-        "train.lora_rank": train.lora_rank,
+        "train.lora_rank": train.lora_rank, "train.lm_loss_weight": train.lm_loss_weight,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -370,6 +371,10 @@ def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None
         value = getattr(train, key.split(".")[1])
         if value not in allowed:
             raise UserInputError(f"{key} must be one of {', '.join(allowed)}, got '{value}'.")
+    if train.lm_loss_weight and train.stage != "classify":
+        raise UserInputError("train.lm_loss_weight adds a next-token loss to a classifier's; it applies to --stage classify only.")
+    if train.lm_loss_weight and train.freeze_trunk:
+        raise UserInputError("--lm-loss-weight trains the trunk, which --freeze-trunk keeps frozen; set it to 0 for a linear probe.")
     if train.tokenizer_type == "bpe" and train.tokenizer_vocab_size < 260:
         raise UserInputError(
             f"A byte-level BPE vocabulary needs at least 260 tokens (256 bytes + 4 special), got {train.tokenizer_vocab_size}."

@@ -7,10 +7,17 @@ per text, so the positions are pooled:
            seen the whole text, and it is where a language model "sums up" before predicting.
     mean   the average over the real tokens: every token votes equally (often better for a
            model trained from scratch, which has not learned to sum up yet).
+    max    each feature's largest value over the real tokens: "does any token say X?", as in a
+           convolutional text classifier. One telling word anywhere in a long text counts fully,
+           where a mean would dilute it among all the others.
 
 Then one linear layer per task maps the pooled vector to that task's class scores (logits).
 Padding sits to the right of the text and attention is causal, so pads never reach a real
 token's vector: a text gets exactly the same logits alone or in a padded batch.
+
+A classifier keeps its language-model head (tied to the token embeddings), so the same pass can
+also score the next token of each text: the auxiliary loss a model trained from scratch learns
+language from while it learns the labels (`--lm-loss-weight`; GPT-1 fine-tuned this way).
 """
 
 from __future__ import annotations
@@ -24,18 +31,21 @@ from minigpt.checkpoint import load_weights, resolve_model_directory
 from minigpt.config import RunConfig, load_config
 from minigpt.errors import UserInputError
 from minigpt.files import verify_manifest
+from minigpt.loss import next_token_loss
 from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer, load_tokenizer
 
-POOLINGS = ("last", "mean")
+POOLINGS = ("last", "mean", "max")
 
 
 def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
     """One vector per row of hidden (batch, time, width), from its first `lengths` positions."""
     if pooling == "last":
         return hidden[torch.arange(hidden.size(0), device=hidden.device), lengths - 1]
-    real = (torch.arange(hidden.size(1), device=hidden.device)[None, :] < lengths[:, None]).to(hidden.dtype)
-    return (hidden * real[:, :, None]).sum(1) / lengths[:, None].to(hidden.dtype)
+    real = torch.arange(hidden.size(1), device=hidden.device)[None, :] < lengths[:, None]
+    if pooling == "max":
+        return hidden.masked_fill(~real[:, :, None], float("-inf")).amax(1)
+    return (hidden * real[:, :, None].to(hidden.dtype)).sum(1) / lengths[:, None].to(hidden.dtype)
 
 
 class GPTClassifier(GPT):
@@ -50,21 +60,33 @@ class GPTClassifier(GPT):
         for head in self.heads.values():
             nn.init.normal_(head.weight, mean=0.0, std=0.02)
             nn.init.zeros_(head.bias)
-        if not config.model.tie_embeddings:
-            # The language-model head is kept (a pretrained model loads whole) but never used, so
-            # it does not train; frozen, it is no gradient that DDP would wait for in vain.
+        if not config.model.tie_embeddings and not config.train.lm_loss_weight:
+            # The language-model head is kept (a pretrained model loads whole) but unused without
+            # --lm-loss-weight, so it does not train; frozen, it is no gradient DDP would wait for.
             self.lm_head.requires_grad_(False)
 
-    def classify(self, idx: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each task's logits (batch, classes) for right-padded token ids and their lengths."""
-        pooled = pool(self.hidden_states(idx), lengths, self.pooling)
-        return {task: head(pooled) for task, head in self.heads.items()}
+    def classify(
+        self, idx: torch.Tensor, lengths: torch.Tensor, next_token_targets: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Each task's logits (batch, classes) for right-padded token ids and their lengths. With
+        `next_token_targets` (the texts' ids, shaped like idx), also the language model's mean
+        next-token loss over the texts: only positions whose next token is real text are scored."""
+        hidden = self.hidden_states(idx)
+        pooled = pool(hidden, lengths, self.pooling)
+        logits = {task: head(pooled) for task, head in self.heads.items()}
+        if next_token_targets is None:
+            return logits
+        followed = torch.arange(idx.size(1) - 1, device=idx.device)[None, :] < lengths[:, None] - 1
+        summed = next_token_loss(self.lm_head(hidden[:, :-1][followed]), next_token_targets[:, 1:][followed], reduction="sum")
+        return logits, summed / followed.sum().clamp(min=1)  # a batch of one-token texts predicts nothing: 0, not NaN
 
-    def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, idx: torch.Tensor, lengths: torch.Tensor, next_token_targets: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], torch.Tensor]:
         """`classifier(ids, lengths)` is `classify`: training calls the model this way, since
         DistributedDataParallel and torch.compile wrap forward() and no other method (a method
         called through them would skip the gradient all-reduce, or the compiled code)."""
-        return self.classify(idx, lengths)
+        return self.classify(idx, lengths, next_token_targets)
 
     def freeze_trunk(self) -> None:
         """Train only the heads (a linear probe): what the trunk already knows, read out linearly."""

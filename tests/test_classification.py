@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minigpt.checkpoint import save_model_directory
+from minigpt.checkpoint import load_weights, save_model_directory
 from minigpt.classification import (
     ClassificationObjective, balanced_class_weights, confusion_matrix, parse_task_weights, scores_from_confusion, scores_table,
 )
 from minigpt.cli import classify, train_classifier
-from minigpt.config import RunConfig, apply_overrides
+from minigpt.config import RunConfig, apply_overrides, validate
 from minigpt.errors import UserInputError
 from minigpt.heads import GPTClassifier, load_classifier
 from minigpt.labelled_corpus import GROUPS, builtin_labelled_records, group_of
@@ -154,7 +154,7 @@ def test_long_texts_are_cut_and_counted_and_the_stream_resumes_exactly(tmp_path,
 
 # --- the model ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("pooling", ["last", "mean"])
+@pytest.mark.parametrize("pooling", ["last", "mean", "max"])
 def test_padding_never_changes_a_prediction(pooling):
     torch.manual_seed(0)
     config = apply_overrides(RunConfig(), {"model.vocab_size": 50, "model.block_size": 64, "model.n_layer": 2, "model.n_embd": 32,
@@ -176,6 +176,36 @@ def test_loss_weight_counts_labelled_pairs_and_skips_missing_labels():
     logits = {"a": torch.zeros(3, 2), "b": torch.zeros(3, 3)}
     expected = 2 * np.log(2) + 0.5 * 2 * np.log(3)
     assert float(objective._losses(logits, labels)) == pytest.approx(expected, rel=1e-5)
+
+
+@torch.no_grad()
+def test_language_model_loss_is_the_next_token_loss_of_the_real_tokens_only():
+    """The auxiliary loss of a padded batch is the language model's own loss over the texts'
+    tokens (padding predicts nothing and is never predicted), scaled into the step's weighted mean."""
+    torch.manual_seed(0)
+    config = apply_overrides(RunConfig(), {"model.vocab_size": 50, "model.block_size": 64, "model.n_layer": 1, "model.n_embd": 32,
+                                           "model.n_head": 2, "train.pooling": "max", "train.stage": "classify"})
+    config.train.label_maps = {"labels": ["a", "b"]}
+    model = GPTClassifier(config).eval()
+    texts = [np.array([5, 9, 13, 7, 21], dtype=np.int64), np.array([8, 11, 30], dtype=np.int64), np.array([4], dtype=np.int64)]
+    ids, lengths = pad_batch(texts, pad_id=3)
+    labels = torch.tensor([[0], [1], [IGNORE_INDEX]])
+    summed = sum(float(GPT.forward(model, torch.from_numpy(text[None, :-1]), torch.from_numpy(text[None, 1:]), loss_reduction="sum")[1])
+                 for text in texts if len(text) > 1)
+    language_model = summed / sum(len(text) - 1 for text in texts)  # 6 predicted tokens; the one-token text predicts none
+    objective = ClassificationObjective(config.train.label_maps, {"labels": 1.0}, lm_loss_weight=0.5)
+    classification = float(objective._losses(model.classify(ids, lengths), labels))
+    assert objective.weight((ids, lengths, labels)) == 2.0
+    assert float(objective.loss(model, (ids, lengths, labels))) == pytest.approx(classification + 0.5 * 2.0 * language_model, rel=1e-5)
+    alone_ids, alone_lengths = pad_batch(texts[:1], pad_id=3)
+    _, alone = model.classify(alone_ids, alone_lengths, alone_ids)
+    padded_ids = pad_batch([texts[0], np.arange(20, dtype=np.int64)], pad_id=3)[0][:1]
+    _, padded = model.classify(padded_ids, torch.tensor([5]), padded_ids)
+    assert float(padded) == pytest.approx(float(alone), rel=1e-5)  # 15 pads after the text change nothing
+    with pytest.raises(UserInputError, match="--freeze-trunk"):
+        validate(apply_overrides(config, {"train.lm_loss_weight": 1.0, "train.freeze_trunk": True}))
+    with pytest.raises(UserInputError, match="--stage classify only"):
+        validate(apply_overrides(config, {"train.lm_loss_weight": 1.0, "train.stage": "pretrain"}))
 
 
 # --- the built-in labelled set --------------------------------------------------------------
@@ -221,6 +251,24 @@ def test_multi_task_training_then_classify(tmp_path, capsys):
     assert "sentiment: " in capsys.readouterr().out
     model, _, _ = load_classifier(run / "final_model")
     assert set(model.heads) == {"sentiment", "size"}
+
+
+def test_without_validation_data_the_last_weights_are_the_final_model(tmp_path, capsys):
+    """--val-fraction 0 and no --val-data-files: nothing is evaluated, so final_model/ is the last
+    step's weights (said so), and no confusion matrix is promised. Here with max pooling and the
+    auxiliary next-token loss, which train together."""
+    train = write_jsonl(tmp_path / "train.jsonl", two_task_records(40))
+    assert train_classifier.main(["--data-files", str(train), "--val-fraction", "0", "--output-dir", str(tmp_path / "runs"),
+                                  "--run-name", "last", "--max-steps", "10", "--pooling", "max", "--lm-loss-weight", "1", *TINY]) == 0
+    run = tmp_path / "runs" / "last"
+    printed = "".join(capsys.readouterr())
+    assert "the last step's weights: there was no validation data" in printed and "Confusion matrices" not in printed
+    assert not (run / "plots").exists() and not any('"eval"' in line for line in (run / "metrics.jsonl").read_text().splitlines())
+    final, _, config = load_classifier(run / "final_model")
+    assert config.train.pooling == "max" and config.train.lm_loss_weight == 1.0
+    last = GPTClassifier(config)
+    load_weights(last, run / "checkpoint_step_10" / "model.safetensors")
+    assert all(torch.equal(tensor, last.state_dict()[name]) for name, tensor in final.state_dict().items())
 
 
 def test_chinese_texts_without_spaces_train_end_to_end(tmp_path, capsys):

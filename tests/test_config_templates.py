@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from minigpt.cli.train_classifier import base_config
 from minigpt.config import load_config, validate
 from minigpt.errors import UserInputError
 
@@ -38,3 +39,10 @@ def test_a_bad_yaml_file_is_one_sentence(tmp_path, text, message):
     (tmp_path / "bad.yaml").write_text(text)
     with pytest.raises(UserInputError, match=message.replace("?", r"\?").replace("(", r"\(").replace("[", r"\[")):
         load_config(str(tmp_path / "bad.yaml"))
+
+
+def test_classify_default_is_the_train_classifier_recipe_written_out():
+    """configs/classify_default.yaml says what `train-classifier` with no --config does."""
+    written = load_config(str(next(path for path in TEMPLATES if path.stem == "classify_default")))
+    built_in, _ = base_config([])
+    assert written.to_dict() == built_in.to_dict()

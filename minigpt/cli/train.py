@@ -43,8 +43,9 @@ FLAGS: dict[str, list[Flag]] = {
         Flag(("--tasks",), "train.tasks", "comma-separated tasks to train (default: every <task>_labels field of the data)"),
         Flag(("--task-weights",), "train.task_weights", "each task's loss weight, e.g. sentiment=1,toxicity=0.5 (default 1 each)"),
         Flag(("--class-weights",), "train.class_weights", "balanced: weigh classes inversely to their frequency in the training data"),
-        Flag(("--pooling",), "train.pooling", "last: the last real token's vector feeds the heads; mean: the average over real tokens"),
+        Flag(("--pooling",), "train.pooling", "last: the last real token's vector feeds the heads; mean: the average over real tokens; max: each feature's largest value over them"),
         Flag(("--freeze-trunk",), "train.freeze_trunk", "train only the heads on the frozen --init-from model (a linear probe)"),
+        Flag(("--lm-loss-weight",), "train.lm_loss_weight", "add this times the next-token loss on the texts to the classification loss (0 = off)"),
     ],
     "data": [
         Flag(("--data-files",), "train.data_files", "training data: .jsonl/.txt files, directories or globs (none: the built-in corpus)"),

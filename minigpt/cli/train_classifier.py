@@ -80,9 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     compute_cleanup()  # after a clean end only, as `minigpt train` does
     log.info(trainer.stop_message())
     final_model = trainer.run_dir / "final_model"
+    evaluated = trainer.val_batches is not None
     if final_model.is_dir():
-        log.info("Final model:    %s (the best evaluation by macro-F1)", final_model)
+        kept = "the best evaluation by macro-F1" if evaluated else "the last step's weights: there was no validation data"
+        log.info("Final model:    %s (%s)", final_model, kept)
         log.info("Classify with:  %s %s --text \"...\"", program_name("classify"), final_model)
-    log.info("Confusion matrices: %s", trainer.run_dir / "plots")
+    if evaluated:
+        log.info("Confusion matrices: %s", trainer.run_dir / "plots")
     log.info("Summary:        %s", trainer.run_dir / "summary.json")
     return exit_status(summary["stop_reason"], trainer.stop_signal)
