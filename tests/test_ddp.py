@@ -347,14 +347,15 @@ def write_labelled_file(path: Path, numbers: range) -> Path:
 
 def test_classification_on_two_processes_matches_one_in_weights_and_every_metric(workspace, tokenizer_file):
     """22 training records in batches of 4 (two epochs in 6 steps), balanced class weights (a
-    fractional step weight), and 17 validation records: 5 batches, 3 evaluated by one process and
+    fractional step weight), the auxiliary next-token loss, and 17 validation records: 5 batches, 3 evaluated by one process and
     2 by the other, whose loss sums and confusion matrices are added up."""
     train = write_labelled_file(workspace / "labelled_train.jsonl", range(22))
     validation = write_labelled_file(workspace / "labelled_val.jsonl", range(100, 117))
 
     def arguments(name: str, *extra: str) -> list[str]:
         return ["--config", "tiny", "--data-files", str(train), "--val-data-files", str(validation), "--tokenizer", str(tokenizer_file),
-                "--class-weights", "balanced", "--output-dir", "runs", "--run-name", name, "--max-steps", str(STEPS),
+                "--class-weights", "balanced", "--pooling", "max", "--lm-loss-weight", "0.5",
+                "--output-dir", "runs", "--run-name", name, "--max-steps", str(STEPS),
                 "--batch-size", "4", "--log-steps", "1", "--eval-steps", "3", "--eval-batches", "5", "--save-steps", "6", "--dtype", "float32",
                 "--disable-monitoring", *extra]
 
