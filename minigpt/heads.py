@@ -31,11 +31,12 @@ from minigpt.checkpoint import load_weights, resolve_model_directory
 from minigpt.config import RunConfig, load_config
 from minigpt.errors import UserInputError
 from minigpt.files import verify_manifest
-from minigpt.loss import next_token_loss
+from minigpt.loss import IGNORE_INDEX, next_token_loss
 from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer, load_tokenizer
 
 POOLINGS = ("last", "mean", "max")
+LM_ROWS_STEP = 512  # the auxiliary next-token loss scores its positions in groups of this many rows
 
 
 def pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -77,7 +78,14 @@ class GPTClassifier(GPT):
         if next_token_targets is None:
             return logits
         followed = torch.arange(idx.size(1) - 1, device=idx.device)[None, :] < lengths[:, None] - 1
-        summed = next_token_loss(self.lm_head(hidden[:, :-1][followed]), next_token_targets[:, 1:][followed], reduction="sum")
+        scored, targets = hidden[:, :-1][followed], next_token_targets[:, 1:][followed]
+        # The count of scored positions changes with every batch, and a CPU's oneDNN keeps a compiled
+        # kernel per matrix shape (bfloat16 autocast: +17 MB per step, without end). Padding the rows
+        # to a multiple of LM_ROWS_STEP (ignored targets, so the sum is unchanged) leaves few shapes.
+        padding = -scored.size(0) % LM_ROWS_STEP
+        scored = nn.functional.pad(scored, (0, 0, 0, padding))
+        targets = nn.functional.pad(targets, (0, padding), value=IGNORE_INDEX)
+        summed = next_token_loss(self.lm_head(scored), targets, reduction="sum")
         return logits, summed / followed.sum().clamp(min=1)  # a batch of one-token texts predicts nothing: 0, not NaN
 
     def forward(  # type: ignore[override]

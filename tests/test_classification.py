@@ -15,7 +15,7 @@ from minigpt.classification import (
 from minigpt.cli import classify, train_classifier
 from minigpt.config import RunConfig, apply_overrides, validate
 from minigpt.errors import UserInputError
-from minigpt.heads import GPTClassifier, load_classifier
+from minigpt.heads import LM_ROWS_STEP, GPTClassifier, load_classifier
 from minigpt.labelled_corpus import GROUPS, builtin_labelled_records, group_of
 from minigpt.labelled_data import (
     ClassificationBatches, build_label_maps, encode_records, find_tasks, pad_batch, read_labelled_records,
@@ -202,6 +202,14 @@ def test_language_model_loss_is_the_next_token_loss_of_the_real_tokens_only():
     padded_ids = pad_batch([texts[0], np.arange(20, dtype=np.int64)], pad_id=3)[0][:1]
     _, padded = model.classify(padded_ids, torch.tensor([5]), padded_ids)
     assert float(padded) == pytest.approx(float(alone), rel=1e-5)  # 15 pads after the text change nothing
+    # However many positions a batch scores, the language-model head sees whole groups of rows: a
+    # CPU's oneDNN keeps one compiled kernel per shape, and a new shape every step grew memory without end.
+    seen = []
+    model.lm_head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[0]))
+    for count in (1, 2, 3):
+        batch_ids, batch_lengths = pad_batch([np.arange(5, 5 + 7 * count + n, dtype=np.int64) for n in range(count)], pad_id=3)
+        model.classify(batch_ids, batch_lengths, batch_ids)
+    assert len(seen) == 3 and all(rows == LM_ROWS_STEP for rows in seen)
     with pytest.raises(UserInputError, match="--freeze-trunk"):
         validate(apply_overrides(config, {"train.lm_loss_weight": 1.0, "train.freeze_trunk": True}))
     with pytest.raises(UserInputError, match="--stage classify only"):
