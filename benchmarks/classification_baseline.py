@@ -75,7 +75,7 @@ def describe_recipe(run: Path) -> str:
     """The recipe as the run recorded it: model shape, tokenizer, block, pooling, auxiliary loss."""
     _, _, config = load_classifier(run / "final_model")
     model, train = config.model, config.train
-    return (f"{model.n_layer} layers x {model.n_embd} wide, {train.tokenizer_type.upper()} vocabulary {model.vocab_size}, "
+    return (f"{model.n_layer} layer{'s' if model.n_layer != 1 else ''} x {model.n_embd} wide, {train.tokenizer_type.upper()} vocabulary {model.vocab_size}, "
             f"block {model.block_size}, {train.pooling} pooling, language-model loss x{train.lm_loss_weight:g}, "
             f"batch {train.batch_size}, learning rate {train.learning_rate:g}, {train.dtype}")
 
