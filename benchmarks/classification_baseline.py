@@ -33,6 +33,7 @@ from sklearn.metrics import f1_score  # noqa: E402
 
 from minigpt.classification import predict  # noqa: E402
 from minigpt.cli import train_classifier  # noqa: E402
+from minigpt.config import RunConfig  # noqa: E402
 from minigpt.heads import load_classifier  # noqa: E402
 from minigpt.labelled_corpus import builtin_labelled_files  # noqa: E402
 from minigpt.labelled_data import encode_records, read_labelled_records  # noqa: E402
@@ -54,8 +55,8 @@ def baseline(train: list, validation: list, tuned: bool = True) -> tuple[float, 
     return float(score), time.perf_counter() - start
 
 
-def minigpt(train_file: Path, output_dir: Path, max_time: float, validation: list) -> tuple[float, float, Path]:
-    """(macro-F1 of the last model on the validation split, wall seconds, the run directory)."""
+def minigpt(train_file: Path, output_dir: Path, max_time: float, validation: list) -> tuple[float, float, Path, RunConfig]:
+    """(macro-F1 of the last model on the validation split, wall seconds, the run directory, its configuration)."""
     start = time.perf_counter()
     status = train_classifier.main(["--data-files", str(train_file), "--val-fraction", "0", "--output-dir", str(output_dir),
                                     "--run-name", "bench", "--max-time", str(max_time)])
@@ -68,12 +69,11 @@ def minigpt(train_file: Path, output_dir: Path, max_time: float, validation: lis
     encoded = encode_records(validation, tokenizer, config.train.label_maps, model.config.block_size)
     predicted = predict(model, encoded, tokenizer.pad_id)["labels"].argmax(-1)
     score = f1_score([record.labels["labels"] for record in validation], [labels[index] for index in predicted], average="macro")
-    return float(score), seconds, run
+    return float(score), seconds, run, config
 
 
-def describe_recipe(run: Path) -> str:
+def describe_recipe(config: RunConfig) -> str:
     """The recipe as the run recorded it: model shape, tokenizer, block, pooling, auxiliary loss."""
-    _, _, config = load_classifier(run / "final_model")
     model, train = config.model, config.train
     return (f"{model.n_layer} layer{'s' if model.n_layer != 1 else ''} x {model.n_embd} wide, {train.tokenizer_type.upper()} vocabulary {model.vocab_size}, "
             f"block {model.block_size}, {train.pooling} pooling, language-model loss x{train.lm_loss_weight:g}, "
@@ -96,9 +96,9 @@ def main() -> None:
     baseline_f1, baseline_seconds = baseline(train, validation)
     print(f"baseline, tuned (TF-IDF char 1-3-grams within words + logistic regression, C=10): macro-F1 {baseline_f1:.4f} "
           f"in {baseline_seconds:.1f} s")
-    minigpt_f1, minigpt_seconds, run = minigpt(train_file, output_dir, arguments.max_time, validation)
+    minigpt_f1, minigpt_seconds, run, config = minigpt(train_file, output_dir, arguments.max_time, validation)
     summary = json.loads((run / "summary.json").read_text())
-    print(f"MiniGPT recipe: {describe_recipe(run)}")
+    print(f"MiniGPT recipe: {describe_recipe(config)}")
     print(f"MiniGPT from scratch ({summary['steps']} steps, {summary['tokens']:,} tokens, {summary['training_seconds']:.0f} s of "
           f"training at {summary['tokens_per_second']:,.0f} tokens/s, stopped by {summary['stop_reason']}): "
           f"macro-F1 {minigpt_f1:.4f} in {minigpt_seconds:.1f} s wall")

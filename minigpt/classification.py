@@ -164,7 +164,7 @@ class ClassificationObjective(Objective):
         ids, lengths, labels = batch
         if not self.lm_loss_weight:
             return self._losses(model(ids, lengths), labels)  # forward(), through DDP or torch.compile
-        logits, next_token = model(ids, lengths, ids)
+        logits, next_token = model(ids, lengths, language_model_loss=True)
         return self._losses(logits, labels) + self.lm_loss_weight * self.weight(batch) * next_token
 
     def tokens(self, batch: ClassificationBatch) -> int:

@@ -15,7 +15,7 @@ Then one linear layer per task maps the pooled vector to that task's class score
 Padding sits to the right of the text and attention is causal, so pads never reach a real
 token's vector: a text gets exactly the same logits alone or in a padded batch.
 
-A classifier keeps its language-model head (tied to the token embeddings), so the same pass can
+A classifier keeps its language-model head (by default tied to the token embeddings), so the same pass can
 also score the next token of each text: the auxiliary loss a model trained from scratch learns
 language from while it learns the labels (`--lm-loss-weight`; GPT-1 fine-tuned this way).
 """
@@ -67,18 +67,18 @@ class GPTClassifier(GPT):
             self.lm_head.requires_grad_(False)
 
     def classify(
-        self, idx: torch.Tensor, lengths: torch.Tensor, next_token_targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, lengths: torch.Tensor, language_model_loss: bool = False
     ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Each task's logits (batch, classes) for right-padded token ids and their lengths. With
-        `next_token_targets` (the texts' ids, shaped like idx), also the language model's mean
-        next-token loss over the texts: only positions whose next token is real text are scored."""
+        `language_model_loss`, also the language model's mean next-token loss over the texts: only
+        positions whose next token is real text are scored."""
         hidden = self.hidden_states(idx)
         pooled = pool(hidden, lengths, self.pooling)
         logits = {task: head(pooled) for task, head in self.heads.items()}
-        if next_token_targets is None:
+        if not language_model_loss:
             return logits
         followed = torch.arange(idx.size(1) - 1, device=idx.device)[None, :] < lengths[:, None] - 1
-        scored, targets = hidden[:, :-1][followed], next_token_targets[:, 1:][followed]
+        scored, targets = hidden[:, :-1][followed], idx[:, 1:][followed]
         # The count of scored positions changes with every batch, and a CPU's oneDNN keeps a compiled
         # kernel per matrix shape (bfloat16 autocast: +17 MB per step, without end). Padding the rows
         # to a multiple of LM_ROWS_STEP (ignored targets, so the sum is unchanged) leaves few shapes.
@@ -89,12 +89,12 @@ class GPTClassifier(GPT):
         return logits, summed / followed.sum().clamp(min=1)  # a batch of one-token texts predicts nothing: 0, not NaN
 
     def forward(  # type: ignore[override]
-        self, idx: torch.Tensor, lengths: torch.Tensor, next_token_targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, lengths: torch.Tensor, language_model_loss: bool = False
     ) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], torch.Tensor]:
         """`classifier(ids, lengths)` is `classify`: training calls the model this way, since
         DistributedDataParallel and torch.compile wrap forward() and no other method (a method
         called through them would skip the gradient all-reduce, or the compiled code)."""
-        return self.classify(idx, lengths, next_token_targets)
+        return self.classify(idx, lengths, language_model_loss)
 
     def freeze_trunk(self) -> None:
         """Train only the heads (a linear probe): what the trunk already knows, read out linearly."""

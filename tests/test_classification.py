@@ -198,9 +198,9 @@ def test_language_model_loss_is_the_next_token_loss_of_the_real_tokens_only():
     assert objective.weight((ids, lengths, labels)) == 2.0
     assert float(objective.loss(model, (ids, lengths, labels))) == pytest.approx(classification + 0.5 * 2.0 * language_model, rel=1e-5)
     alone_ids, alone_lengths = pad_batch(texts[:1], pad_id=3)
-    _, alone = model.classify(alone_ids, alone_lengths, alone_ids)
+    _, alone = model.classify(alone_ids, alone_lengths, language_model_loss=True)
     padded_ids = pad_batch([texts[0], np.arange(20, dtype=np.int64)], pad_id=3)[0][:1]
-    _, padded = model.classify(padded_ids, torch.tensor([5]), padded_ids)
+    _, padded = model.classify(padded_ids, torch.tensor([5]), language_model_loss=True)
     assert float(padded) == pytest.approx(float(alone), rel=1e-5)  # 15 pads after the text change nothing
     # However many positions a batch scores, the language-model head sees whole groups of rows: a
     # CPU's oneDNN keeps one compiled kernel per shape, and a new shape every step grew memory without end.
@@ -208,7 +208,7 @@ def test_language_model_loss_is_the_next_token_loss_of_the_real_tokens_only():
     model.lm_head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].shape[0]))
     for count in (1, 2, 3):
         batch_ids, batch_lengths = pad_batch([np.arange(5, 5 + 7 * count + n, dtype=np.int64) for n in range(count)], pad_id=3)
-        model.classify(batch_ids, batch_lengths, batch_ids)
+        model.classify(batch_ids, batch_lengths, language_model_loss=True)
     assert len(seen) == 3 and all(rows == LM_ROWS_STEP for rows in seen)
     with pytest.raises(UserInputError, match="--freeze-trunk"):
         validate(apply_overrides(config, {"train.lm_loss_weight": 1.0, "train.freeze_trunk": True}))
