@@ -28,6 +28,7 @@ import os
 import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -46,6 +47,8 @@ FAULT_RANK_VARIABLE = "MINIGPT_FAULT_RANK"
 FAULT_RAISE_VARIABLE = "MINIGPT_FAULT_RAISE"
 # What MINIGPT_FAULT_RAISE may ask a fault point to raise instead of killing the process.
 FAULT_EXCEPTIONS: dict[str, type[Exception]] = {"out_of_memory": torch.OutOfMemoryError, "error": RuntimeError}
+# ... or, instead of raising: stop the launcher (torchrun's agent, this process's parent) as a user would.
+FAULT_SIGTERM_LAUNCHER = "sigterm_launcher"
 
 _fault_point_passes: dict[str, int] = {}
 
@@ -63,8 +66,10 @@ def fault_point(name: str) -> None:
     Two more variables shape the fault, for drills of one process failing among several under
     torchrun: `MINIGPT_FAULT_RANK=1` faults only in the process of rank 1, and
     `MINIGPT_FAULT_RAISE=out_of_memory` (or `error`) raises torch.OutOfMemoryError (or a
-    RuntimeError) there instead of killing. Without the variables (always, outside tests) this
-    costs one dictionary lookup.
+    RuntimeError) there instead of killing. `MINIGPT_FAULT_RAISE=sigterm_launcher` sends SIGTERM to
+    the process's parent, torchrun's agent, and waits until the agent has passed a signal on to this
+    process: a stop requested at an exact step, whatever the machine's speed. Without the variables
+    (always, outside tests) this costs one dictionary lookup.
     """
     wanted = os.environ.get(FAULT_POINT_VARIABLE)
     if not wanted:
@@ -77,9 +82,33 @@ def fault_point(name: str) -> None:
     if _fault_point_passes[name] < int(count or 1):
         return
     failure = os.environ.get(FAULT_RAISE_VARIABLE)
+    if failure == FAULT_SIGTERM_LAUNCHER:
+        _sigterm_launcher_and_wait()
+        return
     if failure:
         raise FAULT_EXCEPTIONS[failure](f"{failure} injected by {FAULT_POINT_VARIABLE}={wanted} in the process of rank {rank}")
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _sigterm_launcher_and_wait(timeout: float = 60.0) -> None:
+    """SIGTERM to this process's parent (torchrun's agent); back once the SIGTERM it passes on to
+    this process has been handled (by the handler installed before: the trainer's)."""
+    handled: list[int] = []
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def note_and_pass_on(signum: int, frame: Any) -> None:
+        handled.append(signum)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, note_and_pass_on)
+    try:
+        os.kill(os.getppid(), signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while not handled and time.monotonic() < deadline:
+            time.sleep(0.01)  # Python runs signal handlers in this thread, between such waits
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class DiskFullError(RunFailure):

@@ -12,11 +12,9 @@ import json
 import logging
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +29,7 @@ from conftest import REPO, run_script
 from minigpt.checkpoint import save_model_directory
 from minigpt.config import apply_overrides, preset_config
 from minigpt.distributed import PER_PROCESS, OtherRankLogFilter, agree_on_stop, compute_cleanup, compute_init, wrap_model
-from minigpt.files import FAULT_POINT_VARIABLE, FAULT_RAISE_VARIABLE, FAULT_RANK_VARIABLE
+from minigpt.files import FAULT_POINT_VARIABLE, FAULT_RAISE_VARIABLE, FAULT_RANK_VARIABLE, FAULT_SIGTERM_LAUNCHER
 from minigpt.labelled_data import ClassificationBatches, EncodedRecords
 from minigpt.model import GPT
 from minigpt.objective import LanguageModelObjective
@@ -141,24 +139,21 @@ def test_only_rank_zero_writes_and_the_log_states_the_global_batch(two_process_r
 def test_sigterm_saves_once_and_resume_continues_identically(workspace, tokenizer_file, two_process_run):
     reference, _ = two_process_run
     run = workspace / "runs" / "interrupted"
-    # --max-cpu throttles each process (sleeping between steps), leaving time to interrupt it.
+    # In step 3, process 0 sends SIGTERM to torchrun's agent, which passes it on to both processes
+    # (process 0 waits for it there): a stop at an exact step, however fast the steps are.
     arguments = run_arguments(workspace / "chat.jsonl", tokenizer_file, "interrupted")
-    arguments[arguments.index("--disable-monitoring")] = "--max-cpu=10"
-    agent = subprocess.Popen(torchrun_command(*arguments), cwd=workspace, env=one_thread_environment(),
+    faults = {FAULT_POINT_VARIABLE: "training_step@3", FAULT_RANK_VARIABLE: "0", FAULT_RAISE_VARIABLE: FAULT_SIGTERM_LAUNCHER}
+    agent = subprocess.Popen(torchrun_command(*arguments), cwd=workspace, env={**one_thread_environment(), **faults},
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while not (run / "checkpoint_step_2").is_dir() and agent.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    agent.send_signal(signal.SIGTERM)  # to torchrun's agent, which passes it on to both processes
     output = agent.communicate(timeout=120)[0]
     status = json.loads((run / "status.json").read_text())
     assert status["state"] == "stopped", output
     stopped_at = status["step"]
-    assert 2 <= stopped_at < STEPS, output
+    assert 3 <= stopped_at < STEPS, output
     assert sorted(run.glob("checkpoint_step_*"))[-1].name == f"checkpoint_step_{stopped_at}"
     assert output.count("Saved checkpoint") == len(list(run.glob("checkpoint_step_*")))  # each once, by rank 0
 
-    resumed = torchrun(*arguments, "--resume", "--max-cpu", "0", cwd=workspace)  # unthrottled: same numbers, sooner
+    resumed = torchrun(*arguments, "--resume", cwd=workspace)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     finished, expected = weights(run), weights(reference)
     assert all(torch.equal(finished[name], expected[name]) for name in expected)
