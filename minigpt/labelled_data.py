@@ -29,6 +29,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from minigpt.data import ROW_WIDTH_STEP
 from minigpt.errors import UserInputError
 from minigpt.loss import IGNORE_INDEX
 from minigpt.sources import DataReport, Document, document_hash_fraction, read_json_array
@@ -218,13 +219,14 @@ def encode_records(records: Sequence[LabelledRecord], tokenizer: Tokenizer, labe
     return EncodedRecords(ids, labels, report)
 
 
-def pad_batch(sequences: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input ids padded on the right to the longest sequence, each sequence's length).
+def pad_batch(sequences: Sequence[np.ndarray], pad_id: int, width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids padded on the right to `width` columns or, without, to the longest sequence;
+    each sequence's length).
 
     Right padding with causal attention means a real token never attends to a pad (pads come
     after it), so a text's hidden states are the same alone or in any batch."""
     lengths = torch.tensor([len(sequence) for sequence in sequences], dtype=torch.long)
-    ids = torch.full((len(sequences), int(lengths.max())), pad_id, dtype=torch.long)
+    ids = torch.full((len(sequences), max(width, int(lengths.max()))), pad_id, dtype=torch.long)
     for row, sequence in enumerate(sequences):
         ids[row, : len(sequence)] = torch.from_numpy(sequence)
     return ids, lengths
@@ -256,6 +258,7 @@ class ClassificationBatches:
         self.rank, self.world_size = rank, world_size
         self.report = encoded.report
         self.epoch, self.position = 0, 0
+        self.longest = max(len(ids) for ids in encoded.ids)
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
@@ -291,5 +294,10 @@ class ClassificationBatches:
             yield self._batch(chosen)
 
     def _batch(self, chosen: np.ndarray) -> ClassificationBatch:
-        ids, lengths = pad_batch([self.encoded.ids[index] for index in chosen], self.pad_id)
+        """The chosen records, padded to their longest rounded up to ROW_WIDTH_STEP (never past the
+        longest record): a few batch shapes, not one per batch. On a CPU, oneDNN keeps a compiled
+        kernel per shape under bfloat16, and a compiled model compiles once per shape."""
+        sequences = [self.encoded.ids[index] for index in chosen]
+        width = min(self.longest, -(-max(len(sequence) for sequence in sequences) // ROW_WIDTH_STEP) * ROW_WIDTH_STEP)
+        ids, lengths = pad_batch(sequences, self.pad_id, width)
         return ids, lengths, torch.from_numpy(self.encoded.labels[chosen])

@@ -17,8 +17,9 @@ from minigpt.config import RunConfig, apply_overrides, validate
 from minigpt.errors import UserInputError
 from minigpt.heads import LM_ROWS_STEP, GPTClassifier, load_classifier
 from minigpt.labelled_corpus import GROUPS, builtin_labelled_records, group_of
+from minigpt.data import ROW_WIDTH_STEP
 from minigpt.labelled_data import (
-    ClassificationBatches, build_label_maps, encode_records, find_tasks, pad_batch, read_labelled_records,
+    ClassificationBatches, EncodedRecords, build_label_maps, encode_records, find_tasks, pad_batch, read_labelled_records,
 )
 from minigpt.loss import IGNORE_INDEX
 from minigpt.model import GPT
@@ -150,6 +151,19 @@ def test_long_texts_are_cut_and_counted_and_the_stream_resumes_exactly(tmp_path,
     resumed.load_state_dict(state)
     for want, got in zip(expected, iter(resumed)):
         assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+def test_batch_widths_are_few_whatever_the_texts_lengths():
+    """Batches are padded to a multiple of ROW_WIDTH_STEP columns, never past the longest record,
+    and each row's length still says where its text ends."""
+    lengths = [3, 5, 33, 40, 70, 71, 100, 2, 64, 65]
+    ids = [np.arange(1, 1 + length, dtype=np.int64) for length in lengths]
+    encoded = EncodedRecords(ids, np.zeros((len(ids), 1), dtype=np.int64))
+    for batch_ids, batch_lengths, _ in ClassificationBatches(encoded, 2, pad_id=0, loop=False):
+        longest = int(batch_lengths.max())
+        assert batch_ids.size(1) == min(100, -(-longest // ROW_WIDTH_STEP) * ROW_WIDTH_STEP)
+        for row, length in zip(batch_ids, batch_lengths):
+            assert row[:length].tolist() == list(range(1, 1 + int(length))) and not row[length:].any()
 
 
 # --- the model ------------------------------------------------------------------------------
