@@ -147,6 +147,18 @@ def compute_cleanup() -> None:
         dist.destroy_process_group()
 
 
+# What a collective raises in a process whose peer has gone (failed, or stopped by torchrun):
+# gloo's transport says so in the message; NCCL's errors are DistBackendError.
+LOST_PEER_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def lost_another_process(error: BaseException) -> bool:
+    """Whether `error` is this process finding, in a collective, that another process has gone."""
+    if isinstance(error, getattr(dist, "DistBackendError", ())):
+        return True
+    return isinstance(error, RuntimeError) and any(message in str(error) for message in LOST_PEER_MESSAGES)
+
+
 def cores_per_process(available_cores: int) -> int:
     """Split this machine's cores between its processes, so that they do not oversubscribe them
     (two processes each running one thread per core would fight over every core)."""

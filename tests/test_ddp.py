@@ -28,7 +28,9 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from conftest import REPO, run_script
 from minigpt.checkpoint import save_model_directory
 from minigpt.config import apply_overrides, preset_config
-from minigpt.distributed import PER_PROCESS, OtherRankLogFilter, agree_on_stop, compute_cleanup, compute_init, wrap_model
+from minigpt.distributed import (
+    PER_PROCESS, OtherRankLogFilter, agree_on_stop, compute_cleanup, compute_init, lost_another_process, wrap_model,
+)
 from minigpt.files import FAULT_POINT_VARIABLE, FAULT_RAISE_VARIABLE, FAULT_RANK_VARIABLE, FAULT_SIGTERM_LAUNCHER
 from minigpt.labelled_data import ClassificationBatches, EncodedRecords
 from minigpt.model import GPT
@@ -188,6 +190,9 @@ def test_a_failure_in_one_process_stops_every_process_with_its_message(workspace
     else:
         assert "RuntimeError: error injected by MINIGPT_FAULT_POINT=training_step@3 in the process of rank 1" in output
     assert re.search(r"Root Cause.*?rank\s*:\s*1 ", output, re.DOTALL), output  # torchrun's summary names the process
+    # Process 0, waiting in the all-reduce, finds process 1 gone: one line, no traceback.
+    assert "[rank0]: Traceback" not in output
+    assert "error: Another process of this run stopped (its message says why), so this one stops too" in output
     run = workspace / "runs" / name
     assert sorted(path.name for path in run.glob("checkpoint_step_*")) == ["checkpoint_step_2"]
     assert not (run / "final_model").exists()
@@ -195,6 +200,13 @@ def test_a_failure_in_one_process_stops_every_process_with_its_message(workspace
         resumed = torchrun(*arguments, "--resume", "--batch-size", "1", "--gradient-accumulation-steps", "2", cwd=workspace)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         assert largest_difference(weights(run), weights(two_process_run[0])) < 1e-5
+
+
+def test_only_a_collective_finding_its_peer_gone_counts_as_another_process_lost():
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:31108. This is typically ...")
+    assert lost_another_process(gloo)
+    assert not lost_another_process(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))  # a bug keeps its traceback
+    assert not lost_another_process(ValueError("Connection closed by peer"))
 
 
 def test_other_processes_say_only_errors_and_warnings_about_themselves():

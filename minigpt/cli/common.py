@@ -14,8 +14,8 @@ from tqdm import tqdm
 
 from minigpt.cli import COMMANDS
 from minigpt.config import CHOICES
-from minigpt.distributed import is_distributed, process_place
-from minigpt.errors import UserInputError
+from minigpt.distributed import is_distributed, lost_another_process, process_place, world_size
+from minigpt.errors import RunFailure, UserInputError
 
 USAGE_ERROR = 2  # the conventional exit status for a bad command line or bad input
 
@@ -146,7 +146,8 @@ def print_error(error: UserInputError) -> None:
 
 def run_command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """Wrap a command's main: logging goes through the progress bar from the first line on, and
-    user mistakes become one line on stderr and exit status 2."""
+    user mistakes become one line on stderr and exit status 2. Under torchrun, a process that
+    finds another gone (it failed, with its own message) says so in one line, not a traceback."""
 
     def wrapped(argv: list[str] | None = None) -> int:
         setup_logging()
@@ -158,5 +159,12 @@ def run_command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] 
         except KeyboardInterrupt:
             print("Interrupted.", file=sys.stderr)
             return 130
+        except RuntimeError as error:
+            if not (is_distributed() and world_size() > 1 and lost_another_process(error)):
+                raise
+            failure = RunFailure("Another process of this run stopped (its message says why), so this one stops too; "
+                                 "continue from the last checkpoint with --resume.")
+            print_error(failure)
+            return failure.exit_status
 
     return wrapped
