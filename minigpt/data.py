@@ -40,13 +40,18 @@ from minigpt.tokenizer import Tokenizer
 ROW_WIDTH_STEP = 32
 
 
+def rounded_width(columns: int, limit: int) -> int:
+    """`columns` rounded up to a multiple of ROW_WIDTH_STEP, never past `limit`."""
+    return min(limit, -(-columns // ROW_WIDTH_STEP) * ROW_WIDTH_STEP)
+
+
 def trimmed_width(target_mask: torch.Tensor, block_size: int) -> int:
     """How many columns of a padded batch matter: up to its last target, rounded up to
     ROW_WIDTH_STEP (never past the block). Later columns are padding or text after the last answer,
     which causal attention keeps from every earlier position, so dropping them changes no loss."""
     columns = target_mask.any(dim=0).nonzero()
     last = int(columns[-1]) + 1 if len(columns) else 1
-    return min(block_size, -(-last // ROW_WIDTH_STEP) * ROW_WIDTH_STEP)
+    return rounded_width(last, block_size)
 
 
 class TokenBlockStream(IterableDataset):

@@ -154,7 +154,7 @@ LOST_PEER_MESSAGES = ("Connection closed by peer", "Connection reset by peer", "
 
 def lost_another_process(error: BaseException) -> bool:
     """Whether `error` is this process finding, in a collective, that another process has gone."""
-    if isinstance(error, getattr(dist, "DistBackendError", ())):
+    if isinstance(error, dist.DistBackendError):
         return True
     return isinstance(error, RuntimeError) and any(message in str(error) for message in LOST_PEER_MESSAGES)
 

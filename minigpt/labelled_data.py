@@ -29,7 +29,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from minigpt.data import ROW_WIDTH_STEP
+from minigpt.data import rounded_width
 from minigpt.errors import UserInputError
 from minigpt.loss import IGNORE_INDEX
 from minigpt.sources import DataReport, Document, document_hash_fraction, read_json_array
@@ -294,10 +294,9 @@ class ClassificationBatches:
             yield self._batch(chosen)
 
     def _batch(self, chosen: np.ndarray) -> ClassificationBatch:
-        """The chosen records, padded to their longest rounded up to ROW_WIDTH_STEP (never past the
+        """The chosen records, padded to their longest rounded up to data.ROW_WIDTH_STEP (never past the
         longest record): a few batch shapes, not one per batch. On a CPU, oneDNN keeps a compiled
         kernel per shape under bfloat16, and a compiled model compiles once per shape."""
         sequences = [self.encoded.ids[index] for index in chosen]
-        width = min(self.longest, -(-max(len(sequence) for sequence in sequences) // ROW_WIDTH_STEP) * ROW_WIDTH_STEP)
-        ids, lengths = pad_batch(sequences, self.pad_id, width)
+        ids, lengths = pad_batch(sequences, self.pad_id, rounded_width(max(map(len, sequences)), self.longest))
         return ids, lengths, torch.from_numpy(self.encoded.labels[chosen])

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from minigpt.cli import COMMANDS
 from minigpt.config import CHOICES
-from minigpt.distributed import is_distributed, lost_another_process, process_place, world_size
+from minigpt.distributed import is_distributed, lost_another_process, process_place
 from minigpt.errors import RunFailure, UserInputError
 
 USAGE_ERROR = 2  # the conventional exit status for a bad command line or bad input
@@ -160,7 +160,7 @@ def run_command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] 
             print("Interrupted.", file=sys.stderr)
             return 130
         except RuntimeError as error:
-            if not (is_distributed() and world_size() > 1 and lost_another_process(error)):
+            if not (is_distributed() and lost_another_process(error)):
                 raise
             failure = RunFailure("Another process of this run stopped (its message says why), so this one stops too; "
                                  "continue from the last checkpoint with --resume.")
