@@ -41,7 +41,7 @@ from minigpt.loss import IGNORE_INDEX
 from minigpt.objective import Monitor, Objective
 from minigpt.plots import save_confusion_matrix
 from minigpt.runtime import autocast
-from minigpt.sources import DataReport
+from minigpt.sources import DataReport, resolve_data_files
 from minigpt.tokenizer import Tokenizer
 from minigpt.trainer import Callback, Trainer
 
@@ -287,7 +287,8 @@ def prepare_classification(
         raise UserInputError("--freeze-trunk trains only the heads on a trained model: give that model with --init-from.")
     report = DataReport()
     records = read_labelled_records(sources, train.text_field, report)
-    val_records = read_labelled_records(train.val_data_files, train.text_field) if train.val_data_files else []
+    val_files = resolve_data_files(train.val_data_files, builtin=False) if train.val_data_files else []
+    val_records = read_labelled_records(val_files, train.text_field) if val_files else []
     if not val_records and train.val_fraction > 0:
         records, val_records = holdout_split(records, train.val_fraction)
         report.documents = len(records)

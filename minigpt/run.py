@@ -72,7 +72,7 @@ def training_sources(config: RunConfig) -> list:
             raise UserInputError(f"--use-full-data reads every .jsonl/.txt file under ./{FULL_DATA_DIRECTORY}/, which does not exist.")
         return resolve_data_files([FULL_DATA_DIRECTORY])
     if train.data_files:
-        return resolve_data_files(train.data_files)
+        return resolve_data_files(train.data_files, builtin=train.stage != "classify")
     return [BUILTIN_SFT if train.stage == "sft" else BUILTIN_CORPUS]
 
 

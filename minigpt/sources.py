@@ -54,13 +54,14 @@ REPORT_EXAMPLES = 10  # DataReport keeps this many "file:line: reason" examples
 UTF8_BOM = b"\xef\xbb\xbf"
 
 
-def resolve_data_files(patterns: Sequence[str]) -> list[Path | str]:
+def resolve_data_files(patterns: Sequence[str], builtin: bool = True) -> list[Path | str]:
     """Expand files, directories (searched recursively for .jsonl/.json/.txt) and globs into a list
     of files: each pattern's matches sorted, the patterns in the order given, no file twice.
-    "builtin" (the built-in corpus) and "builtin-sft" (the built-in chat set) are passed through."""
+    "builtin" (the built-in corpus) and "builtin-sft" (the built-in chat set) are passed through,
+    unless `builtin` is False (labelled records, which no built-in text set holds)."""
     found: list[Path | str] = []
     for pattern in patterns:
-        if pattern in BUILTIN_SOURCES:
+        if builtin and pattern in BUILTIN_SOURCES:
             found.append(pattern)
             continue
         path = Path(pattern)
@@ -75,9 +76,8 @@ def resolve_data_files(patterns: Sequence[str]) -> list[Path | str]:
             if not matches:
                 raise UserInputError(f"No file matches {pattern}; check the directory and the pattern.")
         else:
-            raise UserInputError(
-                f"Data file {path} does not exist; check the path (or use '{BUILTIN_CORPUS}' for the built-in corpus)."
-            )
+            hint = f" (or use '{BUILTIN_CORPUS}' for the built-in corpus)" if builtin else ""
+            raise UserInputError(f"Data file {path} does not exist; check the path{hint}.")
         for match in matches:
             if match.suffix not in DATA_SUFFIXES:
                 raise UserInputError(f"Data file {match} is neither .jsonl nor .txt nor .json; convert it or leave it out.")

@@ -369,3 +369,12 @@ def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "runs" / "bad").exists()
     assert train_classifier.main(["--freeze-trunk", "--data-files", str(single), "--output-dir", str(tmp_path / "runs"), *TINY]) == 2
     assert "--init-from" in capsys.readouterr().err
+    # A missing validation file, like a missing training file, is one sentence; no built-in text
+    # set is offered instead, since none holds labelled records.
+    for flag in ("--data-files", "--val-data-files"):
+        files = {"--data-files": str(single), flag: str(tmp_path / "missing.jsonl")}
+        status = train_classifier.main([*(part for pair in files.items() for part in pair), "--output-dir", str(tmp_path / "runs"),
+                                        "--run-name", "missing", *TINY])
+        error = capsys.readouterr().err
+        assert status == 2 and error.strip() == f"error: Data file {tmp_path / 'missing.jsonl'} does not exist; check the path.", error
+        assert not (tmp_path / "runs" / "missing").exists()

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if arguments.text:
         records = [LabelledRecord(text, {}, "--text") for text in arguments.text]
     else:
-        records = read_labelled_records(resolve_data_files(arguments.data_files), arguments.text_field)
+        records = read_labelled_records(resolve_data_files(arguments.data_files, builtin=False), arguments.text_field)
     encoded = encode_records(records, tokenizer, label_maps, model.config.block_size)
     probabilities = predict(model, encoded, tokenizer.pad_id, arguments.batch_size)
     results = [prediction_record(record, probabilities, row, label_maps) for row, record in enumerate(records)]
