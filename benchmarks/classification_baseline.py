@@ -23,7 +23,6 @@ are scored again on each; the means close the run.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import sys
@@ -44,6 +43,7 @@ from minigpt.config import RunConfig  # noqa: E402
 from minigpt.heads import load_classifier  # noqa: E402
 from minigpt.labelled_corpus import VALIDATION_FRACTION, builtin_labelled_files, builtin_labelled_records  # noqa: E402
 from minigpt.labelled_data import encode_records, read_labelled_records  # noqa: E402
+from minigpt.sources import Document, document_hash_fraction  # noqa: E402
 
 
 def baseline(train: list, validation: list, tuned: bool = True) -> tuple[float, float]:
@@ -68,8 +68,8 @@ def fresh_split(number: int, directory: Path) -> tuple[Path, Path]:
     below the built-in set's validation fraction."""
     sides: dict[str, list[dict]] = {"train": [], "val": []}
     for record in (record for side in builtin_labelled_records() for record in side):
-        digest = hashlib.blake2b(f"{number}:{record['text']}".encode(), digest_size=8).digest()
-        sides["val" if int.from_bytes(digest, "big") / 2**64 < VALIDATION_FRACTION else "train"].append(record)
+        fraction = document_hash_fraction(Document(text=f"{number}:{record['text']}"))
+        sides["val" if fraction < VALIDATION_FRACTION else "train"].append(record)
     directory.mkdir(parents=True, exist_ok=True)
     for side, records in sides.items():
         (directory / f"{side}.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
