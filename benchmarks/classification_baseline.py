@@ -33,9 +33,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sklearn.feature_extraction.text import TfidfVectorizer  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
-from sklearn.metrics import f1_score  # noqa: E402
+try:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import f1_score
+except ImportError:
+    print("error: this benchmark needs scikit-learn for its baseline; install it with pip install -e '.[bench]'.", file=sys.stderr)
+    sys.exit(2)
 
 from minigpt.classification import predict  # noqa: E402
 from minigpt.cli import train_classifier  # noqa: E402
