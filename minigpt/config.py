@@ -94,9 +94,11 @@ class TrainConfig:
     retrain_tokenizer: bool = False
     # optimisation
     learning_rate: float = 1e-3
-    min_learning_rate: float = 1e-4
+    min_lr_ratio: float = 0.1  # the schedule's floor as a fraction of the peak learning rate
+    min_learning_rate: float = 0.0  # an absolute floor instead; 0 = min_lr_ratio x learning_rate
     lr_scheduler: str = "cosine"
     warmup_steps: int = 100
+    warmup_ratio: float = 0.0  # > 0: warmup is this fraction of the run's steps (resolved into warmup_steps when it starts)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -109,10 +111,14 @@ class TrainConfig:
     # length of the run
     max_steps: int = 5000
     max_time: float = 0.0  # wall-clock budget in seconds; 0 = none
+    num_epochs: float = 0.0  # > 0: passes over the training data (bounded by an explicit max_steps / max_time too)
+    epoch_steps: int = 0  # optimizer steps in one epoch: counted when a run that needs it starts, recorded for --resume
     # evaluation, checkpoints, logging
     eval_steps: int = 250
+    eval_strategy: str = "steps"  # steps: every eval_steps; epoch: at the end of each epoch
     eval_batches: int = 20
     save_steps: int = 500
+    save_strategy: str = "steps"  # steps: every save_steps; epoch: at the end of each epoch
     keep_checkpoints: int = 3
     early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
     log_steps: int = 10
@@ -142,6 +148,7 @@ class TrainConfig:
     # sinks
     tensorboard: bool = False
     wandb: bool = False
+    wandb_project: str = "minigpt"  # the W&B project the run is logged to (its name there is the run's name)
     # classification (stage "classify"; see minigpt.labelled_data and minigpt.heads)
     tasks: str = ""  # comma-separated tasks to train; empty = every "<task>_labels" field of the data
     task_weights: str = ""  # "sentiment=1,toxicity=0.5": each task's loss is multiplied by its weight (default 1)
@@ -150,6 +157,12 @@ class TrainConfig:
     freeze_trunk: bool = False  # train only the heads on a frozen --init-from model (a linear probe)
     lm_loss_weight: float = 0.0  # add this x the next-token loss on the texts to the classification loss; 0 = off
     label_maps: dict = field(default_factory=dict)  # task -> labels in id order; found in the training data
+
+    @property
+    def final_learning_rate(self) -> float:
+        """Where the schedule's decay ends: min_learning_rate if set, else min_lr_ratio of the peak.
+        A fraction keeps the floor below the peak whatever learning rate a run is given."""
+        return self.min_learning_rate or self.min_lr_ratio * self.learning_rate
 
 
 @dataclass
@@ -188,7 +201,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "model.block_size": 64, "model.n_layer": 2, "model.n_head": 4, "model.n_kv_head": 2, "model.n_embd": 64,
         "train.tokenizer_vocab_size": 512, "train.batch_size": 8, "train.learning_rate": 3e-3,
-        "train.min_learning_rate": 3e-4, "train.warmup_steps": 10, "train.max_steps": 200, "train.eval_steps": 50,
+        "train.warmup_steps": 10, "train.max_steps": 200, "train.eval_steps": 50,
         "train.eval_batches": 4, "train.save_steps": 100, "train.log_steps": 10, "train.shuffle_buffer": 64,
     },
     # About 12M parameters: a real little model that trains on a CPU in an hour or so.
@@ -201,7 +214,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # A step is 2,048 tokens so a CPU shows progress within minutes; raise batch_size on a GPU.
     "medium": {
         "model.block_size": 512, "model.n_layer": 8, "model.n_head": 8, "model.n_kv_head": 2, "model.n_embd": 512,
-        "train.batch_size": 4, "train.learning_rate": 6e-4, "train.min_learning_rate": 6e-5, "train.warmup_steps": 50,
+        "train.batch_size": 4, "train.learning_rate": 6e-4, "train.warmup_steps": 50,
         "train.max_steps": 20000, "train.eval_steps": 50, "train.eval_batches": 10, "train.save_steps": 50,
         "train.log_steps": 5,
     },
@@ -209,7 +222,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "large": {
         "model.block_size": 512, "model.n_layer": 16, "model.n_head": 12, "model.n_kv_head": 4, "model.n_embd": 768,
         "train.batch_size": 16, "train.gradient_accumulation_steps": 4, "train.learning_rate": 3e-4,
-        "train.min_learning_rate": 3e-5, "train.warmup_steps": 500, "train.max_steps": 50000, "train.eval_steps": 500,
+        "train.warmup_steps": 500, "train.max_steps": 50000, "train.eval_steps": 500,
         "train.save_steps": 1000,
     },
 }
@@ -224,6 +237,8 @@ CHOICES = {
     "train.compile_mode": ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "train.class_weights": ("none", "balanced"),
     "train.pooling": ("last", "mean", "max"),
+    "train.eval_strategy": ("steps", "epoch"),
+    "train.save_strategy": ("steps", "epoch"),
 }
 
 
@@ -264,6 +279,7 @@ def apply_overrides(config: RunConfig, overrides: Mapping[str, Any], source: str
     Values may be strings (as typed on a command line); they are converted to the field's type.
     """
     sections = {"model": dataclasses.replace(config.model), "train": dataclasses.replace(config.train)}
+    overrides = _with_implied_settings(overrides, source)
     for key, value in overrides.items():
         section_name, _, field_name = key.partition(".")
         section = sections.get(section_name)
@@ -272,6 +288,30 @@ def apply_overrides(config: RunConfig, overrides: Mapping[str, Any], source: str
             raise UserInputError(f"{source}: unknown setting '{key}'{_nearest_setting(key, sections)}.")
         setattr(section, field_name, _convert(value, fields[field_name], key, source))
     return RunConfig(model=sections["model"], train=sections["train"], preset=config.preset)
+
+
+def _with_implied_settings(overrides: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """What giving one setting implies for another set in an earlier layer (a preset, say).
+
+    A number of epochs replaces the preset's step count (an explicit max_steps in the same layer
+    still bounds the run); a warmup ratio replaces the preset's warmup steps, and giving both
+    warmup settings in one layer is a contradiction."""
+    implied = dict(overrides)
+    if "train.num_epochs" in implied and "train.max_steps" not in implied:
+        implied["train.max_steps"] = 0
+    if "train.warmup_ratio" in implied:
+        if "train.warmup_steps" not in implied:
+            implied["train.warmup_steps"] = 0
+        elif _is_nonzero(implied["train.warmup_ratio"]) and _is_nonzero(implied["train.warmup_steps"]):
+            raise UserInputError(f"{source}: give the warmup either as warmup_steps or as warmup_ratio, not both.")
+    return implied
+
+
+def _is_nonzero(value: Any) -> bool:
+    try:
+        return float(value) != 0
+    except (TypeError, ValueError):
+        return True  # not a number: the conversion reports it
 
 
 def _nearest_setting(key: str, sections: Mapping[str, Any]) -> str:
@@ -334,6 +374,7 @@ def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None
         "train.early_stopping_patience": train.early_stopping_patience, "train.sample_tokens": train.sample_tokens,
         "train.max_cpu": train.max_cpu, "train.max_memory": train.max_memory, "train.num_threads": train.num_threads,
         "train.lora_rank": train.lora_rank, "train.lm_loss_weight": train.lm_loss_weight,
+        "train.num_epochs": train.num_epochs, "train.epoch_steps": train.epoch_steps,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -356,8 +397,13 @@ def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None
         raise UserInputError(f"train.val_fraction must be in [0, 1), got {train.val_fraction}.")
     if train.min_learning_rate > train.learning_rate:
         raise UserInputError(
-            f"The minimum learning rate ({train.min_learning_rate}) is above the learning rate ({train.learning_rate})."
+            f"The minimum learning rate ({train.min_learning_rate}) is above the learning rate ({train.learning_rate}); "
+            "lower --min-learning-rate, or leave it out to decay to --min-lr-ratio of the peak."
         )
+    if not 0.0 <= train.min_lr_ratio <= 1.0:
+        raise UserInputError(f"train.min_lr_ratio is a fraction of the peak learning rate; give a value from 0 to 1, got {train.min_lr_ratio}.")
+    if not 0.0 <= train.warmup_ratio < 1.0:
+        raise UserInputError(f"train.warmup_ratio is a fraction of the run; give a value in [0, 1), got {train.warmup_ratio}.")
     if not (0.0 <= train.beta1 < 1.0 and 0.0 <= train.beta2 < 1.0):
         raise UserInputError("train.beta1 and train.beta2 must be in [0, 1).")
     for key in ("max_cpu", "max_memory"):
@@ -365,8 +411,10 @@ def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None
             raise UserInputError(f"train.{key} is a percentage of the machine; give a value up to 100, got {getattr(train, key)}.")
     if train.dataloader_workers < -1:
         raise UserInputError(f"train.dataloader_workers must be -1 (auto), 0 or more, got {train.dataloader_workers}.")
-    if train.max_steps == 0 and train.max_time == 0:
-        raise UserInputError("Give the run an end: set max_steps or max_time (or both) above 0.")
+    if train.max_steps == 0 and train.max_time == 0 and train.num_epochs == 0:
+        raise UserInputError("Give the run an end: set max_steps, num_epochs or max_time above 0.")
+    if "epoch" in (train.eval_strategy, train.save_strategy) and not train.num_epochs:
+        raise UserInputError("--eval-strategy/--save-strategy epoch act at the end of each epoch; give --num-epochs too.")
     for key, allowed in CHOICES.items():
         value = getattr(train, key.split(".")[1])
         if value not in allowed:

@@ -56,4 +56,5 @@ def learning_rate_at(step: int, train: TrainConfig, elapsed_seconds: float = 0.0
         decay = 1.0 - progress
     else:  # cosine: slow at first, fastest in the middle, gentle landing at the floor
         decay = 0.5 * (1.0 + math.cos(math.pi * progress))
-    return train.min_learning_rate + decay * (train.learning_rate - train.min_learning_rate)
+    floor = train.final_learning_rate
+    return floor + decay * (train.learning_rate - floor)

@@ -8,7 +8,7 @@ from minigpt.config import ModelConfig, TrainConfig
 from minigpt.model import GPT
 from minigpt.optim import build_optimizer, learning_rate_at
 
-TRAIN = TrainConfig(learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=10, max_steps=110)
+TRAIN = TrainConfig(learning_rate=1e-3, min_lr_ratio=0.1, warmup_steps=10, max_steps=110)
 
 
 def test_warmup_rises_linearly_to_the_peak():

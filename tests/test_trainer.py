@@ -52,7 +52,7 @@ def test_with_both_budgets_set_the_step_budget_ends_the_run_when_it_ends_first(t
     assert summary["stop_reason"] == "max_steps" and summary["steps"] == 8 and summary["training_seconds"] < 3600
     rows = assert_learning_rates_follow_the_clock(run)
     train = run.train_config
-    assert rows[-1]["lr"] == learning_rate_at(7, train, 0.0) == train.min_learning_rate + (train.learning_rate - train.min_learning_rate) / 8
+    assert rows[-1]["lr"] == learning_rate_at(7, train, 0.0) == train.final_learning_rate + (train.learning_rate - train.final_learning_rate) / 8
 
 
 def test_with_both_budgets_set_the_time_budget_ends_the_run_when_it_runs_out_first(tmp_path, corpus_jsonl, tokenizer_file):

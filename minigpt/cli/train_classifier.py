@@ -30,7 +30,7 @@ log = logging.getLogger("minigpt.train")
 CPU_RECIPE = {
     "model.block_size": 256, "model.n_layer": 1, "model.n_head": 4, "model.n_kv_head": 2, "model.n_embd": 256,
     "model.dropout": 0.1, "train.tokenizer_vocab_size": 2048, "train.pooling": "max", "train.lm_loss_weight": 1.0,
-    "train.batch_size": 32, "train.learning_rate": 2e-3, "train.min_learning_rate": 2e-4, "train.warmup_steps": 30,
+    "train.batch_size": 32, "train.learning_rate": 2e-3, "train.warmup_steps": 30,
     "train.max_steps": 800, "train.max_time": 600.0, "train.eval_steps": 50, "train.eval_batches": 1000, "train.save_steps": 100,
     "train.keep_checkpoints": 2, "train.early_stopping_patience": 8, "train.val_fraction": 0.1, "train.log_steps": 10,
     "train.sample_tokens": 0,
@@ -38,7 +38,7 @@ CPU_RECIPE = {
 # Starting from a trained model: its shape comes with it, its last position already sums a text
 # up, it knows the language already, and a gentler learning rate keeps what it knows.
 FINE_TUNING = {"train.pooling": "last", "train.lm_loss_weight": 0.0}
-FINE_TUNING_LEARNING_RATES = {"train.learning_rate": 3e-4, "train.min_learning_rate": 3e-5}
+FINE_TUNING_LEARNING_RATES = {"train.learning_rate": 3e-4}
 RECIPE_NAME = "the CPU classification recipe"
 
 
