@@ -228,7 +228,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 CHOICES = {
-    "train.stage": ("pretrain", "sft", "classify"),
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "train.tokenizer_type": ("bpe", "char"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
@@ -293,10 +292,12 @@ def apply_overrides(config: RunConfig, overrides: Mapping[str, Any], source: str
 def _with_implied_settings(overrides: Mapping[str, Any], source: str) -> dict[str, Any]:
     """What giving one setting implies for another set in an earlier layer (a preset, say).
 
-    A number of epochs replaces the preset's step count (an explicit max_steps in the same layer
+    A W&B project turns W&B on. A number of epochs replaces the preset's step count (an explicit max_steps in the same layer
     still bounds the run); a warmup ratio replaces the preset's warmup steps, and giving both
     warmup settings in one layer is a contradiction."""
     implied = dict(overrides)
+    if "train.wandb_project" in implied and "train.wandb" not in implied:
+        implied["train.wandb"] = True  # naming a W&B project asks for W&B
     if "train.num_epochs" in implied and "train.max_steps" not in implied:
         implied["train.max_steps"] = 0
     if "train.warmup_ratio" in implied:
@@ -419,10 +420,6 @@ def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None
         value = getattr(train, key.split(".")[1])
         if value not in allowed:
             raise UserInputError(f"{key} must be one of {', '.join(allowed)}, got '{value}'.")
-    if train.lm_loss_weight and train.stage != "classify":
-        raise UserInputError("train.lm_loss_weight adds a next-token loss to a classifier's; it applies to --stage classify only.")
-    if train.lm_loss_weight and train.freeze_trunk:
-        raise UserInputError("--lm-loss-weight trains the trunk, which --freeze-trunk keeps frozen; set it to 0 for a linear probe.")
     if train.tokenizer_type == "bpe" and train.tokenizer_vocab_size < 260:
         raise UserInputError(
             f"A byte-level BPE vocabulary needs at least 260 tokens (256 bytes + 4 special), got {train.tokenizer_vocab_size}."

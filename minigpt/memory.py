@@ -52,6 +52,7 @@ import torch
 from minigpt.config import ModelConfig, RunConfig, TrainConfig
 from minigpt.data import ParallelBatches, TokenBlockStream
 from minigpt.errors import UserInputError
+from minigpt.heads import GPTClassifier
 from minigpt.lora import LoRALinear
 from minigpt.model import CPU_FLOAT32_ATTENTION_MAX_KEYS, GPT
 from minigpt.objective import Batch, Objective
@@ -286,7 +287,7 @@ def estimate_memory(model: torch.nn.Module, config: RunConfig, batch_size: int, 
     train = config.train
     counts = count_parameters(model)
     parameter_bytes = next(model.parameters()).element_size()
-    language_model = train.stage != "classify"
+    language_model = not isinstance(model, GPTClassifier)  # a classifier's heads are small: no vocabulary-sized logits
     path = attention_path(device, dtype, config.model.block_size, config.model.dropout, train.disable_optimizations)
     saved = saved_bytes_per_token(model, dtype, path, language_model)
     tokens = batch_size * config.model.block_size

@@ -20,7 +20,6 @@ imports without them (the guarded imports below), so scripts and tests can use i
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import time
@@ -35,12 +34,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from minigpt.chat import ChatSession
-from minigpt.config import PRESETS, RunConfig, apply_overrides, preset_config, validate
+from minigpt.config import PRESETS, RunConfig, preset_config
 from minigpt.errors import UserInputError
 from minigpt.generation import SamplingConfig
 from minigpt.model import GPT
 from minigpt.plots import CURVE_PANELS, TRAIN_COLOR, VALIDATION_COLOR
-from minigpt.run import initial_model_config
+from minigpt.run import configure
 from minigpt.sources import DocumentReader, encode_documents
 from minigpt.tokenizer import Tokenizer
 from minigpt.trainer import Callback, Trainer
@@ -268,14 +267,7 @@ def config_from_settings(settings: NotebookSettings, extra: dict[str, Any] | Non
     eval_steps, ...), applied with the settings. Raises UserInputError with the CLI's sentence.
     """
     overrides = {**settings.overrides(), **(extra or {})}
-    config = preset_config(settings.preset)
-    if settings.init_from:
-        config = dataclasses.replace(config, model=initial_model_config(settings.init_from))
-    config = apply_overrides(config, overrides, source="settings")
-    validate(config)
-    if config.train.lora_rank and not config.train.init_from:
-        raise UserInputError("LoRA trains small adapters on a frozen, already trained model: give that model in 'start from'.")
-    return config
+    return configure(preset_config(settings.preset), overrides, {key: f"'{key}'" for key in overrides}, source="settings")
 
 
 class SettingsForm:

@@ -15,38 +15,34 @@ import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 
 from minigpt.checkpoint import latest_checkpoint, latest_intact_checkpoint
-from minigpt.classification import ClassifierCallback, build_classification_objective, prepare_classification
-from minigpt.config import ModelConfig, RunConfig, validate
-from minigpt.files import atomic_write_json, check_plain_name, lock_run_directory, remove_temporary_files, unlock_run_directory
-from minigpt.corpus import BUILTIN_CORPUS
-from minigpt.sft_corpus import BUILTIN_SFT
+from minigpt.config import ModelConfig, RunConfig, apply_overrides, validate
 from minigpt.distributed import (
     broadcast_from_main, compute_init, cores_per_process, is_main_process, main_process_first, process_place,
 )
-from minigpt.data import ParallelBatches, RepeatedBatch, TokenBlockStream, holdout_filling_one_block
-from minigpt.sources import iter_documents, resolve_data_files, sources_fingerprint
 from minigpt.errors import UserInputError
-from minigpt.metrics import truncate_metrics
-from minigpt.heads import build_classifier
-from minigpt.labelled_corpus import builtin_labelled_files
+from minigpt.files import atomic_write_json, check_plain_name, lock_run_directory, remove_temporary_files, unlock_run_directory
 from minigpt.lora import AdapterRun, LoRAConfig, apply_lora, count_trainable, format_trainable, load_model_for_inference, parse_targets
 from minigpt.memory import (
     MemoryEstimate, choose_micro_batch, device_memory, dry_run_report, estimate_memory, probe_fits, process_memory, resize_stream,
     time_micro_step, time_optimizer_step,
 )
+from minigpt.metrics import truncate_metrics
 from minigpt.model import GPT
-from minigpt.objective import LanguageModelObjective, Objective
+from minigpt.objective import Objective
 from minigpt.optim import build_optimizer
 from minigpt.runtime import (
     PROBE_TOKENS, available_cpu_cores, configure_threads, fastest_cpu_dtype, keep_freed_memory_for_reuse, select_device,
     select_dtype, seed_everything,
 )
+from minigpt.run_log import RunLog
 from minigpt.sinks import TensorBoardCallback, WandbCallback
-from minigpt.token_cache import build_token_cache
+from minigpt.sources import iter_documents, resolve_data_files, sources_fingerprint
+from minigpt.stages import Stage, check_stage_settings, stage_of
 from minigpt.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from minigpt.trainer import Callback, LossPlotCallback, Trainer
 
@@ -61,19 +57,19 @@ class RunPaths:
     resume_from: Path | None  # the checkpoint to continue from, if resuming
 
 
-def training_sources(config: RunConfig) -> list:
-    """The training sources: --data-files, every file under data/ (--use-full-data), or the
-    built-in set of the stage (Python's documentation to pretrain, the built-in chat set for sft)."""
+def training_sources(config: RunConfig, stage: Stage) -> tuple[RunConfig, list]:
+    """The configuration and the training sources: --data-files, every file under data/
+    (--use-full-data), or the stage's built-in set."""
     train = config.train
     if train.use_full_data and train.data_files:
         raise UserInputError("Give either --data-files or --use-full-data, not both.")
     if train.use_full_data:
         if not Path(FULL_DATA_DIRECTORY).is_dir():
             raise UserInputError(f"--use-full-data reads every .jsonl/.txt file under ./{FULL_DATA_DIRECTORY}/, which does not exist.")
-        return resolve_data_files([FULL_DATA_DIRECTORY])
+        return config, resolve_data_files([FULL_DATA_DIRECTORY])
     if train.data_files:
-        return resolve_data_files(train.data_files, builtin=train.stage != "classify")
-    return [BUILTIN_SFT if train.stage == "sft" else BUILTIN_CORPUS]
+        return config, resolve_data_files(train.data_files, builtin=stage.reads_builtin_text)
+    return stage.builtin_sources(config)
 
 
 # What makes two models the same network: weights of one fit the other only if these agree.
@@ -161,94 +157,6 @@ def obtain_tokenizer(config: RunConfig, sources: list, show_progress: bool = Tru
     return tokenizer
 
 
-def dataloader_workers(requested: int, device: torch.device) -> int:
-    """-1 (auto): on a CUDA GPU, up to 4 processes so tokenizing never holds the GPU up; on a CPU or
-    MPS, none: the model needs the cores, and tokenizing is a small share of a step there."""
-    if requested >= 0:
-        return requested
-    return min(4, max(1, available_cpu_cores() // 2)) if device.type == "cuda" else 0
-
-
-def resolve_validation(config: RunConfig, sources: list, tokenizer: Tokenizer) -> RunConfig:
-    """The configuration with a hold-out that works for this data.
-
-    A small file's 1% hold-out may not fill one block. Then enough whole documents are held out
-    to fill one, if the rest still fills a training block; if the data is too small for both,
-    the run trains without validation (val_fraction 0: no evaluations, so no early stopping).
-    Either way it is said in one line, and written to config.json so a resume reads the same split.
-    """
-    train = config.train
-    if train.val_data_files or train.val_fraction == 0 or train.stage == "classify":  # classify: whole records are held out
-        return config
-    chat = train.stage == "sft"
-    held_out = TokenBlockStream(sources, tokenizer, config.model.block_size, 1, split="val", val_fraction=train.val_fraction,
-                                loop=False, text_field=train.text_field, assistant_only_loss=chat, one_document_per_row=chat)
-    try:
-        held_out.check_not_empty()
-        return config
-    except UserInputError:
-        pass
-    fraction = holdout_filling_one_block(sources, tokenizer, config.model.block_size, train.val_fraction, train.text_field)
-    block = f"one block of {config.model.block_size + 1} tokens"
-    if fraction is None:
-        stopping = " and early stopping is off" if train.early_stopping_patience else ""
-        log.warning("The data is too small to hold out %s for validation and still train on another: training without "
-                    "validation (no evaluations%s). Add data or pass --val-data-files.", block, stopping)
-        fraction = 0.0
-    else:
-        log.info("A %.1f%% hold-out does not fill %s: holding out %.1f%% of the documents for validation instead.",
-                 100 * train.val_fraction, block, 100 * fraction)
-    return dataclasses.replace(config, train=dataclasses.replace(train, val_fraction=fraction))
-
-
-def build_streams(
-    config: RunConfig, sources: list, tokenizer: Tokenizer, device: torch.device = torch.device("cpu")
-) -> tuple[TokenBlockStream | RepeatedBatch | ParallelBatches, TokenBlockStream | None]:
-    """The endless, shuffled training stream (or its first batch, repeated) and the finite
-    validation stream (None with val_fraction 0 and no validation files: no evaluations).
-
-    Under torchrun the training stream reads only this process's share of the documents (every
-    world_size-th, from its rank on); the validation stream is read whole by every process, and
-    evaluation splits its batches (see `minigpt.evaluation`). With train.dataloader_workers above
-    0 (prepare_run resolves -1 first), that many worker processes read the training stream."""
-    train = config.train
-    place = process_place()
-    shard = dict(rank=place.rank, world_size=place.world_size)
-    chat = train.stage == "sft"  # the assistant's words only, one conversation per row
-    common = dict(tokenizer=tokenizer, block_size=config.model.block_size, batch_size=train.batch_size, text_field=train.text_field,
-                  assistant_only_loss=chat, one_document_per_row=chat)
-    val_sources = resolve_data_files(train.val_data_files) if train.val_data_files else []
-    if train.token_cache:
-        cache_root = Path(train.output_dir) / "token_cache"
-        with main_process_first():  # rank 0 builds the cache, the others then find it
-            sources = [build_token_cache(sources, tokenizer, cache_root, train.text_field)]
-            val_sources = [build_token_cache(val_sources, tokenizer, cache_root, train.text_field)] if val_sources else []
-    if val_sources or train.val_fraction == 0:
-        train_stream = TokenBlockStream(sources, split="all", shuffle_buffer=train.shuffle_buffer, seed=train.seed,
-                                        max_documents=train.max_data_size, **shard, **common)
-        val_stream = TokenBlockStream(val_sources, split="all", loop=False, **common) if val_sources else None
-    else:
-        train_stream = TokenBlockStream(sources, split="train", val_fraction=train.val_fraction, shuffle_buffer=train.shuffle_buffer,
-                                        seed=train.seed, max_documents=train.max_data_size, **shard, **common)
-        val_stream = TokenBlockStream(sources, split="val", val_fraction=train.val_fraction, loop=False, **common)
-    train_stream.check_not_empty()
-    if val_stream is not None:
-        val_stream.check_not_empty()
-    if train.overfit_batch:
-        return RepeatedBatch(train_stream), val_stream
-    if train.dataloader_workers > 0:  # resolved from -1 (auto) by prepare_run
-        return ParallelBatches(train_stream, train.dataloader_workers, pin_memory=device.type == "cuda"), val_stream
-    return train_stream, val_stream
-
-
-def with_builtin_labelled_set(config: RunConfig) -> RunConfig:
-    """A classify run given no data trains on the built-in labelled set (minigpt.labelled_corpus),
-    written once under the output directory; config.json then names its files, like any data."""
-    train_file, val_file = builtin_labelled_files(Path(config.train.output_dir) / "builtin_labelled")
-    val_files = config.train.val_data_files or [str(val_file)]
-    return dataclasses.replace(config, train=dataclasses.replace(config.train, data_files=[str(train_file)], val_data_files=val_files))
-
-
 def describe_global_batch(config: RunConfig, processes: int) -> str:
     """The tokens one optimizer step learns from: micro-batch x accumulation x processes."""
     train, block = config.train, config.model.block_size
@@ -257,25 +165,41 @@ def describe_global_batch(config: RunConfig, processes: int) -> str:
             f"x {processes} process(es) = {tokens:,} tokens per step")
 
 
-def build_callbacks(config: RunConfig) -> list[Callback]:
-    """Loss plots and the optional TensorBoard / W&B sinks the configuration asks for."""
+def build_callbacks(config: RunConfig, stage: Stage) -> list[Callback]:
+    """Loss plots, the stage's callbacks and the optional TensorBoard / W&B sinks the configuration asks for."""
     train = config.train
     callbacks: list[Callback] = [LossPlotCallback()] if train.plot_loss else []
-    if train.stage == "classify":
-        callbacks.append(ClassifierCallback())  # confusion matrices; the best evaluation becomes final_model/
+    callbacks += stage.callbacks(config)
     if train.tensorboard:
         callbacks.append(TensorBoardCallback(config.to_dict(), histogram_steps=train.eval_steps))
     if train.wandb:
-        callbacks.append(WandbCallback(config.to_dict()))
+        callbacks.append(WandbCallback(config.to_dict(), project=train.wandb_project))
     return callbacks
 
 
-def build_objective(config: RunConfig, tokenizer: Tokenizer) -> Objective:
-    """The objective the configuration trains: next-token prediction (chat data arrives masked),
-    with a chat reply as the sample when fine-tuning for chat."""
-    train = config.train
-    prompt = train.sample_prompt if train.stage == "sft" else ""
-    return LanguageModelObjective(tokenizer, sample_tokens=train.sample_tokens, seed=train.seed, sample_chat_prompt=prompt)
+def check_config(config: RunConfig, given: Mapping[str, str] | None = None, source: str = "the configuration") -> Stage:
+    """validate() and the stage's own rules (settings that do not apply to it, combinations it
+    cannot train); returns the stage. `given` maps the settings a user set by hand (a flag, a
+    form's field) to its name, for minigpt.stages.check_stage_settings."""
+    validate(config)
+    check_stage_settings(config, given, source)
+    if config.train.lora_rank and not config.train.init_from:
+        raise UserInputError("LoRA trains small adapters on a frozen, already trained model: give that model with --init-from.")
+    return stage_of(config)
+
+
+def configure(base: RunConfig, overrides: Mapping[str, Any], given: Mapping[str, str], source: str, resumed: bool = False) -> RunConfig:
+    """The configuration of a run: `base` (a preset, a file, the stage's recipe, or a resumed run's
+    config.json) with the user's settings on top, checked. The command line and the notebook's
+    form both build their configuration here. A new run started from a model (--init-from) takes
+    that model's shape; model settings given too still apply, and prepare_run refuses any that
+    contradict it."""
+    init_from = overrides.get("train.init_from", base.train.init_from)
+    if init_from and not resumed:
+        base = dataclasses.replace(base, model=initial_model_config(init_from))
+    config = apply_overrides(base, overrides, source=source)
+    check_config(config, given, source)
+    return config
 
 
 def show_log_lines() -> None:
@@ -320,12 +244,20 @@ def prepare_run(
     NumPy's and PyTorch's generators, and (unless --disable-optimizations) glibc's malloc thresholds.
     """
     show_log_lines()
-    validate(config)
+    run_log = RunLog() if is_main_process() else None  # train.log: from here on, written once the run directory exists
+    try:
+        return _prepare_run(config, show_progress, callbacks, objective, run_log)
+    except BaseException:
+        if run_log is not None:
+            run_log.close()
+        raise
+
+
+def _prepare_run(config: RunConfig, show_progress: bool, callbacks: list[Callback] | None, objective: Objective | None,
+                 run_log: RunLog | None) -> Trainer:
+    stage = check_config(config)  # the one place the stage is looked up
     place = process_place()
-    if config.train.lora_rank and not config.train.init_from:
-        raise UserInputError("LoRA trains small adapters on a frozen, already trained model: give that model with --init-from.")
-    if config.train.stage == "classify" and not (config.train.data_files or config.train.use_full_data):
-        config = with_builtin_labelled_set(config)
+    config, sources = training_sources(config, stage)
     paths = resolve_run_paths(config)
     device = compute_init(select_device(config.train.device), config.train.ddp_backend)  # joins torchrun's processes, if any
     dtype = torch.float32 if config.train.disable_optimizations else select_dtype(config.train.dtype, device)
@@ -333,7 +265,6 @@ def prepare_run(
     if not config.train.disable_optimizations and keep_freed_memory_for_reuse():
         log.info("Memory: freed blocks stay in this process for the next step (glibc malloc thresholds; "
                  "--disable-optimizations leaves the allocator alone).")
-    sources = training_sources(config)
     initial = load_model_for_inference(config.train.init_from) if config.train.init_from else None
     if paths.resume_from is not None:
         tokenizer = load_tokenizer(paths.run_dir / "tokenizer.json")
@@ -347,39 +278,28 @@ def prepare_run(
     validate(config, tokenizer.vocab_size)
     if initial is not None:
         check_initial_model(config, initial[2].model)
-    elif config.train.stage == "sft":
-        log.warning("Chat fine-tuning a model from scratch: it knows no language yet. Start from a trained one with --init-from.")
+    elif paths.resume_from is None:
+        stage.starting_from_scratch()
 
-    if paths.resume_from is None:  # a resumed run keeps the split recorded in its config.json
-        config = resolve_validation(config, sources, tokenizer)
-    # Record the number of data-loader workers -1 (auto) means on this device: the batch order
-    # depends on it, so a resumed run, on whatever device, reads with the same number.
-    workers = dataloader_workers(config.train.dataloader_workers, device)
-    config = dataclasses.replace(config, train=dataclasses.replace(config.train, dataloader_workers=workers))
     seed_everything(config.train.seed)
-    if config.train.stage == "classify":  # also fills in the tasks and label maps found in the data
-        config, train_stream, val_stream = prepare_classification(config, sources, tokenizer, resumed=paths.resume_from is not None)
-    else:
-        train_stream, val_stream = build_streams(config, sources, tokenizer, device)
-
+    # The data decide what config.json records: the validation split, a classifier's label maps.
+    config, train_stream, val_stream = stage.prepare_data(config, sources, tokenizer, device, resumed=paths.resume_from is not None)
     run_dir = paths.run_dir
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, run_name=run_dir.name, resume=""))
-    callbacks = build_callbacks(config) + list(callbacks or [])  # first: a missing sink package is an error
-    classify = config.train.stage == "classify"
+    callbacks = build_callbacks(config, stage) + list(callbacks or [])  # first: a missing sink package is an error
     if objective is None:
-        objective = build_classification_objective(config, train_stream, tokenizer.vocab_size) if classify else build_objective(config, tokenizer)
-    model = (build_classifier(config) if classify else GPT(config.model)).to(device)
+        objective = stage.build_objective(config, tokenizer, train_stream)
+    model = stage.build_model(config).to(device)
     adapter = None
     if initial is not None:
-        model.load_state_dict(initial[0].state_dict(), strict=not classify)  # a classifier's heads are new; its trunk was checked above
+        stage.start_from(model, initial[0])
         log.info("Starting from %s", config.train.init_from)
     if config.train.lora_rank:
         train = config.train
         adapter = AdapterRun.start(LoRAConfig(train.lora_rank, train.lora_alpha, train.lora_dropout, parse_targets(train.lora_targets)),
                                    train.init_from)
         apply_lora(model, adapter.config)
-        if classify:
-            model.heads.requires_grad_(True)  # the new heads always train
+        stage.after_lora(model)
         log.info("LoRA rank %d on %s: %s", train.lora_rank, ",".join(adapter.config.targets), format_trainable(*count_trainable(model)))
     model.gradient_checkpointing = config.train.gradient_checkpointing
     if config.train.auto_batch_size and paths.resume_from is None:  # a resumed run keeps what config.json recorded
@@ -395,12 +315,13 @@ def prepare_run(
         run_dir.mkdir(parents=True, exist_ok=True)
         lock_run_directory(run_dir)  # a second trainer here is refused; Trainer.train() releases it
         remove_temporary_files(run_dir)
+        run_log.open(run_dir)
     if place.world_size > 1:
         # Every process built the same model (and DDP copies rank 0's weights to all); from here on
         # each draws its own random numbers, as on a machine of its own: its own dropout masks.
         seed_everything(config.train.seed + place.rank)
     trainer = Trainer(config, model, tokenizer, objective, train_stream, val_stream, run_dir, device, dtype, callbacks, show_progress,
-                      adapter=adapter)
+                      adapter=adapter, run_log=run_log)
     if paths.resume_from is not None:
         try:  # before anything is written: a refused resume (another process or worker count, a changed base) changes nothing
             trainer.resume(paths.resume_from)
@@ -445,59 +366,60 @@ class DryRun:
     and the memory estimate of a step."""
 
     config: RunConfig
+    stage: Stage
     objective: Objective
     device: torch.device
     dtype: torch.dtype
     estimate: MemoryEstimate
 
 
-def dry_run_model(config: RunConfig, on: torch.device) -> GPT:
+def dry_run_model(config: RunConfig, stage: Stage, on: torch.device) -> GPT:
     """The model a run of `config` trains (LoRA applied, checkpointing set), built on `on`: on the
     meta device its parameters have shapes and no data, so an estimate costs no memory."""
     with on:
-        model = GPT(config.model)
+        model = stage.build_model(config)
     train = config.train
     if train.lora_rank:
         apply_lora(model, LoRAConfig(train.lora_rank, train.lora_alpha, train.lora_dropout, parse_targets(train.lora_targets)))
+        stage.after_lora(model)
     model.gradient_checkpointing = train.gradient_checkpointing
     return model
-
-
-def read_first_batch(config: RunConfig, tokenizer: Tokenizer) -> None:
-    """Read the first training batch as a run does (filling the shuffle buffer) and drop it: the
-    process a dry-run measures then holds a data reader, as the run's will. Text is read where the
-    run would read a token cache (a dry-run builds none)."""
-    text = dataclasses.replace(config, train=dataclasses.replace(config.train, token_cache=False, overfit_batch=False, dataloader_workers=0))
-    train_stream, _ = build_streams(text, training_sources(config), tokenizer)
-    next(iter(train_stream))
 
 
 def plan_dry_run(config: RunConfig) -> DryRun:
     """The estimate `dry_run` prints, without the probe. The tokenizer comes from where the run would
     take it (--tokenizer, --init-from, the resumed run, or the tokenizer cache, where a missing one is
-    trained once and kept for the real run). On a CPU, --dtype auto is taken as float32 here (the run
-    itself measures whether bfloat16 pays)."""
-    validate(config)
+    trained once and kept for the real run). The data are prepared as the run prepares them (a
+    classifier's heads need its label maps) and, off CUDA, the first training batch is read and
+    dropped, so the process measured holds a data reader as the run's will (text is read where
+    the run would read a token cache: a dry-run builds none). On a CPU, --dtype auto is taken as
+    float32 here (the run itself measures whether bfloat16 pays)."""
+    stage = check_config(config)
     train = config.train
     device = select_device(train.device)
     dtype = torch.float32 if train.disable_optimizations else select_dtype(train.dtype, device)
+    config, sources = training_sources(config, stage)
     if train.resume:
         tokenizer = load_tokenizer(resolve_run_paths(config).run_dir / "tokenizer.json")
     elif train.init_from:
         tokenizer = load_model_for_inference(train.init_from)[1]
     else:
-        tokenizer = obtain_tokenizer(config, training_sources(config), show_progress=False)
+        tokenizer = obtain_tokenizer(config, sources, show_progress=False)
     if not config.model.vocab_size:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size))
     validate(config, tokenizer.vocab_size)
     configure_threads(train.num_threads or cores_per_process(available_cpu_cores()))  # as the run will: threads take memory too
     if not train.disable_optimizations:
         keep_freed_memory_for_reuse()
-    if device.type != "cuda" and train.stage != "classify":
-        read_first_batch(config, tokenizer)
-    estimate = estimate_memory(dry_run_model(config, torch.device("meta")), config, train.batch_size, dtype, device,
+    text = dataclasses.replace(config, train=dataclasses.replace(config.train, token_cache=False, overfit_batch=False, dataloader_workers=0))
+    prepared, train_stream, _ = stage.prepare_data(text, sources, tokenizer, torch.device("cpu"), resumed=bool(train.resume))
+    config = dataclasses.replace(prepared, train=dataclasses.replace(
+        prepared.train, token_cache=train.token_cache, overfit_batch=train.overfit_batch, dataloader_workers=train.dataloader_workers))
+    if device.type != "cuda":
+        next(iter(train_stream))
+    estimate = estimate_memory(dry_run_model(config, stage, torch.device("meta")), config, train.batch_size, dtype, device,
                                process=process_memory(device, dtype))
-    return DryRun(config, build_objective(config, tokenizer), device, dtype, estimate)
+    return DryRun(config, stage, stage.build_objective(config, tokenizer, train_stream), device, dtype, estimate)
 
 
 def dry_run(config: RunConfig, probe: bool = True) -> str:
@@ -511,7 +433,7 @@ def dry_run(config: RunConfig, probe: bool = True) -> str:
     micro_seconds = optimizer_seconds = None
     if probe and probe_fits(plan.estimate, budget, train.gradient_checkpointing):
         seed_everything(train.seed)
-        model = dry_run_model(config, plan.device)
+        model = dry_run_model(config, plan.stage, plan.device)
         micro_seconds = time_micro_step(model, plan.objective, train.batch_size, config.model.block_size, plan.device, plan.dtype)
         optimizer_seconds = time_optimizer_step(build_optimizer(model, train, plan.device.type), model, plan.device)
     return dry_run_report(plan.estimate, config, budget, micro_seconds, optimizer_seconds)

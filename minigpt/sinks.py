@@ -71,19 +71,19 @@ class TensorBoardCallback(Callback):
 class WandbCallback(Callback):
     """Logs the same scalars to Weights & Biases; offline unless WANDB_MODE says otherwise."""
 
-    def __init__(self, config: dict[str, Any]):
+    def __init__(self, config: dict[str, Any], project: str = "minigpt"):
         try:
             import wandb
         except ImportError:
             raise _missing_extra("--wandb", "wandb") from None
-        self.wandb, self.config = wandb, config
+        self.wandb, self.config, self.project = wandb, config, project
         self.run: Any = None
 
     def on_start(self, trainer: Trainer) -> None:
         # Here, not in __init__: the run directory exists only now, and W&B given a directory that
         # does not exist writes its offline logs to the temporary directory instead.
         self.run = self.wandb.init(
-            project="minigpt", name=trainer.run_dir.name, dir=str(trainer.run_dir), config=self.config,
+            project=self.project, name=trainer.run_dir.name, dir=str(trainer.run_dir), config=self.config,
             mode=os.environ.get("WANDB_MODE", "offline"),  # offline by default: nothing leaves the machine
         )
 

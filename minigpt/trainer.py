@@ -47,6 +47,7 @@ from minigpt.objective import Batch, Objective
 from minigpt.optim import build_optimizer, learning_rate_at
 from minigpt.plots import save_loss_curve
 from minigpt.resources import ResourceGovernor, free_memory
+from minigpt.run_log import RunLog
 from minigpt.runtime import (
     accelerator_memory_bytes, accelerator_utilisation, autocast, compile_mode, compile_model, measure_matmul_peak,
     rng_state, set_rng_state, software_versions, synchronize,
@@ -145,6 +146,7 @@ class Trainer:
         callbacks: list[Callback] | None = None,
         show_progress: bool = True,
         adapter: AdapterRun | None = None,
+        run_log: RunLog | None = None,
     ):
         self.config, self.train_config = config, config.train
         self.model, self.tokenizer, self.objective = model, tokenizer, objective
@@ -156,6 +158,7 @@ class Trainer:
         self.callbacks = list(callbacks or []) if self.is_main else []
         self.show_progress = show_progress and self.is_main
         self.adapter = adapter  # a LoRA run: only the adapters train, on a frozen base model
+        self.run_log = run_log  # train.log, closed when train() returns
         self.optimizer = build_optimizer(model, self.train_config, device.type)
         # float16 has a narrow range: scale the loss up so small gradients do not flush to zero.
         self.scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
@@ -264,6 +267,8 @@ class Trainer:
         finally:
             if self.is_main:
                 unlock_run_directory(self.run_dir)  # taken by prepare_run: the next trainer may use the directory
+            if self.run_log is not None:
+                self.run_log.close()
 
     def _train(self) -> dict[str, Any]:
         config = self.train_config

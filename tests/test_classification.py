@@ -13,7 +13,8 @@ from minigpt.classification import (
     ClassificationObjective, balanced_class_weights, confusion_matrix, parse_task_weights, scores_from_confusion, scores_table,
 )
 from minigpt.cli import classify, train_classifier
-from minigpt.config import RunConfig, apply_overrides, validate
+from minigpt.config import RunConfig, apply_overrides
+from minigpt.run import check_config
 from minigpt.errors import UserInputError
 from minigpt.heads import LM_ROWS_STEP, GPTClassifier, load_classifier
 from minigpt.labelled_corpus import GROUPS, builtin_labelled_records, group_of
@@ -225,9 +226,9 @@ def test_language_model_loss_is_the_next_token_loss_of_the_real_tokens_only():
         model.classify(batch_ids, batch_lengths, language_model_loss=True)
     assert len(seen) == 3 and all(rows == LM_ROWS_STEP for rows in seen)
     with pytest.raises(UserInputError, match="--freeze-trunk"):
-        validate(apply_overrides(config, {"train.lm_loss_weight": 1.0, "train.freeze_trunk": True}))
+        check_config(apply_overrides(config, {"train.lm_loss_weight": 1.0, "train.freeze_trunk": True, "train.init_from": "base"}))
     with pytest.raises(UserInputError, match="--stage classify only"):
-        validate(apply_overrides(config, {"train.lm_loss_weight": 1.0, "train.stage": "pretrain"}))
+        check_config(apply_overrides(config, {"train.lm_loss_weight": 1.0, "train.stage": "pretrain"}))
 
 
 # --- the built-in labelled set --------------------------------------------------------------

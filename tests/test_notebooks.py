@@ -19,7 +19,8 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from nbclient import NotebookClient
 
 from minigpt.cli.train import build_parser, config_from_arguments
-from minigpt.config import CHOICES, apply_overrides, load_config, preset_config
+from minigpt.config import apply_overrides, load_config, preset_config
+from minigpt import stages
 from minigpt.errors import UserInputError
 from minigpt.generation import SamplingConfig, generate
 from minigpt.notebook import (
@@ -165,7 +166,7 @@ def test_the_settings_build_the_config_the_cli_builds(base_model, corpus_jsonl):
     expected = cli_config(["--stage", "sft", "--init-from", str(base_model), "--max-steps", "30", "--lora-rank", "4", "--lora-alpha", "8"])
     assert config_from_settings(lora) == expected
     assert config_from_settings(lora, {"train.eval_steps": 7}).train.eval_steps == 7
-    assert set(STAGES.values()) <= set(CHOICES["train.stage"])
+    assert set(STAGES.values()) <= set(stages.STAGES)
 
 
 def test_the_settings_give_the_cli_validation_messages():
