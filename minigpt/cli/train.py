@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import signal
 import sys
 from typing import Any, NamedTuple
 
-from minigpt.cli.common import SHARED_ARGUMENTS, ArgumentParser, program_name, run_command
+from minigpt.cli.common import SHARED_ARGUMENTS, ArgumentParser, dash_spellings, program_name, run_command
 from minigpt.distributed import compute_cleanup
-from minigpt.config import CHOICES, PRESETS, RunConfig, apply_overrides, load_config, validate
+from minigpt.config import CHOICES, PRESETS, RunConfig, apply_overrides, load_config
 from minigpt.errors import UserInputError
-from minigpt.run import dry_run, initial_model_config, prepare_run, resolve_run_paths
+from minigpt.run import check_config, configure, dry_run, prepare_run, resolve_run_paths
+from minigpt.stages import STAGES, stage_named
 
 log = logging.getLogger("minigpt.train")
 
@@ -31,8 +31,8 @@ class Flag(NamedTuple):
 # its type, choices and default come from the configuration itself.
 FLAGS: dict[str, list[Flag]] = {
     "fine-tuning": [
-        Flag(("--stage",), "train.stage", "pretrain: next token on every token; sft: chat fine-tuning, loss on the assistant's words only; classify: heads on the trunk"),
-        Flag(("--init-from",), "train.init_from", "start from this model (final_model/, checkpoint, run or Hugging Face Llama folder); its shape and tokenizer are used"),
+        Flag(("--stage",), "train.stage", "; ".join(f"{name}: {stage.help}" for name, stage in STAGES.items())),
+        Flag(("--init-from", "--model-name-or-path"), "train.init_from", "start from this model (final_model/, checkpoint, run or Hugging Face Llama folder); its shape and tokenizer are used"),
         Flag(("--lora-rank",), "train.lora_rank", "train LoRA adapters of this rank on the frozen --init-from model (0 = train every weight)"),
         Flag(("--lora-alpha",), "train.lora_alpha", "the adapters' update is scaled by alpha / rank"),
         Flag(("--lora-dropout",), "train.lora_dropout", "dropout on the adapters' input"),
@@ -48,8 +48,8 @@ FLAGS: dict[str, list[Flag]] = {
         Flag(("--lm-loss-weight",), "train.lm_loss_weight", "add this times the next-token loss on the texts to the classification loss (0 = off)"),
     ],
     "data": [
-        Flag(("--data-files",), "train.data_files", "training data: .jsonl/.txt files, directories or globs (none: the built-in corpus)"),
-        Flag(("--val-data-files",), "train.val_data_files", "validation data (none: a hold-out of the training data)"),
+        Flag(("--data-files", "--train-file"), "train.data_files", "training data: .jsonl/.txt files, directories or globs (none: the built-in corpus)"),
+        Flag(("--val-data-files", "--validation-file"), "train.val_data_files", "validation data (none: a hold-out of the training data)"),
         Flag(("--val-fraction",), "train.val_fraction", "share of documents held out for validation when no --val-data-files"),
         Flag(("--use-full-data",), "train.use_full_data", "train on every .jsonl/.txt file under ./data/"),
         Flag(("--max-data-size",), "train.max_data_size", "train on at most this many documents (0 = all)"),
@@ -67,25 +67,32 @@ FLAGS: dict[str, list[Flag]] = {
     "optimisation": [
         Flag(("--learning-rate", "--lr"), "train.learning_rate", "peak learning rate"),
         Flag(("--weight-decay",), "train.weight_decay", "AdamW weight decay for the matrices"),
-        Flag(("--grad-clip",), "train.grad_clip", "clip the gradient norm to this (0 = off)"),
-        Flag(("--batch-size",), "train.batch_size", "sequences per micro-batch, or auto: the largest that fits and pays, "
+        Flag(("--adam-beta1",), "train.beta1", "AdamW's decay rate of the gradient's running average"),
+        Flag(("--adam-beta2",), "train.beta2", "AdamW's decay rate of the squared gradient's running average"),
+        Flag(("--grad-clip", "--max-grad-norm"), "train.grad_clip", "clip the gradient norm to this (0 = off)"),
+        Flag(("--batch-size", "--per-device-train-batch-size"), "train.batch_size", "sequences per micro-batch, or auto: the largest that fits and pays, "
              "with the accumulation raised to keep the global batch (batch size x accumulation); chosen when a run "
              "starts, kept by --resume"),
         Flag(("--gradient-accumulation-steps",), "train.gradient_accumulation_steps", "micro-batches per optimizer step"),
     ],
     "schedule": [
-        Flag(("--max-steps",), "train.max_steps", "optimizer steps to train for (0 = until --max-time)"),
+        Flag(("--max-steps",), "train.max_steps", "optimizer steps to train for (0 = until --max-time or the epochs end)"),
+        Flag(("--num-epochs", "--num-train-epochs"), "train.num_epochs", "passes over the training data (fractions allowed); "
+             "replaces the preset's step count, while an explicit --max-steps or --max-time still ends the run first"),
         Flag(("--max-time",), "train.max_time", "wall-clock budget in seconds: stop, evaluate and save when it runs out (0 = none)"),
-        Flag(("--lr-scheduler",), "train.lr_scheduler", "the learning rate's shape after the warmup"),
+        Flag(("--lr-scheduler", "--lr-scheduler-type"), "train.lr_scheduler", "the learning rate's shape after the warmup"),
         Flag(("--warmup-steps",), "train.warmup_steps", "steps of linear warmup"),
-        Flag(("--min-learning-rate",), "train.min_learning_rate", "learning rate at the end of the decay"),
+        Flag(("--warmup-ratio",), "train.warmup_ratio", "warmup as a fraction of the run's steps instead of --warmup-steps"),
+        Flag(("--min-lr-ratio",), "train.min_lr_ratio", "the decay ends at this fraction of the peak learning rate"),
+        Flag(("--min-learning-rate",), "train.min_learning_rate", "an absolute learning rate for the end of the decay instead (0 = use --min-lr-ratio)"),
         Flag(("--early-stopping-patience",), "train.early_stopping_patience", "stop after this many evaluations without improvement (0 = off)"),
     ],
     "checkpoints": [
         Flag(("--output-dir",), "train.output_dir"),
         Flag(("--run-name",), "train.run_name", "name of this run's directory (empty: <preset>-<date>-<time>)"),
         Flag(("--save-steps",), "train.save_steps", "save a checkpoint every this many steps"),
-        Flag(("--keep-checkpoints",), "train.keep_checkpoints", "checkpoints kept (the best by validation loss is always kept too)"),
+        Flag(("--save-strategy",), "train.save_strategy", "steps: save every --save-steps; epoch: at the end of each epoch"),
+        Flag(("--keep-checkpoints", "--save-total-limit"), "train.keep_checkpoints", "checkpoints kept (the best by validation loss is always kept too)"),
     ],
     "runtime": [
         Flag(("--device",), "train.device"),
@@ -93,8 +100,8 @@ FLAGS: dict[str, list[Flag]] = {
         Flag(("--seed",), "train.seed"),
         Flag(("--num-threads",), "train.num_threads", "CPU threads (0 = the physical cores available to the process)"),
         Flag(("--ddp-backend",), "train.ddp_backend", "under torchrun: how processes exchange gradients (auto: nccl on CUDA, gloo on the CPU)"),
-        Flag(("--dataloader-workers",), "train.dataloader_workers", "processes that read and tokenize data (-1 = auto: up to 4 on CUDA, 0 elsewhere)"),
-        Flag(("--enable-compile",), "train.compile", "torch.compile the model (slow first step, faster after)"),
+        Flag(("--dataloader-workers", "--dataloader-num-workers"), "train.dataloader_workers", "processes that read and tokenize data (-1 = auto: up to 4 on CUDA, 0 elsewhere)"),
+        Flag(("--enable-compile", "--torch-compile"), "train.compile", "torch.compile the model (slow first step, faster after)"),
         Flag(("--compile-mode",), "train.compile_mode", "torch.compile mode with --enable-compile (auto: max-autotune on CUDA, default elsewhere)"),
         Flag(("--gradient-checkpointing",), "train.gradient_checkpointing", "recompute each block's activations in the backward pass: much less memory, about a third more compute"),
         Flag(("--disable-optimizations",), "train.disable_optimizations", "eager float32, plain AdamW, math attention: every optimisation off, for debugging"),
@@ -103,8 +110,9 @@ FLAGS: dict[str, list[Flag]] = {
     ],
     "monitoring": [
         Flag(("--eval-steps",), "train.eval_steps", "evaluate every this many steps"),
+        Flag(("--eval-strategy", "--evaluation-strategy"), "train.eval_strategy", "steps: evaluate every --eval-steps; epoch: at the end of each epoch"),
         Flag(("--eval-batches",), "train.eval_batches", "validation batches per evaluation"),
-        Flag(("--log-steps",), "train.log_steps", "log every this many steps"),
+        Flag(("--log-steps", "--logging-steps"), "train.log_steps", "log every this many steps"),
         Flag(("--sample-tokens",), "train.sample_tokens", "tokens generated as a sample at each evaluation (0 = none)"),
         Flag(("--plot-loss",), "train.plot_loss", "save loss-curve PNGs under plots/ at every checkpoint and at the end"),
         Flag(("--disable-monitoring",), "train.disable_monitoring", "no CPU/memory sampling or anomaly checks (the --max-cpu/--max-memory limits still hold)"),
@@ -112,6 +120,7 @@ FLAGS: dict[str, list[Flag]] = {
         Flag(("--profile",), "train.profile", "print where the step time goes (data, forward, backward, optimizer) after a few steps"),
         Flag(("--tensorboard",), "train.tensorboard", "also write TensorBoard event files (needs the 'tensorboard' extra)"),
         Flag(("--wandb",), "train.wandb", "also log to Weights & Biases, offline unless WANDB_MODE=online (needs the 'wandb' extra)"),
+        Flag(("--wandb-project",), "train.wandb_project", "the W&B project to log to (implies --wandb; the run's name there is --run-name)"),
     ],
 }
 
@@ -144,7 +153,8 @@ def flag_options(flag: Flag, defaults: RunConfig) -> dict[str, Any]:
         options.update(nargs="+", metavar="PATH")
     else:
         metavar = {int: "N", float: "X"}.get(type(default), shared.get("metavar"))
-        options.update(type=type(default), choices=CHOICES.get(flag.key), metavar=metavar)
+        choices = list(STAGES) if flag.key == "train.stage" else CHOICES.get(flag.key)  # the stage registry decides the stages
+        options.update(type=type(default), choices=choices, metavar=metavar)
     if flag.key == "train.batch_size":
         options.update(type=batch_size_argument, metavar="N|auto")
     return options
@@ -160,16 +170,72 @@ def batch_size_argument(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a number or auto, got '{text}'") from None
 
 
-def chosen_config(argv: list[str]) -> str:
-    """The --config the user gave (or the default), read before the real parse so that --help can
-    show that configuration's values as the defaults."""
+# Flags of Hugging Face's Trainer (and its example scripts) that mean nothing here: each is refused
+# with the nearest MiniGPT flag, instead of argparse's bare "unrecognized arguments". Flags that do
+# mean the same are read as MiniGPT's (the aliases in FLAGS, --fp16/--bf16, --resume-from-checkpoint).
+HUGGING_FACE_ONLY_FLAGS = {
+    "--do-train": "minigpt train always trains; leave it out",
+    "--do-eval": "evaluation runs every --eval-steps (or each epoch with --eval-strategy epoch)",
+    "--do-predict": "use minigpt generate or minigpt evaluate on the trained model",
+    "--per-device-eval-batch-size": "evaluation uses the training --batch-size; --eval-batches sets how many batches",
+    "--eval-accumulation-steps": "evaluation sums its batches already; --eval-batches sets how many",
+    "--logging-dir": "train.log and metrics.jsonl are written to the run directory under --output-dir",
+    "--logging-strategy": "--log-steps sets how often a line is logged",
+    "--logging-first-step": "--log-steps sets how often a line is logged",
+    "--report-to": "use --wandb or --tensorboard",
+    "--overwrite-output-dir": "a run directory is never overwritten; choose another --run-name",
+    "--push-to-hub": "export the trained model with minigpt export",
+    "--load-best-model-at-end": "the best checkpoint is always kept (--keep-checkpoints keeps the newest besides it)",
+    "--metric-for-best-model": "each stage has its own metric (validation loss; macro-F1 for classify)",
+    "--greater-is-better": "each stage has its own metric (validation loss; macro-F1 for classify)",
+    "--optim": "MiniGPT trains with AdamW (--weight-decay, --adam-beta1, --adam-beta2)",
+    "--adam-epsilon": "AdamW's epsilon is fixed at PyTorch's default",
+    "--tf32": "--dtype chooses the precision",
+    "--use-cpu": "use --device cpu",
+    "--no-cuda": "use --device cpu",
+    "--auto-find-batch-size": "use --batch-size auto",
+    "--data-seed": "--seed sets the data order too",
+    "--label-smoothing-factor": "the loss is plain cross-entropy",
+    "--deepspeed": "several processes train through torchrun (DDP)",
+    "--fsdp": "several processes train through torchrun (DDP)",
+    "--local-rank": "torchrun sets each process's place itself",
+    "--save-safetensors": "checkpoints are always safetensors",
+    "--remove-unused-columns": "each stage reads the fields it needs",
+}
+
+
+def refuse_hugging_face_only_flags(argv: list[str]) -> None:
+    for argument in argv:
+        if argument == "--":
+            return
+        name = dash_spellings([argument.partition("=")[0]])[0]
+        if name in HUGGING_FACE_ONLY_FLAGS:
+            raise UserInputError(f"{argument.partition('=')[0]} is a Hugging Face Trainer flag with no meaning here: "
+                                 f"{HUGGING_FACE_ONLY_FLAGS[name]}.")
+
+
+def base_config(argv: list[str]) -> tuple[RunConfig, str]:
+    """The configuration the flags apply to, and its name for --help: the --config given, or
+    else what the stage starts from (a preset, or the classify stage's recipe; with --init-from,
+    its fine-tuning recipe). Read before the real parse, so that --help shows those values as
+    the defaults."""
     parser = ArgumentParser(add_help=False)
-    parser.add_argument("--config", default=DEFAULT_CONFIG)
-    return parser.parse_known_args(argv)[0].config
+    parser.add_argument("--config")
+    parser.add_argument("--stage", default="pretrain")
+    parser.add_argument("--init-from", "--model-name-or-path")
+    parser.add_argument("--resume", "--resume-from-checkpoint", nargs="?", const="latest")
+    known = parser.parse_known_args(argv)[0]
+    if known.config:
+        return load_config(known.config), known.config
+    if known.stage not in STAGES:
+        return load_config(DEFAULT_CONFIG), DEFAULT_CONFIG  # the real parse reports the unknown stage
+    stage = stage_named(known.stage)
+    config = stage.default_config(starting_from_model=bool(known.init_from))
+    return config, config.preset or f"the {stage.name} recipe"
 
 
-def build_parser(defaults: RunConfig, config_name: str = DEFAULT_CONFIG) -> ArgumentParser:
-    prog = program_name("train")
+def build_parser(defaults: RunConfig, config_name: str = DEFAULT_CONFIG, command: str = "train") -> ArgumentParser:
+    prog = program_name(command)
     parser = ArgumentParser(
         prog=prog,
         description=(
@@ -185,9 +251,10 @@ def build_parser(defaults: RunConfig, config_name: str = DEFAULT_CONFIG) -> Argu
             f"{EXIT_STATUSES}"
         ),
     )
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"a preset ({', '.join(PRESETS)}) or a .toml/.json/.yaml file (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--config", help=f"a preset ({', '.join(PRESETS)}) or a .toml/.json/.yaml file "
+                        f"(default: {DEFAULT_CONFIG}; the classify stage's own recipe for --stage classify)")
     parser.add_argument(
-        "--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT_DIR",
+        "--resume", "--resume-from-checkpoint", nargs="?", const="latest", default=None, metavar="CHECKPOINT_DIR",
         help="continue the latest checkpoint of --run-name (or of the newest run), or the given checkpoint directory",
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any setting, e.g. --set model.n_layer=6 (repeatable)")
@@ -200,23 +267,29 @@ def build_parser(defaults: RunConfig, config_name: str = DEFAULT_CONFIG) -> Argu
         group = parser.add_argument_group(title)
         for flag in flags:
             group.add_argument(*flag.names, **flag_options(flag, defaults))
+        if title == "runtime":  # Hugging Face's precision switches, as --dtype values
+            group.add_argument("--bf16", dest="dtype", action="store_const", const="bfloat16", help="the same as --dtype bfloat16")
+            group.add_argument("--fp16", dest="dtype", action="store_const", const="float16", help="the same as --dtype float16")
     return parser
 
 
 def config_from_arguments(arguments: argparse.Namespace, config: RunConfig) -> RunConfig:
     """`config` (the preset or file), then every flag the user actually gave (flags left out change nothing)."""
     overrides = {}
+    given = {}  # setting -> the flag that set it, for refusing flags that do not apply to the stage
     for flag in (flag for flags in FLAGS.values() for flag in flags):
         value = getattr(arguments, flag.key.partition(".")[2])
         if value == "auto" and flag.key == "train.batch_size":
             overrides["train.auto_batch_size"] = True  # the configured batch x accumulation stays the global batch
         elif value is not None:
             overrides[flag.key] = value
+            given[flag.key] = flag.names[0]
     for assignment in arguments.set:
         key, separator, value = assignment.partition("=")
         if not separator:
             raise UserInputError(f"--set expects KEY=VALUE (for example model.n_layer=6), got '{assignment}'.")
         overrides[key.strip()] = value.strip()
+        given[key.strip()] = f"--set {key.strip()}"
     if arguments.resume:
         # Find the checkpoint once, here: prepare_run then gets its directory and only checks it.
         # A resumed run continues with the configuration it was started with; flags given now
@@ -236,11 +309,8 @@ def config_from_arguments(arguments: argparse.Namespace, config: RunConfig) -> R
         overrides["train.resume"] = str(paths.resume_from)
         overrides.setdefault("train.run_name", paths.run_dir.name)
         overrides.setdefault("train.output_dir", str(paths.run_dir.parent))
-    elif init_from := overrides.get("train.init_from", config.train.init_from):
-        # A run started from a model takes that model's shape; model flags given now still apply
-        # on top, and prepare_run refuses any that contradict it.
-        config = dataclasses.replace(config, model=initial_model_config(init_from))
-    return apply_overrides(config, overrides, source="command line")
+    source = f"--config {arguments.config}" if arguments.config else "the command line"
+    return configure(config, overrides, given, source, resumed=bool(arguments.resume))
 
 
 def exit_status(stop_reason: str | None, stop_signal: int | None) -> int:
@@ -253,15 +323,15 @@ def exit_status(stop_reason: str | None, stop_signal: int | None) -> int:
     return 0
 
 
-@run_command
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    config_name = chosen_config(argv)
-    base = load_config(config_name)
-    arguments = build_parser(base, config_name).parse_args(argv)
+def train_command(argv: list[str], command: str = "train") -> int:
+    """`minigpt train`, and `minigpt train-classifier` (which is this with --stage classify)."""
+    refuse_hugging_face_only_flags(argv)
+    base, config_name = base_config(argv)
+    parser = build_parser(base, config_name, command)
+    arguments = parser.parse_args(argv)
     config = config_from_arguments(arguments, base)
     if arguments.print_config:
-        validate(config)
+        check_config(config)
         print(json.dumps(config.to_dict(), indent=2))
         return 0
     if arguments.dry_run or arguments.dry_run_no_probe:
@@ -269,20 +339,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     trainer = prepare_run(config)  # under torchrun: joins the other processes
     run_dir = trainer.run_dir
-    log.info("Run directory: %s (metrics.jsonl, status.json, checkpoints%s)", run_dir, ", plots/" if config.train.plot_loss else "")
+    log.info("Run directory: %s (train.log, metrics.jsonl, status.json, checkpoints%s)", run_dir,
+             ", plots/" if config.train.plot_loss else "")
     summary = trainer.train()
     # Leave the process group only after a clean end: after a failure the process just exits, and
     # torchrun stops the others (a barrier here could wait for a process that is gone).
     compute_cleanup()
     log.info(trainer.stop_message())
     final_model = run_dir / "final_model"
+    stage = stage_named(config.train.stage)
     if final_model.is_dir():
-        log.info("Final model:    %s", final_model)
-        if config.train.stage == "sft":
-            log.info("Chat with it:   %s %s", program_name("chat"), final_model)
-        else:
-            log.info("Generate text:  %s %s --prompt \"...\"", program_name("generate"), final_model)
+        log.info("Final model:    %s%s", final_model, stage.final_model_note(evaluated=trainer.val_batches is not None))
+        for label, next_command in stage.next_steps(final_model):
+            log.info("%-15s %s %s", f"{label}:", program_name(next_command.partition(" ")[0]), next_command.partition(" ")[2])
     if config.train.plot_loss:
         log.info("Loss curves:    %s", run_dir / "plots")
     log.info("Summary:        %s", run_dir / "summary.json")
     return exit_status(summary["stop_reason"], trainer.stop_signal)
+
+
+@run_command
+def main(argv: list[str] | None = None) -> int:
+    return train_command(sys.argv[1:] if argv is None else argv)
