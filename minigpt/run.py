@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from minigpt.checkpoint import latest_checkpoint, latest_intact_checkpoint
-from minigpt.classification import ClassifierCallback, build_classification_objective, prepare_classification
+from minigpt.classification import build_classification_objective, prepare_classification
+from minigpt.classification_callback import ClassifierCallback
 from minigpt.config import ModelConfig, RunConfig, validate
 from minigpt.files import atomic_write_json, check_plain_name, lock_run_directory, remove_temporary_files, unlock_run_directory
 from minigpt.corpus import BUILTIN_CORPUS
