@@ -9,7 +9,9 @@ One optimiser step:
     3. clip the gradient norm, skip the step if the loss or gradient is NaN/Inf
     4. AdamW update
 Around it: logging, evaluation, checkpoints, early stopping, a time budget, and a clean stop on
-Ctrl-C or SIGTERM. What a batch means (its loss, its weight, its tokens, how to evaluate, which
+Ctrl-C or SIGTERM. With epochs (`minigpt.run.resolve_run_length` counts the steps in one pass over
+the data), each row carries `epoch` (steps / steps per epoch), and evaluation and saving can
+happen at each epoch's end. What a batch means (its loss, its weight, its tokens, how to evaluate, which
 metric is "better") belongs to the objective (`minigpt.objective`); what else varies between
 runs (plots, sinks, notebooks) lives in callbacks. There is never a second copy of this loop.
 """
@@ -224,7 +226,8 @@ class LossPlotCallback(Callback):
             return
         plots = trainer.run_dir / "plots"
         try:
-            first = save_loss_curve(plots / names[0], train, validation, title=trainer.run_dir.name)
+            first = save_loss_curve(plots / names[0], train, validation, title=trainer.run_dir.name,
+                                    epoch_steps=trainer.train_config.epoch_steps)
             for name in names[1:]:
                 atomic_write_bytes(plots / name, first.read_bytes())  # a reader never sees half a PNG
         except Exception as error:  # noqa: BLE001 - a plot must never stop training
@@ -270,6 +273,8 @@ class Trainer:
         self.stop_reason: str | None = None
         self.requested_stop: str | None = None  # a signal or the memory limit, until the processes agree to stop
         self.stop_signal: int | None = None  # which signal stopped the run, if one did (SIGINT, SIGTERM)
+        if "epoch" in (self.train_config.eval_strategy, self.train_config.save_strategy) and not self.train_config.epoch_steps:
+            raise ValueError("eval/save_strategy 'epoch' needs train.epoch_steps: prepare_run resolves it (resolve_run_length).")
         self.process = psutil.Process()
         config = self.train_config
         self.monitoring = not config.disable_monitoring
@@ -417,7 +422,7 @@ class Trainer:
                     self._settle_skipped_steps()
                 if step % config.log_steps == 0 or self.stop_reason:
                     row = self._log(outcome)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{learning_rate:.2e}")
+                    bar.set_postfix(self._postfix(row))
                 if self.val_batches is not None and self._evaluation_step(step):
                     last_evaluation, evaluated_at = self._evaluate(), step
                 if self._save_step(step):
@@ -456,10 +461,27 @@ class Trainer:
         return self.requested_stop or ("max_time" if config.max_time and self.elapsed() >= config.max_time else None)
 
     def _evaluation_step(self, step: int) -> bool:
-        return step % self.train_config.eval_steps == 0
+        """Whether `step` is one to evaluate at: every eval_steps, or at each epoch's end with eval_strategy epoch."""
+        config = self.train_config
+        return step % (config.epoch_steps if config.eval_strategy == "epoch" else config.eval_steps) == 0
 
     def _save_step(self, step: int) -> bool:
-        return step % self.train_config.save_steps == 0
+        """Whether `step` is one to save at: every save_steps, or at each epoch's end with save_strategy epoch."""
+        config = self.train_config
+        return step % (config.epoch_steps if config.save_strategy == "epoch" else config.save_steps) == 0
+
+    def _epoch_field(self, step: int) -> dict[str, float]:
+        """{"epoch": the passes over the training data at `step`, e.g. 1.25}, or {} when the run does not count epochs."""
+        epoch_steps = self.train_config.epoch_steps
+        return {"epoch": round(step / epoch_steps, 4)} if epoch_steps else {}
+
+    @staticmethod
+    def _postfix(row: dict[str, Any]) -> dict[str, str]:
+        """The progress bar's figures from a train row: loss, learning rate, and the epoch if the run counts them."""
+        postfix = {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}"}
+        if "epoch" in row:
+            postfix["epoch"] = f"{row['epoch']:.2f}"
+        return postfix
 
     def _settling_step(self, step: int) -> bool:
         """A step whose skipped-step count must be exact: it is logged, evaluated or saved."""
@@ -659,7 +681,8 @@ class Trainer:
         """Evaluate on the validation data, write the row, and track the monitored metric."""
         config, monitor = self.train_config, self.objective.monitor
         result = self.objective.evaluate(self.model, self.val_batches, config.eval_batches, self.dtype)
-        row = {"type": "eval", "step": self.progress.step, "tokens": self.progress.tokens_seen, **result}
+        step = self.progress.step
+        row = {"type": "eval", "step": step, **self._epoch_field(step), "tokens": self.progress.tokens_seen, **result}
         if monitor.improves(result[monitor.metric], self.progress.best_metric):
             self.progress.best_metric = result[monitor.metric]
             self.progress.evaluations_without_improvement = 0
@@ -687,6 +710,7 @@ class Trainer:
         row: dict[str, Any] = {
             "type": "train",
             "step": step,
+            **self._epoch_field(step),
             "tokens": self.progress.tokens_seen,
             "loss": loss,  # mean over the steps since the last row
             "lr": outcome.learning_rate,

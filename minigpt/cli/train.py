@@ -76,8 +76,10 @@ FLAGS: dict[str, list[Flag]] = {
     "schedule": [
         Flag(("--max-steps",), "train.max_steps", "optimizer steps to train for (0 = until --max-time)"),
         Flag(("--max-time",), "train.max_time", "wall-clock budget in seconds: stop, evaluate and save when it runs out (0 = none)"),
+        Flag(("--num-epochs",), "train.num_epochs", "passes over the training data (replaces the preset's --max-steps; one given too caps it)"),
         Flag(("--lr-scheduler",), "train.lr_scheduler", "the learning rate's shape after the warmup"),
         Flag(("--warmup-steps",), "train.warmup_steps", "steps of linear warmup"),
+        Flag(("--warmup-ratio",), "train.warmup_ratio", "warmup as a fraction of the run's steps, instead of --warmup-steps"),
         Flag(("--min-learning-rate",), "train.min_learning_rate", "learning rate at the end of the decay"),
         Flag(("--early-stopping-patience",), "train.early_stopping_patience", "stop after this many evaluations without improvement (0 = off)"),
     ],
@@ -85,6 +87,7 @@ FLAGS: dict[str, list[Flag]] = {
         Flag(("--output-dir",), "train.output_dir"),
         Flag(("--run-name",), "train.run_name", "name of this run's directory (empty: <preset>-<date>-<time>)"),
         Flag(("--save-steps",), "train.save_steps", "save a checkpoint every this many steps"),
+        Flag(("--save-strategy",), "train.save_strategy", "steps: every --save-steps; epoch: at the end of each epoch"),
         Flag(("--keep-checkpoints",), "train.keep_checkpoints", "checkpoints kept (the best by validation loss is always kept too)"),
     ],
     "runtime": [
@@ -103,6 +106,7 @@ FLAGS: dict[str, list[Flag]] = {
     ],
     "monitoring": [
         Flag(("--eval-steps",), "train.eval_steps", "evaluate every this many steps"),
+        Flag(("--eval-strategy",), "train.eval_strategy", "steps: every --eval-steps; epoch: at the end of each epoch"),
         Flag(("--eval-batches",), "train.eval_batches", "validation batches per evaluation"),
         Flag(("--log-steps",), "train.log_steps", "log every this many steps"),
         Flag(("--sample-tokens",), "train.sample_tokens", "tokens generated as a sample at each evaluation (0 = none)"),
