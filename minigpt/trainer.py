@@ -9,11 +9,13 @@ One optimiser step:
     3. clip the gradient norm, skip the step if the loss or gradient is NaN/Inf
     4. AdamW update
 Around it: logging, evaluation, checkpoints, early stopping, a time budget, and a clean stop on
-Ctrl-C or SIGTERM. With epochs (`minigpt.run.resolve_run_length` counts the steps in one pass over
-the data), each row carries `epoch` (steps / steps per epoch), and evaluation and saving can
-happen at each epoch's end. What a batch means (its loss, its weight, its tokens, how to evaluate, which
+Ctrl-C or SIGTERM. What a batch means (its loss, its weight, its tokens, how to evaluate, which
 metric is "better") belongs to the objective (`minigpt.objective`); what else varies between
 runs (plots, sinks, notebooks) lives in callbacks. There is never a second copy of this loop.
+
+Epochs: when the run knows how many steps one pass over the data takes (train.epoch_steps, which
+`minigpt.run.resolve_run_length` counts), every row carries `epoch` = step / epoch_steps, and
+eval_strategy / save_strategy "epoch" evaluate and save at each epoch's end.
 """
 
 from __future__ import annotations
