@@ -3,10 +3,12 @@
     ClassificationObjective   what a classification batch means to the trainer: the weighted sum
                               of each task head's cross-entropy, and at every evaluation accuracy,
                               macro-F1 and per-class figures; "better" is a higher eval_f1_macro
-    ClassifierCallback        at each evaluation a confusion-matrix PNG per task under plots/;
-                              at the end, final_model/ holds the best evaluation's weights
     prepare_classification    records -> label maps (into the config) -> the train/val streams
     predict                   encoded records -> each task's class probabilities
+
+The trainer sits above this module, as it does above `minigpt.objective`; what a classifier run
+adds to the loop (confusion matrices, the best evaluation as final_model/) is a callback in
+`minigpt.classification_callback`.
 
 Why macro-F1 and not accuracy: on a set that is 90% one class, a model that always says that
 class is 90% accurate and useless. F1 of a class is the harmonic mean of its precision (of the
@@ -16,7 +18,6 @@ the share found); macro-F1 averages it over classes, so every class counts the s
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from itertools import islice
@@ -26,24 +27,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minigpt.checkpoint import save_model_directory
 from minigpt.config import RunConfig
 from minigpt.distributed import process_place, sum_over_processes, this_process_share
 from minigpt.errors import UserInputError
-from minigpt.files import atomic_write_bytes
 from minigpt.heads import GPTClassifier
 from minigpt.labelled_data import (
     ClassificationBatch, ClassificationBatches, EncodedRecords, LabelMaps, build_label_maps, encode_records, find_tasks, holdout_split,
     read_labelled_records,
 )
-from minigpt.lora import merge_lora
 from minigpt.loss import IGNORE_INDEX
 from minigpt.objective import Monitor, Objective
-from minigpt.plots import save_confusion_matrix
 from minigpt.runtime import autocast
 from minigpt.sources import DataReport, resolve_data_files
 from minigpt.tokenizer import Tokenizer
-from minigpt.trainer import Callback, Trainer
 
 log = logging.getLogger("minigpt.classification")
 
@@ -224,50 +220,6 @@ class ClassificationObjective(Objective):
         ids = torch.randint(0, self.vocab_size, (batch_size, block_size), generator=generator)
         lengths = torch.full((batch_size,), block_size, dtype=torch.long)
         return ids, lengths, torch.zeros((batch_size, len(self.tasks)), dtype=torch.long)
-
-
-# ---------------------------------------------------------------------------------------------
-# plots and the final model
-
-
-class ClassifierCallback(Callback):
-    """A confusion matrix PNG per task at every evaluation, and the best evaluation's weights as
-    final_model/ (the trainer saves the last weights; early stopping stops *after* the best).
-
-    A LoRA classifier's adapters are merged into its weights there, so final_model/ always holds
-    one complete classifier that loads on its own. The best weights are kept in memory, so a
-    resumed run's final model is the best evaluation since the resume.
-    """
-
-    def __init__(self) -> None:
-        self.best_state: dict[str, torch.Tensor] | None = None
-        self.best_step = 0
-
-    def on_evaluate(self, trainer: Trainer, row: dict[str, Any]) -> None:
-        for task, scores in row["tasks"].items():
-            plots = trainer.run_dir / "plots"
-            title = f"{task} at step {row['step']}: macro-F1 {scores['f1_macro']:.3f}, accuracy {scores['accuracy']:.3f}"
-            try:
-                first = save_confusion_matrix(plots / f"confusion_{task}_step_{row['step']}.png", scores["confusion"], scores["labels"], title)
-                atomic_write_bytes(plots / f"confusion_{task}_latest.png", first.read_bytes())  # drawn once, copied whole
-            except Exception as error:  # noqa: BLE001 - a plot must never stop training
-                log.warning("Could not draw the confusion matrix of %s: %s", task, error)
-        if trainer.progress.evaluations_without_improvement == 0:  # this evaluation is the best so far
-            self.best_state = {name: tensor.detach().to("cpu", copy=True) for name, tensor in trainer.model.state_dict().items()}
-            self.best_step = row["step"]
-
-    def on_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
-        final = trainer.run_dir / "final_model"
-        if not final.is_dir():
-            return
-        model = trainer.model
-        if self.best_state is not None:
-            model.load_state_dict(self.best_state)
-            log.info("final_model/ holds the best evaluation: step %d, %s %.4f", self.best_step,
-                     trainer.objective.monitor.metric, summary.get(f"best_{trainer.objective.monitor.metric}") or float("nan"))
-        if trainer.adapter is not None or self.best_state is not None:
-            model = merge_lora(copy.deepcopy(model)) if trainer.adapter is not None else model
-            save_model_directory(final, model, trainer.config, trainer.tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------

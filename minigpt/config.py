@@ -292,14 +292,17 @@ def apply_overrides(config: RunConfig, overrides: Mapping[str, Any], source: str
 def _with_implied_settings(overrides: Mapping[str, Any], source: str) -> dict[str, Any]:
     """What giving one setting implies for another set in an earlier layer (a preset, say).
 
-    A W&B project turns W&B on. A number of epochs replaces the preset's step count (an explicit max_steps in the same layer
-    still bounds the run); a warmup ratio replaces the preset's warmup steps, and giving both
-    warmup settings in one layer is a contradiction."""
+    A W&B project turns W&B on. A number of epochs replaces the preset's step count (an explicit
+    max_steps in the same layer still bounds the run); a warmup ratio replaces the preset's warmup
+    steps and warmup steps an earlier layer's ratio, and giving both warmup settings in one layer
+    is a contradiction."""
     implied = dict(overrides)
     if "train.wandb_project" in implied and "train.wandb" not in implied:
         implied["train.wandb"] = True  # naming a W&B project asks for W&B
     if "train.num_epochs" in implied and "train.max_steps" not in implied:
         implied["train.max_steps"] = 0
+    if "train.warmup_steps" in implied and "train.warmup_ratio" not in implied:
+        implied["train.warmup_ratio"] = 0.0
     if "train.warmup_ratio" in implied:
         if "train.warmup_steps" not in implied:
             implied["train.warmup_steps"] = 0

@@ -16,13 +16,15 @@ padding's compute, kept small by cutting each batch after its longest conversati
 is causal, so the padding after a row's last target never changes its loss).
 
 The stream's position (which file, which byte, the tokens waiting to be packed, the shuffle
-buffer, the random generator) is all in `state_dict()`, so a resumed run sees exactly the
-batches the interrupted run would have seen.
+buffer, the random generator, and its `EpochState`: passes completed and how far into this one)
+is all in `state_dict()`, so a resumed run sees exactly the batches the interrupted run would
+have seen.
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -38,6 +40,35 @@ from minigpt.tokenizer import Tokenizer
 # A batch of one-conversation rows is cut after its last target, rounded up to a multiple of this,
 # so that a compiled model meets a handful of shapes, not one per batch.
 ROW_WIDTH_STEP = 32
+
+
+@dataclass
+class EpochState:
+    """Where a training stream stands in its passes over the data: the one epoch record of its
+    saved position (`state_dict()["epoch"]`), shared by every kind of training stream.
+
+    An epoch is one pass over the training data. A looping stream starts the next pass where one
+    ends, so `passes` counts those completed and `position` says how far into the current one
+    the stream has read: documents of its split for text (`TokenBlockStream`), records for
+    classification (`minigpt.labelled_data.ClassificationBatches`).
+
+    It is saved as a dict of its fields: a field added later (with a default) leaves older
+    checkpoints readable, so the resume format need not change again.
+    """
+
+    passes: int = 0
+    position: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    @classmethod
+    def from_saved(cls, saved: dict[str, int] | int, position: int = 0) -> "EpochState":
+        """The state `as_dict` saved; or, from a checkpoint older than this record, the pass number
+        alone (an int) with the position the stream kept beside it."""
+        if isinstance(saved, dict):
+            return cls(**{name: int(value) for name, value in saved.items()})
+        return cls(passes=int(saved), position=int(position))
 
 
 def rounded_width(columns: int, limit: int) -> int:
@@ -106,8 +137,7 @@ class TokenBlockStream(IterableDataset):
 
     def _reset(self) -> None:
         self.reader = DocumentReader(self.sources, self.text_field, self.report)
-        self.epoch = 0
-        self.accepted_documents = 0  # documents of this split read this epoch: for sharding and max_documents
+        self.epoch = EpochState()  # position: documents of this split read this pass (for sharding and max_documents)
         self.shard_documents = 0  # of those, documents of this shard
         self.pending_tokens = np.zeros(0, dtype=np.int64)  # tokenized, not yet packed into a block
         self.pending_mask = np.zeros(0, dtype=bool)  # True where the token is a training target
@@ -118,8 +148,7 @@ class TokenBlockStream(IterableDataset):
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly here, as tensors and plain values."""
         return {
-            "reader": self.reader.position(), "epoch": self.epoch,
-            "accepted_documents": self.accepted_documents, "shard_documents": self.shard_documents,
+            "reader": self.reader.position(), "epoch": self.epoch.as_dict(), "shard_documents": self.shard_documents,
             "pending_tokens": torch.from_numpy(self.pending_tokens.copy()),
             "pending_mask": torch.from_numpy(self.pending_mask.copy()),
             "buffer_tokens": [torch.from_numpy(tokens.copy()) for tokens, _ in self.buffer],
@@ -131,9 +160,9 @@ class TokenBlockStream(IterableDataset):
         if "consumed_batches" in state:  # saved by ParallelBatches: read by worker processes, in another order
             raise worker_count_changed(state.get("workers"), 0)
         self.reader.seek(state["reader"])
-        self.reader.warn = state["epoch"] == 0
-        self.epoch = state["epoch"]
-        self.accepted_documents, self.shard_documents = state["accepted_documents"], state["shard_documents"]
+        self.epoch = EpochState.from_saved(state["epoch"], state.get("accepted_documents", 0))
+        self.reader.warn = self.epoch.passes == 0
+        self.shard_documents = state["shard_documents"]
         self.pending_tokens = state["pending_tokens"].numpy().copy()
         self.pending_mask = state["pending_mask"].numpy().copy()
         self.buffer = [(tokens.numpy().copy(), mask.numpy().copy()) for tokens, mask in zip(state["buffer_tokens"], state["buffer_mask"])]
@@ -180,16 +209,33 @@ class TokenBlockStream(IterableDataset):
         Every shard is checked, not only this one: under torchrun every process then reaches the
         same verdict, and the error is the same sentence everywhere (rank 0 prints it once)."""
         for shard in range(self.num_shards):
-            probe = TokenBlockStream(
-                self.sources, self.tokenizer, self.block_size, 1, split=self.split, val_fraction=self.val_fraction,
-                loop=False, rank=shard, world_size=self.num_shards, text_field=self.text_field,
-                max_documents=self.max_documents, tokenize_batch_size=8, assistant_only_loss=self.assistant_only_loss,
-                one_document_per_row=self.one_document_per_row,
-            )
-            probe.reader.warn = False  # this stream reports the bad lines when it reads them itself
+            probe = self._finite_copy(shard, self.num_shards, tokenize_batch_size=8)
             if probe._next_block() is None:
                 raise probe._empty_error()
             probe.reader.close()
+
+    def sequences_per_pass(self) -> int:
+        """The rows (packed blocks, or one-document rows) one pass over the data gives, every
+        shard's together: a counting pass on a fresh, unshuffled copy, leaving this stream where
+        it is. It reads (and, without a token cache, tokenizes) all of this split's data once."""
+        counter = self._finite_copy(0, 1)
+        rows = 0
+        while counter._next_packed_block() is not None:
+            rows += 1
+        counter.reader.close()
+        return rows
+
+    def _finite_copy(self, rank: int, world_size: int, tokenize_batch_size: int = 64) -> "TokenBlockStream":
+        """A new stream over the same data, split and rows as this one, read once, in order, as
+        shard `rank` of `world_size`. Its reader reports no bad lines: this stream does, when it reads them."""
+        copy = TokenBlockStream(
+            self.sources, self.tokenizer, self.block_size, 1, split=self.split, val_fraction=self.val_fraction,
+            loop=False, rank=rank, world_size=world_size, text_field=self.text_field, max_documents=self.max_documents,
+            tokenize_batch_size=tokenize_batch_size, assistant_only_loss=self.assistant_only_loss,
+            one_document_per_row=self.one_document_per_row,
+        )
+        copy.reader.warn = False
+        return copy
 
     def _empty_error(self) -> UserInputError:
         where = ", ".join(str(source) for source in self.sources)
@@ -277,7 +323,7 @@ class TokenBlockStream(IterableDataset):
         """Up to tokenize_batch_size documents of this split and shard; [] when a finite stream ends."""
         documents: list[Document] = []
         while len(documents) < self.tokenize_batch_size:
-            capped = self.max_documents and self.accepted_documents >= self.max_documents
+            capped = self.max_documents and self.epoch.position >= self.max_documents
             document = None if capped else self.reader.next_document()
             if document is None:  # the end of the data, or of the cap
                 if not self.loop:
@@ -291,16 +337,16 @@ class TokenBlockStream(IterableDataset):
             # Shard by the position among this split's documents: shard s of n takes documents
             # s, s + n, s + 2n, ... so n processes with one micro-batch each see the documents
             # that one process sees in n micro-batches (what makes their gradients equal).
-            index = self.accepted_documents
-            self.accepted_documents += 1
+            index = self.epoch.position
+            self.epoch.position += 1
             if index % self.num_shards == self.shard:
                 self.shard_documents += 1
                 documents.append(document)
         return documents
 
     def _start_next_epoch(self) -> None:
-        self.epoch += 1
-        self.accepted_documents = self.shard_documents = 0
+        self.epoch = EpochState(passes=self.epoch.passes + 1)
+        self.shard_documents = 0
         self.reader.seek([0, 0, 0, 0, 0])
         self.reader.warn = False  # bad lines were reported in the first epoch
 
@@ -385,6 +431,9 @@ class ParallelBatches:
 
     def state_dict(self) -> dict[str, int]:
         return {"consumed_batches": self.consumed, "workers": self.workers}
+
+    def sequences_per_pass(self) -> int:
+        return self.stream.sequences_per_pass()
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if "consumed_batches" not in state:  # a TokenBlockStream's position: read in the main process

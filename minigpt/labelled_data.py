@@ -15,21 +15,22 @@ Unlike pretraining, nothing is packed: each record is one row, cut to block_size
 longer (counted in the data report), and a batch is padded on the right to its longest row.
 `lengths` says where each row's real tokens end, so a head can pool at the last real token.
 Classification sets are small, so records are read and tokenized once and held in memory;
-the stream's position is (epoch, index into that epoch's shuffled order): exact resume.
+the stream's position is its `EpochState` (passes completed, index into this pass's shuffled
+order): exact resume.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from minigpt.data import rounded_width
+from minigpt.data import EpochState, rounded_width
 from minigpt.errors import UserInputError
 from minigpt.loss import IGNORE_INDEX
 from minigpt.sources import DataReport, Document, document_hash_fraction, read_json_array
@@ -257,16 +258,19 @@ class ClassificationBatches:
         self.loop, self.seed = loop, seed
         self.rank, self.world_size = rank, world_size
         self.report = encoded.report
-        self.epoch, self.position = 0, 0
+        self.epoch = EpochState()  # position: records of this pass's order already batched
         self.longest = max(len(ids) for ids in encoded.ids)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch.as_dict()}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
-        if self.position >= len(self.encoded.ids):  # saved at the very end of an epoch
-            self.epoch, self.position = self.epoch + 1, 0
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = EpochState.from_saved(state["epoch"], state.get("position", 0))
+        if self.epoch.position >= len(self.encoded.ids):  # saved at the very end of an epoch
+            self.epoch = replace(self.epoch, passes=self.epoch.passes + 1, position=0)
+
+    def sequences_per_pass(self) -> int:
+        return len(self.encoded.ids)
 
     def _order(self, epoch: int) -> np.ndarray:
         count = len(self.encoded.ids)
@@ -278,19 +282,21 @@ class ClassificationBatches:
         return (self._batch(np.arange(start, min(start + self.batch_size, len(self.encoded.ids))))
                 for start in range(0, len(self.encoded.ids), self.batch_size))
 
-    def _after_batch(self, epoch: int, position: int) -> tuple[int, int]:
-        """Where the batch after the one at (epoch, position) starts."""
-        position += self.batch_size
-        return (epoch + 1, 0) if position >= len(self.encoded.ids) else (epoch, position)
+    def _after_batch(self, epoch: EpochState) -> EpochState:
+        """Where the batch after the one starting at `epoch` starts: a pass's last batch is shorter."""
+        position = epoch.position + self.batch_size
+        if position >= len(self.encoded.ids):
+            return replace(epoch, passes=epoch.passes + 1, position=0)
+        return replace(epoch, position=position)
 
     def _endless(self) -> Iterator[ClassificationBatch]:
         while True:
-            epoch, position = self.epoch, self.position
+            start = self.epoch
             for _ in range(self.rank):  # the batches of the processes before this one
-                epoch, position = self._after_batch(epoch, position)
-            chosen = self._order(epoch)[position : position + self.batch_size]
+                start = self._after_batch(start)
+            chosen = self._order(start.passes)[start.position : start.position + self.batch_size]
             for _ in range(self.world_size):  # the round: this process's batch and the others'
-                self.epoch, self.position = self._after_batch(self.epoch, self.position)
+                self.epoch = self._after_batch(self.epoch)
             yield self._batch(chosen)
 
     def _batch(self, chosen: np.ndarray) -> ClassificationBatch:

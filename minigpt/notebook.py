@@ -102,11 +102,12 @@ def format_duration(seconds: float | None) -> str:
 
 
 def progress_line(row: dict[str, Any], max_steps: int, evaluation: dict[str, float] | None = None) -> str:
-    """One line on where a run stands, from its latest train row and evaluation figures
-    ({"val loss": 2.31} or {"val loss": 0.84, "eval_f1_macro": 0.62})."""
+    """One line on where a run stands, from its latest train row (with its epoch, when the run
+    counts them) and evaluation figures ({"val loss": 2.31} or {"val loss": 0.84, "eval_f1_macro": 0.62})."""
     total = f"/{max_steps}" if max_steps else ""
+    epoch = f" | epoch {row['epoch']:.2f}" if "epoch" in row else ""
     validation = "".join(f" | {name} {value:.4f}" for name, value in (evaluation or {}).items())
-    return (f"step {row['step']}{total} | loss {row['loss']:.4f}{validation} | lr {row['lr']:.2e} | "
+    return (f"step {row['step']}{total}{epoch} | loss {row['loss']:.4f}{validation} | lr {row['lr']:.2e} | "
             f"{row['tokens_per_second']:,.0f} tok/s | ETA {format_duration(row.get('eta_seconds'))}")
 
 

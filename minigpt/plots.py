@@ -84,6 +84,7 @@ def _draw_panel(
     smoothed: np.ndarray | None,
     validation: tuple[np.ndarray, np.ndarray],
     title: str,
+    epoch_steps: int = 0,
 ) -> None:
     steps, losses = train
     # Raw losses are faint when a smoothed line carries the trend, solid when they are all there is.
@@ -100,6 +101,9 @@ def _draw_panel(
     axes.set_ylabel("loss")
     axes.xaxis.set_major_locator(MaxNLocator("auto", steps=[1, 2, 2.5, 5, 10], integer=True))  # no "step 2.5"
     axes.grid(alpha=0.3)
+    if epoch_steps:  # a second scale along the top: the same steps counted in passes over the data
+        epochs = axes.secondary_xaxis("top", functions=(lambda step: step / epoch_steps, lambda epoch: epoch * epoch_steps))
+        epochs.set_xlabel("epoch", fontsize=9)
 
 
 def _statistics_text(
@@ -136,12 +140,13 @@ def save_loss_curve(
     validation: Sequence[tuple[int, float]] = (),
     title: str = "",
     recent_steps: int = 1000,
+    epoch_steps: int = 0,
 ) -> Path:
     """Save a PNG of (step, loss) pairs (see `loss_curve_figure`), replaced atomically.
 
     Raises ValueError when there is no finite training loss yet.
     """
-    return save_png(loss_curve_figure(train, validation, title, recent_steps), path)
+    return save_png(loss_curve_figure(train, validation, title, recent_steps, epoch_steps), path)
 
 
 def loss_curve_figure(
@@ -149,9 +154,11 @@ def loss_curve_figure(
     validation: Sequence[tuple[int, float]] = (),
     title: str = "",
     recent_steps: int = 1000,
+    epoch_steps: int = 0,
 ) -> Figure:
     """The figure of (step, loss) pairs: the whole run beside its last `recent_steps` steps, with
-    the loss statistics written above. NaN/Inf losses are left out (and counted)."""
+    the loss statistics written above. NaN/Inf losses are left out (and counted). With
+    `epoch_steps` (optimizer steps in one pass over the data), each panel has an epoch axis on top."""
     if recent_steps < 1:
         raise ValueError(f"recent_steps must be at least 1, not {recent_steps}.")
     steps, losses, train_left_out = _finite_points(train)
@@ -164,16 +171,17 @@ def loss_curve_figure(
     whole_axes, recent_axes = figure.subplots(1, 2)
     # Fixed margins (not tight_layout): the top band holds title, legend and statistics, and
     # the panels never move between redraws, which makes a refreshing monitor view calmer.
-    figure.subplots_adjust(left=0.055, right=0.985, bottom=0.1, top=0.76, wspace=0.16)
+    # An epoch axis along the panels' top takes some of that band.
+    figure.subplots_adjust(left=0.055, right=0.985, bottom=0.1, top=0.68 if epoch_steps else 0.76, wspace=0.16)
 
     everything = np.ones(len(losses), dtype=bool)
-    _draw_panel(whole_axes, (steps, losses), _smoothed(losses, everything), (val_steps, val_losses), "whole run")
+    _draw_panel(whole_axes, (steps, losses), _smoothed(losses, everything), (val_steps, val_losses), "whole run", epoch_steps)
 
     window_start = steps[-1] - recent_steps  # the window holds steps after this one
     recent, recent_val = steps > window_start, val_steps > window_start
     recent_title = f"last {recent_steps} steps" + (" (the whole run)" if steps[0] > window_start else "")
     _draw_panel(recent_axes, (steps[recent], losses[recent]), _smoothed(losses, recent),
-                (val_steps[recent_val], val_losses[recent_val]), recent_title)
+                (val_steps[recent_val], val_losses[recent_val]), recent_title, epoch_steps)
 
     figure.suptitle(title or "training loss", x=0.01, y=0.97, ha="left", va="top", fontsize=12)
     # One legend for both panels, in the top band, so it never hides a curve; the whole-run

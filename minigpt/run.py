@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import sys
 from dataclasses import dataclass
 from datetime import datetime
@@ -165,6 +166,48 @@ def describe_global_batch(config: RunConfig, processes: int) -> str:
             f"x {processes} process(es) = {tokens:,} tokens per step")
 
 
+def resolve_run_length(config: RunConfig, stage: Stage, train_stream: object, processes: int) -> RunConfig:
+    """The configuration with the run's length worked out in steps, as config.json records it (so
+    a resumed run continues the same schedule), each resolution said in the log:
+
+        epoch_steps   optimizer steps in one epoch (one pass over the training data): the rows of
+                      a pass (counted once, `sequences_per_pass`) over the global batch, rounded
+                      up. Counted when the run has num_epochs, or when it is free (the stage's
+                      `epochs_cost_nothing`: a classifier's records are in memory); a text corpus
+                      without num_epochs is not read an extra time just to report epochs. A
+                      recorded number is kept.
+        max_steps     with num_epochs: ceil(num_epochs x epoch_steps), or the max_steps given
+                      with it if that is fewer. The schedule decays over these steps.
+        warmup_steps  with warmup_ratio: round(warmup_ratio x max_steps); warmup_ratio becomes 0.
+
+    `processes` is the number of processes under torchrun (each reads its share of every global batch).
+    """
+    train = config.train
+    if train.num_epochs and train.overfit_batch:
+        raise UserInputError("--num-epochs counts passes over the data, and --overfit-batch trains on one batch: give --max-steps instead.")
+    epoch_steps = train.epoch_steps
+    sequences = train.batch_size * train.gradient_accumulation_steps * processes
+    if not epoch_steps and (train.num_epochs or stage.epochs_cost_nothing):
+        rows = train_stream.sequences_per_pass()
+        epoch_steps = max(1, math.ceil(rows / sequences))
+        log.info("1 epoch = %s steps of %s sequences (%s rows of training data)", f"{epoch_steps:,}", f"{sequences:,}", f"{rows:,}")
+    max_steps = train.max_steps
+    if train.num_epochs:
+        epochs_long = math.ceil(train.num_epochs * epoch_steps)
+        max_steps = min(max_steps, epochs_long) if max_steps else epochs_long
+        capped = f" (capped by max_steps {train.max_steps:,})" if max_steps < epochs_long else ""
+        log.info("%g epoch(s) = %s steps%s", train.num_epochs, f"{max_steps:,}", capped)
+    warmup_steps = train.warmup_steps
+    if train.warmup_ratio:
+        if not max_steps:
+            raise UserInputError("--warmup-ratio is a fraction of the run's steps, and this run is bounded by --max-time alone: "
+                                 "give --max-steps or --num-epochs, or the warmup as --warmup-steps.")
+        warmup_steps = round(train.warmup_ratio * max_steps)
+        log.info("Warmup: %g%% of %s steps = %s steps", 100 * train.warmup_ratio, f"{max_steps:,}", f"{warmup_steps:,}")
+    return dataclasses.replace(config, train=dataclasses.replace(
+        train, epoch_steps=epoch_steps, max_steps=max_steps, warmup_steps=warmup_steps, warmup_ratio=0.0))
+
+
 def build_callbacks(config: RunConfig, stage: Stage) -> list[Callback]:
     """Loss plots, the stage's callbacks and the optional TensorBoard / W&B sinks the configuration asks for."""
     train = config.train
@@ -284,6 +327,7 @@ def _prepare_run(config: RunConfig, show_progress: bool, callbacks: list[Callbac
     seed_everything(config.train.seed)
     # The data decide what config.json records: the validation split, a classifier's label maps.
     config, train_stream, val_stream = stage.prepare_data(config, sources, tokenizer, device, resumed=paths.resume_from is not None)
+    config = resolve_run_length(config, stage, train_stream, place.world_size)
     run_dir = paths.run_dir
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, run_name=run_dir.name, resume=""))
     callbacks = build_callbacks(config, stage) + list(callbacks or [])  # first: a missing sink package is an error

@@ -12,6 +12,10 @@ Around it: logging, evaluation, checkpoints, early stopping, a time budget, and 
 Ctrl-C or SIGTERM. What a batch means (its loss, its weight, its tokens, how to evaluate, which
 metric is "better") belongs to the objective (`minigpt.objective`); what else varies between
 runs (plots, sinks, notebooks) lives in callbacks. There is never a second copy of this loop.
+
+Epochs: when the run knows how many steps one pass over the data takes (train.epoch_steps, which
+`minigpt.run.resolve_run_length` counts), every row carries `epoch` = step / epoch_steps, and
+eval_strategy / save_strategy "epoch" evaluate and save at each epoch's end.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +50,7 @@ from minigpt.model import GPT
 from minigpt.objective import Batch, Objective
 from minigpt.optim import build_optimizer, learning_rate_at
 from minigpt.plots import save_loss_curve
-from minigpt.resources import ResourceGovernor, free_memory
+from minigpt.resources import ResourceGovernor, free_memory, process_cpu_seconds
 from minigpt.run_log import RunLog
 from minigpt.runtime import (
     accelerator_memory_bytes, accelerator_utilisation, autocast, compile_mode, compile_model, measure_matmul_peak,
@@ -66,18 +70,6 @@ LOCAL_STOP_REASONS = ("max_time", "signal", "memory_limit")
 
 
 @dataclass
-class LogWindow:
-    """What happened since the last log row. The loss sums stay on the device until the row is written."""
-
-    loss_sum: torch.Tensor
-    finite_steps: torch.Tensor
-    tokens: int = 0
-    seconds: float = 0.0  # time inside training steps (evaluation and saving excluded)
-    wall_start: float = field(default_factory=time.perf_counter)
-    cpu_start: float = 0.0
-
-
-@dataclass
 class Progress:
     """Counters that a checkpoint carries across a resume."""
 
@@ -89,14 +81,43 @@ class Progress:
     skipped_steps: int = 0
 
 
+@dataclass
+class StepOutcome:
+    """One optimizer step, as `Callback.on_step_end` sees it. The tensors are 0-d and stay on the
+    device: reading one back waits for the device, so a callback reads them only when it must."""
+
+    step: int
+    loss: torch.Tensor  # the loss of the global batch
+    grad_norm: torch.Tensor  # before clipping
+    finite: torch.Tensor  # bool: loss and gradient norm were finite, so the update was applied
+    tokens: int
+    seconds: float  # wall time of the step, reading its data included
+    learning_rate: float
+    timed: bool  # the device was synchronised between phases: trainer.phase_seconds are this step's
+
+
 class Callback:
-    """Hooks for what varies between runs; each receives the trainer and the row just written."""
+    """Hooks for what varies between runs. In the order the loop calls them:
 
-    def on_start(self, trainer: "Trainer") -> None:
-        """Called when the loop starts: the run directory exists."""
+        on_start        the loop starts: the run directory exists
+        on_gradients    on timed steps (logging, --profile), after backward and clipping, before
+                        the update: the gradients are in place
+        on_step_end     after every optimizer step, with its `StepOutcome`
+        on_log          a train row was written to metrics.jsonl
+        on_evaluate     an eval row was written
+        on_checkpoint   a checkpoint was saved
+        final_model     which model final_model/ holds; asked once, when the run ends well
+        on_end          the run ended: summary.json and status.json are written
 
-    def on_gradients(self, trainer: "Trainer") -> None:
-        """Called on logged steps after backward, before the update: the gradients are in place."""
+    The trainer's own callbacks (running totals, --profile, --max-cpu/--max-memory) run in every
+    process under torchrun; the ones a run is given run in rank 0 only.
+    """
+
+    def on_start(self, trainer: "Trainer") -> None: ...
+
+    def on_gradients(self, trainer: "Trainer") -> None: ...
+
+    def on_step_end(self, trainer: "Trainer", outcome: StepOutcome) -> None: ...
 
     def on_log(self, trainer: "Trainer", row: dict[str, Any]) -> None: ...
 
@@ -104,7 +125,97 @@ class Callback:
 
     def on_checkpoint(self, trainer: "Trainer", path: Path) -> None: ...
 
+    def final_model(self, trainer: "Trainer") -> torch.nn.Module | None:
+        """The complete model to write as final_model/ instead of the trained one; None: no opinion.
+        The first callback with an answer decides; final_model/ is written once."""
+        return None
+
     def on_end(self, trainer: "Trainer", summary: dict[str, Any]) -> None: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# the trainer's own callbacks
+
+
+class RunningTotals(Callback):
+    """What happened since the last train row, for the next one: the loss summed over the finite
+    steps and their count (kept on the device until the row is written), the tokens and the
+    seconds spent in training steps (evaluation and saving excluded), and the CPU time used."""
+
+    def __init__(self, device: torch.device, process: psutil.Process):
+        self.device, self.process = device, process
+        self.start_window()
+
+    def start_window(self) -> None:
+        zero = torch.zeros((), device=self.device)
+        self.loss_sum, self.finite_steps = zero.clone(), zero.clone()
+        self.tokens, self.seconds = 0, 0.0
+        self.wall_start, self.cpu_start = time.perf_counter(), process_cpu_seconds(self.process)
+
+    def on_start(self, trainer: "Trainer") -> None:
+        self.start_window()
+
+    def on_step_end(self, trainer: "Trainer", outcome: StepOutcome) -> None:
+        self.loss_sum += torch.where(outcome.finite, outcome.loss, 0.0)
+        self.finite_steps += outcome.finite
+        self.tokens += outcome.tokens
+        self.seconds += outcome.seconds
+
+    def on_log(self, trainer: "Trainer", row: dict[str, Any]) -> None:
+        self.start_window()
+
+    def read(self, grad_norm: torch.Tensor) -> tuple[float, float, float]:
+        """(the mean loss of the window's finite steps, NaN if none; `grad_norm`; tokens per
+        second), the device's numbers read back in one transfer."""
+        loss_sum, finite_steps, norm = torch.stack([self.loss_sum, self.finite_steps, grad_norm.float()]).tolist()
+        return loss_sum / finite_steps if finite_steps else float("nan"), norm, self.tokens / self.seconds
+
+    def cpu_percent(self) -> float:
+        """The process's share of the whole machine's CPU time since the window started."""
+        wall = time.perf_counter() - self.wall_start
+        return 100 * (process_cpu_seconds(self.process) - self.cpu_start) / wall / (psutil.cpu_count() or 1)
+
+
+class StepProfiler(Callback):
+    """--profile: add up where steps 3 to 12 spend their time (the first ones warm caches up) and
+    print the mean of each phase once, after step 12. The loop times the steps it `measures`."""
+
+    def __init__(self) -> None:
+        self.totals = dict.fromkeys(PHASES, 0.0)
+
+    def measures(self, step: int) -> bool:
+        return PROFILE_STEPS[0] <= step < PROFILE_STEPS[1]
+
+    def on_step_end(self, trainer: "Trainer", outcome: StepOutcome) -> None:
+        if not self.measures(outcome.step):
+            return
+        for phase in PHASES:
+            self.totals[phase] += trainer.phase_seconds[phase]
+        if outcome.step == PROFILE_STEPS[1] - 1:
+            log.info(self.report())
+
+    def report(self) -> str:
+        steps = PROFILE_STEPS[1] - PROFILE_STEPS[0]
+        total = sum(self.totals.values())
+        lines = [f"Where the step time goes (mean of steps {PROFILE_STEPS[0]}-{PROFILE_STEPS[1] - 1}):"]
+        for phase in PHASES:
+            seconds = self.totals[phase]
+            lines.append(f"  {phase:<10} {1000 * seconds / steps:9.1f} ms  {100 * seconds / total:5.1f}%")
+        lines.append(f"  {'step':<10} {1000 * total / steps:9.1f} ms")
+        return "\n".join(lines)
+
+
+class ResourceLimits(Callback):
+    """--max-cpu / --max-memory after every step (`minigpt.resources.ResourceGovernor`): sleep to
+    hold the CPU share; when system memory stays above the limit, halve the micro-batch for the
+    steps to come (the global batch stays), and at a micro-batch of 1 ask to stop with a checkpoint."""
+
+    def __init__(self, governor: ResourceGovernor):
+        self.governor = governor
+
+    def on_step_end(self, trainer: "Trainer", outcome: StepOutcome) -> None:
+        if not self.governor.after_step() and not trainer.reduce_micro_batch("system memory stayed above --max-memory"):
+            trainer.requested_stop = "memory_limit"
 
 
 class LossPlotCallback(Callback):
@@ -118,7 +229,8 @@ class LossPlotCallback(Callback):
             return
         plots = trainer.run_dir / "plots"
         try:
-            first = save_loss_curve(plots / names[0], train, validation, title=trainer.run_dir.name)
+            first = save_loss_curve(plots / names[0], train, validation, title=trainer.run_dir.name,
+                                    epoch_steps=trainer.train_config.epoch_steps)
             for name in names[1:]:
                 atomic_write_bytes(plots / name, first.read_bytes())  # a reader never sees half a PNG
         except Exception as error:  # noqa: BLE001 - a plot must never stop training
@@ -155,7 +267,6 @@ class Trainer:
         self.device, self.dtype = device, dtype
         # Under torchrun only rank 0 writes files and prints; the other processes only compute.
         self.is_main = is_main_process()
-        self.callbacks = list(callbacks or []) if self.is_main else []
         self.show_progress = show_progress and self.is_main
         self.adapter = adapter  # a LoRA run: only the adapters train, on a frozen base model
         self.run_log = run_log  # train.log, closed when train() returns
@@ -167,6 +278,8 @@ class Trainer:
         self.stop_reason: str | None = None
         self.requested_stop: str | None = None  # a signal or the memory limit, until the processes agree to stop
         self.stop_signal: int | None = None  # which signal stopped the run, if one did (SIGINT, SIGTERM)
+        if "epoch" in (self.train_config.eval_strategy, self.train_config.save_strategy) and not self.train_config.epoch_steps:
+            raise ValueError("eval/save_strategy 'epoch' needs train.epoch_steps: prepare_run resolves it (resolve_run_length).")
         self.process = psutil.Process()
         config = self.train_config
         self.monitoring = not config.disable_monitoring
@@ -183,7 +296,12 @@ class Trainer:
         self.history: list[dict[str, Any]] = []  # recent metric rows, for the anomaly rules
         self.active_anomalies: set[str] = set()
         self.phase_seconds = dict.fromkeys(PHASES, 0.0)  # of the last timed step
-        self.profile_totals = dict.fromkeys(PHASES, 0.0)
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=False)  # opened when the loop starts
+        # The run's callbacks (rank 0 only), then the trainer's own (every process).
+        self.totals = RunningTotals(device, self.process)
+        self.profiler = StepProfiler() if config.profile else None
+        own = [self.totals, self.profiler, ResourceLimits(self.governor) if limits else None]
+        self.callbacks = (list(callbacks or []) if self.is_main else []) + [callback for callback in own if callback is not None]
         # Reading a number back from a GPU waits for all the work queued before it. There, the
         # fused optimizer skips a NaN/Inf step on the device by itself (found_inf), and the
         # counts of skipped steps are read back only at logging, evaluation and saving steps.
@@ -272,15 +390,10 @@ class Trainer:
 
     def _train(self) -> dict[str, Any]:
         config = self.train_config
-        metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=self.is_main)
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", enabled=self.is_main)
         batches = iter(self.train_batches)
-        self.session_start = time.perf_counter()
-        elapsed = self.elapsed
-        model: torch.nn.Module = wrap_model(self.model, self.device)  # DDP under torchrun; self.model stays unwrapped
-        model.train()
-        if config.compile and not config.disable_optimizations:
-            model = compile_model(model, self.example_loss, mode=compile_mode(self.device, config.compile_mode))  # the DDP-wrapped model under torchrun
-
+        self.session_start = time.perf_counter()  # compiling counts towards --max-time
+        model = self._model_to_train()
         self._write_status("running")
         for callback in self.callbacks:
             callback.on_start(self)
@@ -289,7 +402,6 @@ class Trainer:
             total=config.max_steps or None, initial=self.progress.step, unit="step", dynamic_ncols=True,
             disable=None if self.show_progress else True, desc="training",  # None: only on a terminal
         )
-        window = self._new_window()
         last_evaluation: dict[str, Any] | None = None
         evaluated_at = -1
         try:
@@ -297,74 +409,107 @@ class Trainer:
                 if config.max_steps and self.progress.step >= config.max_steps:
                     self.stop_reason = "max_steps"
                     break
-
-                learning_rate = learning_rate_at(self.progress.step, config, elapsed())
-                for group in self.optimizer.param_groups:
-                    group["lr"] = learning_rate
                 step = self.progress.step + 1
-                profiling = config.profile and PROFILE_STEPS[0] <= step < PROFILE_STEPS[1]
-                timed = profiling or step % config.log_steps == 0  # only these steps wait for the device
-
-                step_start = time.perf_counter()
+                learning_rate = self._set_learning_rate()
+                timed = step % config.log_steps == 0 or (self.profiler is not None and self.profiler.measures(step))
+                started = time.perf_counter()
                 micro_batches = [next(batches) for _ in range(config.gradient_accumulation_steps)]
-                self.phase_seconds["data"] = time.perf_counter() - step_start
-                result = self.step_with_backoff(model, micro_batches, timed, metrics)
+                self.phase_seconds["data"] = time.perf_counter() - started
+                result = self.step_with_backoff(model, micro_batches, timed)  # forward, backward, update
                 if result is None:  # out of memory even at a micro-batch of 1
                     break
-                loss, grad_norm, finite, step_tokens = result
-                step_seconds = time.perf_counter() - step_start
-
-                # Tally on the device: the mean loss of the window, skipped steps, the run of bad steps.
-                window.loss_sum += torch.where(finite, loss, 0.0)
-                window.finite_steps += finite
-                self.skipped_unsettled += ~finite
-                self.bad_run = (self.bad_run + 1) * ~finite
-                self.progress.step = step
-                self.progress.tokens_seen += step_tokens
-                window.tokens += step_tokens
-                window.seconds += step_seconds
+                outcome = StepOutcome(step, *result, seconds=time.perf_counter() - started, learning_rate=learning_rate, timed=timed)
+                self._count_step(outcome)
                 bar.update(1)
-                if profiling:
-                    for phase in PHASES:
-                        self.profile_totals[phase] += self.phase_seconds[phase]
-                    if step == PROFILE_STEPS[1] - 1:
-                        self._print_profile()
-                if self.governor is not None and not self.governor.after_step():
-                    if not self.reduce_micro_batch(metrics, "system memory stayed above --max-memory"):
-                        self.requested_stop = "memory_limit"
-                local_stop = self.requested_stop or ("max_time" if config.max_time and elapsed() >= config.max_time else None)
-                self.stop_reason = agree_on_stop(local_stop, LOCAL_STOP_REASONS, self.device)
+                for callback in self.callbacks:
+                    callback.on_step_end(self, outcome)
+                self.stop_reason = agree_on_stop(self._local_stop_reason(), LOCAL_STOP_REASONS, self.device)
 
-                logging_step = step % config.log_steps == 0
-                settling_step = logging_step or step % config.eval_steps == 0 or step % config.save_steps == 0
-                if not self.defer_readback or settling_step or self.stop_reason:
+                if not self.defer_readback or self._settling_step(step) or self.stop_reason:
                     self._settle_skipped_steps()
-                if logging_step or self.stop_reason:
-                    row = self._log(metrics, window, learning_rate, grad_norm, step_seconds, elapsed())
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{learning_rate:.2e}")
-                    window = self._new_window()
-                if step % config.eval_steps == 0 and self.val_batches is not None:
-                    last_evaluation = self._evaluate(metrics)
-                    evaluated_at = step
-                if step % config.save_steps == 0:
+                if step % config.log_steps == 0 or self.stop_reason:
+                    row = self._log(outcome)
+                    bar.set_postfix(self._postfix(row))
+                if self.val_batches is not None and self._evaluation_step(step):
+                    last_evaluation, evaluated_at = self._evaluate(), step
+                if self._save_step(step):
                     self.save_checkpoint(last_evaluation if evaluated_at == step else None)
         finally:
             bar.close()
             self._restore_signals(previous_handlers)
+        return self._finish(last_evaluation, evaluated_at)
 
+    def _model_to_train(self) -> torch.nn.Module:
+        """The model the steps run: DDP-wrapped under torchrun, then compiled if asked (self.model stays the plain one)."""
+        config = self.train_config
+        model: torch.nn.Module = wrap_model(self.model, self.device)
+        model.train()
+        if config.compile and not config.disable_optimizations:
+            model = compile_model(model, self.example_loss, mode=compile_mode(self.device, config.compile_mode))
+        return model
+
+    def _set_learning_rate(self) -> float:
+        """Set the schedule's learning rate for the next step on every parameter group, and return it."""
+        learning_rate = learning_rate_at(self.progress.step, self.train_config, self.elapsed())
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+        return learning_rate
+
+    def _count_step(self, outcome: StepOutcome) -> None:
+        """Advance the progress counters; tally skipped steps and the run of bad ones on the device."""
+        self.progress.step = outcome.step
+        self.progress.tokens_seen += outcome.tokens
+        self.skipped_unsettled += ~outcome.finite
+        self.bad_run = (self.bad_run + 1) * ~outcome.finite
+
+    def _local_stop_reason(self) -> str | None:
+        """Why this process alone would stop now: a signal or the memory limit (requested), or the time budget."""
+        config = self.train_config
+        return self.requested_stop or ("max_time" if config.max_time and self.elapsed() >= config.max_time else None)
+
+    def _evaluation_step(self, step: int) -> bool:
+        """Whether `step` is one to evaluate at: every eval_steps, or at each epoch's end with eval_strategy epoch."""
+        config = self.train_config
+        return step % (config.epoch_steps if config.eval_strategy == "epoch" else config.eval_steps) == 0
+
+    def _save_step(self, step: int) -> bool:
+        """Whether `step` is one to save at: every save_steps, or at each epoch's end with save_strategy epoch."""
+        config = self.train_config
+        return step % (config.epoch_steps if config.save_strategy == "epoch" else config.save_steps) == 0
+
+    def _epoch_field(self, step: int) -> dict[str, float]:
+        """{"epoch": the passes over the training data at `step`, e.g. 1.25}, or {} when the run does not count epochs."""
+        epoch_steps = self.train_config.epoch_steps
+        return {"epoch": round(step / epoch_steps, 4)} if epoch_steps else {}
+
+    @staticmethod
+    def _postfix(row: dict[str, Any]) -> dict[str, str]:
+        """The progress bar's figures from a train row: loss, learning rate, and the epoch if the run counts them."""
+        postfix = {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}"}
+        if "epoch" in row:
+            postfix["epoch"] = f"{row['epoch']:.2f}"
+        return postfix
+
+    def _settling_step(self, step: int) -> bool:
+        """A step whose skipped-step count must be exact: it is logged, evaluated or saved."""
+        return step % self.train_config.log_steps == 0 or self._evaluation_step(step) or self._save_step(step)
+
+    def _finish(self, last_evaluation: dict[str, Any] | None, evaluated_at: int) -> dict[str, Any]:
+        """After the loop: evaluate and save the last step (unless the loop just did), write
+        final_model/ (unless the run failed), summary.json and status.json; return the summary."""
         self._settle_skipped_steps()
-        self.progress.elapsed_seconds = elapsed()
+        self.progress.elapsed_seconds = self.elapsed()
         self.session_start = time.perf_counter()  # the clock is now in progress.elapsed_seconds
+        step = self.progress.step
         failed = self.stop_reason in ("non_finite_loss", "memory_limit", "out_of_memory")
-        if self.progress.step > 0 and evaluated_at != self.progress.step and not failed and self.val_batches is not None:
-            last_evaluation = self._evaluate(metrics)
-            evaluated_at = self.progress.step
-        if self.progress.step > 0:
-            if self.progress.step % config.save_steps:
-                self.save_checkpoint(last_evaluation if evaluated_at == self.progress.step else None)
+        if step > 0 and evaluated_at != step and not failed and self.val_batches is not None:
+            last_evaluation, evaluated_at = self._evaluate(), step
+        if step > 0:
+            if not self._save_step(step):
+                self.save_checkpoint(last_evaluation if evaluated_at == step else None)
             if not failed and self.is_main:
                 self.save_final_model()
-        metrics.close()
+        self.metrics.close()
         summary = self._summary(last_evaluation)
         if self.is_main:
             atomic_write_json(self.run_dir / "summary.json", summary)
@@ -375,9 +520,14 @@ class Trainer:
         return summary
 
     def save_final_model(self) -> Path:
-        """final_model/: the whole model, or for a LoRA run only the adapters (small), which load
-        onto the recorded base model; both with the run's config.json and tokenizer.json."""
+        """final_model/, written once: the model a callback chooses (`Callback.final_model`: a
+        classifier's best evaluation), else the trained model, or for a LoRA run only its adapters
+        (small), which load onto the recorded base model; each with config.json and tokenizer.json."""
         path = self.run_dir / "final_model"
+        for callback in self.callbacks:
+            chosen = callback.final_model(self)
+            if chosen is not None:
+                return save_model_directory(path, chosen, self.config, self.tokenizer)
         if self.adapter is None:
             return save_model_directory(path, self.model, self.config, self.tokenizer)
         return self.adapter.save(path, self.model, lambda directory: write_model_files(directory, self.config, self.tokenizer))
@@ -393,7 +543,7 @@ class Trainer:
     # running out of memory: a smaller micro-batch, the same step
 
     def step_with_backoff(
-        self, model: torch.nn.Module, micro_batches: list[Batch], timed: bool, metrics: MetricsWriter
+        self, model: torch.nn.Module, micro_batches: list[Batch], timed: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
         """optimizer_step; if it runs out of memory, cut each micro-batch in parts (half, for an even
         size), redo the step on those, and keep the smaller micro-batch for the steps after. The
@@ -409,7 +559,7 @@ class Trainer:
             parts = smallest_factor(self.train_config.batch_size)
             self.optimizer.zero_grad(set_to_none=True)  # the partial gradients of the failed attempt
             free_memory()
-            if not self.reduce_micro_batch(metrics, "out of memory"):
+            if not self.reduce_micro_batch("out of memory"):
                 self.stop_reason = "out_of_memory"
                 return None
             micro_batches = [part for batch in micro_batches for part in split_batch(batch, parts)]
@@ -430,7 +580,7 @@ class Trainer:
             "or --gradient-checkpointing."
         )
 
-    def reduce_micro_batch(self, metrics: MetricsWriter, reason: str) -> bool:
+    def reduce_micro_batch(self, reason: str) -> bool:
         """Divide the micro-batch by its smallest factor and multiply the accumulation by it, for the
         steps to come; say so in the log and metrics.jsonl and record it in config.json (and so in
         every later checkpoint), so a resumed run continues with the same micro-batch. False when
@@ -449,7 +599,7 @@ class Trainer:
         message = (f"reducing micro-batch from {micro} to {config.batch_size} "
                    f"(gradient accumulation {accumulation} -> {config.gradient_accumulation_steps})")
         log.warning("Step %d: %s: %s", self.progress.step + 1, reason, message)
-        metrics.write({"type": "memory", "step": self.progress.step + 1, "reason": reason, "message": message,
+        self.metrics.write({"type": "memory", "step": self.progress.step + 1, "reason": reason, "message": message,
                        "batch_size": config.batch_size, "gradient_accumulation_steps": config.gradient_accumulation_steps})
         atomic_write_json(self.run_dir / "config.json", self.config.to_dict())
         return True
@@ -523,10 +673,6 @@ class Trainer:
         self.phase_seconds.update(forward=forward, backward=backward, optimizer=clock() - start)
         return total_loss, grad_norm.detach(), finite, tokens
 
-    def _new_window(self) -> LogWindow:
-        zero = torch.zeros((), device=self.device)
-        return LogWindow(loss_sum=zero.clone(), finite_steps=zero.clone(), cpu_start=self._cpu_seconds())
-
     def _settle_skipped_steps(self) -> None:
         """Read the skipped-step tallies back from the device, report them, and stop after too many in a row."""
         skipped, bad_run = (int(value) for value in torch.stack([self.skipped_unsettled, self.bad_run]).tolist())
@@ -538,25 +684,12 @@ class Trainer:
         if bad_run >= MAX_CONSECUTIVE_BAD_STEPS:
             self.stop_reason = "non_finite_loss"
 
-    def _print_profile(self) -> None:
-        steps = PROFILE_STEPS[1] - PROFILE_STEPS[0]
-        total = sum(self.profile_totals.values())
-        lines = [f"Where the step time goes (mean of steps {PROFILE_STEPS[0]}-{PROFILE_STEPS[1] - 1}):"]
-        for phase in PHASES:
-            seconds = self.profile_totals[phase]
-            lines.append(f"  {phase:<10} {1000 * seconds / steps:9.1f} ms  {100 * seconds / total:5.1f}%")
-        lines.append(f"  {'step':<10} {1000 * total / steps:9.1f} ms")
-        log.info("\n".join(lines))
-
-    def _cpu_seconds(self) -> float:
-        times = self.process.cpu_times()
-        return times.user + times.system
-
-    def _evaluate(self, metrics: MetricsWriter) -> dict[str, Any]:
+    def _evaluate(self) -> dict[str, Any]:
         """Evaluate on the validation data, write the row, and track the monitored metric."""
         config, monitor = self.train_config, self.objective.monitor
         result = self.objective.evaluate(self.model, self.val_batches, config.eval_batches, self.dtype)
-        row = {"type": "eval", "step": self.progress.step, "tokens": self.progress.tokens_seen, **result}
+        step = self.progress.step
+        row = {"type": "eval", "step": step, **self._epoch_field(step), "tokens": self.progress.tokens_seen, **result}
         if monitor.improves(result[monitor.metric], self.progress.best_metric):
             self.progress.best_metric = result[monitor.metric]
             self.progress.evaluations_without_improvement = 0
@@ -565,33 +698,32 @@ class Trainer:
         log.info("step %d | %s", self.progress.step, self.objective.describe(result))
         if "sample" in result:
             log.info("sample: %r", result["sample"])
-        metrics.write(row)
+        self.metrics.write(row)
         for callback in self.callbacks:
             callback.on_evaluate(self, row)
-        self._check_anomalies(metrics, row)
+        self._check_anomalies(row)
         patience = config.early_stopping_patience
         if patience and self.progress.evaluations_without_improvement >= patience:
             self.stop_reason = "early_stopping"
         return result
 
-    def _log(self, metrics: MetricsWriter, window: LogWindow, learning_rate: float, grad_norm: torch.Tensor,
-             step_seconds: float, elapsed: float) -> dict[str, Any]:
+    def _log(self, outcome: StepOutcome) -> dict[str, Any]:
         """Write one train row to metrics.jsonl and the log, check it for anomalies, and return it."""
-        config, step = self.train_config, self.progress.step
-        loss_sum, finite_steps, grad_norm = torch.stack([window.loss_sum, window.finite_steps, grad_norm.float()]).tolist()
-        tokens_per_second = window.tokens / window.seconds
+        config, step, elapsed = self.train_config, self.progress.step, self.elapsed()
+        loss, grad_norm, tokens_per_second = self.totals.read(outcome.grad_norm)
         remaining = [(config.max_steps - step) * elapsed / step] if config.max_steps else []
         if config.max_time:
             remaining.append(max(0.0, config.max_time - elapsed))
         row: dict[str, Any] = {
             "type": "train",
             "step": step,
+            **self._epoch_field(step),
             "tokens": self.progress.tokens_seen,
-            "loss": loss_sum / finite_steps if finite_steps else float("nan"),  # mean over the steps since the last row
-            "lr": learning_rate,
+            "loss": loss,  # mean over the steps since the last row
+            "lr": outcome.learning_rate,
             "grad_norm": grad_norm,
             "tokens_per_second": tokens_per_second,
-            "step_ms": 1000 * step_seconds,
+            "step_ms": 1000 * outcome.seconds,
             **{f"{phase}_ms": 1000 * seconds for phase, seconds in self.phase_seconds.items()},
             "skipped_steps": self.progress.skipped_steps,
             "elapsed_seconds": elapsed,
@@ -601,8 +733,7 @@ class Trainer:
             # tokens_per_second counts every process; the measured peak is one device's.
             row["mfu"] = self.model.flops_per_token() * tokens_per_second / world_size() / self.peak_flops
         if self.monitoring:
-            wall = time.perf_counter() - window.wall_start
-            row["cpu_percent"] = 100 * (self._cpu_seconds() - window.cpu_start) / wall / (psutil.cpu_count() or 1)
+            row["cpu_percent"] = self.totals.cpu_percent()
             row["rss_bytes"] = self.process.memory_info().rss
             row["system_memory_percent"] = psutil.virtual_memory().percent
             row["accelerator_memory_bytes"] = accelerator_memory_bytes(self.device)
@@ -611,16 +742,16 @@ class Trainer:
                 row["paused_seconds"] = self.governor.paused_seconds
             if self.peak_memory is not None:
                 row.update(self.peak_memory.read_and_reset())
-        metrics.write(row)
+        self.metrics.write(row)
         memory = f" | mem {row['rss_bytes'] / 1e9:.1f} GB" if "rss_bytes" in row else ""
-        log.info("step %d | loss %.4f | lr %.2e | %s tok/s%s", step, row["loss"], learning_rate, f"{tokens_per_second:,.0f}", memory)
+        log.info("step %d | loss %.4f | lr %.2e | %s tok/s%s", step, loss, outcome.learning_rate, f"{tokens_per_second:,.0f}", memory)
         for callback in self.callbacks:
             callback.on_log(self, row)
-        self._check_anomalies(metrics, row)
+        self._check_anomalies(row)
         self._write_status("running")
         return row
 
-    def _check_anomalies(self, metrics: MetricsWriter, row: dict[str, Any]) -> None:
+    def _check_anomalies(self, row: dict[str, Any]) -> None:
         """Run the anomaly rules on recent rows; report each finding when it first appears. Under
         torchrun every process checks its own rows, with no collective (nothing to wait for): a
         finding about its own machine it reports itself, the rest (the same everywhere) rank 0 does."""
@@ -632,7 +763,7 @@ class Trainer:
             if anomaly.kind not in self.active_anomalies:
                 log.warning("Anomaly at step %d: %s %s", anomaly.step, anomaly.message, anomaly.advice,
                             extra=PER_PROCESS if anomaly.kind in PER_PROCESS_KINDS else None)
-                metrics.write({"type": "anomaly", **anomaly.as_dict()})
+                self.metrics.write({"type": "anomaly", **anomaly.as_dict()})
         self.active_anomalies = {anomaly.kind for anomaly in findings}
 
     def _summary(self, evaluation: dict[str, Any] | None) -> dict[str, Any]:

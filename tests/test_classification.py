@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import minigpt.trainer
 from minigpt.checkpoint import load_weights, save_model_directory
 from minigpt.classification import (
     ClassificationObjective, balanced_class_weights, confusion_matrix, parse_task_weights, scores_from_confusion, scores_table,
@@ -148,9 +149,14 @@ def test_long_texts_are_cut_and_counted_and_the_stream_resumes_exactly(tmp_path,
         next(batches)
     state = stream.state_dict()
     expected = [next(batches) for _ in range(3)]
+    assert state == {"epoch": {"passes": 1, "position": 4}}  # 21 records: 6 batches a pass, the last one short
     resumed = ClassificationBatches(encoded, 4, tokenizer.pad_id, seed=3)
     resumed.load_state_dict(state)
     for want, got in zip(expected, iter(resumed)):
+        assert all(torch.equal(a, b) for a, b in zip(want, got))
+    saved_before_epoch_state = ClassificationBatches(encoded, 4, tokenizer.pad_id, seed=3)
+    saved_before_epoch_state.load_state_dict({"epoch": 1, "position": 4})  # the format before EpochState
+    for want, got in zip(expected, iter(saved_before_epoch_state)):
         assert all(torch.equal(a, b) for a, b in zip(want, got))
 
 
@@ -274,6 +280,34 @@ def test_multi_task_training_then_classify(tmp_path, capsys):
     assert "sentiment: " in capsys.readouterr().out
     model, _, _ = load_classifier(run / "final_model")
     assert set(model.heads) == {"sentiment", "size"}
+
+
+def test_a_classifier_trains_in_epochs_and_writes_the_best_evaluation_as_final_model_once(tmp_path, capsys, monkeypatch):
+    """60 records in batches of 8: an epoch is 8 steps. Evaluated and saved at each epoch's end,
+    every row carries its epoch, and final_model/ (written once) holds the best evaluation's weights."""
+    written = []
+    save_model_directory_once = minigpt.trainer.save_model_directory
+    monkeypatch.setattr(minigpt.trainer, "save_model_directory",
+                        lambda path, *rest: written.append(path.name) or save_model_directory_once(path, *rest))
+    train = write_jsonl(tmp_path / "train.jsonl", two_task_records(60))
+    val = write_jsonl(tmp_path / "val.jsonl", two_task_records(12))
+    assert train_classifier.main(["--data-files", str(train), "--val-data-files", str(val), "--output-dir", str(tmp_path / "runs"),
+                                  "--run-name", "epochs", "--num-epochs", "3", "--eval-strategy", "epoch", "--save-strategy", "epoch",
+                                  *TINY]) == 0
+    run = tmp_path / "runs" / "epochs"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(row["step"], row["epoch"]) for row in rows if row["type"] == "eval"] == [(8, 1.0), (16, 2.0), (24, 3.0)]
+    assert [row["epoch"] for row in rows if row["type"] == "train"] == [step / 8 for step in range(5, 25, 5)]
+    assert sorted(path.name for path in run.glob("checkpoint_step_*")) == ["checkpoint_step_16", "checkpoint_step_24", "checkpoint_step_8"]
+    assert written == ["final_model"]
+    summary = json.loads((run / "summary.json").read_text())
+    best = max((row for row in rows if row["type"] == "eval"), key=lambda row: row["eval_f1_macro"])
+    assert summary["steps"] == 24 and summary["best_eval_f1_macro"] == best["eval_f1_macro"]
+    final, _, config = load_classifier(run / "final_model")
+    assert (config.train.epoch_steps, config.train.max_steps) == (8, 24)
+    kept = GPTClassifier(config)
+    load_weights(kept, run / f"checkpoint_step_{best['step']}" / "model.safetensors")
+    assert all(torch.equal(tensor, kept.state_dict()[name]) for name, tensor in final.state_dict().items())
 
 
 def test_without_validation_data_the_last_weights_are_the_final_model(tmp_path, capsys):

@@ -83,3 +83,12 @@ def test_bad_config_names_and_files(tmp_path):
     with pytest.raises(UserInputError, match="could not be parsed"):
         load_config(str(broken))
     assert set(PRESETS) == {"tiny", "small", "medium", "large"}
+
+
+def test_a_later_layers_warmup_or_epochs_replace_an_earlier_layers():
+    epochs = apply_overrides(preset_config("tiny"), {"train.warmup_ratio": 0.1, "train.num_epochs": 2})
+    assert (epochs.train.warmup_steps, epochs.train.max_steps) == (0, 0)  # the preset's 10 and 200 give way
+    steps = apply_overrides(epochs, {"train.warmup_steps": 5})
+    assert (steps.train.warmup_steps, steps.train.warmup_ratio) == (5, 0.0)  # and the ratio gives way to steps given later
+    capped = apply_overrides(preset_config("tiny"), {"train.num_epochs": 2, "train.max_steps": 50})
+    assert capped.train.max_steps == 50  # given together, max_steps caps the epochs

@@ -76,7 +76,36 @@ def test_resume_from_state_gives_identical_batches(tmp_path, tokenizer, shuffle_
     tail = batches(resumed, 120 - 37)
     for expected, actual in zip(uninterrupted, head + tail):
         assert torch.equal(expected[0], actual[0]) and torch.equal(expected[1], actual[1])
-    assert first.epoch == 0 and resumed.epoch >= 1  # the resume crossed an epoch boundary
+    assert first.epoch.passes == 0 and resumed.epoch.passes >= 1  # the resume crossed an epoch boundary
+
+
+def test_a_position_saved_before_the_epoch_record_still_resumes(tmp_path, tokenizer):
+    """Checkpoints from before EpochState held the pass number alone and accepted_documents beside it."""
+
+    def make():
+        return TokenBlockStream([write_jsonl(tmp_path / "a.jsonl", 40)], tokenizer, block_size=24, batch_size=3, shuffle_buffer=16, seed=5)
+
+    first = make()
+    batches(first, 50)  # into the second pass
+    state = first.state_dict()
+    assert state["epoch"]["passes"] == 1 and state["epoch"]["position"] > 0
+    old = {**state, "epoch": state["epoch"]["passes"], "accepted_documents": state["epoch"]["position"]}
+    resumed_new, resumed_old = make(), make()
+    resumed_new.load_state_dict(state)
+    resumed_old.load_state_dict(old)
+    assert resumed_old.epoch == resumed_new.epoch
+    for expected, actual in zip(batches(resumed_new, 20), batches(resumed_old, 20)):
+        assert torch.equal(expected[0], actual[0]) and torch.equal(expected[1], actual[1])
+
+
+def test_sequences_per_pass_counts_every_shards_rows_and_leaves_the_stream_alone(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "a.jsonl", 30)
+    whole = sum(len(inputs) for inputs, _ in TokenBlockStream([path], tokenizer, block_size=24, batch_size=5, loop=False))
+    shard = TokenBlockStream([path], tokenizer, block_size=24, batch_size=5, rank=1, world_size=2, shuffle_buffer=8, seed=1)
+    before = batches(shard, 2)
+    assert shard.sequences_per_pass() == whole
+    after = TokenBlockStream([path], tokenizer, block_size=24, batch_size=5, rank=1, world_size=2, shuffle_buffer=8, seed=1)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(before + batches(shard, 2), batches(after, 4)))
 
 
 def test_rank_and_worker_shards_partition_the_documents(tmp_path, tokenizer, monkeypatch):

@@ -25,7 +25,7 @@ from minigpt.errors import UserInputError
 from minigpt.generation import SamplingConfig, generate
 from minigpt.notebook import (
     STAGES, LivePlotCallback, NotebookSettings, analyze_data, config_from_settings, format_duration,
-    in_notebook, plot_data,
+    in_notebook, plot_data, progress_line,
 )
 from minigpt.lora import load_model_for_inference
 from minigpt.objective import Monitor
@@ -145,6 +145,11 @@ def test_with_figures_the_live_plot_shows_one_image_and_updates_it_in_place():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["3 3 1 [False, True, True]", "''"]  # no progress line printed
+
+
+def test_the_progress_line_gives_the_epoch_when_the_run_counts_them():
+    assert progress_line({**train_row(30), "epoch": 1.25}, 60).startswith("step 30/60 | epoch 1.25 | loss 1.0000 | ")
+    assert progress_line(train_row(30), 60).startswith("step 30/60 | loss 1.0000 | ")
 
 
 def test_format_duration():

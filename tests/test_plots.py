@@ -77,6 +77,16 @@ def test_a_loss_figure_without_finite_validation_draws_no_validation_curve():
     assert raw.get_marker() == "None" and not lines_labelled(figure.axes[0], "train (centred rolling mean)")  # too few to smooth
 
 
+def test_a_run_with_epochs_gets_an_epoch_axis_over_each_panel():
+    figure = loss_curve_figure(curve(40), epoch_steps=10)
+    figure.canvas.draw()  # a secondary axis takes its limits from its panel when drawn
+    for panel in figure.axes[:2]:
+        (epochs,) = panel.child_axes
+        assert epochs.get_xlabel() == "epoch"
+        assert epochs.get_xlim() == pytest.approx([limit / 10 for limit in panel.get_xlim()])
+    assert not any(panel.child_axes for panel in loss_curve_figure(curve(40)).axes)
+
+
 def test_the_training_curves_figure_draws_every_metric_of_every_run():
     def rows(scale: float) -> list[dict]:
         train = [{"type": "train", "step": step, "loss": scale * 5 / step, "lr": 1e-3 * step, "grad_norm": scale / step,

@@ -78,9 +78,13 @@ def test_a_run_leaves_a_complete_run_directory(finished_run):
 
 
 def test_killed_and_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, corpus_jsonl, tokenizer_file):
-    steps = ["--max-steps", "160", "--save-steps", "40", "--eval-steps", "40", "--log-steps", "10"]
+    """Killed at step 40, in the middle of its second epoch, and resumed from that checkpoint: the
+    same weights and the same metrics rows (epochs, losses, evaluations at each epoch's end)."""
+    steps = ["--max-data-size", "10", "--num-epochs", "3", "--save-steps", "40", "--eval-strategy", "epoch", "--log-steps", "10"]
     straight = run_script("train.py", *tiny_run(corpus_jsonl, tokenizer_file, *steps, "--run-name", "straight"), cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr
+    epoch_steps = json.loads((tmp_path / "runs" / "straight" / "config.json").read_text())["train"]["epoch_steps"]
+    assert 20 < epoch_steps < 40  # the kill below falls in the second epoch
 
     command = [sys.executable, str(REPO / "scripts" / "train.py"),
                *tiny_run(corpus_jsonl, tokenizer_file, *steps, "--run-name", "killed")]
@@ -101,9 +105,15 @@ def test_killed_and_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_p
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
-    steps_logged = [json.loads(line)["step"] for line in (tmp_path / "runs" / "killed" / "metrics.jsonl").read_text().splitlines()
-                    if json.loads(line)["type"] == "train"]
-    assert steps_logged == list(range(10, 161, 10))  # rows logged after the checkpoint by the killed run were dropped
+
+    def learning(run):  # what the rows say about learning (timings differ between runs)
+        rows = [json.loads(line) for line in (tmp_path / "runs" / run / "metrics.jsonl").read_text().splitlines()]
+        return [(row["type"], row["step"], row["epoch"], row.get("loss"), row.get("lr"), row.get("val_loss"))
+                for row in rows if row["type"] in ("train", "eval")]
+
+    # rows logged after the checkpoint by the killed run were dropped, and the resumed run wrote them again
+    assert learning("killed") == learning("straight")
+    assert [row[1:3] for row in learning("straight") if row[0] == "eval"] == [(epoch_steps * n, float(n)) for n in (1, 2, 3)]
 
 
 def test_a_time_budget_stops_cleanly_with_a_saved_model(tmp_path, corpus_jsonl, tokenizer_file):

@@ -1,16 +1,22 @@
 """The loop's arithmetic and its stopping rules, checked in-process on the tiny preset."""
 
 import json
+import logging
+import math
 
+import pytest
 import torch
 
 from conftest import run_script
 from minigpt.checkpoint import list_checkpoints
 from minigpt.config import apply_overrides, preset_config
+from minigpt.data import TokenBlockStream
+from minigpt.errors import UserInputError
 from minigpt.metrics import read_metrics
 from minigpt.objective import LanguageModelObjective
 from minigpt.optim import learning_rate_at
 from minigpt.run import prepare_run
+from minigpt.tokenizer import load_tokenizer
 
 
 def tiny(tmp_path, corpus_jsonl, tokenizer_file, name, **overrides):
@@ -103,3 +109,60 @@ def test_character_tokenizer_and_full_data_directory(tmp_path):
     assert config["model"]["vocab_size"] < 64  # the characters of the poem plus the special tokens
     missing = run_script("train.py", "--config", "tiny", "--use-full-data", cwd=tmp_path / "data")
     assert missing.returncode == 2 and "./data/" in missing.stderr
+
+
+# --- epochs -----------------------------------------------------------------------------------
+
+
+def small_text(tmp_path, corpus_jsonl, characters=6000):
+    """A .txt file of the corpus's first characters: a few dozen blocks of the tiny preset."""
+    text = "\n\n".join(json.loads(line)["text"] for line in corpus_jsonl.read_text().splitlines()[:3])[:characters]
+    path = tmp_path / "small.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def steps_per_epoch(path, tokenizer_file, batch_size=8):
+    """One pass over `path` in blocks of the tiny preset, counted by reading its batches, over the batch size."""
+    blocks = sum(len(inputs) for inputs, _ in TokenBlockStream([path], load_tokenizer(tokenizer_file), 64, batch_size, loop=False))
+    return math.ceil(blocks / batch_size)
+
+
+def test_num_epochs_trains_whole_passes_and_evaluates_and_saves_at_each_epochs_end(tmp_path, corpus_jsonl, tokenizer_file, caplog):
+    caplog.set_level(logging.INFO, logger="minigpt")
+    data = small_text(tmp_path, corpus_jsonl)
+    epoch_steps = steps_per_epoch(data, tokenizer_file)
+    run = tiny(tmp_path, corpus_jsonl, tokenizer_file, "epochs", **{
+        "train.data_files": [str(data)], "train.val_data_files": [str(corpus_jsonl)], "train.num_epochs": 2,
+        "train.eval_strategy": "epoch", "train.save_strategy": "epoch", "train.log_steps": 2, "train.plot_loss": True})
+    assert f"1 epoch = {epoch_steps} steps of 8 sequences" in caplog.text
+    summary = run.train()
+    assert summary["steps"] == 2 * epoch_steps and summary["stop_reason"] == "max_steps"
+    rows = read_metrics(run.run_dir / "metrics.jsonl")
+    train = [row for row in rows if row["type"] == "train"]
+    assert train and all(row["epoch"] == round(row["step"] / epoch_steps, 4) for row in train)
+    assert [(row["step"], row["epoch"]) for row in rows if row["type"] == "eval"] == [(epoch_steps, 1.0), (2 * epoch_steps, 2.0)]
+    assert [path.name for path in list_checkpoints(run.run_dir)] == [f"checkpoint_step_{epoch_steps}", f"checkpoint_step_{2 * epoch_steps}"]
+    recorded = json.loads((run.run_dir / "config.json").read_text())["train"]
+    assert (recorded["epoch_steps"], recorded["max_steps"]) == (epoch_steps, 2 * epoch_steps)  # what --resume continues with
+    assert (run.run_dir / "plots" / "loss_curve_latest.png").is_file()
+
+
+def test_an_explicit_max_steps_caps_the_epochs_and_warmup_ratio_becomes_steps(tmp_path, corpus_jsonl, tokenizer_file, caplog):
+    caplog.set_level(logging.INFO, logger="minigpt")
+    data = small_text(tmp_path, corpus_jsonl)
+    epoch_steps = steps_per_epoch(data, tokenizer_file)
+    settings = {"train.data_files": [str(data)], "train.val_fraction": 0.0}
+    capped = tiny(tmp_path, corpus_jsonl, tokenizer_file, "capped", **settings, **{
+        "train.num_epochs": 3, "train.max_steps": epoch_steps + 1, "train.warmup_ratio": 0.25})
+    train = capped.train_config
+    assert (train.epoch_steps, train.max_steps) == (epoch_steps, epoch_steps + 1)
+    assert (train.warmup_steps, train.warmup_ratio) == (round(0.25 * (epoch_steps + 1)), 0.0)  # recorded as steps
+    assert f"Warmup: 25% of {epoch_steps + 1} steps = {train.warmup_steps} steps" in caplog.text
+    half = tiny(tmp_path, corpus_jsonl, tokenizer_file, "half", **settings, **{"train.num_epochs": 1.5})
+    assert half.train_config.max_steps == math.ceil(1.5 * epoch_steps)  # the preset's 200 steps are replaced
+    plain = tiny(tmp_path, corpus_jsonl, tokenizer_file, "plain", **settings, **{"train.max_steps": 5})
+    assert plain.train_config.epoch_steps == 0  # no epochs asked: the text is not read an extra time to count them
+    with pytest.raises(UserInputError, match="warmup-ratio"):
+        tiny(tmp_path, corpus_jsonl, tokenizer_file, "timed", **settings, **{
+            "train.max_steps": 0, "train.max_time": 5.0, "train.warmup_ratio": 0.1})

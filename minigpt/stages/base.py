@@ -49,6 +49,9 @@ class Stage:
     # True: the built-in text sets ("builtin", "builtin-sft") may be named among --data-files
     # (they hold plain text and conversations, not the records every stage reads).
     reads_builtin_text: ClassVar[bool] = True
+    # True: the training data are in memory, so counting an epoch's steps costs nothing and every
+    # run reports its epoch; otherwise only runs given --num-epochs read the data once to count.
+    epochs_cost_nothing: ClassVar[bool] = False
 
     def default_config(self, starting_from_model: bool) -> RunConfig:
         """The configuration a run starts from when the user names no --config (a preset, or

@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from minigpt.classification import ClassifierCallback, build_classification_objective, prepare_classification
+from minigpt.classification import build_classification_objective, prepare_classification
+from minigpt.classification_callback import ClassifierCallback
 from minigpt.config import RunConfig, apply_overrides
 from minigpt.errors import UserInputError
 from minigpt.heads import GPTClassifier, build_classifier
@@ -54,6 +55,7 @@ class ClassifyStage(Stage):
     name = "classify"
     help = "classification heads on the trunk, cross-entropy per task"
     reads_builtin_text = False  # labelled records, which no built-in text set holds
+    epochs_cost_nothing = True  # the records are in memory
     settings = frozenset({"tasks", "task_weights", "class_weights", "pooling", "freeze_trunk", "lm_loss_weight", "label_maps"})
 
     def default_config(self, starting_from_model: bool) -> RunConfig:
