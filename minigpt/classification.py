@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from minigpt.checkpoint import save_model_directory
 from minigpt.config import RunConfig
 from minigpt.distributed import process_place, sum_over_processes, this_process_share
 from minigpt.errors import UserInputError
@@ -38,6 +37,7 @@ from minigpt.labelled_data import (
 )
 from minigpt.lora import merge_lora
 from minigpt.loss import IGNORE_INDEX
+from minigpt.model_folder import save_model_directory
 from minigpt.objective import Monitor, Objective
 from minigpt.plots import save_confusion_matrix
 from minigpt.runtime import autocast

@@ -33,12 +33,13 @@ from minigpt.errors import UserInputError
 from minigpt.metrics import truncate_metrics
 from minigpt.heads import build_classifier
 from minigpt.labelled_corpus import builtin_labelled_files
-from minigpt.lora import AdapterRun, LoRAConfig, apply_lora, count_trainable, format_trainable, load_model_for_inference, parse_targets
+from minigpt.lora import LoRAConfig, apply_lora, count_trainable, format_trainable, parse_targets
 from minigpt.memory import (
     MemoryEstimate, choose_micro_batch, device_memory, dry_run_report, estimate_memory, probe_fits, process_memory, resize_stream,
     time_micro_step, time_optimizer_step,
 )
 from minigpt.model import GPT
+from minigpt.model_folder import AdapterRun, load_language_model
 from minigpt.objective import LanguageModelObjective, Objective
 from minigpt.optim import build_optimizer
 from minigpt.runtime import (
@@ -82,7 +83,7 @@ ARCHITECTURE = ("vocab_size", "n_layer", "n_head", "kv_heads", "n_embd", "hidden
 
 def initial_model_config(path: str) -> ModelConfig:
     """The model settings of the model --init-from names: a run started from it takes its shape."""
-    return load_model_for_inference(path)[2].model
+    return load_language_model(path).config.model
 
 
 def check_initial_model(config: RunConfig, initial: ModelConfig) -> None:
@@ -334,11 +335,11 @@ def prepare_run(
         log.info("Memory: freed blocks stay in this process for the next step (glibc malloc thresholds; "
                  "--disable-optimizations leaves the allocator alone).")
     sources = training_sources(config)
-    initial = load_model_for_inference(config.train.init_from) if config.train.init_from else None
+    initial = load_language_model(config.train.init_from) if config.train.init_from else None
     if paths.resume_from is not None:
         tokenizer = load_tokenizer(paths.run_dir / "tokenizer.json")
     elif initial is not None:
-        tokenizer = initial[1]
+        tokenizer = initial.tokenizer
     else:
         with main_process_first():  # rank 0 trains (and caches) the tokenizer, the others then load it
             tokenizer = obtain_tokenizer(config, sources, show_progress and is_main_process())
@@ -346,7 +347,7 @@ def prepare_run(
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size))
     validate(config, tokenizer.vocab_size)
     if initial is not None:
-        check_initial_model(config, initial[2].model)
+        check_initial_model(config, initial.config.model)
     elif config.train.stage == "sft":
         log.warning("Chat fine-tuning a model from scratch: it knows no language yet. Start from a trained one with --init-from.")
 
@@ -371,7 +372,7 @@ def prepare_run(
     model = (build_classifier(config) if classify else GPT(config.model)).to(device)
     adapter = None
     if initial is not None:
-        model.load_state_dict(initial[0].state_dict(), strict=not classify)  # a classifier's heads are new; its trunk was checked above
+        model.load_state_dict(initial.model.state_dict(), strict=not classify)  # a classifier's heads are new; its trunk was checked above
         log.info("Starting from %s", config.train.init_from)
     if config.train.lora_rank:
         train = config.train
@@ -484,7 +485,7 @@ def plan_dry_run(config: RunConfig) -> DryRun:
     if train.resume:
         tokenizer = load_tokenizer(resolve_run_paths(config).run_dir / "tokenizer.json")
     elif train.init_from:
-        tokenizer = load_model_for_inference(train.init_from)[1]
+        tokenizer = load_language_model(train.init_from).tokenizer
     else:
         tokenizer = obtain_tokenizer(config, training_sources(config), show_progress=False)
     if not config.model.vocab_size:
