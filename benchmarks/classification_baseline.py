@@ -44,9 +44,9 @@ except ImportError:
 from minigpt.classification import predict  # noqa: E402
 from minigpt.cli import train_classifier  # noqa: E402
 from minigpt.config import RunConfig  # noqa: E402
-from minigpt.heads import load_classifier  # noqa: E402
 from minigpt.labelled_corpus import VALIDATION_FRACTION, builtin_labelled_files, builtin_labelled_records  # noqa: E402
 from minigpt.labelled_data import encode_records, read_labelled_records  # noqa: E402
+from minigpt.model_folder import load_classifier  # noqa: E402
 from minigpt.sources import Document, document_hash_fraction  # noqa: E402
 
 
@@ -89,7 +89,8 @@ def minigpt(train_file: Path, output_dir: Path, max_time: float, validation: lis
     if status != 0:
         raise SystemExit(f"train-classifier exited with status {status}")
     run = output_dir / "bench"
-    model, tokenizer, config = load_classifier(run / "final_model")
+    loaded = load_classifier(run / "final_model")
+    model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config
     labels = config.train.label_maps["labels"]
     encoded = encode_records(validation, tokenizer, config.train.label_maps, model.config.block_size)
     predicted = predict(model, encoded, tokenizer.pad_id)["labels"].argmax(-1)

@@ -2,7 +2,8 @@
 
 The main pieces, for notebooks and scripts:
 
-    from minigpt import GPT, generate, load_model_directory, prepare_run, preset_config
+    from minigpt import GPT, generate, prepare_run, preset_config
+    from minigpt import model_folder     # model_folder.load(path): any model folder a command takes
 
 They are imported on first use (so `minigpt --version` starts without loading PyTorch).
 """
@@ -20,7 +21,7 @@ PUBLIC_API = {  # name -> the module that defines it
     "apply_overrides": "minigpt.config",
     "prepare_run": "minigpt.run", "Trainer": "minigpt.trainer", "Callback": "minigpt.trainer",
     "LanguageModelObjective": "minigpt.objective",
-    "load_model_directory": "minigpt.checkpoint", "load_tokenizer": "minigpt.tokenizer",
+    "load_tokenizer": "minigpt.tokenizer",
     "generate": "minigpt.generation", "SamplingConfig": "minigpt.generation", "evaluate": "minigpt.evaluation",
     "ChatSession": "minigpt.chat",
 }

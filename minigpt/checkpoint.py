@@ -13,7 +13,7 @@ A checkpoint directory `checkpoint_step_<N>/` holds:
 The manifest is checked before anything is loaded, so a checkpoint damaged after it was written
 (a truncated copy, a flipped bit) is reported by name instead of failing obscurely inside torch
 or, worse, loading wrong numbers. `--resume` then falls back to the newest checkpoint that is
-intact. final_model/ carries a manifest too, checked by `load_model_directory`.
+intact. final_model/ carries a manifest too, checked when `minigpt.model_folder.load` reads it.
 """
 
 from __future__ import annotations
@@ -31,12 +31,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from minigpt.config import RunConfig, load_config
+from minigpt.config import RunConfig
 from minigpt.errors import UserInputError
-from minigpt.export import import_hf_llama, is_hf_directory
 from minigpt.files import TEMPORARY_PREFIX, fault_point, verify_manifest, write_directory_atomically
-from minigpt.model import GPT
-from minigpt.tokenizer import Tokenizer, load_tokenizer
+from minigpt.tokenizer import Tokenizer
 
 log = logging.getLogger("minigpt.checkpoint")
 
@@ -182,48 +180,3 @@ def prune_checkpoints(run_dir: str | Path, keep: int, metric: str = "val_loss", 
         fault_point("during_prune")
         shutil.rmtree(retired)
     return removed
-
-
-def save_model_directory(directory: str | Path, model: torch.nn.Module, config: RunConfig, tokenizer: Tokenizer) -> Path:
-    """A self-contained model directory (weights, config.json, tokenizer.json), e.g. `final_model/`."""
-
-    def fill(temporary: Path) -> None:
-        save_model(model, str(temporary / "model.safetensors"), metadata=SAFETENSORS_METADATA)
-        write_model_files(temporary, config, tokenizer)
-
-    return write_directory_atomically(directory, fill, manifest=True)
-
-
-def resolve_model_directory(path: str | Path) -> tuple[Path, Path]:
-    """(weights directory, directory holding config.json and tokenizer.json) for a path a user gives:
-    a model directory such as final_model/, a checkpoint directory, or a run directory."""
-    path = Path(path)
-    if not path.is_dir():
-        raise UserInputError(f"Model path {path} does not exist or is not a directory.")
-    if (path / "model.safetensors").is_file():
-        home = path if (path / "config.json").is_file() else path.parent  # a checkpoint: its run directory
-        if (home / "config.json").is_file() and (home / "tokenizer.json").is_file():
-            return path, home
-    elif (path / "final_model" / "model.safetensors").is_file():
-        return resolve_model_directory(path / "final_model")
-    elif latest_checkpoint(path) is not None:
-        return resolve_model_directory(latest_checkpoint(path))
-    raise UserInputError(
-        f"{path} holds no model: give a final_model/ directory, a checkpoint_step_<N>/ directory or a run directory."
-    )
-
-
-def load_model_directory(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, RunConfig]:
-    """Load the model, its tokenizer and its configuration from a path accepted by `resolve_model_directory`,
-    or from a Hugging Face Llama folder (converted by `minigpt.export.import_hf_llama`)."""
-    weights_dir, home = resolve_model_directory(path)
-    if is_hf_directory(home):
-        model, tokenizer, config = import_hf_llama(home)
-        return model.to(device), tokenizer, config
-    verify_manifest(weights_dir)  # final_model/ and checkpoints; directories written before manifests existed have none
-    config = load_config(str(home / "config.json"))
-    tokenizer = load_tokenizer(home / "tokenizer.json")
-    model = GPT(config.model).to(device)
-    load_weights(model, weights_dir / "model.safetensors")
-    model.eval()
-    return model, tokenizer, config

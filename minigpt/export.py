@@ -197,26 +197,13 @@ def _write_json(path: Path, value: dict) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n")
 
 
-def is_hf_directory(directory: str | Path) -> bool:
-    """True if `directory`'s config.json is a Hugging Face model config rather than a MiniGPT run config."""
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        return False
-    try:
-        return "model_type" in json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-
-
-def check_hf_export_of(folder: str | Path, model: GPT, tokenizer: Tokenizer) -> None:
-    """Refuse, in one sentence, a folder that is not a Hugging Face export of exactly `model`
-    (same configuration, bit-identical weights): the base a PEFT adapter is recorded against."""
-    if not is_hf_directory(folder):
-        raise UserInputError(f"{folder} is not a Hugging Face model folder; export the base model with --format hf and name that folder.")
-    exported, exported_tokenizer, _ = import_hf_llama(folder)
+def check_hf_export_of(folder: str | Path, exported: GPT, exported_tokenizer: Tokenizer, model: GPT, tokenizer: Tokenizer) -> None:
+    """Refuse, in one sentence, a Hugging Face folder (imported as `exported` and `exported_tokenizer`)
+    that is not an export of exactly `model` (same configuration, bit-identical weights): the base a
+    PEFT adapter is recorded against."""
     ours, theirs = model.state_dict(), exported.state_dict()
     same = hf_config(model.config, tokenizer) == hf_config(exported.config, exported_tokenizer) and all(
-        ours[name].shape == theirs[name].shape and torch.equal(ours[name].cpu(), theirs[name]) for name in ours
+        ours[name].shape == theirs[name].shape and torch.equal(ours[name].cpu(), theirs[name].cpu()) for name in ours
     )
     if not same:
         raise UserInputError(f"{folder} does not hold the adapter's base model; export that base with --format hf and name its folder.")

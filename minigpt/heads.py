@@ -22,18 +22,12 @@ language from while it learns the labels (`--lm-loss-weight`; GPT-1 fine-tuned t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 
-from minigpt.checkpoint import load_weights, resolve_model_directory
-from minigpt.config import RunConfig, load_config
-from minigpt.errors import UserInputError
-from minigpt.files import verify_manifest
+from minigpt.config import RunConfig
 from minigpt.loss import IGNORE_INDEX, next_token_loss
 from minigpt.model import GPT
-from minigpt.tokenizer import Tokenizer, load_tokenizer
 
 POOLINGS = ("last", "mean", "max")
 LM_ROWS_STEP = 512  # the auxiliary next-token loss scores its positions in groups of this many rows
@@ -109,16 +103,3 @@ def build_classifier(config: RunConfig) -> GPTClassifier:
     if config.train.freeze_trunk:
         model.freeze_trunk()
     return model
-
-
-def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPTClassifier, Tokenizer, RunConfig]:
-    """A trained classifier (final_model/, a checkpoint or a run directory), its tokenizer and configuration."""
-    weights_dir, home = resolve_model_directory(path)
-    verify_manifest(weights_dir)
-    config = load_config(str(home / "config.json"))
-    if config.train.stage != "classify" or not config.train.label_maps:
-        raise UserInputError(f"{path} is not a classifier (it was trained with --stage {config.train.stage}); "
-                             "train one with train-classifier.")
-    model = GPTClassifier(config).to(device)
-    load_weights(model, weights_dir / "model.safetensors")
-    return model.eval(), load_tokenizer(home / "tokenizer.json"), config

@@ -22,39 +22,29 @@ plain nn.Linear layers, so a merged model costs nothing extra at inference.
 
     apply_lora(model, LoRAConfig(...))    wrap the chosen Linear layers, freeze everything else
     lora_state_dict / load_lora_state_dict   the adapter weights alone
-    save_adapter / load_adapter           adapter.safetensors + adapter_config.json, tied to the
-                                          base model's file by its SHA-256 checksum
     merge_lora                            fold the adapters into the weights
-    load_model_for_inference              any model directory, with or without an adapter
+
+Saving an adapter and loading it back onto its base model (checked by its SHA-256 checksum) is
+`minigpt.model_folder`'s `save_adapter` and `load`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from minigpt.checkpoint import load_model_directory, resolve_model_directory
-from minigpt.config import RunConfig, load_config
 from minigpt.errors import UserInputError
-from minigpt.files import file_sha256, write_directory_atomically
 from minigpt.model import GPT
-from minigpt.tokenizer import Tokenizer
 
 # Short target names -> the Linear layers of minigpt.model they stand for.
 LORA_TARGETS = {
     "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",  # attention
     "gate": "gate_proj", "up": "up_proj", "down": "down_proj",  # SwiGLU MLP
 }
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass
@@ -203,108 +193,3 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
                 "was it trained with another rank or base model?"
             )
     model.load_state_dict(state, strict=False)
-
-
-@dataclass
-class AdapterRun:
-    """A LoRA training run's recipe: adapters shaped by `config` on the frozen base model at
-    `base_path`, whose weights file had the SHA-256 `base_sha256` when the run started.
-    Checkpoints and the final adapter record the checksum; a changed base is refused on resume."""
-
-    config: LoRAConfig
-    base_path: str
-    base_sha256: str
-
-    @classmethod
-    def start(cls, config: LoRAConfig, base_path: str | Path) -> "AdapterRun":
-        return cls(config, str(Path(base_path).resolve()), file_sha256(base_model_file(base_path)))
-
-    def save(self, directory: Path, model: nn.Module, extra_files: Callable[[Path], None]) -> Path:
-        return save_adapter(directory, model, self.config, self.base_path, self.base_sha256, extra_files)
-
-
-def base_model_file(base_model_path: str | Path) -> Path:
-    """The model.safetensors that a base model path (final_model/, checkpoint or run directory) loads."""
-    weights_dir, _ = resolve_model_directory(base_model_path)
-    return weights_dir / "model.safetensors"
-
-
-def save_adapter(
-    directory: str | Path, model: nn.Module, config: LoRAConfig, base_model_path: str | Path, base_checksum: str,
-    extra_files: Callable[[Path], None] | None = None,
-) -> Path:
-    """Write adapter.safetensors and adapter_config.json atomically into `directory`.
-
-    The config records the base model's absolute path and the SHA-256 of its model.safetensors
-    (`file_sha256(base_model_file(path))`, computed once when training starts), so that loading
-    refuses a base that has changed since. `extra_files(temporary_directory)` may add files
-    to the same atomic write (a run's config.json and tokenizer.json, say).
-    """
-    record = {**asdict(config), "targets": list(config.targets),
-              "base_model": str(Path(base_model_path).resolve()), "base_model_sha256": base_checksum}
-
-    def fill(temporary: Path) -> None:
-        save_file({name: tensor.contiguous() for name, tensor in lora_state_dict(model).items()}, str(temporary / ADAPTER_WEIGHTS))
-        (temporary / ADAPTER_CONFIG).write_text(json.dumps(record, indent=2) + "\n")
-        if extra_files is not None:
-            extra_files(temporary)
-
-    return write_directory_atomically(directory, fill)
-
-
-def find_adapter(path: str | Path) -> Path | None:
-    """The adapter directory a user's path names (the directory itself or its final_model/), if any."""
-    for candidate in (Path(path), Path(path) / "final_model"):
-        if (candidate / ADAPTER_CONFIG).is_file():
-            return candidate
-    return None
-
-
-def read_adapter_config(directory: str | Path) -> tuple[LoRAConfig, Path, str]:
-    """(LoRAConfig, base model path, base checksum) from an adapter directory's adapter_config.json."""
-    path = Path(directory) / ADAPTER_CONFIG
-    try:
-        record = json.loads(path.read_text())
-        config = LoRAConfig(rank=record["rank"], alpha=record["alpha"], dropout=record["dropout"], targets=record["targets"])
-        return config, Path(record["base_model"]), record["base_model_sha256"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise UserInputError(f"{path} is unreadable ({error!r}); train the adapter again.") from None
-
-
-def load_adapter(directory: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, RunConfig]:
-    """The recorded base model with the adapter applied and loaded, its tokenizer, and the run
-    configuration: the adapter directory's config.json (the fine-tuning run's) if it has one,
-    else the base model's.
-
-    Refuses, in one sentence, when the base model's weights are not the ones the adapter was
-    trained on: an adapter is a correction to one exact set of weights.
-    """
-    directory = Path(directory)
-    lora_config, base_path, base_checksum = read_adapter_config(directory)
-    weights_file = base_model_file(base_path)
-    if file_sha256(weights_file) != base_checksum:
-        raise UserInputError(
-            f"The base model {weights_file} has changed since the adapter in {directory} was trained on it "
-            "(its SHA-256 differs); restore that base model or train the adapter again."
-        )
-    model, tokenizer, run_config = load_model_directory(base_path, device)
-    apply_lora(model, lora_config)
-    try:
-        state = load_file(str(directory / ADAPTER_WEIGHTS), device=str(device))
-    except (OSError, SafetensorError) as error:
-        raise UserInputError(f"{directory / ADAPTER_WEIGHTS} is unreadable ({error}); train the adapter again.") from None
-    load_lora_state_dict(model, state)
-    model.eval()
-    if (directory / "config.json").is_file():
-        run_config = load_config(str(directory / "config.json"))
-    return model, tokenizer, run_config
-
-
-def load_model_for_inference(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Tokenizer, RunConfig]:
-    """Any model a user names, ready to generate: a plain model directory, checkpoint or run
-    directory, or an adapter directory (base + adapter, merged so generation runs at full speed)."""
-    adapter = find_adapter(path)
-    if adapter is None:
-        return load_model_directory(path, device)
-    model, tokenizer, run_config = load_adapter(adapter, device)
-    return merge_lora(model).eval(), tokenizer, run_config

@@ -27,13 +27,14 @@ from minigpt.distributed import (
 )
 from minigpt.errors import UserInputError
 from minigpt.files import atomic_write_json, check_plain_name, lock_run_directory, remove_temporary_files, unlock_run_directory
-from minigpt.lora import AdapterRun, LoRAConfig, apply_lora, count_trainable, format_trainable, load_model_for_inference, parse_targets
+from minigpt.lora import LoRAConfig, apply_lora, count_trainable, format_trainable, parse_targets
 from minigpt.memory import (
     MemoryEstimate, choose_micro_batch, device_memory, dry_run_report, estimate_memory, probe_fits, process_memory, resize_stream,
     time_micro_step, time_optimizer_step,
 )
 from minigpt.metrics import truncate_metrics
 from minigpt.model import GPT
+from minigpt.model_folder import AdapterRun, load_language_model
 from minigpt.objective import Objective
 from minigpt.optim import build_optimizer
 from minigpt.runtime import (
@@ -79,7 +80,7 @@ ARCHITECTURE = ("vocab_size", "n_layer", "n_head", "kv_heads", "n_embd", "hidden
 
 def initial_model_config(path: str) -> ModelConfig:
     """The model settings of the model --init-from names: a run started from it takes its shape."""
-    return load_model_for_inference(path)[2].model
+    return load_language_model(path).config.model
 
 
 def check_initial_model(config: RunConfig, initial: ModelConfig) -> None:
@@ -308,11 +309,11 @@ def _prepare_run(config: RunConfig, show_progress: bool, callbacks: list[Callbac
     if not config.train.disable_optimizations and keep_freed_memory_for_reuse():
         log.info("Memory: freed blocks stay in this process for the next step (glibc malloc thresholds; "
                  "--disable-optimizations leaves the allocator alone).")
-    initial = load_model_for_inference(config.train.init_from) if config.train.init_from else None
+    initial = load_language_model(config.train.init_from) if config.train.init_from else None
     if paths.resume_from is not None:
         tokenizer = load_tokenizer(paths.run_dir / "tokenizer.json")
     elif initial is not None:
-        tokenizer = initial[1]
+        tokenizer = initial.tokenizer
     else:
         with main_process_first():  # rank 0 trains (and caches) the tokenizer, the others then load it
             tokenizer = obtain_tokenizer(config, sources, show_progress and is_main_process())
@@ -320,7 +321,7 @@ def _prepare_run(config: RunConfig, show_progress: bool, callbacks: list[Callbac
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size))
     validate(config, tokenizer.vocab_size)
     if initial is not None:
-        check_initial_model(config, initial[2].model)
+        check_initial_model(config, initial.config.model)
     elif paths.resume_from is None:
         stage.starting_from_scratch()
 
@@ -336,7 +337,7 @@ def _prepare_run(config: RunConfig, show_progress: bool, callbacks: list[Callbac
     model = stage.build_model(config).to(device)
     adapter = None
     if initial is not None:
-        stage.start_from(model, initial[0])
+        stage.start_from(model, initial.model)
         log.info("Starting from %s", config.train.init_from)
     if config.train.lora_rank:
         train = config.train
@@ -446,7 +447,7 @@ def plan_dry_run(config: RunConfig) -> DryRun:
     if train.resume:
         tokenizer = load_tokenizer(resolve_run_paths(config).run_dir / "tokenizer.json")
     elif train.init_from:
-        tokenizer = load_model_for_inference(train.init_from)[1]
+        tokenizer = load_language_model(train.init_from).tokenizer
     else:
         tokenizer = obtain_tokenizer(config, sources, show_progress=False)
     if not config.model.vocab_size:

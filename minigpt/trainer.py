@@ -35,7 +35,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm  # a widget in Jupyter, text in a terminal
 
 from minigpt.anomalies import PER_PROCESS_KINDS, diagnose
-from minigpt.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint, save_model_directory, write_model_files
+from minigpt.checkpoint import load_checkpoint, prune_checkpoints, save_checkpoint, write_model_files
 from minigpt.config import RunConfig
 from minigpt.distributed import (
     PER_PROCESS, agree_on_stop, all_reduce_sum, gather_to_main, gradient_sync, is_distributed, is_main_process, rank,
@@ -43,7 +43,7 @@ from minigpt.distributed import (
 )
 from minigpt.errors import RunFailure, UserInputError
 from minigpt.files import atomic_write_bytes, atomic_write_json, fault_point, unlock_run_directory
-from minigpt.lora import AdapterRun
+from minigpt.model_folder import AdapterRun, save_model_directory
 from minigpt.memory import PeakMemory, resize_stream, smallest_factor, split_batch
 from minigpt.metrics import MetricsWriter, evaluation_scalars, read_metrics
 from minigpt.model import GPT

@@ -9,14 +9,13 @@ import pytest
 import torch
 
 from conftest import REPO
-from minigpt.checkpoint import load_model_directory, save_model_directory
 from minigpt.chat import ChatSession
 from minigpt.cli import chat
-from minigpt.cli.chat import training_stage
 from minigpt.config import ModelConfig, RunConfig
 from minigpt.errors import UserInputError
 from minigpt.generation import SamplingConfig, generate
 from minigpt.model import GPT
+from minigpt.model_folder import load, save_model_directory
 from minigpt.tokenizer import load_tokenizer
 
 GREEDY = ["--temperature", "0", "--max-new-tokens", "6"]
@@ -41,7 +40,8 @@ def model_directory(tmp_path, tokenizer_file):
 def test_prompt_prints_only_the_reply_and_warns_about_an_untuned_model(model_directory, capsys):
     assert chat.main([str(model_directory), "--prompt", "Hello there", "--system", "Be brief.", *GREEDY]) == 0
     out, err = capsys.readouterr()
-    model, tokenizer, _ = load_model_directory(model_directory)
+    loaded = load(model_directory)
+    model, tokenizer = loaded.model, loaded.tokenizer
     turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
     sampling = SamplingConfig(max_new_tokens=6, temperature=0, stop_ids=(tokenizer.im_end_id, tokenizer.eos_id))
     assert out == tokenizer.decode(generate(model, tokenizer.chat_prompt(turns), sampling)) + "\n"
@@ -49,15 +49,17 @@ def test_prompt_prints_only_the_reply_and_warns_about_an_untuned_model(model_dir
 
 
 def test_training_stage_is_read_from_config_json(model_directory):
-    assert training_stage(model_directory) == "pretrain"
+    assert load(model_directory).stage == "pretrain"
     config = json.loads((model_directory / "config.json").read_text())
     config["train"]["stage"] = "sft"
     (model_directory / "config.json").write_text(json.dumps(config))
-    assert training_stage(model_directory) == "sft"
+    (model_directory / "manifest.json").unlink()  # edited by hand: its checksum no longer matches
+    assert load(model_directory).stage == "sft"
 
 
 def test_history_is_trimmed_oldest_first_keeping_the_system_prompt(model_directory, capsys):
-    model, tokenizer, _ = load_model_directory(model_directory)
+    loaded = load(model_directory)
+    model, tokenizer = loaded.model, loaded.tokenizer
     session = ChatSession(model, tokenizer, SamplingConfig(max_new_tokens=8, temperature=0), system="Be brief.")
     assert session.prompt_limit == 64 - 8
     for number in range(4):
@@ -91,7 +93,8 @@ def test_bad_flags_are_one_sentence(model_directory, tmp_path, capsys):
 
 
 def test_replies_are_kept_in_the_history_until_reset(model_directory, capsys):
-    model, tokenizer, _ = load_model_directory(model_directory)
+    loaded = load(model_directory)
+    model, tokenizer = loaded.model, loaded.tokenizer
     sampling = SamplingConfig(max_new_tokens=3, temperature=0)
     session = ChatSession(model, tokenizer, sampling)
     answer = session.reply("hi")

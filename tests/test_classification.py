@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import minigpt.trainer
-from minigpt.checkpoint import load_weights, save_model_directory
+from minigpt.checkpoint import load_weights
 from minigpt.classification import (
     ClassificationObjective, balanced_class_weights, confusion_matrix, parse_task_weights, scores_from_confusion, scores_table,
 )
@@ -17,7 +17,7 @@ from minigpt.cli import classify, train_classifier
 from minigpt.config import RunConfig, apply_overrides
 from minigpt.run import check_config
 from minigpt.errors import UserInputError
-from minigpt.heads import LM_ROWS_STEP, GPTClassifier, load_classifier
+from minigpt.heads import LM_ROWS_STEP, GPTClassifier
 from minigpt.labelled_corpus import GROUPS, builtin_labelled_records, group_of
 from minigpt.data import ROW_WIDTH_STEP
 from minigpt.labelled_data import (
@@ -25,6 +25,7 @@ from minigpt.labelled_data import (
 )
 from minigpt.loss import IGNORE_INDEX
 from minigpt.model import GPT
+from minigpt.model_folder import load_classifier, save_model_directory
 from minigpt.tokenizer import load_tokenizer
 
 SHORT_RUN = ["--block-size", "32", "--batch-size", "8", "--eval-steps", "10", "--save-steps", "10", "--log-steps", "5",
@@ -278,7 +279,7 @@ def test_multi_task_training_then_classify(tmp_path, capsys):
 
     assert classify.main([str(run / "final_model"), "--text", "awful sad"]) == 0
     assert "sentiment: " in capsys.readouterr().out
-    model, _, _ = load_classifier(run / "final_model")
+    model = load_classifier(run / "final_model").model
     assert set(model.heads) == {"sentiment", "size"}
 
 
@@ -321,7 +322,8 @@ def test_without_validation_data_the_last_weights_are_the_final_model(tmp_path, 
     printed = "".join(capsys.readouterr())
     assert "the last step's weights: there was no validation data" in printed and "Confusion matrices" not in printed
     assert not (run / "plots").exists() and not any('"eval"' in line for line in (run / "metrics.jsonl").read_text().splitlines())
-    final, _, config = load_classifier(run / "final_model")
+    loaded = load_classifier(run / "final_model")
+    final, config = loaded.model, loaded.config
     assert config.train.pooling == "max" and config.train.lm_loss_weight == 1.0
     last = GPTClassifier(config)
     load_weights(last, run / "checkpoint_step_10" / "model.safetensors")

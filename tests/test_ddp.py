@@ -26,7 +26,6 @@ from safetensors.torch import load_file
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from conftest import REPO, run_script
-from minigpt.checkpoint import save_model_directory
 from minigpt.config import apply_overrides, preset_config
 from minigpt.distributed import (
     PER_PROCESS, OtherRankLogFilter, agree_on_stop, compute_cleanup, compute_init, lost_another_process, wrap_model,
@@ -34,6 +33,7 @@ from minigpt.distributed import (
 from minigpt.files import FAULT_POINT_VARIABLE, FAULT_RAISE_VARIABLE, FAULT_RANK_VARIABLE, FAULT_SIGTERM_LAUNCHER
 from minigpt.labelled_data import ClassificationBatches, EncodedRecords
 from minigpt.model import GPT
+from minigpt.model_folder import LORA_ADAPTER_WEIGHTS, save_model_directory
 from minigpt.objective import LanguageModelObjective
 from minigpt.resources import ResourceGovernor
 from minigpt.tokenizer import load_tokenizer
@@ -339,7 +339,7 @@ def test_lora_on_two_processes_trains_the_adapters_of_one(workspace, tokenizer_f
     assert two.returncode == 0, two.stdout + two.stderr
     one = one_process(*lora_arguments("lora-one", "--gradient-accumulation-steps", "2"), cwd=workspace)
     assert one.returncode == 0, one.stderr
-    adapters = [load_file(str(workspace / "runs" / name / "final_model" / "adapter.safetensors")) for name in ("lora-one", "lora-two")]
+    adapters = [load_file(str(workspace / "runs" / name / "final_model" / LORA_ADAPTER_WEIGHTS)) for name in ("lora-one", "lora-two")]
     assert adapters[0] and all(".lora_A." in name or ".lora_B." in name for name in adapters[0])
     assert largest_difference(*adapters) < 1e-5
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import run_script
-from minigpt.checkpoint import load_model_directory, save_model_directory, write_model_files
+from minigpt.checkpoint import write_model_files
 from minigpt.cli.export import main as export_main
 from minigpt.config import ModelConfig, RunConfig
 from minigpt.errors import UserInputError
@@ -23,8 +23,9 @@ from minigpt.export import (
     tensor_table,
     unpermute_from_gguf,
 )
-from minigpt.lora import AdapterRun, LoRAConfig, apply_lora, load_adapter, lora_parameters, merge_lora
+from minigpt.lora import LoRAConfig, apply_lora, lora_parameters
 from minigpt.model import GPT, apply_rotary, rotary_tables
+from minigpt.model_folder import AdapterRun, load, save_model_directory
 from minigpt.tokenizer import load_tokenizer, train_char_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -260,7 +261,7 @@ def test_import_hf_llama_matches_transformers_and_round_trips(tokenizer, tokeniz
         assert (model(ids)[0] - hf_model(ids).logits).abs().max().item() < 1e-4
     assert imported_tokenizer.encode(TRICKY_TEXTS[2]) == tokenizer.encode(TRICKY_TEXTS[2])
     # generate.py and evaluate.py load such a folder directly too
-    assert torch.equal(load_model_directory(tmp_path / "hf")[0].token_embedding.weight, model.token_embedding.weight)
+    assert torch.equal(load(tmp_path / "hf").model.token_embedding.weight, model.token_embedding.weight)
 
     export_hf(model, imported_tokenizer, tmp_path / "again")
     original, again = load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
@@ -327,7 +328,8 @@ def test_script_reports_a_bad_model_path_in_one_line(tmp_path):
 def adapter_dir(model_dir, tokenizer, corpus_jsonl, tmp_path_factory):
     """A LoRA run's final_model/ on the trained base: rank 4 on every target, trained a few steps (B is not zero)."""
     torch.manual_seed(2)
-    model, _, run_config = load_model_directory(model_dir)
+    base = load(model_dir)
+    model, run_config = base.model, base.config
     apply_lora(model.train(), LoRAConfig(rank=4, alpha=12.0, targets=("q", "k", "v", "o", "gate", "up", "down")))
     train_briefly(model, torch.optim.AdamW(lora_parameters(model), lr=1e-2), tokenizer, corpus_jsonl, slice(20, 40), 15)
     run = AdapterRun.start(LoRAConfig(rank=4, alpha=12.0), model_dir)
@@ -336,7 +338,7 @@ def adapter_dir(model_dir, tokenizer, corpus_jsonl, tmp_path_factory):
 
 def adapter_logits(adapter_dir, ids) -> torch.Tensor:
     """MiniGPT's base + adapter (unmerged), float32."""
-    model, _, _ = load_adapter(adapter_dir)
+    model = load(adapter_dir, merge_adapter=False).model
     with torch.no_grad():
         return model(ids)[0]
 
@@ -385,7 +387,8 @@ def test_peft_export_records_a_checked_hf_base(adapter_dir, hf_dir, tokenizer, t
 
 def test_peft_export_of_a_lora_on_an_imported_hf_folder_records_that_folder(hf_dir, tokenizer, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # AutoPeftModel would otherwise ask the Hub for a tokenizer
-    model, _, run_config = load_model_directory(hf_dir)  # imported from Hugging Face
+    base = load(hf_dir)  # imported from Hugging Face
+    model, run_config = base.model, base.config
     apply_lora(model, LoRAConfig(rank=2, targets=("q", "v")))
     for parameter in lora_parameters(model):
         torch.nn.init.normal_(parameter, std=0.2)
@@ -410,7 +413,7 @@ def test_merge_exports_base_plus_adapter_as_one_model(adapter_dir, tokenizer, tm
         with torch.no_grad():
             assert (adapter_logits(adapter_dir, ids) - hf_model(ids).logits).abs().max().item() < 1e-4
     assert export_main([str(adapter_dir), "--format", "gguf", "--outtype", outtype, "--merge", "--output", str(gguf_output)]) == 0
-    merged = merge_lora(load_adapter(adapter_dir)[0])
+    merged = load(adapter_dir).model  # merged on load
     state, reader = merged.state_dict(), gguf.GGUFReader(gguf_output / GGUF_FILE_NAME)
     for name, (data, _) in gguf_tensors_as_minigpt(reader, merged.config).items():
         step = state[name].abs().max() / 127 if outtype == "q8_0" and state[name].dim() == 2 else 0
@@ -434,7 +437,7 @@ def test_adapter_export_refusals(adapter_dir, tmp_path, capsys, arguments, phras
     assert phrase in error and error.count("\n") == 1 and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(("arguments", "phrase"), [(["--format", "peft"], "holds no LoRA adapter"), (["--format", "hf", "--merge"], "drop --merge")])
+@pytest.mark.parametrize(("arguments", "phrase"), [(["--format", "peft"], "not a LoRA adapter"), (["--format", "hf", "--merge"], "drop --merge")])
 def test_a_whole_model_has_no_adapter_to_export_or_merge(model_dir, tmp_path, capsys, arguments, phrase):
     assert export_main([str(model_dir), *arguments, "--output", str(tmp_path / "out")]) == 2
     assert phrase in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -9,15 +9,14 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import chat_file, run_script
-from minigpt.checkpoint import load_model_directory, save_model_directory
 from minigpt.config import apply_overrides, preset_config
 from minigpt.data import TokenBlockStream
 from minigpt.errors import UserInputError
 from minigpt.generation import SamplingConfig, generate
-from minigpt.lora import load_model_for_inference
 from minigpt.metrics import read_metrics
 from minigpt.loss import IGNORE_INDEX
 from minigpt.model import GPT
+from minigpt.model_folder import LORA_ADAPTER_WEIGHTS, load, save_model_directory
 from minigpt.run import initial_model_config, prepare_run
 from minigpt.tokenizer import load_tokenizer
 from minigpt.trainer import Callback
@@ -108,7 +107,7 @@ def test_fine_tuning_resumes_exactly_after_a_stop(tmp_path, tokenizer_file, pret
     resumed = prepare_run(apply_overrides(config("stopped"), {"train.resume": str(stopped.run_dir / "checkpoint_step_10")}),
                           show_progress=False)
     resumed.train()
-    weights = "adapter.safetensors" if lora_rank else "model.safetensors"
+    weights = LORA_ADAPTER_WEIGHTS if lora_rank else "model.safetensors"
     expected = load_file(straight.run_dir / "final_model" / weights)
     actual = load_file(resumed.run_dir / "final_model" / weights)
     assert expected.keys() == actual.keys() and all(torch.equal(expected[name], actual[name]) for name in expected)
@@ -118,7 +117,8 @@ def test_fine_tuning_resumes_exactly_after_a_stop(tmp_path, tokenizer_file, pret
         backup = tmp_path / "base-backup"
         shutil.copytree(pretrained, backup)
         try:  # the base retrained (a valid model directory, other weights): the adapter no longer fits it
-            model, tokenizer, base_config = load_model_directory(pretrained)
+            base = load(pretrained)
+            model, tokenizer, base_config = base.model, base.tokenizer, base.config
             with torch.no_grad():
                 model.final_norm.weight.add_(1e-3)
             save_model_directory(pretrained, model, base_config, tokenizer)
@@ -153,8 +153,9 @@ def test_a_lora_run_trains_only_its_adapters_and_its_final_model_generates(tmp_p
     assert all(torch.equal(after[name], tensor) for name, tensor in before.items() if "lora_" not in name)
     assert all(not torch.equal(after[name], tensor) for name, tensor in before.items() if "lora_B" in name)
     final = trainer.run_dir / "final_model"
-    assert (final / "adapter.safetensors").is_file() and not (final / "model.safetensors").exists()
-    loaded, tokenizer, _ = load_model_for_inference(final)  # base + adapter, merged
+    assert (final / LORA_ADAPTER_WEIGHTS).is_file() and not (final / "model.safetensors").exists()
+    merged = load(final)  # base + adapter, merged
+    loaded, tokenizer = merged.model, merged.tokenizer
     prompt = tokenizer.chat_prompt([{"role": "user", "content": "What is 3 times two?"}])
     with torch.no_grad():
         torch.testing.assert_close(loaded(torch.tensor([prompt]))[0], trainer.model.eval()(torch.tensor([prompt]))[0], rtol=1e-4, atol=1e-5)
@@ -178,7 +179,7 @@ def test_sft_from_the_command_line_then_chat(tmp_path, pretrained):
     assert result.returncode == 0, result.stderr
     assert "trainable" in result.stdout and "Chat with it" in result.stdout
     final = tmp_path / "runs" / "chat" / "final_model"
-    assert (final / "adapter.safetensors").is_file() and not (final / "model.safetensors").exists()
+    assert (final / LORA_ADAPTER_WEIGHTS).is_file() and not (final / "model.safetensors").exists()
     assert json.loads((final / "config.json").read_text())["train"]["stage"] == "sft"
     reply = run_script("chat.py", str(final), "--prompt", "What does len do?", "--max-new-tokens", "8", "--seed", "0", cwd=tmp_path)
     assert reply.returncode == 0, reply.stderr

@@ -6,18 +6,19 @@ import pytest
 import torch
 import torch.nn as nn
 
-from minigpt.checkpoint import load_model_directory, save_model_directory
 from minigpt.cli import chat
 from minigpt.cli import merge_lora as merge_lora_cli
 from minigpt.config import ModelConfig, RunConfig
 from minigpt.errors import UserInputError
 from minigpt.files import file_sha256
 from minigpt.lora import (
-    ADAPTER_CONFIG, LoRAConfig, LoRALinear, apply_lora, base_model_file, count_trainable,
-    format_trainable, load_adapter, load_lora_state_dict, load_model_for_inference, lora_parameters,
-    lora_state_dict, merge_lora, parse_targets, save_adapter,
+    LoRAConfig, LoRALinear, apply_lora, count_trainable, format_trainable, load_lora_state_dict, lora_parameters,
+    lora_state_dict, merge_lora, parse_targets,
 )
 from minigpt.model import GPT
+from minigpt.model_folder import (
+    LORA_ADAPTER_CONFIG, LORA_ADAPTER_WEIGHTS, FolderKind, base_model_file, load, save_adapter, save_model_directory,
+)
 from minigpt.tokenizer import load_tokenizer
 
 CONFIG = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -128,34 +129,35 @@ def base_directory(tmp_path, tokenizer_file):
 
 def test_save_and_load_adapter_round_trip(tmp_path, base_directory):
     config = LoRAConfig(rank=4, alpha=8, targets=("q", "k", "v"))
-    model, _, _ = load_model_for_inference(base_directory)
+    model = load(base_directory).model
     apply_lora(model, config)
     with torch.no_grad():
         for parameter in lora_parameters(model):
             parameter.normal_(0, 0.1)
     checksum = file_sha256(base_model_file(base_directory))
     adapter = save_adapter(tmp_path / "adapter", model, config, base_directory, checksum)
-    assert sorted(path.name for path in adapter.iterdir()) == ["adapter.safetensors", ADAPTER_CONFIG]
-    record = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    assert sorted(path.name for path in adapter.iterdir()) == [LORA_ADAPTER_CONFIG, LORA_ADAPTER_WEIGHTS]
+    record = json.loads((adapter / LORA_ADAPTER_CONFIG).read_text())
     assert record["rank"] == 4 and record["targets"] == ["q", "k", "v"] and record["base_model_sha256"] == checksum
-    loaded, tokenizer, run_config = load_adapter(adapter)
-    batch = tokens() % tokenizer.vocab_size
+    loaded = load(adapter, merge_adapter=False)
+    assert loaded.kind is FolderKind.LORA_ADAPTER and loaded.adapter.base_sha256 == checksum
+    batch = tokens() % loaded.tokenizer.vocab_size
     with torch.no_grad():
-        torch.testing.assert_close(loaded(batch)[0], model(batch)[0])
-        merged, _, _ = load_model_for_inference(adapter)  # merged on load: a plain GPT, same logits
+        torch.testing.assert_close(loaded.model(batch)[0], model(batch)[0])
+        merged = load(adapter).model  # merged on load: a plain GPT, same logits
         torch.testing.assert_close(merged(batch)[0], model(batch)[0], atol=1e-5, rtol=0)
     assert not any(isinstance(module, LoRALinear) for module in merged.modules())
 
 
 def test_an_adapter_refuses_a_changed_base(tmp_path, base_directory):
     config = LoRAConfig(rank=2)
-    model, _, _ = load_model_for_inference(base_directory)
+    model = load(base_directory).model
     apply_lora(model, config)
     adapter = save_adapter(tmp_path / "adapter", model, config, base_directory, file_sha256(base_model_file(base_directory)))
     weights = base_model_file(base_directory)
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(UserInputError, match="has changed since the adapter"):
-        load_adapter(adapter)
+        load(adapter)
 
 
 def test_compiled_lora_model_matches_eager():
@@ -173,7 +175,8 @@ def test_linear_layers_that_are_not_targets_stay_plain():
 
 def test_merge_lora_script_writes_an_ordinary_model_with_the_adapters_logits(tmp_path, base_directory, capsys):
     config = LoRAConfig(rank=4, alpha=8)
-    model, tokenizer, run_config = load_model_for_inference(base_directory)
+    base = load(base_directory)
+    model, tokenizer, run_config = base.model, base.tokenizer, base.config
     apply_lora(model, config)
     with torch.no_grad():
         for parameter in lora_parameters(model):
@@ -186,11 +189,11 @@ def test_merge_lora_script_writes_an_ordinary_model_with_the_adapters_logits(tmp
     checksum = file_sha256(base_model_file(base_directory))
     adapter = save_adapter(tmp_path / "run" / "final_model", model, config, base_directory, checksum, run_files)
     assert merge_lora_cli.main([str(tmp_path / "run"), "--output", str(tmp_path / "merged")]) == 0
-    merged, _, _ = load_model_directory(tmp_path / "merged")
+    merged = load(tmp_path / "merged").model
     batch = tokens() % tokenizer.vocab_size
     with torch.no_grad():
         torch.testing.assert_close(merged(batch)[0], model(batch)[0], atol=1e-5, rtol=0)
     assert chat.main([str(tmp_path / "run"), "--prompt", "hi", "--max-new-tokens", "1"]) == 0  # the adapter, loaded transparently
     assert merge_lora_cli.main([str(base_directory), "--output", str(tmp_path / "other")]) == 2
     assert merge_lora_cli.main([str(adapter), "--output", str(adapter)]) == 2
-    assert "holds no adapter_config.json" in capsys.readouterr().err and not (tmp_path / "other").exists()
+    assert "not a LoRA adapter" in capsys.readouterr().err and not (tmp_path / "other").exists()

@@ -27,7 +27,7 @@ from minigpt.notebook import (
     STAGES, LivePlotCallback, NotebookSettings, analyze_data, config_from_settings, format_duration,
     in_notebook, plot_data, progress_line,
 )
-from minigpt.lora import load_model_for_inference
+from minigpt.model_folder import load
 from minigpt.objective import Monitor
 from minigpt.run import prepare_run
 from minigpt.tokenizer import load_tokenizer
@@ -231,7 +231,8 @@ def test_the_chat_box_is_the_terminal_chat_session_with_the_sliders_settings(bas
     pytest.importorskip("ipywidgets")
     from minigpt.notebook import ChatBox
 
-    model, tokenizer, _ = load_model_for_inference(base_model)
+    loaded = load(base_model)
+    model, tokenizer = loaded.model, loaded.tokenizer
     chat = ChatBox(model, tokenizer, system="Be brief.", max_new_tokens=8)
     chat.temperature.value = 0.0
     first = chat.ask("  Hello?  ")

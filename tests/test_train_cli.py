@@ -14,8 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import REPO, run_script
-from minigpt.checkpoint import load_model_directory
 from minigpt.generation import SamplingConfig, generate
+from minigpt.model_folder import load
 from minigpt.tokenizer import load_tokenizer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -71,7 +71,8 @@ def test_a_run_leaves_a_complete_run_directory(finished_run):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 30 and summary["stop_reason"] == "max_steps" and summary["tokens"] == 30 * 8 * 64
     assert "step 30 | loss" in result.stdout and "tok/s" in result.stdout
-    model, tokenizer, config = load_model_directory(run / "final_model")
+    loaded = load(run / "final_model")
+    model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config
     assert config.model.vocab_size == tokenizer.vocab_size
     text = tokenizer.decode(generate(model, [tokenizer.eos_id], SamplingConfig(max_new_tokens=10, seed=0)))
     assert isinstance(text, str) and len(text) > 0
@@ -150,7 +151,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_with_the_signal_status(tmp_path, c
     # A checkpoint is self-contained: copied anywhere, it loads alone (config and tokenizer inside).
     copy = tmp_path / "elsewhere" / "copied"
     shutil.copytree(checkpoint, copy)
-    model, tokenizer, config = load_model_directory(copy)
+    loaded = load(copy)
+    model, tokenizer, config = loaded.model, loaded.tokenizer, loaded.config
     assert config.model.vocab_size == tokenizer.vocab_size and model.num_parameters() > 0
     assert load_file_metadata(copy / "model.safetensors")["format"] == "pt"
 

@@ -10,16 +10,13 @@ With --prompt the command answers that one message, prints only the reply, and e
 
 from __future__ import annotations
 
-import json
 import sys
-from pathlib import Path
 
 from minigpt.chat import ChatSession, notice
-from minigpt.checkpoint import resolve_model_directory
 from minigpt.cli.common import ArgumentParser, add_shared_arguments, program_name, run_command
 from minigpt.cli.sampling import add_sampling_flags, sampling_from_arguments
 from minigpt.errors import UserInputError
-from minigpt.lora import find_adapter, load_model_for_inference
+from minigpt.model_folder import load_language_model
 from minigpt.runtime import select_device
 
 CHAT_STAGE = "sft"  # the stage a chat-tuned model's config.json records under "train"
@@ -35,19 +32,6 @@ def build_parser() -> ArgumentParser:
     add_sampling_flags(parser, max_new_tokens=256)
     add_shared_arguments(parser, "device")
     return parser
-
-
-def training_stage(path: str | Path) -> str:
-    """The stage ("pretrain", "sft", ...) recorded in the model's config.json; "pretrain" when none is.
-
-    For an adapter directory its own config.json is read (the fine-tuning run's), else the base's.
-    """
-    adapter = find_adapter(path)
-    if adapter is not None and (adapter / "config.json").is_file():
-        home = adapter
-    else:
-        _, home = resolve_model_directory(path)
-    return json.loads((home / "config.json").read_text()).get("train", {}).get("stage", "pretrain")
 
 
 def interactive(session: ChatSession) -> None:
@@ -80,12 +64,12 @@ def interactive(session: ChatSession) -> None:
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     sampling = sampling_from_arguments(arguments)
-    model, tokenizer, _ = load_model_for_inference(arguments.model, select_device(arguments.device))
-    stage = training_stage(arguments.model)
+    loaded = load_language_model(arguments.model, select_device(arguments.device))
+    stage = loaded.stage  # an adapter's is its fine-tuning run's
     if stage != CHAT_STAGE:
         notice(f"warning: this model's training stage is '{stage}', not '{CHAT_STAGE}': it was never chat-tuned, "
                "so expect rambling replies that may not stop.")
-    session = ChatSession(model, tokenizer, sampling, arguments.system)
+    session = ChatSession(loaded.model, loaded.tokenizer, sampling, arguments.system)
     if arguments.prompt is not None:
         session.reply(arguments.prompt)
     else:

@@ -11,9 +11,9 @@ from minigpt.classification import confusion_matrix, predict, scores_from_confus
 from minigpt.cli.common import ArgumentParser, add_shared_arguments, program_name, run_command
 from minigpt.errors import UserInputError
 from minigpt.files import atomic_write_bytes
-from minigpt.heads import load_classifier
 from minigpt.labelled_data import LabelledRecord, encode_records, read_labelled_records
 from minigpt.loss import IGNORE_INDEX
+from minigpt.model_folder import load_classifier
 from minigpt.runtime import select_device
 from minigpt.sources import resolve_data_files
 
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserInputError("--output writes the predictions of --data-files; give the records with --data-files.")
     if arguments.batch_size < 1:
         raise UserInputError(f"--batch-size must be positive, got {arguments.batch_size}.")
-    model, tokenizer, config = load_classifier(arguments.model, select_device(arguments.device))
-    label_maps = config.train.label_maps
+    loaded = load_classifier(arguments.model, select_device(arguments.device))
+    model, tokenizer, label_maps = loaded.model, loaded.tokenizer, loaded.config.train.label_maps
     if arguments.text:
         records = [LabelledRecord(text, {}, "--text") for text in arguments.text]
     else:

@@ -7,12 +7,12 @@ import math
 
 import torch
 
-from minigpt.checkpoint import load_model_directory
 from minigpt.cli.common import ArgumentParser, add_shared_arguments, program_name, run_command
 from minigpt.data import TokenBlockStream
 from minigpt.sources import resolve_data_files
 from minigpt.errors import UserInputError
 from minigpt.evaluation import evaluate
+from minigpt.model_folder import load_language_model
 from minigpt.runtime import select_device
 
 
@@ -30,7 +30,8 @@ def build_parser() -> ArgumentParser:
 @run_command
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
-    model, tokenizer, _ = load_model_directory(arguments.model, select_device(arguments.device))
+    loaded = load_language_model(arguments.model, select_device(arguments.device))
+    model, tokenizer = loaded.model, loaded.tokenizer
     block_size = arguments.block_size or model.config.block_size
     if not 1 <= block_size <= model.config.block_size:
         raise UserInputError(f"--block-size must be between 1 and the model's {model.config.block_size}, got {block_size}.")

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from minigpt.checkpoint import load_model_directory
 from minigpt.cli.common import ArgumentParser, add_shared_arguments, program_name, run_command
 from minigpt.errors import UserInputError
-from minigpt.export import GGUF_OUTTYPES, check_hf_export_of, export_gguf, export_hf, export_peft, is_hf_directory
-from minigpt.lora import find_adapter, load_adapter, load_model_for_inference, lora_state_dict, read_adapter_config
-from minigpt.tokenizer import Tokenizer
+from minigpt.export import GGUF_OUTTYPES, check_hf_export_of, export_gguf, export_hf, export_peft
+from minigpt.lora import lora_state_dict
+from minigpt.model_folder import AdapterRun, FolderKind, identify, is_hugging_face_folder, load, load_language_model
 
 
 def build_parser() -> ArgumentParser:
@@ -36,14 +35,17 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def recorded_base(hf_base: str | None, base_path: Path, tokenizer: Tokenizer) -> str | None:
+def recorded_base(hf_base: str | None, adapter: AdapterRun) -> str | None:
     """What the PEFT adapter records as base_model_name_or_path: --hf-base once it is checked to
     hold the adapter's base, else the base's own folder if transformers can load it, else None."""
     if hf_base:
-        check_hf_export_of(hf_base, load_model_directory(base_path)[0], tokenizer)
+        if not is_hugging_face_folder(hf_base):
+            raise UserInputError(f"{hf_base} is not a Hugging Face model folder; export the base model with --format hf and name that folder.")
+        exported, base = load(hf_base), load(adapter.base_path)
+        check_hf_export_of(hf_base, exported.model, exported.tokenizer, base.model, base.tokenizer)
         return str(Path(hf_base).resolve())  # absolute, like the MiniGPT base path the adapter records
-    if is_hf_directory(base_path):  # a LoRA on an imported Hugging Face model: that folder is the base
-        return str(base_path)
+    if identify(adapter.base_path).kind is FolderKind.HUGGING_FACE:  # a LoRA on an imported Hugging Face model: that folder is the base
+        return adapter.base_path
     return None
 
 
@@ -54,29 +56,28 @@ def main(argv: list[str] | None = None) -> int:
         raise UserInputError(f"--outtype sets GGUF weight types and a --format {arguments.format} export is float32, so drop --outtype or use --format gguf.")
     if arguments.format != "peft" and arguments.hf_base:
         raise UserInputError("--hf-base names the base of a PEFT adapter, so it needs --format peft; drop it for hf and gguf.")
-    adapter = find_adapter(arguments.model)
+    if arguments.format == "peft" and arguments.merge:
+        raise UserInputError("--format peft exports the adapter alone, unmerged; drop --merge, or use --merge with --format hf or gguf.")
+    # Unmerged for --format peft (the adapter's own matrices are exported); merged for hf and gguf.
+    loaded = load_language_model(arguments.model, merge_adapter=arguments.format != "peft")
+    is_adapter = loaded.kind is FolderKind.LORA_ADAPTER
     if arguments.format == "peft":
-        if adapter is None:
-            raise UserInputError(f"{arguments.model} holds no LoRA adapter, so there is nothing to export for PEFT; "
+        if not is_adapter:
+            raise UserInputError(f"{arguments.model} holds {loaded.kind.value}, not a LoRA adapter, so there is nothing to export for PEFT; "
                                  "give a LoRA run's final_model/, or export a whole model with --format hf or gguf.")
-        if arguments.merge:
-            raise UserInputError("--format peft exports the adapter alone, unmerged; drop --merge, or use --merge with --format hf or gguf.")
-        model, tokenizer, _ = load_adapter(adapter)
-        lora_config, base_path, _ = read_adapter_config(adapter)
-        base_name = recorded_base(arguments.hf_base, base_path, tokenizer)
-        path = export_peft(lora_state_dict(model), model.config, lora_config.alpha, lora_config.dropout, arguments.output,
-                           base_model_name_or_path=base_name, force=arguments.force)
+        lora = loaded.adapter.config
+        path = export_peft(lora_state_dict(loaded.model), loaded.model.config, lora.alpha, lora.dropout, arguments.output,
+                           base_model_name_or_path=recorded_base(arguments.hf_base, loaded.adapter), force=arguments.force)
         print(f"Wrote {path}")
         return 0
-    if adapter is not None and not arguments.merge:
-        raise UserInputError(f"{adapter} is a LoRA adapter, not a whole model: pass --merge to export it merged into its base, "
+    if is_adapter and not arguments.merge:
+        raise UserInputError(f"{loaded.source} is a LoRA adapter, not a whole model: pass --merge to export it merged into its base, "
                              "or use --format peft to export the adapter alone.")
-    if adapter is None and arguments.merge:
+    if not is_adapter and arguments.merge:
         raise UserInputError(f"--merge folds a LoRA adapter into its base model, but {arguments.model} holds no adapter; drop --merge.")
-    model, tokenizer, _ = load_model_for_inference(arguments.model)  # an adapter comes back merged
     if arguments.format == "hf":
-        path = export_hf(model, tokenizer, arguments.output, force=arguments.force)
+        path = export_hf(loaded.model, loaded.tokenizer, arguments.output, force=arguments.force)
     else:
-        path = export_gguf(model, tokenizer, arguments.output, arguments.outtype or "f16", force=arguments.force)
+        path = export_gguf(loaded.model, loaded.tokenizer, arguments.output, arguments.outtype or "f16", force=arguments.force)
     print(f"Wrote {path}")
     return 0

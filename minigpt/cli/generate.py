@@ -8,12 +8,12 @@ from minigpt.cli.common import ArgumentParser, add_shared_arguments, program_nam
 from minigpt.cli.sampling import add_sampling_flags, sampling_from_arguments
 from minigpt.errors import UserInputError
 from minigpt.generation import print_streamed, stream_tokens
-from minigpt.lora import load_model_for_inference
+from minigpt.model_folder import load_language_model
 from minigpt.runtime import select_device
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog=program_name("generate"), description="Generate text from a final_model/, checkpoint or run directory.")
+    parser = ArgumentParser(prog=program_name("generate"), description="Generate text from a language model: a final_model/, checkpoint, run directory or Hugging Face folder.")
     add_shared_arguments(parser, "model")
     parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for several prompts; none = start of a document)")
     add_sampling_flags(parser)
@@ -26,7 +26,8 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     sampling = sampling_from_arguments(arguments)
-    model, tokenizer, _ = load_model_for_inference(arguments.model, select_device(arguments.device))
+    loaded = load_language_model(arguments.model, select_device(arguments.device))
+    model, tokenizer = loaded.model, loaded.tokenizer
     for prompt in arguments.prompt or [""]:
         if arguments.chat:
             prompt_ids = tokenizer.chat_prompt([{"role": "user", "content": prompt}])

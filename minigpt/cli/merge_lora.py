@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from minigpt.checkpoint import save_model_directory
 from minigpt.cli.common import ArgumentParser, program_name, run_command
 from minigpt.errors import UserInputError
-from minigpt.lora import find_adapter, load_adapter, merge_lora
+from minigpt.model_folder import FolderKind, identify, load, save_model_directory
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=program_name("merge-lora"), description="Merge a LoRA adapter into its base model.")
-    parser.add_argument("adapter", help="an adapter directory (holding adapter_config.json), e.g. RUN/final_model")
+    parser.add_argument("adapter", help="a LoRA run's final_model/ (holding lora_adapter.json) or its run directory")
     parser.add_argument("--output", required=True, help="the merged model directory to write (replaced if it exists)")
     return parser
 
@@ -25,12 +24,13 @@ def build_parser() -> ArgumentParser:
 @run_command
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
-    adapter = find_adapter(arguments.adapter)
-    if adapter is None:
-        raise UserInputError(f"{arguments.adapter} holds no adapter_config.json; give the final_model/ of a LoRA run.")
-    if Path(arguments.output).resolve() == adapter.resolve():
+    folder = identify(arguments.adapter)
+    if folder.kind is not FolderKind.LORA_ADAPTER:
+        raise UserInputError(f"{arguments.adapter} holds {folder.kind.value}, not a LoRA adapter, so there is nothing to merge; "
+                             "give the final_model/ of a LoRA run.")
+    if Path(arguments.output).resolve() == folder.path.resolve():
         raise UserInputError("--output must differ from the adapter directory, which would be overwritten.")
-    model, tokenizer, run_config = load_adapter(adapter)
-    merged = save_model_directory(arguments.output, merge_lora(model), run_config, tokenizer)
-    print(f"Merged {adapter} into {merged}.")
+    loaded = load(folder.path)  # the adapter on its base, merged
+    merged = save_model_directory(arguments.output, loaded.model, loaded.config, loaded.tokenizer)
+    print(f"Merged {folder.path} into {merged}.")
     return 0

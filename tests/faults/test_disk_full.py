@@ -18,7 +18,9 @@ import torch
 
 from helpers import assert_one_sentence, small_model, tiny_arguments
 from minigpt import checkpoint as checkpoint_module
-from minigpt.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_model_directory
+from minigpt import model_folder
+from minigpt.model_folder import save_model_directory
+from minigpt.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from minigpt.cli.train import main as train_main
 from minigpt.config import load_config
 from minigpt.files import DiskFullError, LOCK_NAME, TEMPORARY_PREFIX, atomic_write_bytes, verify_manifest
@@ -121,7 +123,7 @@ def test_a_really_full_disk_during_a_checkpoint(one_megabyte_disk):
 def test_a_full_disk_while_writing_final_model_keeps_the_old_one(tmp_path, monkeypatch, tokenizer_file):
     tokenizer, config = load_tokenizer(tokenizer_file), load_config("tiny")
     save_model_directory(tmp_path / "final_model", small_model(), config, tokenizer)
-    monkeypatch.setattr(checkpoint_module, "save_model", fill_the_disk)
+    monkeypatch.setattr(model_folder, "save_model", fill_the_disk)
     with pytest.raises(DiskFullError, match="final_model"):
         save_model_directory(tmp_path / "final_model", small_model(1), config, tokenizer)
     assert [entry.name for entry in tmp_path.iterdir()] == ["final_model"]

@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from conftest import REPO, chat_file
 from helpers import assert_one_sentence, tiny_arguments
-from minigpt.checkpoint import latest_checkpoint, list_checkpoints, save_model_directory
+from minigpt.checkpoint import latest_checkpoint, list_checkpoints
+from minigpt.model_folder import LORA_ADAPTER_WEIGHTS, save_model_directory
 from minigpt.cli.train import main as train_main
 from minigpt.config import apply_overrides, preset_config
 from minigpt.files import FAULT_POINT_VARIABLE, LOCK_NAME, TEMPORARY_PREFIX, verify_manifest
@@ -59,7 +60,7 @@ def test_a_kill_before_the_rename_loses_nothing(tmp_path, corpus_jsonl, tokenize
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
     """What a run trained, from its final_model/: the whole model, or a LoRA run's adapters."""
-    adapter = run / "final_model" / "adapter.safetensors"
+    adapter = run / "final_model" / LORA_ADAPTER_WEIGHTS
     return load_file(adapter if adapter.is_file() else run / "final_model" / "model.safetensors")
 
 

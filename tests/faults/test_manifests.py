@@ -7,12 +7,13 @@ import pytest
 
 from helpers import assert_one_sentence, small_model
 from minigpt.checkpoint import (
-    latest_intact_checkpoint, load_checkpoint, load_model_directory, prune_checkpoints, save_checkpoint, save_model_directory,
+    latest_intact_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint,
 )
 from minigpt.config import load_config
 from minigpt.errors import UserInputError
 from minigpt.files import verify_manifest
 from minigpt.model import GPT
+from minigpt.model_folder import load, save_model_directory
 from minigpt.tokenizer import load_tokenizer
 
 
@@ -67,14 +68,14 @@ def test_a_garbled_manifest_is_one_sentence(tmp_path):
     assert_one_sentence(str(error.value), "manifest.json is damaged")
 
 
-def test_final_model_is_verified_by_load_model_directory(tmp_path, tokenizer_file):
+def test_final_model_is_verified_when_loaded(tmp_path, tokenizer_file):
     tokenizer = load_tokenizer(tokenizer_file)
     config = load_config("tiny")
     config.model.vocab_size = tokenizer.vocab_size
     directory = save_model_directory(tmp_path / "final_model", GPT(config.model), config, tokenizer)
     assert sorted(json.loads((directory / "manifest.json").read_text())["files"]) == ["config.json", "model.safetensors", "tokenizer.json"]
-    load_model_directory(directory)  # intact: loads
+    load(directory)  # intact: loads
     flip_one_bit(directory / "model.safetensors")
     with pytest.raises(UserInputError) as error:
-        load_model_directory(directory)
+        load(directory)
     assert_one_sentence(str(error.value), "final_model/model.safetensors is damaged", "SHA-256")
