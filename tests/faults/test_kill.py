@@ -27,7 +27,7 @@ from minigpt.cli.train import main as train_main
 from minigpt.config import apply_overrides, preset_config
 from minigpt.files import FAULT_POINT_VARIABLE, LOCK_NAME, TEMPORARY_PREFIX, verify_manifest
 from minigpt.model import GPT
-from minigpt.run import dataloader_workers
+from minigpt.stages.pretrain import dataloader_workers
 from minigpt.runtime import select_device
 from minigpt.tokenizer import load_tokenizer
 
