@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     if stage != CHAT_STAGE:
         notice(f"warning: this model's training stage is '{stage}', not '{CHAT_STAGE}': it was never chat-tuned, "
                "so expect rambling replies that may not stop.")
-    session = ChatSession(model, tokenizer, sampling, arguments.system)
+    session = ChatSession(model, tokenizer, sampling, arguments.system, arguments.stop, arguments.kv_cache)
     if arguments.prompt is not None:
         session.reply(arguments.prompt)
     else:
