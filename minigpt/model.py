@@ -77,7 +77,8 @@ class KVCache:
     many positions of that row are filled. A forward pass writes row r's new tokens at positions
     lengths[r], lengths[r] + 1, ... (their rotary angles too, see GPT.hidden_states), and a query
     at position p sees that row's keys 0..p only: the slots past a row's end (unwritten, or a
-    padding token's) never leak into it. The cache is sized by `capacity`, the most positions a
+    padding token's) never leak into it. The lengths are kept on the host too, so the sizes of a
+    step are known without waiting for the device. The cache is sized by `capacity`, the most positions a
     row will need (prompt + new tokens), not by the model's window: a 32k-token window would
     otherwise cost 32k slots per row and layer for a 200-token reply.
     """
@@ -90,8 +91,11 @@ class KVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # positions filled, per row
         self.host_lengths = [0] * batch_size  # the same numbers on the host: checked without waiting for the device
-        self.positions: torch.Tensor | None = None  # (batch, time): where the forward pass under way writes
-        self.key_mask: torch.Tensor | None = None  # (batch, 1, time, capacity): which keys each of its queries sees
+        # Set by `begin` for the forward pass under way: where it writes (batch, time), how many slots
+        # attention reads, and the mask over them (batch, 1, time, visible): True where a query sees a key.
+        self.positions: torch.Tensor | None = None
+        self.visible = 0
+        self.key_mask: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -108,23 +112,30 @@ class KVCache:
 
     def begin(self, time: int) -> torch.Tensor:
         """Prepare a forward pass of `time` new tokens per row; return their positions (batch, time)."""
-        if max(self.host_lengths, default=0) + time > self.capacity:
+        longest = max(self.host_lengths, default=0) + time
+        if longest > self.capacity:
             raise ValueError(f"The KV cache holds {self.capacity} positions per row; {time} more do not fit.")
         device = self.lengths.device
         self.positions = self.lengths[:, None] + torch.arange(time, device=device)
-        # Key slot j is visible to a query at position p when j <= p: causal, and per row.
-        slots = torch.arange(self.capacity, device=device)
-        self.key_mask = (slots <= self.positions[:, :, None]).unsqueeze(1)
+        # Attention reads the slots up to the longest row's end, not the whole capacity. Key slot
+        # j is visible to a query at position p when j <= p: causal, and per row. A single row
+        # adding a single token sees every slot read, so it needs no mask (the fastest attention).
+        self.visible = longest
+        if self.batch_size == 1 and time == 1:
+            self.key_mask = None
+        else:
+            slots = torch.arange(longest, device=device)
+            self.key_mask = (slots <= self.positions[:, :, None]).unsqueeze(1)  # (batch, 1, time, longest)
         return self.positions
 
     def store(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys/values (batch, kv_heads, time, head_dim) of `layer` at each row's
-        positions; return the whole cache of that layer (batch, kv_heads, capacity, head_dim)."""
+        positions; return the layer's keys and values up to the longest row's end."""
         rows = torch.arange(self.batch_size, device=key.device)[:, None]
         # Indexing [rows, :, positions] addresses (batch, time, kv_heads, head_dim) elements.
         self.keys[layer][rows, :, self.positions] = key.transpose(1, 2).to(self.keys[layer].dtype)
         self.values[layer][rows, :, self.positions] = value.transpose(1, 2).to(self.values[layer].dtype)
-        return self.keys[layer], self.values[layer]
+        return self.keys[layer][:, :, : self.visible], self.values[layer][:, :, : self.visible]
 
     def end(self, time: int) -> None:
         """The forward pass is done: every row is `time` positions longer."""
