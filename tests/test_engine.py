@@ -212,3 +212,28 @@ def test_stream_text_yields_requests_in_order_and_applies_stop_strings(model, by
     stopped = list(stream_text(engine, byte_tokenizer, requests[1:], stop_strings=[stop]))
     assert "".join(p.text for p in stopped) == expected[1][: expected[1].index(stop)] and stopped[-1].finish == "stop"
     assert not engine.has_work  # the row was cancelled at the stop string
+
+
+def test_generate_command_decodes_several_prompts_together_and_prints_them_in_order(tmp_path, tokenizer_file, capsys):
+    from minigpt.checkpoint import save_model_directory
+    from minigpt.cli import generate as generate_command
+    from minigpt.config import RunConfig
+    from minigpt.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_file)
+    config = RunConfig(model=ModelConfig(vocab_size=tokenizer.vocab_size, block_size=64, n_layer=1, n_head=2, n_embd=32))
+    torch.manual_seed(0)
+    directory = save_model_directory(tmp_path / "final_model", GPT(config.model).eval(), config, tokenizer)
+    flags = [str(directory), "--max-new-tokens", "8", "--seed", "3"]
+
+    def printed(*arguments: str) -> str:
+        assert generate_command.main([*flags, *arguments]) == 0
+        return capsys.readouterr().out
+
+    together = printed("--prompt", "The", "--prompt", "def f")
+    assert together == printed("--prompt", "The") + printed("--prompt", "def f")  # batched = one after another
+    assert together == printed("--prompt", "The", "--prompt", "def f", "--no-kv-cache")
+    first = together.splitlines()[0][len("The"):]
+    stop = first.strip()[:2]
+    if stop:  # the text ends before a --stop string
+        assert printed("--prompt", "The", "--stop", stop) == "The" + first[: first.index(stop)] + "\n"
