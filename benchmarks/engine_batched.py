@@ -1,7 +1,7 @@
 """Batched decoding: eight sequences decoded together by the engine vs one after another.
 
     python benchmarks/engine_batched.py [--presets small medium] [--rows 8] [--prompt-tokens 64]
-                                        [--new-tokens 128] [--dtypes float32 bfloat16] [--json out.json]
+                                        [--new-tokens 128] [--dtypes float32 bfloat16] [--threads N] [--json out.json]
 
 A decoding step on one sequence multiplies a single row of activations by every weight matrix:
 the time goes into reading the weights, not into arithmetic. Eight rows in one step read the
@@ -12,6 +12,9 @@ shape: once as one batch on one Engine, once as --rows single-row runs one after
 two are alternated --repeats times and the median of each is quoted; both produce the same
 tokens (checked). bfloat16 runs under CPU autocast (weights stay float32), as training does, and
 only where torch reports AVX512-BF16 or AMX on this CPU.
+
+On a machine shared with other busy processes, PyTorch's threads wait for each other a lot on
+these small per-step operations, and the figures swing widely; --threads 1 steadies them.
 """
 
 from __future__ import annotations
@@ -74,9 +77,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--json", help="also write the figures to this file")
     arguments = parser.parse_args()
 
+    if arguments.threads:
+        torch.set_num_threads(arguments.threads)
     dtypes = [name for name in arguments.dtypes if name == "float32" or cpu_has_bfloat16_instructions()]
     print(f"CPU: {cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
           + ("" if dtypes == arguments.dtypes else " (no AVX512-BF16/AMX: bfloat16 skipped)"))

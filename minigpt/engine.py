@@ -37,7 +37,6 @@ measured and checked against (`--no-kv-cache`, tutorial 7, benchmarks/generate_t
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Literal, Sequence
 
@@ -189,18 +188,6 @@ def draw(probabilities: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cumulative, points).squeeze(-1).clamp(max=probabilities.size(-1) - 1)
 
 
-@contextlib.contextmanager
-def _inference(model: torch.nn.Module) -> Iterator[None]:
-    """Evaluation mode (no dropout) and no gradients, restoring the mode the model was in."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
 class Engine:
     """Decodes a changing batch of rows with one model: `add`, `cancel`, `step`, or `generate`.
 
@@ -213,6 +200,7 @@ class Engine:
         self.use_kv_cache = use_kv_cache
         self.device = next(model.parameters()).device
         self.pending: list[_Row] = []  # added, prefilled at the next step
+        self._mode_to_restore: bool | None = None  # the model's training flag, while the engine holds it in eval mode
         self.rows: list[_Row] = []  # decoding, in the order of the batch tensors below
         self._next_id = 0
         self._clear_batch()
@@ -246,15 +234,15 @@ class Engine:
 
     def cancel(self, row_id: int) -> bool:
         """Stop decoding a row now (it yields no more events); False if it was not running."""
-        for index, row in enumerate(self.pending):
-            if row.id == row_id:
-                del self.pending[index]
-                return True
-        for index, row in enumerate(self.rows):
-            if row.id == row_id:
-                self._keep([i for i in range(len(self.rows)) if i != index])
-                return True
-        return False
+        waiting = [row for row in self.pending if row.id != row_id]
+        kept = [index for index, row in enumerate(self.rows) if row.id != row_id]
+        found = len(waiting) < len(self.pending) or len(kept) < len(self.rows)
+        self.pending = waiting
+        if len(kept) < len(self.rows):
+            self._keep(kept)
+        if not self.has_work:
+            self._restore_mode()
+        return found
 
     @property
     def has_work(self) -> bool:
@@ -267,16 +255,33 @@ class Engine:
         """Produce one token for every row (prefilling new ones first); return one event per row."""
         if not self.has_work:
             return []
-        with _inference(self.model):
-            if self.use_kv_cache:
-                logits = [self._decode_with_cache()] if self.rows else []
-                if self.pending:
-                    logits.append(self._prefill_pending())
-                logits = torch.cat(logits)
-            else:
-                self._join_pending()
-                logits = self._recompute()
-            return self._sample_and_finish(logits)
+        # Evaluation mode (no dropout) from the first step until the batch empties, then the mode
+        # the model had is restored: switching every module back and forth at each step costs time.
+        if self._mode_to_restore is None:
+            self._mode_to_restore = self.model.training
+            self.model.eval()
+        try:
+            with torch.no_grad():
+                if self.use_kv_cache:
+                    logits = [self._decode_with_cache()] if self.rows else []
+                    if self.pending:
+                        logits.append(self._prefill_pending())
+                    logits = torch.cat(logits)
+                else:
+                    self._join_pending()
+                    logits = self._recompute()
+                events = self._sample_and_finish(logits)
+        except BaseException:
+            self._restore_mode()
+            raise
+        if not self.has_work:
+            self._restore_mode()
+        return events
+
+    def _restore_mode(self) -> None:
+        if self._mode_to_restore is not None:
+            self.model.train(self._mode_to_restore)
+            self._mode_to_restore = None
 
     def _decode_with_cache(self) -> torch.Tensor:
         """Logits (rows, vocab) after feeding each decoding row's newest token at its own position."""
