@@ -153,7 +153,7 @@ class KVCache:
         self.values = [values.index_select(0, index)[:, :, :capacity] for values in self.values]
         self.set_lengths([self.host_lengths[row] for row in rows])
 
-    def extend(self, other: "KVCache") -> None:
+    def extend(self, other: KVCache) -> None:
         """Append the rows of `other` after this cache's rows; the wider capacity of the two is kept."""
         capacity = max(self.capacity, other.capacity)
 

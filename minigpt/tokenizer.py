@@ -121,7 +121,7 @@ class Tokenizer:
         """
         return (self.im_end_id, self.eos_id) if chat else (self.eos_id,)
 
-    def incremental_decoder(self, stop_strings: Sequence[str] = ()) -> "IncrementalDecoder":
+    def incremental_decoder(self, stop_strings: Sequence[str] = ()) -> IncrementalDecoder:
         """A decoder that turns ids given one at a time into text pieces, for streaming output."""
         return IncrementalDecoder(self, stop_strings)
 
