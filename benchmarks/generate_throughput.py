@@ -28,9 +28,9 @@ from minigpt.model import GPT  # noqa: E402
 
 
 def tokens_per_second(model: GPT, new_tokens: int, use_kv_cache: bool) -> float:
-    sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0, use_kv_cache=use_kv_cache)
+    sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0)
     start = time.perf_counter()
-    produced = generate(model, [0], sampling)
+    produced = generate(model, [0], sampling, use_kv_cache=use_kv_cache)
     return len(produced) / (time.perf_counter() - start)
 
 

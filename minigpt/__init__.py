@@ -22,7 +22,8 @@ PUBLIC_API = {  # name -> the module that defines it
     "prepare_run": "minigpt.run", "Trainer": "minigpt.trainer", "Callback": "minigpt.trainer",
     "LanguageModelObjective": "minigpt.objective",
     "load_tokenizer": "minigpt.tokenizer",
-    "generate": "minigpt.generation", "SamplingConfig": "minigpt.generation", "evaluate": "minigpt.evaluation",
+    "generate": "minigpt.generation", "evaluate": "minigpt.evaluation",
+    "Engine": "minigpt.engine", "Request": "minigpt.engine", "SamplingConfig": "minigpt.engine",
     "ChatSession": "minigpt.chat",
 }
 __all__ = ["__version__", *PUBLIC_API]

@@ -8,15 +8,19 @@ block_size tokens, so when the conversation grows past that the oldest exchanges
 
 `minigpt chat` (minigpt/cli/chat.py) wraps a session in a terminal loop; the notebook's ChatBox
 (minigpt/notebook.py) wraps one in widgets. Both stream the reply to stdout as it is sampled.
+The decoding itself is the engine's (minigpt/engine.py, through minigpt.generation.stream_text);
+the session only decides what to ask it and prints what comes back.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+from typing import Sequence
 
+from minigpt.engine import Engine, Request
 from minigpt.errors import UserInputError
-from minigpt.generation import SamplingConfig, print_streamed, stream_tokens
+from minigpt.generation import SamplingConfig, stream_text
 from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer
 
@@ -30,12 +34,15 @@ class ChatSession:
     """A conversation with a model: the history, and how it is cut down to fit the model's window.
 
     `sampling` may be replaced between replies (the notebook's sliders do); the caller's object is
-    never changed: the stop tokens are added to a copy at each reply.
+    never changed: the chat stop ids (`Tokenizer.stop_ids(chat=True)`) are added to a copy at
+    each reply. `stop_strings` end a reply before any of them, as a stop id would.
     """
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, sampling: SamplingConfig, system: str = ""):
+    def __init__(self, model: GPT, tokenizer: Tokenizer, sampling: SamplingConfig, system: str = "",
+                 stop_strings: Sequence[str] = (), use_kv_cache: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.sampling = sampling
+        self.stop_strings, self.use_kv_cache = tuple(stop_strings), use_kv_cache
         self.system_turns = [{"role": "system", "content": system}] if system else []
         self.history: list[dict] = []  # user and assistant turns, oldest first
 
@@ -70,7 +77,15 @@ class ChatSession:
     def reply(self, message: str) -> str:
         """Stream the model's answer to `message` to stdout and add both to the history."""
         ids = self.prompt_ids(message)
-        sampling = dataclasses.replace(self.sampling, stop_ids=(self.tokenizer.im_end_id, self.tokenizer.eos_id))
-        answer = print_streamed(self.tokenizer, stream_tokens(self.model, ids, sampling))
+        sampling = dataclasses.replace(self.sampling, stop_ids=self.tokenizer.stop_ids(chat=True))
+        # A fresh engine per reply: one interrupted by Ctrl-C leaves nothing half-done behind.
+        engine = Engine(self.model, self.use_kv_cache)
+        answer = ""
+        for piece in stream_text(engine, self.tokenizer, [Request(ids, sampling)], self.stop_strings):
+            sys.stdout.write(piece.text)
+            sys.stdout.flush()
+            answer += piece.text
+        sys.stdout.write("\n")
+        sys.stdout.flush()
         self.history += [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]
         return answer

@@ -56,6 +56,9 @@ def rotary_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tenso
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each (x[i], x[i + d/2]) channel pair of x (batch, heads, time, d) by its position's angle.
 
+    cos and sin are (time, d) when every row sits at positions 0..time-1 (training), or
+    (batch, 1, time, d) when each row has positions of its own (decoding with a KV cache).
+
     Because q and k are both rotated, their dot product depends only on the distance between
     two positions, which is exactly what attention needs to know.
     """
@@ -68,22 +71,98 @@ class KVCache:
     """Keys and values of past positions, one pair of tensors per layer, for fast generation.
 
     Without a cache every new token recomputes attention inputs for the whole prefix; with it,
-    each step computes keys and values for the new token only and appends them here.
+    each step computes keys and values for the new tokens only and stores them here.
+
+    The cache holds a batch of rows, and each row is at its own position: `lengths[row]` says how
+    many positions of that row are filled. A forward pass writes row r's new tokens at positions
+    lengths[r], lengths[r] + 1, ... (their rotary angles too, see GPT.hidden_states), and a query
+    at position p sees that row's keys 0..p only: the slots past a row's end (unwritten, or a
+    padding token's) never leak into it. The lengths are kept on the host too, so the sizes of a
+    step are known without waiting for the device. The cache is sized by `capacity`, the most positions a
+    row will need (prompt + new tokens), not by the model's window: a 32k-token window would
+    otherwise cost 32k slots per row and layer for a 200-token reply.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
-        shape = (batch_size, config.kv_heads, config.block_size, config.head_dim)
+    def __init__(self, config: ModelConfig, batch_size: int, capacity: int, device: torch.device, dtype: torch.dtype):
+        if not 0 < capacity <= config.block_size:
+            raise ValueError(f"A KV cache holds 1 to block_size ({config.block_size}) positions per row, not {capacity}.")
+        shape = (batch_size, config.kv_heads, capacity, config.head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.length = 0  # positions filled so far
-        self.capacity = config.block_size
+        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # positions filled, per row
+        self.host_lengths = [0] * batch_size  # the same numbers on the host: checked without waiting for the device
+        # Set by `begin` for the forward pass under way: where it writes (batch, time), how many slots
+        # attention reads, and the mask over them (batch, 1, time, visible): True where a query sees a key.
+        self.positions: torch.Tensor | None = None
+        self.visible = 0
+        self.key_mask: torch.Tensor | None = None
 
-    def append(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new keys/values of `layer` after the cached ones; return all of them."""
-        end = self.length + key.size(2)
-        self.keys[layer][:, :, self.length : end] = key
-        self.values[layer][:, :, self.length : end] = value
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+    @property
+    def batch_size(self) -> int:
+        return self.lengths.size(0)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].size(2)
+
+    def set_lengths(self, lengths: list[int]) -> None:
+        """Say how many positions of each row hold real tokens (after a right-padded prefill, say)."""
+        self.host_lengths = list(lengths)
+        self.lengths = torch.tensor(lengths, dtype=torch.long, device=self.lengths.device)
+
+    def begin(self, time: int) -> torch.Tensor:
+        """Prepare a forward pass of `time` new tokens per row; return their positions (batch, time)."""
+        longest = max(self.host_lengths, default=0) + time
+        if longest > self.capacity:
+            raise ValueError(f"The KV cache holds {self.capacity} positions per row; {time} more do not fit.")
+        device = self.lengths.device
+        self.positions = self.lengths[:, None] + torch.arange(time, device=device)
+        # Attention reads the slots up to the longest row's end, not the whole capacity. Key slot
+        # j is visible to a query at position p when j <= p: causal, and per row. A single row
+        # adding a single token sees every slot read, so it needs no mask (the fastest attention).
+        self.visible = longest
+        if self.batch_size == 1 and time == 1:
+            self.key_mask = None
+        else:
+            slots = torch.arange(longest, device=device)
+            self.key_mask = (slots <= self.positions[:, :, None]).unsqueeze(1)  # (batch, 1, time, longest)
+        return self.positions
+
+    def store(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys/values (batch, kv_heads, time, head_dim) of `layer` at each row's
+        positions; return the layer's keys and values up to the longest row's end."""
+        rows = torch.arange(self.batch_size, device=key.device)[:, None]
+        # Indexing [rows, :, positions] addresses (batch, time, kv_heads, head_dim) elements.
+        self.keys[layer][rows, :, self.positions] = key.transpose(1, 2).to(self.keys[layer].dtype)
+        self.values[layer][rows, :, self.positions] = value.transpose(1, 2).to(self.values[layer].dtype)
+        return self.keys[layer][:, :, : self.visible], self.values[layer][:, :, : self.visible]
+
+    def end(self, time: int) -> None:
+        """The forward pass is done: every row is `time` positions longer."""
+        self.lengths = self.lengths + time
+        self.host_lengths = [length + time for length in self.host_lengths]
+        self.positions = self.key_mask = None
+
+    def keep_rows(self, rows: list[int], capacity: int | None = None) -> None:
+        """Keep only `rows` (in that order), optionally shrunk to `capacity` positions per row."""
+        capacity = capacity or self.capacity
+        if max((self.host_lengths[row] for row in rows), default=0) > capacity:
+            raise ValueError(f"Rows {rows} hold more than {capacity} positions.")
+        index = torch.tensor(rows, dtype=torch.long, device=self.lengths.device)
+        self.keys = [keys.index_select(0, index)[:, :, :capacity] for keys in self.keys]
+        self.values = [values.index_select(0, index)[:, :, :capacity] for values in self.values]
+        self.set_lengths([self.host_lengths[row] for row in rows])
+
+    def extend(self, other: KVCache) -> None:
+        """Append the rows of `other` after this cache's rows; the wider capacity of the two is kept."""
+        capacity = max(self.capacity, other.capacity)
+
+        def widened(tensor: torch.Tensor) -> torch.Tensor:
+            return F.pad(tensor, (0, 0, 0, capacity - tensor.size(2)))
+
+        self.keys = [torch.cat([widened(mine), widened(theirs)]) for mine, theirs in zip(self.keys, other.keys)]
+        self.values = [torch.cat([widened(mine), widened(theirs)]) for mine, theirs in zip(self.values, other.values)]
+        self.set_lengths(self.host_lengths + other.host_lengths)
 
 
 class CausalSelfAttention(nn.Module):
@@ -112,15 +191,12 @@ class CausalSelfAttention(nn.Module):
         v = self.v_proj(x).view(batch, time, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-        past = 0
-        if cache is not None:
-            past = cache.length
-            k, v = cache.append(layer, k, v)
-        # Causal masking: with no past, the usual lower-triangular mask (is_causal). A single new
-        # token may see everything cached. Several new tokens after a past need an explicit mask.
+        # Training (no cache): the usual lower-triangular mask, is_causal. Decoding with a cache: the
+        # new keys and values go into the cache, and the cache's per-row mask says what each query sees.
         mask = None
-        if past and time > 1:
-            mask = torch.ones(time, past + time, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        if cache is not None:
+            k, v = cache.store(layer, k, v)
+            mask = cache.key_mask
         # PyTorch's CPU attention kernel works on bfloat16 in tiles sized for long sequences, so
         # on short ones it is several times slower than float32 (4x at 64 keys, measured): there a
         # CPU run under bfloat16 autocast attends in float32, and the projections stay bfloat16.
@@ -129,7 +205,7 @@ class CausalSelfAttention(nn.Module):
             q, k, v = q.float(), k.float(), v.float()
         with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=(past == 0 and time > 1),
+                q, k, v, attn_mask=mask, is_causal=(cache is None and time > 1),
                 dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head,
             )
         y = y.transpose(1, 2).contiguous().view(batch, time, self.n_head * self.head_dim)  # heads side by side again
@@ -209,10 +285,13 @@ class GPT(nn.Module):
         """The trunk: token embeddings -> the blocks -> the final norm, one vector per position
         (batch, time, n_embd). Heads sit on it: the language-model head here, classification heads elsewhere."""
         time = idx.size(1)
-        start = cache.length if cache is not None else 0
-        if start + time > self.config.block_size:
-            raise ValueError(f"Sequence of {start + time} tokens is longer than block_size {self.config.block_size}.")
-        cos, sin = self.rotary_cos[start : start + time], self.rotary_sin[start : start + time]
+        if cache is None:  # training, or a whole sequence at once: positions 0..time-1
+            if time > self.config.block_size:
+                raise ValueError(f"Sequence of {time} tokens is longer than block_size {self.config.block_size}.")
+            cos, sin = self.rotary_cos[:time], self.rotary_sin[:time]  # (time, head_dim), the same for every row
+        else:  # decoding: each row continues from its own position in the cache
+            positions = cache.begin(time)  # (batch, time)
+            cos, sin = self.rotary_cos[positions].unsqueeze(1), self.rotary_sin[positions].unsqueeze(1)  # (batch, 1, time, head_dim)
         x = self.dropout(self.token_embedding(idx))
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
         for layer, block in enumerate(self.blocks):
@@ -221,7 +300,7 @@ class GPT(nn.Module):
             else:
                 x = block(x, cos, sin, cache, layer)
         if cache is not None:
-            cache.length += time
+            cache.end(time)
         return self.final_norm(x)
 
     def forward(

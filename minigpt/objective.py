@@ -28,7 +28,7 @@ from typing import Any, Iterable
 import torch
 
 from minigpt.evaluation import evaluate
-from minigpt.generation import SamplingConfig, generate
+from minigpt.generation import SamplingConfig, complete
 from minigpt.loss import IGNORE_INDEX
 from minigpt.tokenizer import Tokenizer
 
@@ -111,13 +111,14 @@ class LanguageModelObjective(Objective):
 
     def sample(self, model: torch.nn.Module) -> str:
         """A short generation to read at each evaluation (fixed seed: samples differ only because the model did)."""
-        sampling = SamplingConfig(max_new_tokens=self.sample_tokens, temperature=0.8, top_k=50, seed=self.seed)
-        if self.sample_chat_prompt:
+        chat = bool(self.sample_chat_prompt)
+        sampling = SamplingConfig(max_new_tokens=self.sample_tokens, temperature=0.8, top_k=50, seed=self.seed,
+                                  stop_ids=self.tokenizer.stop_ids(chat))
+        if chat:
             prompt = self.tokenizer.chat_prompt([{"role": "user", "content": self.sample_chat_prompt}])
-            sampling.stop_ids = (self.tokenizer.im_end_id, self.tokenizer.eos_id)
         else:
             prompt = [self.tokenizer.eos_id]
-        return self.tokenizer.decode(generate(model, prompt, sampling))
+        return complete(model, self.tokenizer, prompt, sampling)
 
     def describe(self, metrics: dict[str, Any]) -> str:
         return (f"val loss {metrics['val_loss']:.4f} | perplexity {metrics['val_perplexity']:.2f} | "

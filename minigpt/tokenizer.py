@@ -113,6 +113,92 @@ class Tokenizer:
         ids, _ = self.render_chat(conversations)
         return ids + [self.im_start_id] + self.encode("assistant\n")
 
+    def stop_ids(self, chat: bool) -> tuple[int, ...]:
+        """The token ids that end a generation: the one place that decides them.
+
+        Plain text ends at <|endoftext|> (the document is over). A chat reply ends at <|im_end|>
+        (the assistant's turn is over), or at <|endoftext|> should the model write that instead.
+        """
+        return (self.im_end_id, self.eos_id) if chat else (self.eos_id,)
+
+    def incremental_decoder(self, stop_strings: Sequence[str] = ()) -> IncrementalDecoder:
+        """A decoder that turns ids given one at a time into text pieces, for streaming output."""
+        return IncrementalDecoder(self, stop_strings)
+
+
+class IncrementalDecoder:
+    """Turns token ids, given one at a time, into pieces of text that are safe to show at once.
+
+    Two things make "decode the new token and print it" wrong:
+
+    - A byte-level token can end in the middle of a multi-byte UTF-8 character ("é" is two bytes,
+      "🎉" four, and BPE may put them in different tokens). Decoded alone, the half character
+      comes out as U+FFFD. So the text of the ids since the last complete piece is decoded, and
+      it is held back while it ends in U+FFFD: the next token completes the character.
+    - A stop string ("\n\nUser:", say) may arrive split over several tokens, and the output must
+      end before it. So text that could be the start of a stop string is held back until it is
+      decided: either the stop string completes (output ends before it, `stopped` turns True),
+      or the text goes another way and is released.
+
+    `add(token_id)` returns the new text (often "", sometimes several tokens' worth at once);
+    `finish()` returns what is still held back once no more tokens will come.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop_strings = [stop for stop in stop_strings if stop]
+        self.ids: list[int] = []
+        # Offsets into `ids`: text up to `read` was turned into pieces; the ids from `context` to
+        # `read` are decoded again with the new ones, so a decoder that treats a token differently
+        # at the start of a text (a leading space, say) sees it in context.
+        self.context = self.read = 0
+        self.held = ""  # decoded text not yet released: it might start a stop string
+        self.stopped = False  # a stop string was found: no text after it is ever released
+        self.text = ""  # everything released so far
+
+    def add(self, token_id: int) -> str:
+        """Take one more token id; return the text that is now safe to show ("" if none)."""
+        if self.stopped:
+            return ""
+        self.ids.append(token_id)
+        before = self.tokenizer.decode(self.ids[self.context : self.read])
+        after = self.tokenizer.decode(self.ids[self.context :])
+        if after.endswith("\ufffd") or len(after) <= len(before):
+            return ""  # a character is still incomplete: wait for the next token
+        self.context, self.read = self.read, len(self.ids)
+        return self._release(after[len(before) :], final=False)
+
+    def finish(self) -> str:
+        """No more tokens will come: release what is held back (an incomplete character as U+FFFD)."""
+        if self.stopped:
+            return ""
+        before = self.tokenizer.decode(self.ids[self.context : self.read])
+        rest = self.tokenizer.decode(self.ids[self.context :])[len(before) :]
+        self.context = self.read = len(self.ids)
+        return self._release(rest, final=True)
+
+    def _release(self, new_text: str, final: bool) -> str:
+        """Add decoded text to the held text; release the part no stop string can still claim."""
+        self.held += new_text
+        found = [index for index in (self.held.find(stop) for stop in self.stop_strings) if index >= 0]
+        if found:
+            piece, self.held, self.stopped = self.held[: min(found)], "", True
+        else:
+            keep = 0 if final else self._longest_stop_prefix_at_end()
+            piece, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep :]
+        self.text += piece
+        return piece
+
+    def _longest_stop_prefix_at_end(self) -> int:
+        """How many characters at the end of the held text are the beginning of some stop string."""
+        longest = 0
+        for stop in self.stop_strings:
+            for size in range(min(len(stop) - 1, len(self.held)), longest, -1):
+                if self.held.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest
+
 
 class BPETokenizer(Tokenizer):
     """Byte-level BPE: any text encodes, and decodes back exactly."""

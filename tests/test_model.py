@@ -70,24 +70,47 @@ def test_kv_cache_logits_match_full_forward():
     torch.manual_seed(0)
     model = GPT(tiny_config()).eval()
     idx = torch.randint(0, 96, (1, 24))
-    cache = KVCache(model.config, 1, torch.device("cpu"), torch.float32)
+    cache = KVCache(model.config, 1, 24, torch.device("cpu"), torch.float32)
     with torch.no_grad():
         full, _ = model(idx)
         prefix, _ = model(idx[:, :10], cache=cache)  # prefill
         chunk, _ = model(idx[:, 10:14], cache=cache)  # several tokens after a past
         steps = [model(idx[:, t : t + 1], cache=cache)[0] for t in range(14, 24)]
     torch.testing.assert_close(torch.cat([prefix, chunk, *steps], dim=1), full, atol=1e-5, rtol=1e-4)
+    assert cache.host_lengths == [24] and cache.lengths.tolist() == [24]
+    with pytest.raises(ValueError, match="do not fit"):
+        model(idx[:, :1], cache=cache)
 
 
-@pytest.mark.parametrize("new_tokens", [10, 60])  # 60 runs past the 32-token window
+def test_kv_cache_rows_at_different_positions_match_their_own_full_forward():
+    """Two rows of different lengths share a cache: a right-padded prefill, then one token per row
+    per step, each at its own position; the padding never reaches a row's real positions."""
+    torch.manual_seed(0)
+    model = GPT(tiny_config()).eval()
+    long, short = torch.randint(0, 96, (1, 20)), torch.randint(0, 96, (1, 12))
+    cache = KVCache(model.config, 2, 20, torch.device("cpu"), torch.float32)
+    prompts = torch.zeros(2, 10, dtype=torch.long)  # row 1's prompt is 7 tokens, padded to 10
+    prompts[0], prompts[1, :7] = long[0, :10], short[0, :7]
+    with torch.no_grad():
+        long_full, short_full = model(long)[0][0], model(short)[0][0]
+        prefill, _ = model(prompts, cache=cache)
+        cache.set_lengths([10, 7])  # the padding's slots will be overwritten by row 1's next tokens
+        steps = [model(torch.stack([long[0, 10 + t], short[0, 7 + t]])[:, None], cache=cache)[0][:, 0] for t in range(5)]
+    torch.testing.assert_close(prefill[0], long_full[:10], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(prefill[1, :7], short_full[:7], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.stack([step[0] for step in steps]), long_full[10:15], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.stack([step[1] for step in steps]), short_full[7:12], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("new_tokens", [10, 60])  # 60 runs into the 32-token window
 def test_greedy_generation_is_the_same_with_and_without_cache(new_tokens):
     torch.manual_seed(0)
     model = GPT(tiny_config())
     prompt = [5, 17, 42]
-    with_cache = generate(model, prompt, SamplingConfig(max_new_tokens=new_tokens, temperature=0, use_kv_cache=True))
-    without = generate(model, prompt, SamplingConfig(max_new_tokens=new_tokens, temperature=0, use_kv_cache=False))
+    with_cache = generate(model, prompt, SamplingConfig(max_new_tokens=new_tokens, temperature=0), use_kv_cache=True)
+    without = generate(model, prompt, SamplingConfig(max_new_tokens=new_tokens, temperature=0), use_kv_cache=False)
     assert with_cache == without
-    assert len(with_cache) == new_tokens
+    assert len(with_cache) == min(new_tokens, 32 - len(prompt))  # the window ends a row ("length")
     assert model.training  # generation restores the mode it found
 
 

@@ -18,8 +18,8 @@ from minigpt.cli.sampling import add_sampling_flags, sampling_from_arguments
 from minigpt.errors import UserInputError
 from minigpt.model_folder import load_language_model
 from minigpt.runtime import select_device
+from minigpt.stages import STAGES
 
-CHAT_STAGE = "sft"  # the stage a chat-tuned model's config.json records under "train"
 USER_PROMPT = "you> "
 ASSISTANT_PROMPT = "assistant> "
 
@@ -66,10 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     sampling = sampling_from_arguments(arguments)
     loaded = load_language_model(arguments.model, select_device(arguments.device))
     stage = loaded.stage  # an adapter's is its fine-tuning run's
-    if stage != CHAT_STAGE:
-        notice(f"warning: this model's training stage is '{stage}', not '{CHAT_STAGE}': it was never chat-tuned, "
+    if not (stage in STAGES and STAGES[stage].chat):
+        chat_stages = " or ".join(f"'{name}'" for name, known in STAGES.items() if known.chat)
+        notice(f"warning: this model's training stage is '{stage}', not {chat_stages}: it was never chat-tuned, "
                "so expect rambling replies that may not stop.")
-    session = ChatSession(loaded.model, loaded.tokenizer, sampling, arguments.system)
+    session = ChatSession(loaded.model, loaded.tokenizer, sampling, arguments.system, arguments.stop, arguments.kv_cache)
     if arguments.prompt is not None:
         session.reply(arguments.prompt)
     else:

@@ -1,4 +1,10 @@
-"""`minigpt generate MODEL --prompt "..."`: sample text from a trained model, streamed."""
+"""`minigpt generate MODEL --prompt "..."`: sample text from a trained model, streamed.
+
+Several --prompt flags are decoded together, as one batch on one engine (faster than one after
+another: each step runs all the rows through the model at once). They are printed in order:
+the first prompt's text streams as it is sampled, and each later one follows when the one
+before it is done, with what it wrote meanwhile appearing at once.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +12,8 @@ import sys
 
 from minigpt.cli.common import ArgumentParser, add_shared_arguments, program_name, run_command
 from minigpt.cli.sampling import add_sampling_flags, sampling_from_arguments
-from minigpt.errors import UserInputError
-from minigpt.generation import print_streamed, stream_tokens
+from minigpt.engine import Engine, Request
+from minigpt.generation import stream_text
 from minigpt.model_folder import load_language_model
 from minigpt.runtime import select_device
 
@@ -15,7 +21,7 @@ from minigpt.runtime import select_device
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=program_name("generate"), description="Generate text from a language model: a final_model/, checkpoint, run directory or Hugging Face folder.")
     add_shared_arguments(parser, "model")
-    parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for several prompts; none = start of a document)")
+    parser.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for several prompts, decoded together; none = start of a document)")
     add_sampling_flags(parser)
     parser.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn of the chat template")
     add_shared_arguments(parser, "device")
@@ -28,15 +34,21 @@ def main(argv: list[str] | None = None) -> int:
     sampling = sampling_from_arguments(arguments)
     loaded = load_language_model(arguments.model, select_device(arguments.device))
     model, tokenizer = loaded.model, loaded.tokenizer
-    for prompt in arguments.prompt or [""]:
+    sampling.stop_ids = tokenizer.stop_ids(chat=arguments.chat)
+    prompts = arguments.prompt or [""]
+    requests = []
+    for prompt in prompts:
         if arguments.chat:
             prompt_ids = tokenizer.chat_prompt([{"role": "user", "content": prompt}])
-            sampling.stop_ids = (tokenizer.im_end_id, tokenizer.eos_id)
         else:
             prompt_ids = [tokenizer.eos_id] + tokenizer.encode(prompt)  # EOS marks "a new document starts here"
-            sampling.stop_ids = (tokenizer.eos_id,)
-        if len(prompt_ids) >= model.config.block_size:
-            raise UserInputError(f"The prompt is {len(prompt_ids)} tokens; this model reads at most {model.config.block_size - 1}.")
-        sys.stdout.write(prompt)
-        print_streamed(tokenizer, stream_tokens(model, prompt_ids, sampling))
+        requests.append(Request(prompt_ids, sampling))
+    engine = Engine(model, use_kv_cache=arguments.kv_cache)
+    started = -1
+    for piece in stream_text(engine, tokenizer, requests, arguments.stop):
+        if piece.index != started:  # a prompt's first piece: show the prompt before its continuation
+            started = piece.index
+            sys.stdout.write(prompts[piece.index])
+        sys.stdout.write(piece.text + ("\n" if piece.finish else ""))
+        sys.stdout.flush()
     return 0
