@@ -304,7 +304,8 @@ def test_a_classifier_trains_in_epochs_and_writes_the_best_evaluation_as_final_m
     summary = json.loads((run / "summary.json").read_text())
     best = max((row for row in rows if row["type"] == "eval"), key=lambda row: row["eval_f1_macro"])
     assert summary["steps"] == 24 and summary["best_eval_f1_macro"] == best["eval_f1_macro"]
-    final, _, config = load_classifier(run / "final_model")
+    loaded = load_classifier(run / "final_model")
+    final, config = loaded.model, loaded.config
     assert (config.train.epoch_steps, config.train.max_steps) == (8, 24)
     kept = GPTClassifier(config)
     load_weights(kept, run / f"checkpoint_step_{best['step']}" / "model.safetensors")

@@ -215,7 +215,7 @@ def test_stream_text_yields_requests_in_order_and_applies_stop_strings(model, by
 
 
 def test_generate_command_decodes_several_prompts_together_and_prints_them_in_order(tmp_path, tokenizer_file, capsys):
-    from minigpt.checkpoint import save_model_directory
+    from minigpt.model_folder import save_model_directory
     from minigpt.cli import generate as generate_command
     from minigpt.config import RunConfig
     from minigpt.tokenizer import load_tokenizer

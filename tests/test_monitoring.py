@@ -28,7 +28,7 @@ def test_overfit_batch_drives_the_loss_to_zero_and_reports_everything(tmp_path, 
     result = run_script(
         "train.py", "--config", "tiny", "--data-files", str(corpus_jsonl), "--tokenizer", str(tokenizer_file),
         "--val-fraction", "0.1", "--output-dir", "runs", "--run-name", "overfit", "--overfit-batch", "--profile",
-        "--tensorboard", "--max-steps", "250", "--log-steps", "25", "--eval-steps", "250", "--sample-tokens", "0",
+        "--tensorboard", "--max-steps", "400", "--log-steps", "25", "--eval-steps", "400", "--dtype", "float32", "--sample-tokens", "0",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
