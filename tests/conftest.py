@@ -1,5 +1,7 @@
 """Shared fixtures: a small JSONL corpus and a tokenizer trained on it once per test session."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -8,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from minigpt.cli.common import run_subcommand
 from minigpt.corpus import builtin_documents
 from minigpt.tokenizer import train_bpe_tokenizer
 
@@ -44,6 +47,25 @@ def chat_file(path: Path, count: int = 120) -> Path:
                      {"role": "assistant", "content": f"{number} times two is {2 * number}."}]
             file.write(json.dumps({"conversations": turns}) + "\n")
     return path
+
+
+def run_in_process(command: str, *arguments: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`minigpt COMMAND ARGUMENTS` called in this process, in `cwd`: its exit status and what it
+    printed, as `run_script` reports a subprocess's. Seconds faster than a new Python importing
+    torch, so every check of a command's flags and messages runs this way; each command keeps one
+    real subprocess test (run_script) for its door."""
+    out, err = io.StringIO(), io.StringIO()
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = run_subcommand(command, arguments)
+            except SystemExit as exit:  # argparse's --help and usage errors
+                status = exit.code if isinstance(exit.code, int) else 0
+    finally:
+        os.chdir(previous)
+    return subprocess.CompletedProcess(["minigpt", command, *arguments], status, out.getvalue(), err.getvalue())
 
 
 def run_script(script: str, *arguments: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import minigpt
-from conftest import REPO, run_script
+from conftest import REPO, run_in_process, run_script
 from minigpt.cli import COMMANDS
 from minigpt.cli.common import dash_spellings
 
@@ -26,7 +26,7 @@ def run_minigpt(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def print_config(*arguments: str, cwd: Path) -> dict:
-    result = run_script("train.py", "--config", "tiny", *arguments, "--print-config", cwd=cwd)
+    result = run_in_process("train", "--config", "tiny", *arguments, "--print-config", cwd=cwd)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -71,22 +71,22 @@ def test_underscore_spellings_and_lr_are_aliases(tmp_path):
 
 
 def test_flags_are_never_abbreviated(tmp_path):
-    result = run_script("train.py", "--config", "tiny", "--lr-sched", "constant", "--print-config", cwd=tmp_path)
+    result = run_in_process("train", "--config", "tiny", "--lr-sched", "constant", "--print-config", cwd=tmp_path)
     assert result.returncode == 2 and "unrecognized arguments: --lr-sched" in result.stderr
 
 
 def test_a_switch_set_in_a_config_file_can_be_turned_off(tmp_path):
     (tmp_path / "run.toml").write_text('preset = "tiny"\n[train]\nplot_loss = true\n')
-    on = run_script("train.py", "--config", "run.toml", "--print-config", cwd=tmp_path)
+    on = run_in_process("train", "--config", "run.toml", "--print-config", cwd=tmp_path)
     assert json.loads(on.stdout)["train"]["plot_loss"] is True
-    off = run_script("train.py", "--config", "run.toml", "--no-plot-loss", "--print-config", cwd=tmp_path)
+    off = run_in_process("train", "--config", "run.toml", "--no-plot-loss", "--print-config", cwd=tmp_path)
     assert off.returncode == 0, off.stderr
     assert json.loads(off.stdout)["train"]["plot_loss"] is False
 
 
 def test_help_shows_the_chosen_presets_defaults_in_groups_with_examples(tmp_path):
-    tiny = run_script("train.py", "--config", "tiny", "--help", cwd=tmp_path).stdout
-    medium = run_script("train.py", "--help", cwd=tmp_path).stdout
+    tiny = run_in_process("train", "--config", "tiny", "--help", cwd=tmp_path).stdout
+    medium = run_in_process("train", "--help", cwd=tmp_path).stdout
     assert "peak learning rate (default: 0.003)" in " ".join(tiny.split())
     assert "peak learning rate (default: 0.0006)" in " ".join(medium.split())
     for group in ("data:", "model:", "optimisation:", "schedule:", "checkpoints:", "runtime:", "monitoring:", "examples:", "exit status:"):
@@ -96,16 +96,16 @@ def test_help_shows_the_chosen_presets_defaults_in_groups_with_examples(tmp_path
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_has_help(tmp_path, command):
-    result = run_minigpt(command, "--help", cwd=tmp_path)
+    result = run_in_process(command, "--help", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: minigpt {command}")
 
 
 def test_the_same_thing_has_the_same_name_in_every_command(tmp_path):
-    monitor = run_minigpt("monitor", "--help", cwd=tmp_path).stdout
-    plot = run_minigpt("plot", "--help", cwd=tmp_path).stdout
-    tokenizer = run_minigpt("tokenizer", "--help", cwd=tmp_path).stdout
-    train = run_minigpt("train", "--help", cwd=tmp_path).stdout
+    monitor = run_in_process("monitor", "--help", cwd=tmp_path).stdout
+    plot = run_in_process("plot", "--help", cwd=tmp_path).stdout
+    tokenizer = run_in_process("tokenizer", "--help", cwd=tmp_path).stdout
+    train = run_in_process("train", "--help", cwd=tmp_path).stdout
     assert "--output-dir" in monitor and "--checkpoints-dir" not in monitor
     assert "usage: minigpt plot [-h] [--output OUTPUT] [RUN ...]" in " ".join(plot.split())
     assert "--vocab-size" in tokenizer and "--vocab-size" in train
@@ -157,4 +157,4 @@ def test_the_readme_test_command_installs_and_runs_what_ci_does():
     readme = (REPO / "README.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()
     assert 'pip install -c constraints.txt -e ".[test]" && python -m pytest\n' in readme
-    assert 'pip install --quiet -c constraints.txt -e ".[test]"\npython -m pytest\n' in ci
+    assert 'pip install --quiet -c constraints.txt -e ".[test]"\npython -m pytest --durations=30\n' in ci

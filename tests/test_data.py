@@ -194,6 +194,7 @@ def test_a_text_file_without_line_breaks_is_cut_into_bounded_pieces(tmp_path, to
     assert (tokens == tokenizer.eos_id).sum() == 1
 
 
+@pytest.mark.slow  # a huge-file test: streams 1 MB then 4 MB and compares the peaks
 def test_memory_stays_flat_as_the_file_grows(tmp_path):
     tokenizer = train_bpe_tokenizer([" ".join(WORDS)] * 20, vocab_size=300, show_progress=False)
     peaks = []

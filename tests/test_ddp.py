@@ -138,6 +138,7 @@ def test_only_rank_zero_writes_and_the_log_states_the_global_batch(two_process_r
     assert json.loads((run / "summary.json").read_text())["tokens"] == STEPS * 256
 
 
+@pytest.mark.slow  # a signal drill under torchrun
 def test_sigterm_saves_once_and_resume_continues_identically(workspace, tokenizer_file, two_process_run):
     reference, _ = two_process_run
     run = workspace / "runs" / "interrupted"
@@ -173,6 +174,7 @@ def test_resuming_with_another_number_of_processes_is_refused_in_one_sentence(wo
 
 # --- failures ---------------------------------------------------------------------------------
 
+@pytest.mark.slow  # a fault drill under torchrun
 @pytest.mark.parametrize("failure", ["out_of_memory", "error"])
 def test_a_failure_in_one_process_stops_every_process_with_its_message(workspace, tokenizer_file, two_process_run, failure):
     """Process 1 fails in step 3's forward pass. Its message is shown, torchrun stops process 0

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import REPO, run_script
+from conftest import REPO, run_in_process, run_script
 from minigpt.generation import SamplingConfig, generate
 from minigpt.model_folder import load
 from minigpt.tokenizer import load_tokenizer
@@ -78,6 +78,7 @@ def test_a_run_leaves_a_complete_run_directory(finished_run):
     assert isinstance(text, str) and len(text) > 0
 
 
+@pytest.mark.slow  # a kill drill: three runs of 90 steps in subprocesses
 def test_killed_and_resumed_run_ends_bit_identical_to_an_uninterrupted_one(tmp_path, corpus_jsonl, tokenizer_file):
     """Killed at step 40, in the middle of its second epoch, and resumed from that checkpoint: the
     same weights and the same metrics rows (epochs, losses, evaluations at each epoch's end)."""
@@ -182,8 +183,8 @@ def test_the_built_in_corpus_is_used_when_no_data_is_given(tmp_path):
     ],
 )
 def test_bad_input_gets_one_clear_line_and_exit_status_2(tmp_path, tokenizer_file, arguments, fragments):
-    result = run_script("train.py", "--config", "tiny", "--tokenizer", str(tokenizer_file), "--output-dir", "runs",
-                        *arguments, cwd=tmp_path)
+    result = run_in_process("train", "--config", "tiny", "--tokenizer", str(tokenizer_file), "--output-dir", "runs",
+                            *arguments, cwd=tmp_path)
     assert_one_line_error(result, *fragments)
     assert not any(path.is_file() for path in (tmp_path / "runs").rglob("*")) if (tmp_path / "runs").exists() else True
 
@@ -191,8 +192,8 @@ def test_bad_input_gets_one_clear_line_and_exit_status_2(tmp_path, tokenizer_fil
 def test_a_broken_jsonl_file_is_refused_in_one_line(tmp_path, tokenizer_file):
     broken = tmp_path / "broken.jsonl"
     broken.write_text("this is not json\n" * 50)
-    result = run_script("train.py", "--config", "tiny", "--tokenizer", str(tokenizer_file), "--output-dir", "runs",
-                        "--data-files", str(broken), cwd=tmp_path)
+    result = run_in_process("train", "--config", "tiny", "--tokenizer", str(tokenizer_file), "--output-dir", "runs",
+                            "--data-files", str(broken), cwd=tmp_path)
     assert_one_line_error(result, "broken.jsonl")
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.json"))
 
@@ -240,15 +241,15 @@ def test_train_tokenizer_script(tmp_path, corpus_jsonl):
 
 
 @pytest.mark.parametrize(
-    "script, arguments, fragments",
+    "command, arguments, fragments",
     [
-        ("generate.py", ["nowhere"], ["nowhere", "does not exist"]),
-        ("generate.py", ["{run}", "--top-p", "0"], ["--top-p"]),
-        ("evaluate.py", ["{run}", "--data-files", "missing.jsonl"], ["missing.jsonl"]),
-        ("train_tokenizer.py", ["--vocab-size", "10"], ["at least 260"]),
+        ("generate", ["nowhere"], ["nowhere", "does not exist"]),
+        ("generate", ["{run}", "--top-p", "0"], ["--top-p"]),
+        ("evaluate", ["{run}", "--data-files", "missing.jsonl"], ["missing.jsonl"]),
+        ("tokenizer", ["--vocab-size", "10"], ["at least 260"]),
     ],
 )
-def test_companion_scripts_refuse_bad_input_in_one_line(finished_run, tmp_path, script, arguments, fragments):
+def test_companion_commands_refuse_bad_input_in_one_line(finished_run, tmp_path, command, arguments, fragments):
     run, _ = finished_run
-    result = run_script(script, *[argument.format(run=run) for argument in arguments], cwd=tmp_path)
+    result = run_in_process(command, *[argument.format(run=run) for argument in arguments], cwd=tmp_path)
     assert_one_line_error(result, *fragments)

@@ -33,6 +33,7 @@ def test_there_are_chapters_and_each_has_code():
         assert chapter_code(chapter).strip(), f"{chapter.name} has no runnable code"
 
 
+@pytest.mark.slow  # about 4.5 minutes for all chapters on 2 cores: CI runs them in its slow stage, after the suite
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=[chapter.stem for chapter in CHAPTERS])
 def test_chapter_runs(chapter, tmp_path):
     script = tmp_path / f"{chapter.stem}.py"

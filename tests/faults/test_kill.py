@@ -1,9 +1,10 @@
 """kill -9 inside checkpoint writing, then --resume: a loadable checkpoint, no leftovers, the same weights.
 
-The quick tests kill at the worst instant (a checkpoint written but not yet renamed into place),
+The drills kill at the worst instant (a checkpoint written but not yet renamed into place),
 or just after a checkpoint (to compare the resumed run with an uninterrupted one: pretraining
-with dropout, with data-loader workers, chat fine-tuning and LoRA); the slow one runs the whole
-drill of benchmarks/fault_drill.py (`pytest -m slow`).
+with dropout, with data-loader workers, chat fine-tuning and LoRA); the longest runs the whole
+drill of benchmarks/fault_drill.py. Every one starts training subprocesses and kills them, so
+they all run in CI's slow stage, after the suite (`pytest -m slow`).
 """
 
 import importlib.util
@@ -30,6 +31,8 @@ from minigpt.model import GPT
 from minigpt.stages.pretrain import dataloader_workers
 from minigpt.runtime import select_device
 from minigpt.tokenizer import load_tokenizer
+
+pytestmark = pytest.mark.slow
 
 KILL_AFTER_STEP_4 = "after_rename_before_prune@2"  # with --save-steps 2: checkpoint_step_4 is in place, then SIGKILL
 EIGHT_STEPS = ("--max-steps", "8", "--save-steps", "2")
