@@ -205,6 +205,9 @@ def resolve_run_length(config: RunConfig, stage: Stage, train_stream: object, pr
                                  "give --max-steps or --num-epochs, or the warmup as --warmup-steps.")
         warmup_steps = round(train.warmup_ratio * max_steps)
         log.info("Warmup: %g%% of %s steps = %s steps", 100 * train.warmup_ratio, f"{max_steps:,}", f"{warmup_steps:,}")
+    elif max_steps and warmup_steps >= max_steps:
+        log.warning("The warmup (%s steps) is as long as the run (%s steps): the learning rate never reaches %g. Shorten it "
+                    "with --warmup-steps or --warmup-ratio.", f"{warmup_steps:,}", f"{max_steps:,}", train.learning_rate)
     return dataclasses.replace(config, train=dataclasses.replace(
         train, epoch_steps=epoch_steps, max_steps=max_steps, warmup_steps=warmup_steps, warmup_ratio=0.0))
 

@@ -52,9 +52,10 @@ class RunLog:
         root.removeHandler(self.held)
         root.addHandler(self.file)
 
-    def close(self) -> None:
-        """Stop writing (or holding). Called while an exception propagates (the run ends in an
-        error), the error is written first: it is the last thing the console showed."""
+    def close(self, last_line: str = "") -> None:
+        """Stop writing (or holding), after `last_line` if given (how the run ended, which the
+        command prints after training returns). Called while an exception propagates (the run
+        ends in an error), the error is written instead: it is the last thing the console showed."""
         root = logging.getLogger()
         root.removeHandler(self.held)
         self.held.close()
@@ -63,5 +64,7 @@ class RunLog:
         error = sys.exc_info()[1]
         if error is not None and not isinstance(error, (KeyboardInterrupt, SystemExit)):
             self.file.handle(logging.LogRecord("minigpt", logging.ERROR, __file__, 0, "error: %s", (error,), None))
+        elif last_line:
+            self.file.handle(logging.LogRecord("minigpt", logging.INFO, __file__, 0, "%s", (last_line,), None))
         root.removeHandler(self.file)
         self.file.close()

@@ -386,7 +386,7 @@ class Trainer:
             if self.is_main:
                 unlock_run_directory(self.run_dir)  # taken by prepare_run: the next trainer may use the directory
             if self.run_log is not None:
-                self.run_log.close()
+                self.run_log.close(last_line=self.stop_message() if self.stop_reason else "")
 
     def _train(self) -> dict[str, Any]:
         config = self.train_config

@@ -192,6 +192,7 @@ def test_every_run_writes_train_log_and_a_resume_appends_to_it(tmp_path, corpus_
     both = log_file.read_text().splitlines()
     assert both[:len(first)] == first  # appended, not rewritten
     assert any("Resumed from" in line for line in both[len(first):]) and any("step 8 | loss" in line for line in both)
+    assert first[-1].endswith("Reached max_steps.") and both[-1].endswith("Reached max_steps.")  # how each session ended
     capsys.readouterr()
 
 
@@ -210,3 +211,15 @@ def test_an_error_that_ends_a_run_is_the_last_line_of_its_log(tmp_path, corpus_j
         trainer.train()
     assert (trainer.run_dir / "train.log").read_text().splitlines()[-1].endswith("error: The data went away.")
     assert torch.is_tensor(torch.zeros(1))  # the process goes on: the log handler is gone, nothing left open
+
+
+def test_a_warmup_as_long_as_the_run_is_said(tmp_path, corpus_jsonl, tokenizer_file, caplog):
+    """tiny warms up for 10 steps: a 5-step run with --learning-rate 3e-5 would never reach 3e-5, and the log says so."""
+    config = apply_overrides(preset_config("tiny"), {
+        "train.data_files": [str(corpus_jsonl)], "train.tokenizer_path": str(tokenizer_file), "train.output_dir": str(tmp_path / "runs"),
+        "train.run_name": "short", "train.max_steps": 5, "train.learning_rate": 3e-5, "train.disable_monitoring": True,
+        "train.dtype": "float32", "train.val_fraction": 0})
+    with caplog.at_level("WARNING", logger="minigpt"):
+        trainer = prepare_run(config, show_progress=False)
+    trainer.run_log.close()
+    assert "The warmup (10 steps) is as long as the run (5 steps): the learning rate never reaches 3e-05" in caplog.text
