@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ from minigpt.config import ModelConfig, RunConfig
 from minigpt.errors import UserInputError
 from minigpt.files import write_directory_atomically
 from minigpt.model import GPT
+from minigpt.version import __version__
 from minigpt.tokenizer import EOS_TOKEN, IM_END_TOKEN, IM_START_TOKEN, PAD_TOKEN, UNKNOWN_TOKEN, Tokenizer, load_tokenizer
 
 GGUF_OUTTYPES = ("f32", "f16", "q8_0")
@@ -115,9 +117,40 @@ def _minigpt_tensors(model: GPT) -> list[tuple[TensorName, torch.Tensor]]:
     return [(row, _checked(state[row.minigpt].detach().cpu().contiguous(), row, "MiniGPT model")) for row in tensor_table(model.config)]
 
 
-def _refuse_existing(output: Path, force: bool) -> None:
-    if output.exists() and not force:
-        raise UserInputError(f"Output {output} already exists; choose another --output or pass --force to replace it.")
+# Every export writes this file into its folder, so that --force can tell a folder an earlier
+# export wrote (which it may replace) from anything else (which it must never delete).
+EXPORT_MARKER = ".minigpt-export.json"
+
+
+def _check_output(output: Path, force: bool, sources: Sequence[str | Path]) -> None:
+    """Refuse, in one sentence, an --output that exists, unless --force is given and it is a folder
+    an earlier export wrote. Even with --force, never a file, never the folder holding the model
+    being exported (`sources`: the model's folder, an adapter's base) or one above it, and never
+    the current directory or one of its parents."""
+    if not output.exists() and not output.is_symlink():
+        return
+    if not force:
+        raise UserInputError(f"Output {output} already exists; choose another --output or pass --force to replace an earlier export.")
+    resolved = output.resolve()
+    here = Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise UserInputError(f"--output {output} is the current directory or one of its parents, which --force never replaces; "
+                             "give the export a folder of its own.")
+    if output.is_symlink() or not output.is_dir():
+        raise UserInputError(f"--output {output} is a file, and --force replaces only a folder an earlier export wrote; "
+                             "choose another --output.")
+    for source in sources:
+        source = Path(source).resolve()
+        if resolved == source or resolved in source.parents:
+            raise UserInputError(f"--output {output} holds the model being exported ({source}), which --force never replaces; "
+                                 "choose an --output outside it.")
+    if not (output / EXPORT_MARKER).is_file():
+        raise UserInputError(f"--output {output} was not written by minigpt export (it has no {EXPORT_MARKER}), so --force will not "
+                             "delete it; choose another --output, or remove that folder yourself if you mean to.")
+
+
+def _write_export_marker(directory: Path, export_format: str) -> None:
+    _write_json(directory / EXPORT_MARKER, {"format": export_format, "minigpt_version": __version__})
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -170,10 +203,12 @@ def hf_tokenizer_config(tokenizer: Tokenizer, block_size: int) -> dict:
     }
 
 
-def export_hf(model: GPT, tokenizer: Tokenizer, output: str | Path, force: bool = False) -> Path:
-    """Write a Hugging Face `LlamaForCausalLM` folder (weights, configs, tokenizer, chat template)."""
+def export_hf(model: GPT, tokenizer: Tokenizer, output: str | Path, force: bool = False, sources: Sequence[str | Path] = ()) -> Path:
+    """Write a Hugging Face `LlamaForCausalLM` folder (weights, configs, tokenizer, chat template).
+    `force` replaces an earlier export there; `sources` are the folders the model came from
+    (never replaced)."""
     output = Path(output)
-    _refuse_existing(output, force)
+    _check_output(output, force, sources)
     config = model.config
     # Tied: the embedding is stored once and transformers ties lm_head to it on load.
     tensors = {row.hf: tensor.float().clone() for row, tensor in _minigpt_tensors(model)}
@@ -189,6 +224,7 @@ def export_hf(model: GPT, tokenizer: Tokenizer, output: str | Path, force: bool 
         tokenizer.save(directory / "tokenizer.json")
         _write_json(directory / "tokenizer_config.json", hf_tokenizer_config(tokenizer, config.block_size))
         (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        _write_export_marker(directory, "hf")
 
     return write_directory_atomically(output, fill)
 
@@ -356,7 +392,7 @@ def peft_tensors(adapter_weights: dict[str, torch.Tensor], config: ModelConfig) 
 
 def export_peft(
     adapter_weights: dict[str, torch.Tensor], config: ModelConfig, alpha: float, dropout: float, output: str | Path,
-    base_model_name_or_path: str | None = None, force: bool = False,
+    base_model_name_or_path: str | None = None, force: bool = False, sources: Sequence[str | Path] = (),
 ) -> Path:
     """Write a LoRA adapter in PEFT's layout: adapter_config.json + adapter_model.safetensors.
 
@@ -367,12 +403,13 @@ def export_peft(
     """
     output = Path(output)
     tensors, rank, targets = peft_tensors(adapter_weights, config)
-    _refuse_existing(output, force)
+    _check_output(output, force, sources)
     record = peft_adapter_config(rank, alpha, dropout, targets, base_model_name_or_path)
 
     def fill(directory: Path) -> None:
         save_file(tensors, str(directory / PEFT_WEIGHTS), metadata={"format": "pt"})
         _write_json(directory / PEFT_CONFIG, record)
+        _write_export_marker(directory, "peft")
 
     return write_directory_atomically(output, fill)
 
@@ -442,7 +479,8 @@ def _gguf_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], 
     return tokens, types, merges
 
 
-def export_gguf(model: GPT, tokenizer: Tokenizer, output: str | Path, outtype: str = "f16", force: bool = False) -> Path:
+def export_gguf(model: GPT, tokenizer: Tokenizer, output: str | Path, outtype: str = "f16", force: bool = False,
+                sources: Sequence[str | Path] = ()) -> Path:
     """Write a folder holding `model.gguf` (llama.cpp's `llama` architecture) and an Ollama `Modelfile`."""
     gguf = _gguf()
     output = Path(output)
@@ -452,7 +490,7 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, output: str | Path, outtype: s
         raise UserInputError(
             "llama.cpp has no character (WordLevel) tokenizer, so a character-tokenizer model cannot be a GGUF file; use --format hf."
         )
-    _refuse_existing(output, force)
+    _check_output(output, force, sources)
     config = model.config
     tensors = []
     for row, tensor in _minigpt_tensors(model):
@@ -496,6 +534,7 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, output: str | Path, outtype: s
         writer.write_tensors_to_file()
         writer.close()
         (directory / "Modelfile").write_text(ollama_modelfile())
+        _write_export_marker(directory, "gguf")
 
     return write_directory_atomically(output, fill)
 

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from minigpt.cli.export import main as export_main
 from minigpt.config import ModelConfig, RunConfig
 from minigpt.errors import UserInputError
 from minigpt.export import (
+    EXPORT_MARKER,
     CHAT_TEMPLATE,
     GGUF_FILE_NAME,
     PEFT_CONFIG,
@@ -303,15 +305,34 @@ def test_import_refuses_a_tokenizer_without_minigpt_special_tokens(hf_dir, tmp_p
 
 def test_existing_output_is_refused_without_force(model_dir, tmp_path, capsys):
     output = tmp_path / "out"
-    output.mkdir()
-    (output / "keep.txt").write_text("mine")
+    assert export_main([str(model_dir), "--format", "hf", "--output", str(output)]) == 0
     assert export_main([str(model_dir), "--format", "hf", "--output", str(output)]) == 2
-    assert "--force" in capsys.readouterr().err and (output / "keep.txt").read_text() == "mine"
+    assert "--force" in capsys.readouterr().err
     assert export_main([str(model_dir), "--format", "hf", "--outtype", "q8_0", "--output", str(output), "--force"]) == 2
-    assert "--outtype" in capsys.readouterr().err and (output / "keep.txt").read_text() == "mine"
+    assert "--outtype" in capsys.readouterr().err and (output / "config.json").is_file()
     assert export_main([str(model_dir), "--format", "gguf", "--outtype", "q8_0", "--output", str(output), "--force"]) == 0
-    assert sorted(path.name for path in output.iterdir()) == ["Modelfile", GGUF_FILE_NAME]
+    assert sorted(path.name for path in output.iterdir()) == [EXPORT_MARKER, "Modelfile", GGUF_FILE_NAME]
     assert not list(tmp_path.glob(".tmp-*"))  # nothing half-written left behind
+
+
+def test_force_replaces_only_an_earlier_export(model_dir, tmp_path, capsys, monkeypatch):
+    """--force never deletes what an export did not write: a folder of the user's, a file, the
+    folder holding the model being exported, the current directory or one of its parents."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("mine")
+    runs = model_dir.parent  # <run>/final_model: the run's folder holds the source
+    work = tmp_path / "work" / "deeper"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    (work / "notes.txt").write_text("mine")
+    for output, phrase in [(mine, "not written by minigpt export"), (mine / "keep.txt", "is a file"), (runs, "holds the model"),
+                           (model_dir, "holds the model"), (Path("."), "current directory"), (Path(".."), "current directory")]:
+        assert export_main([str(model_dir), "--format", "hf", "--output", str(output), "--force"]) == 2, output
+        message = capsys.readouterr().err.strip()
+        assert phrase in message and "\n" not in message and "Traceback" not in message, message
+    assert (mine / "keep.txt").read_text() == "mine" and (work / "notes.txt").read_text() == "mine"
+    assert (model_dir / "model.safetensors").is_file() and not list(tmp_path.rglob(".tmp-*"))
 
 
 def test_script_reports_a_bad_model_path_in_one_line(tmp_path):
@@ -346,7 +367,7 @@ def adapter_logits(adapter_dir, ids) -> torch.Tensor:
 def test_peft_export_loads_in_peft_with_equal_logits(adapter_dir, hf_dir, trained, tokenizer, tmp_path):
     output = tmp_path / "peft"
     assert export_main([str(adapter_dir), "--format", "peft", "--output", str(output)]) == 0
-    assert sorted(path.name for path in output.iterdir()) == [PEFT_CONFIG, PEFT_WEIGHTS]
+    assert sorted(path.name for path in output.iterdir()) == [EXPORT_MARKER, PEFT_CONFIG, PEFT_WEIGHTS]
     config = json.loads((output / PEFT_CONFIG).read_text())
     assert {key: config[key] for key in ("peft_type", "task_type", "r", "lora_alpha", "bias", "fan_in_fan_out", "use_rslora")} == {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 12.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,

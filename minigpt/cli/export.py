@@ -25,13 +25,13 @@ def build_parser() -> ArgumentParser:
     add_shared_arguments(parser, "model")
     parser.add_argument("--format", required=True, choices=["hf", "gguf", "peft"],
                         help="hf = transformers folder; gguf = llama.cpp file + Ollama Modelfile; peft = a LoRA run's adapter for PEFT")
-    parser.add_argument("--output", required=True, help="the folder to write (refused if it exists, unless --force)")
+    parser.add_argument("--output", required=True, help="the folder to write (refused if it exists, unless --force and an earlier export wrote it)")
     parser.add_argument("--outtype", choices=GGUF_OUTTYPES, help="GGUF weight type (default f16; norms stay f32)")
     parser.add_argument("--merge", action="store_true", help="for a LoRA adapter: fold it into its base model and export the merged model (hf, gguf)")
     parser.add_argument("--hf-base", metavar="DIR",
                         help="with --format peft: the base model's --format hf export, checked and recorded as base_model_name_or_path "
                              "(default: the base's own folder if it is a Hugging Face folder, else none)")
-    parser.add_argument("--force", action="store_true", help="replace an existing --output")
+    parser.add_argument("--force", action="store_true", help="replace an --output that an earlier export wrote (never anything else)")
     return parser
 
 
@@ -61,13 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     # Unmerged for --format peft (the adapter's own matrices are exported); merged for hf and gguf.
     loaded = load_language_model(arguments.model, merge_adapter=arguments.format != "peft")
     is_adapter = loaded.kind is FolderKind.LORA_ADAPTER
+    sources = [loaded.source, *([loaded.adapter.base_path] if is_adapter else [])]  # --force never replaces these
     if arguments.format == "peft":
         if not is_adapter:
             raise UserInputError(f"{arguments.model} holds {loaded.kind.value}, not a LoRA adapter, so there is nothing to export for PEFT; "
                                  "give a LoRA run's final_model/, or export a whole model with --format hf or gguf.")
         lora = loaded.adapter.config
         path = export_peft(lora_state_dict(loaded.model), loaded.model.config, lora.alpha, lora.dropout, arguments.output,
-                           base_model_name_or_path=recorded_base(arguments.hf_base, loaded.adapter), force=arguments.force)
+                           base_model_name_or_path=recorded_base(arguments.hf_base, loaded.adapter), force=arguments.force,
+                           sources=sources)
         print(f"Wrote {path}")
         return 0
     if is_adapter and not arguments.merge:
@@ -76,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     if not is_adapter and arguments.merge:
         raise UserInputError(f"--merge folds a LoRA adapter into its base model, but {arguments.model} holds no adapter; drop --merge.")
     if arguments.format == "hf":
-        path = export_hf(loaded.model, loaded.tokenizer, arguments.output, force=arguments.force)
+        path = export_hf(loaded.model, loaded.tokenizer, arguments.output, force=arguments.force, sources=sources)
     else:
-        path = export_gguf(loaded.model, loaded.tokenizer, arguments.output, arguments.outtype or "f16", force=arguments.force)
+        path = export_gguf(loaded.model, loaded.tokenizer, arguments.output, arguments.outtype or "f16", force=arguments.force,
+                           sources=sources)
     print(f"Wrote {path}")
     return 0
