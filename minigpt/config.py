@@ -417,6 +417,11 @@ def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None
         raise UserInputError(f"train.dataloader_workers must be -1 (auto), 0 or more, got {train.dataloader_workers}.")
     if train.max_steps == 0 and train.max_time == 0 and train.num_epochs == 0:
         raise UserInputError("Give the run an end: set max_steps, num_epochs or max_time above 0.")
+    if train.num_epochs and train.overfit_batch:
+        raise UserInputError("--num-epochs counts passes over the data, and --overfit-batch trains on one batch: give --max-steps instead.")
+    if train.warmup_ratio and not (train.max_steps or train.num_epochs):
+        raise UserInputError("--warmup-ratio is a fraction of the run's steps, and this run is bounded by --max-time alone: "
+                             "give --max-steps or --num-epochs, or the warmup as --warmup-steps.")
     if "epoch" in (train.eval_strategy, train.save_strategy) and not train.num_epochs:
         raise UserInputError("--eval-strategy/--save-strategy epoch act at the end of each epoch; give --num-epochs too.")
     for key, allowed in CHOICES.items():

@@ -184,8 +184,6 @@ def resolve_run_length(config: RunConfig, stage: Stage, train_stream: object, pr
     `processes` is the number of processes under torchrun (each reads its share of every global batch).
     """
     train = config.train
-    if train.num_epochs and train.overfit_batch:
-        raise UserInputError("--num-epochs counts passes over the data, and --overfit-batch trains on one batch: give --max-steps instead.")
     epoch_steps = train.epoch_steps
     sequences = train.batch_size * train.gradient_accumulation_steps * processes
     if not epoch_steps and (train.num_epochs or stage.epochs_cost_nothing):
@@ -199,10 +197,7 @@ def resolve_run_length(config: RunConfig, stage: Stage, train_stream: object, pr
         capped = f" (capped by max_steps {train.max_steps:,})" if max_steps < epochs_long else ""
         log.info("%g epoch(s) = %s steps%s", train.num_epochs, f"{max_steps:,}", capped)
     warmup_steps = train.warmup_steps
-    if train.warmup_ratio:
-        if not max_steps:
-            raise UserInputError("--warmup-ratio is a fraction of the run's steps, and this run is bounded by --max-time alone: "
-                                 "give --max-steps or --num-epochs, or the warmup as --warmup-steps.")
+    if train.warmup_ratio:  # validate() made sure the run has steps to take a fraction of
         warmup_steps = round(train.warmup_ratio * max_steps)
         log.info("Warmup: %g%% of %s steps = %s steps", 100 * train.warmup_ratio, f"{max_steps:,}", f"{warmup_steps:,}")
     elif max_steps and warmup_steps >= max_steps:

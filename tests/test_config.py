@@ -50,6 +50,8 @@ def test_overrides_convert_command_line_strings():
         ({"train.lr_scheduler": "exponential"}, "must be one of cosine, linear, constant"),
         ({"train.max_steps": 0, "train.max_time": 0}, "Give the run an end"),
         ({"model.dropout": 1.5}, "dropout must be in"),
+        ({"train.num_epochs": 1, "train.overfit_batch": True}, "--overfit-batch trains on one batch"),
+        ({"train.max_steps": 0, "train.max_time": 60, "train.warmup_ratio": 0.1}, "bounded by --max-time alone"),
     ],
 )
 def test_impossible_configurations_are_explained(overrides, message):

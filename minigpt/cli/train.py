@@ -13,7 +13,7 @@ from minigpt.cli.common import SHARED_ARGUMENTS, ArgumentParser, dash_spellings,
 from minigpt.distributed import compute_cleanup
 from minigpt.config import CHOICES, PRESETS, RunConfig, apply_overrides, load_config
 from minigpt.errors import UserInputError
-from minigpt.run import check_config, configure, dry_run, prepare_run, resolve_run_paths
+from minigpt.run import configure, dry_run, prepare_run, resolve_run_paths
 from minigpt.stages import STAGES, stage_named
 
 log = logging.getLogger("minigpt.train")
@@ -221,9 +221,9 @@ def base_config(argv: list[str]) -> tuple[RunConfig, str]:
     the defaults."""
     parser = ArgumentParser(add_help=False)
     parser.add_argument("--config")
-    parser.add_argument("--stage", default="pretrain")
-    parser.add_argument("--init-from", "--model-name-or-path")
-    parser.add_argument("--resume", "--resume-from-checkpoint", nargs="?", const="latest")
+    flags = {flag.key: flag.names for group in FLAGS.values() for flag in group}
+    parser.add_argument(*flags["train.stage"], dest="stage", default="pretrain")
+    parser.add_argument(*flags["train.init_from"], dest="init_from")
     known = parser.parse_known_args(argv)[0]
     if known.config:
         return load_config(known.config), known.config
@@ -330,8 +330,7 @@ def train_command(argv: list[str], command: str = "train") -> int:
     parser = build_parser(base, config_name, command)
     arguments = parser.parse_args(argv)
     config = config_from_arguments(arguments, base)
-    if arguments.print_config:
-        check_config(config)
+    if arguments.print_config:  # configure() has checked it
         print(json.dumps(config.to_dict(), indent=2))
         return 0
     if arguments.dry_run or arguments.dry_run_no_probe:
