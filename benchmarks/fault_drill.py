@@ -48,7 +48,10 @@ from minigpt.tokenizer import train_bpe_tokenizer  # noqa: E402
 
 FAULT_POINTS = ("after_weights", "before_rename", "after_rename_before_prune", "during_prune")
 RANDOM_MOMENT = "random moment"
-KILL_WINDOW_SECONDS = (2.0, 10.0)  # a random kill lands this long after launch: from start-up to deep in training
+# A random kill lands this fraction of the uninterrupted run's wall time after launch: from start-up
+# to a third of the way through training. A fraction, not seconds, so that a faster or slower machine
+# kills at the same places in the run (seconds let one kill on a fast CI machine swallow most of it).
+KILL_WINDOW_FRACTION = (0.05, 0.35)
 
 
 @dataclass
@@ -119,8 +122,11 @@ def checkpoint_step(checkpoint: Path | None) -> int:
     return int(checkpoint.name.rpartition("_")[2]) if checkpoint is not None else 0
 
 
-def run_session(command: list[str], workdir: Path, fault: str, rng: random.Random) -> subprocess.CompletedProcess | int:
-    """One training session, killed by `fault`: the exit status, or the completed process if it was not killed."""
+def run_session(command: list[str], workdir: Path, fault: str, rng: random.Random,
+                run_seconds: float) -> subprocess.CompletedProcess | int:
+    """One training session, killed by `fault`: the exit status, or the completed process if it was not killed.
+
+    `run_seconds` is how long the uninterrupted run took; a random kill lands within a fraction of it."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop(FAULT_POINT_VARIABLE, None)
     if fault != RANDOM_MOMENT:
@@ -128,7 +134,7 @@ def run_session(command: list[str], workdir: Path, fault: str, rng: random.Rando
         return subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
     process = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        stdout, stderr = process.communicate(timeout=rng.uniform(*KILL_WINDOW_SECONDS))
+        stdout, stderr = process.communicate(timeout=run_seconds * rng.uniform(*KILL_WINDOW_FRACTION))
         return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)  # it ended before the kill
     except subprocess.TimeoutExpired:
         process.send_signal(signal.SIGKILL)
@@ -142,17 +148,20 @@ def run_drill(workdir: Path, faults: int = 20, max_steps: int = 160, save_steps:
     rng = random.Random(seed)
     report = DrillReport()
     corpus, tokenizer = prepare_data(workdir)
+    started = time.perf_counter()
     straight = subprocess.run(train_command(corpus, tokenizer, "straight", max_steps, save_steps, resume=False),
                               cwd=workdir, capture_output=True, text=True, timeout=600)
     if straight.returncode != 0:
         raise RuntimeError(f"the uninterrupted run failed: {straight.stderr}")
+    run_seconds = time.perf_counter() - started
 
     run = workdir / "runs" / "drill"
     finished = False
     for number in range(1, faults + 1):
         resume = latest_checkpoint(run) is not None
         fault = rng.choice((RANDOM_MOMENT, *FAULT_POINTS))
-        outcome = run_session(train_command(corpus, tokenizer, "drill", max_steps, save_steps, resume), workdir, fault, rng)
+        outcome = run_session(train_command(corpus, tokenizer, "drill", max_steps, save_steps, resume), workdir, fault, rng,
+                              run_seconds)
         if isinstance(outcome, subprocess.CompletedProcess):
             if resume and outcome.returncode == 2:
                 report.refused_resumes.append(outcome.stderr.strip())
