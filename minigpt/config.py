@@ -47,10 +47,25 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
+    # Pretrained families (issue #27). MiniGPT's own models leave every switch below at its default;
+    # a Hugging Face folder sets the ones its family needs (minigpt/families.py reads them from its config.json).
+    family: str = "minigpt"  # whose layout the weights follow: minigpt, llama, qwen2, qwen3, gemma3 (export writes it back)
+    head_size: int = 0  # channels per attention head; 0 = n_embd // n_head (Qwen3 and Gemma 3 choose their own)
+    attention_bias: bool = False  # Qwen2: biases on the q, k and v projections
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head's queries and keys before rotary
+    norm_unit_offset: bool = False  # Gemma: RMSNorm scales by (1 + weight), so a zero weight is the identity
+    sandwich_norms: bool = False  # Gemma 3: a norm after attention and after the MLP too, before the residual add
+    mlp_activation: str = "silu"  # the MLP's gate: silu (SwiGLU), or gelu_tanh (Gemma's GeGLU)
+    scale_embeddings: bool = False  # Gemma: token embeddings are multiplied by sqrt(n_embd)
+    query_pre_attn_scalar: float = 0.0  # Gemma 3: attention scores scale by 1/sqrt(this); 0 = 1/sqrt(head_dim)
+    rope_scaling: dict = field(default_factory=dict)  # Llama 3.x: {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    sliding_window: int = 0  # Gemma 3: a local layer's query sees this many latest keys; 0 = no local layers
+    layer_types: list[str] = field(default_factory=list)  # per layer: full_attention or sliding_attention; empty = all full
+    rope_local_theta: float = 0.0  # Gemma 3: the rotary base of sliding-window layers; 0 = rope_theta
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
 
     @property
     def kv_heads(self) -> int:
