@@ -37,10 +37,11 @@ from typing import BinaryIO, Iterator, Sequence
 
 import numpy as np
 
+from minigpt.chat_template import CHAT_ROLES
 from minigpt.corpus import BUILTIN_CORPUS, builtin_corpus, builtin_corpus_fingerprint
 from minigpt.errors import UserInputError
 from minigpt.sft_corpus import BUILTIN_SFT, builtin_sft_conversations, builtin_sft_fingerprint
-from minigpt.tokenizer import CHAT_ROLES, Tokenizer
+from minigpt.tokenizer import Tokenizer
 
 log = logging.getLogger("minigpt.data")
 

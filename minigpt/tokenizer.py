@@ -1,7 +1,7 @@
 """Text to token ids and back.
 
-Two tokenizers behind one interface, both stored as a standard Hugging Face `tokenizer.json`
-(loadable with `tokenizers.Tokenizer.from_file` and no MiniGPT code):
+MiniGPT's own tokenizers, two kinds behind one interface, both stored as a standard Hugging Face
+`tokenizer.json` (loadable with `tokenizers.Tokenizer.from_file` and no MiniGPT code):
 
     BPETokenizer    byte-level BPE. Text is first turned into UTF-8 bytes, so any string can be
                     encoded with no unknown token; training then merges the most frequent
@@ -12,8 +12,21 @@ Two tokenizers behind one interface, both stored as a standard Hugging Face `tok
                     not seen in training becomes <|unk|>, so round trips are exact only for
                     text made of seen characters.
 
-Ids 0-3 are always the special tokens below, so code can rely on them. Special tokens written
+Ids 0-3 are always MiniGPT's special tokens below, so code can rely on them. Special tokens written
 literally in a text (say "<|endoftext|>" inside a document) are encoded as the special token.
+Their chat template is ChatML (minigpt.chat_template.ChatML).
+
+And a pretrained model's tokenizer, read from its Hugging Face folder:
+
+    PretrainedTokenizer  any BPE tokenizer.json: byte-level (Llama 3, Qwen) or SentencePiece-style,
+                    with spaces written "▁" and bytes outside the vocabulary as <0xNN> tokens
+                    (Gemma, Llama 2). Its special tokens sit at whatever ids the folder gives them;
+                    its chat template is the folder's own Jinja template
+                    (minigpt.chat_template.JinjaTemplate); generation_config.json gives its stop
+                    ids and sampling defaults. Its ids equal `transformers`' AutoTokenizer's.
+
+`load_tokenizer` reads either; `save` writes the files back, so a model fine-tuned from a folder
+keeps its tokenizer, template, stop ids and sampling defaults.
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HuggingFaceTokenizer
 from tqdm.auto import tqdm  # a widget in Jupyter, text in a terminal
 
+from minigpt.chat_template import ChatML, ChatTemplate, JinjaTemplate
 from minigpt.errors import UserInputError
 from minigpt.files import atomic_write_bytes
 
@@ -36,23 +50,30 @@ IM_END_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|pad|>"
 SPECIAL_TOKENS = [EOS_TOKEN, IM_START_TOKEN, IM_END_TOKEN, PAD_TOKEN]
 UNKNOWN_TOKEN = "<|unk|>"  # character tokenizer only: a character not seen in training (id 4)
-CHAT_ROLES = ("system", "user", "assistant")
+
+# The files of a pretrained tokenizer besides tokenizer.json (read, and written back by `save`).
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+GENERATION_CONFIG = "generation_config.json"
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")  # read from generation_config.json
 
 
 class Tokenizer:
-    """What both kinds share: encode, decode, chat rendering, save. Wraps a `tokenizers.Tokenizer`."""
+    """What every kind shares: encode, decode, chat rendering, save. Wraps a `tokenizers.Tokenizer`.
 
-    kind: str  # "bpe" or "char", set by each subclass
+    Each kind sets `eos_id` (ends a document), `pad_id` (fills batches; never trained on),
+    `bos_ids` (what the tokenizer puts before every text: empty for MiniGPT's, whose documents
+    are separated by <|endoftext|>) and `chat_template` (minigpt.chat_template).
+    """
+
+    kind: str  # "bpe", "char" or "pretrained", set by each subclass
+    eos_id: int
+    pad_id: int
+    bos_ids: tuple[int, ...] = ()
+    chat_template: ChatTemplate
 
     def __init__(self, backend: HuggingFaceTokenizer):
         self.backend = backend
-        ids = [backend.token_to_id(token) for token in SPECIAL_TOKENS]
-        if ids != [0, 1, 2, 3]:
-            raise UserInputError(
-                f"This tokenizer lacks MiniGPT's special tokens {SPECIAL_TOKENS} at ids 0-3; "
-                "train one with scripts/train_tokenizer.py."
-            )
-        self.eos_id, self.im_start_id, self.im_end_id, self.pad_id = ids
 
     @property
     def vocab_size(self) -> int:
@@ -67,6 +88,16 @@ class Tokenizer:
         """Encode many texts at once (in parallel inside `tokenizers`): the fast path for data."""
         return [encoding.ids for encoding in self.backend.encode_batch(texts, add_special_tokens=False)]
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """The ids generation starts from for a plain-text prompt: a new document beginning with `text`.
+
+        MiniGPT's models start after <|endoftext|> (where every document in training began); a
+        pretrained model's after what its tokenizer adds (BOS for Llama and Gemma, nothing for
+        Qwen), or at EOS for an empty prompt with nothing added.
+        """
+        ids = list(self.bos_ids) + self.encode(text)
+        return ids or [self.eos_id]
+
     def decode(self, ids: Sequence[int]) -> str:
         """The text of `ids`, special tokens included, so decode(encode(text)) == text."""
         return self.backend.decode(list(ids), skip_special_tokens=False)
@@ -78,13 +109,21 @@ class Tokenizer:
         with different tokenizers fairly.
         """
         lengths = [0] * self.vocab_size
+        added = self.backend.get_added_tokens_decoder()
         for token, index in self.backend.get_vocab(with_added_tokens=True).items():
-            if token not in SPECIAL_TOKENS:
+            if index in added:  # written as its own text, or a special token that stands for none
+                lengths[index] = 0 if added[index].special else len(token.encode("utf-8"))
+            else:
                 lengths[index] = self._byte_length(token)
         return lengths
 
     def _byte_length(self, token: str) -> int:
         raise NotImplementedError  # each kind writes its tokens differently
+
+    @property
+    def sampling_defaults(self) -> dict[str, float]:
+        """The model's own sampling settings (temperature, top_k, top_p, repetition_penalty), if it has any."""
+        return {}
 
     def save(self, path: str | Path) -> None:
         """Write tokenizer.json atomically: a reader sees the old file or the new one, never half."""
@@ -93,37 +132,45 @@ class Tokenizer:
     def render_chat(self, conversations: list[dict]) -> tuple[list[int], list[bool]]:
         """Token ids of a conversation, and a mask that is True on what the assistant says.
 
-        Each turn is `<|im_start|>role\\ncontent<|im_end|>\\n`. The mask covers the assistant's
-        content and its closing <|im_end|> (so the model learns to stop), and nothing else: in
-        chat fine-tuning the loss is computed only where the mask is True.
+        The chat template decides both (minigpt.chat_template): the mask covers each assistant
+        reply and the end-of-turn token(s) after it, so the model learns to stop; in chat
+        fine-tuning the loss is computed only where the mask is True.
         """
-        ids: list[int] = []
-        mask: list[bool] = []
-        newline = self.encode("\n")
-        for turn in conversations:
-            role, content = _check_turn(turn)
-            header = [self.im_start_id] + self.encode(f"{role}\n")
-            body = self.encode(content) + [self.im_end_id]
-            ids += header + body + newline
-            mask += [False] * len(header) + [role == "assistant"] * len(body) + [False] * len(newline)
-        return ids, mask
+        return self.chat_template.render(conversations)
 
     def chat_prompt(self, conversations: list[dict]) -> list[int]:
         """The conversation so far, followed by the header of the assistant's reply, for generation."""
-        ids, _ = self.render_chat(conversations)
-        return ids + [self.im_start_id] + self.encode("assistant\n")
+        return self.chat_template.prompt(conversations)
 
     def stop_ids(self, chat: bool) -> tuple[int, ...]:
         """The token ids that end a generation: the one place that decides them.
 
-        Plain text ends at <|endoftext|> (the document is over). A chat reply ends at <|im_end|>
-        (the assistant's turn is over), or at <|endoftext|> should the model write that instead.
+        Plain text ends at EOS (the document is over); a chat reply at the chat template's end of
+        turn (for MiniGPT's models <|im_end|>, or <|endoftext|> should the model write that instead).
         """
-        return (self.im_end_id, self.eos_id) if chat else (self.eos_id,)
+        return self.chat_template.stop_ids if chat else (self.eos_id,)
 
     def incremental_decoder(self, stop_strings: Sequence[str] = ()) -> IncrementalDecoder:
         """A decoder that turns ids given one at a time into text pieces, for streaming output."""
         return IncrementalDecoder(self, stop_strings)
+
+
+class MiniGPTTokenizer(Tokenizer):
+    """A tokenizer MiniGPT trained: its special tokens at ids 0-3, ChatML for chats."""
+
+    def __init__(self, backend: HuggingFaceTokenizer):
+        super().__init__(backend)
+        ids = [backend.token_to_id(token) for token in SPECIAL_TOKENS]
+        if ids != [0, 1, 2, 3]:
+            raise UserInputError(
+                f"This tokenizer lacks MiniGPT's special tokens {SPECIAL_TOKENS} at ids 0-3; "
+                "train one with scripts/train_tokenizer.py."
+            )
+        self.eos_id, self.im_start_id, self.im_end_id, self.pad_id = ids
+        self.chat_template = ChatML(self.encode, self.im_start_id, self.im_end_id, self.eos_id)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return [self.eos_id] + self.encode(text)  # EOS marks "a new document starts here"
 
 
 class IncrementalDecoder:
@@ -200,7 +247,7 @@ class IncrementalDecoder:
         return longest
 
 
-class BPETokenizer(Tokenizer):
+class BPETokenizer(MiniGPTTokenizer):
     """Byte-level BPE: any text encodes, and decodes back exactly."""
 
     kind = "bpe"
@@ -210,7 +257,7 @@ class BPETokenizer(Tokenizer):
         return len(token)
 
 
-class CharTokenizer(Tokenizer):
+class CharTokenizer(MiniGPTTokenizer):
     """One token per character seen in training; any other character becomes `unknown_id`."""
 
     kind = "char"
@@ -228,12 +275,126 @@ class CharTokenizer(Tokenizer):
         return 0 if token == UNKNOWN_TOKEN else len(token.encode("utf-8"))  # an unseen character: unknown bytes
 
 
-def _check_turn(turn: object) -> tuple[str, str]:
-    if not isinstance(turn, dict) or turn.get("role") not in CHAT_ROLES or not isinstance(turn.get("content"), str):
-        raise UserInputError(
-            f"A chat turn must be an object with 'role' ({', '.join(CHAT_ROLES)}) and string 'content', got {str(turn)[:80]}."
-        )
-    return turn["role"], turn["content"]
+class PretrainedTokenizer(Tokenizer):
+    """A pretrained model's tokenizer from its Hugging Face folder (see the module docstring).
+
+    `files` are the texts of the folder's tokenizer_config.json, chat_template.jinja and
+    generation_config.json, as read (the ones it has); `save` writes them back unchanged.
+    """
+
+    kind = "pretrained"
+
+    def __init__(self, backend: HuggingFaceTokenizer, files: dict[str, str], source: str):
+        super().__init__(backend)
+        self.files, self.source = dict(files), source
+        description = json.loads(backend.to_str())
+        if description["model"]["type"] != "BPE":
+            raise UserInputError(f"{source} holds a {description['model']['type']} tokenizer; MiniGPT reads BPE tokenizers "
+                                 "(byte-level like Llama 3 and Qwen, or SentencePiece-style like Gemma and Llama 2).")
+        decoders_used = _component_types(description.get("decoder"))
+        self.byte_level = "ByteLevel" in decoders_used
+        if not self.byte_level and not ({"Metaspace", "Replace", "ByteFallback"} & decoders_used):
+            raise UserInputError(f"{source}'s tokenizer decodes with {sorted(decoders_used) or 'no decoder'}; MiniGPT reads "
+                                 "byte-level BPE (a ByteLevel decoder) or SentencePiece-style BPE (Metaspace or \"▁\" replaced, byte fallback).")
+        config = json.loads(files.get(TOKENIZER_CONFIG, "{}"))
+        self.generation_config = json.loads(files.get(GENERATION_CONFIG, "{}"))
+        # bos_token, eos_token, ...: the names templates read, as transformers passes them.
+        self.special_tokens = {name: _token_text(config[name]) for name in TEMPLATE_TOKEN_NAMES if _token_text(config.get(name))}
+        stop = self.generation_config.get("eos_token_id")
+        stop_ids = [stop] if isinstance(stop, int) else list(stop or [])
+        named_eos = self._token_id(self.special_tokens.get("eos_token"))
+        if named_eos is None and not stop_ids:
+            raise UserInputError(f"{source} names no end-of-text token (no eos_token in tokenizer_config.json, "
+                                 "no eos_token_id in generation_config.json); add one.")
+        self.eos_id = named_eos if named_eos is not None else stop_ids[0]
+        pad = self._token_id(self.special_tokens.get("pad_token"))
+        self.pad_id = pad if pad is not None else self.eos_id  # Llama 3 has no pad token: padding is masked anyway
+        # BOS exactly when the folder's tokenizer adds it: tokenizer.json's post-processor decides,
+        # as it does in transformers 5 (tokenizer_config.json's add_bos_token is not read there).
+        plain = backend.encode("x", add_special_tokens=False).ids
+        added = backend.encode("x", add_special_tokens=True).ids
+        self.bos_ids = tuple(added[: len(added) - len(plain)]) if added[len(added) - len(plain):] == plain else ()
+        stop_ids = tuple(dict.fromkeys([*stop_ids, self.eos_id]))
+        template = _template_source(config, files.get(CHAT_TEMPLATE_FILE))
+        self.chat_template = (JinjaTemplate(template, backend, self.special_tokens, stop_ids) if template is not None
+                              else NoChatTemplate(source, stop_ids))
+        self._stop_ids = stop_ids
+
+    def _token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    def stop_ids(self, chat: bool) -> tuple[int, ...]:
+        """A pretrained model stops at generation_config.json's eos_token_id (an id or a list: Llama 3
+        instruct lists <|end_of_text|> and <|eot_id|>, Gemma 3 <eos> and <end_of_turn>) and at its
+        tokenizer's EOS, in plain text and in chats alike, as `transformers`' generate does."""
+        return self._stop_ids
+
+    @property
+    def sampling_defaults(self) -> dict[str, float]:
+        """generation_config.json's temperature, top_k, top_p and repetition_penalty (those it sets);
+        do_sample false there means greedy decoding (temperature 0)."""
+        defaults = {key: self.generation_config[key] for key in SAMPLING_KEYS if isinstance(self.generation_config.get(key), (int, float))}
+        if self.generation_config.get("do_sample") is False:
+            defaults["temperature"] = 0.0
+        return defaults
+
+    def _byte_length(self, token: str) -> int:
+        if self.byte_level:
+            return len(token)  # each byte written as one printable character, as in MiniGPT's BPE
+        if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            return 1  # byte fallback: one raw byte of a character outside the vocabulary
+        return len(token.replace("\u2581", " ").encode("utf-8"))  # "▁" stands for a space
+
+    def save(self, path: str | Path) -> None:
+        """tokenizer.json at `path`, and the folder's other tokenizer files beside it, unchanged."""
+        super().save(path)
+        for name, text in self.files.items():
+            atomic_write_bytes(Path(path).parent / name, text.encode("utf-8"))
+
+
+class NoChatTemplate(ChatTemplate):
+    """A pretrained folder without a chat template (a base model's): chats are refused in one sentence."""
+
+    document_end = ()
+
+    def __init__(self, source: str, stop_ids: tuple[int, ...]):
+        self.source, self.stop_ids = source, stop_ids
+
+    def render(self, conversation: Sequence[dict]) -> tuple[list[int], list[bool]]:
+        raise UserInputError(f"{self.source} has no chat template (no {CHAT_TEMPLATE_FILE}, no 'chat_template' in "
+                             f"{TOKENIZER_CONFIG}): it is a base model; train it on plain text, or copy its instruct model's template in.")
+
+    def prompt(self, conversation: Sequence[dict]) -> list[int]:
+        return self.render(conversation)[0]
+
+
+TEMPLATE_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _token_text(value: object) -> str | None:
+    """A special token as tokenizer_config.json gives it: a string, or an AddedToken object."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _template_source(config: dict, template_file: str | None) -> str | None:
+    """The folder's chat template: chat_template.jinja, else tokenizer_config.json's (a string, or a
+    list of named templates of which "default" is the chat one)."""
+    if template_file is not None:
+        return template_file
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = next((entry.get("template") for entry in template if isinstance(entry, dict) and entry.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
+
+
+def _component_types(component: dict | None) -> set[str]:
+    """The types in a tokenizer.json component, looking inside Sequences."""
+    if not component:
+        return set()
+    inner = component.get("decoders") or component.get("pretokenizers") or []
+    return {component["type"]}.union(*(_component_types(part) for part in inner)) - {"Sequence"}
 
 
 def _limited(texts: Iterable[str], max_samples: int, show_progress: bool, description: str) -> Iterator[str]:
@@ -293,7 +454,8 @@ def train_tokenizer(
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer.json written by MiniGPT: BPE models are byte-level BPE, WordLevel ones characters."""
+    """Load a tokenizer.json: MiniGPT's own (its special tokens at ids 0-3; BPE models are byte-level
+    BPE, WordLevel ones characters), or a pretrained model's when tokenizer_config.json lies beside it."""
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"Tokenizer file {path} does not exist; train one with scripts/train_tokenizer.py.")
@@ -302,6 +464,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     except Exception as error:  # noqa: BLE001 - tokenizers raises a bare Exception for bad files
         reason = str(error).splitlines()[0]
         raise UserInputError(f"Tokenizer file {path} could not be read ({reason}); train it again.") from None
+    minigpt_made = [backend.token_to_id(token) for token in SPECIAL_TOKENS] == [0, 1, 2, 3]
+    if not minigpt_made and (path.parent / TOKENIZER_CONFIG).is_file():
+        files = {name: (path.parent / name).read_text(encoding="utf-8")
+                 for name in (TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE, GENERATION_CONFIG) if (path.parent / name).is_file()}
+        return PretrainedTokenizer(backend, files, str(path.parent))
     model_type = json.loads(backend.to_str())["model"]["type"]
     kinds = {"BPE": BPETokenizer, "WordLevel": CharTokenizer}
     if model_type not in kinds:
@@ -309,3 +476,15 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
             f"Tokenizer file {path} holds a {model_type} model; MiniGPT reads byte-level BPE or character tokenizers."
         )
     return kinds[model_type](backend)
+
+
+def load_folder_tokenizer(folder: str | Path) -> Tokenizer:
+    """The tokenizer of a Hugging Face model folder: its tokenizer.json, tokenizer_config.json,
+    chat template and generation_config.json (a folder MiniGPT exported loads as MiniGPT's own)."""
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file():
+        only_sentencepiece = (folder / "tokenizer.model").is_file()
+        raise UserInputError(
+            f"{folder} has no tokenizer.json" + (" (only a SentencePiece tokenizer.model)" if only_sentencepiece else "")
+            + "; MiniGPT reads tokenizer.json: save the tokenizer with transformers' save_pretrained on a machine that has it.")
+    return load_tokenizer(folder / "tokenizer.json")

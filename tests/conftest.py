@@ -75,3 +75,99 @@ def run_script(script: str, *arguments: str, cwd: Path, timeout: float = 240) ->
         [sys.executable, str(REPO / "scripts" / script), *arguments],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+# ----------------------------------------------------------------------------- pretrained tokenizer folders
+# Tiny Hugging Face tokenizer folders shaped like the four families' (issue #27), trained here on a
+# few kilobytes so no test downloads anything: byte-level BPE with the special tokens at the END of
+# the vocabulary (Llama 3, Qwen2.5, Qwen3), and SentencePiece-style BPE (spaces as "▁", unknown
+# bytes as <0xNN> tokens) with the special tokens at the START (Gemma 3). The chat templates copy
+# the real ones' features (see tests/chat_templates/); tools and images are left out.
+
+TEMPLATES = REPO / "tests" / "chat_templates"
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+TOKENIZER_TRAINING_TEXT = [
+    "The quick brown fox jumps over the lazy dog. A second sentence, with numbers 12345 and 67.",
+    "机器学习是人工智能的一个分支。你好，世界！今天天气很好。",
+    "Hello! How can I help you today? I am a helpful assistant and I like to think step by step.",
+    "    indented code:\n\tdef f(x):\n\t\treturn x * 2\n\n\n",
+    "Emoji 🎉🚀 and accents é ä ñ, punctuation ... !!! ???",
+]
+# family: (split regex or None for SentencePiece-style, special tokens, tokenizer_config, generation_config)
+FAMILIES = {
+    "llama3": (LLAMA3_SPLIT, ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+               {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                "clean_up_tokenization_spaces": True, "model_max_length": 131072},
+               {"bos_token_id": "<|begin_of_text|>", "eos_token_id": ["<|end_of_text|>", "<|eot_id|>"],
+                "do_sample": True, "temperature": 0.6, "top_p": 0.9}),
+    "qwen2": (QWEN_SPLIT, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+              {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+               "add_prefix_space": False, "errors": "replace", "split_special_tokens": False, "clean_up_tokenization_spaces": False},
+              {"bos_token_id": "<|endoftext|>", "eos_token_id": ["<|im_end|>", "<|endoftext|>"], "pad_token_id": "<|endoftext|>",
+               "do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}),
+    "qwen3": (QWEN_SPLIT, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+              {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+               "add_prefix_space": False, "errors": "replace", "split_special_tokens": False, "clean_up_tokenization_spaces": False},
+              {"bos_token_id": "<|endoftext|>", "eos_token_id": ["<|im_end|>", "<|endoftext|>"], "pad_token_id": "<|endoftext|>",
+               "do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}),
+    "gemma3": (None, ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"],
+               {"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>",
+                "unk_token": "<unk>", "mask_token": "<mask>", "add_bos_token": True, "add_eos_token": False,
+                "spaces_between_special_tokens": False, "clean_up_tokenization_spaces": False},
+               {"bos_token_id": "<bos>", "eos_token_id": ["<eos>", "<end_of_turn>"], "pad_token_id": "<pad>",
+                "do_sample": True, "top_k": 64, "top_p": 0.95}),
+}
+
+
+def build_tokenizer_folder(family: str, folder: Path) -> Path:
+    """A Hugging Face folder with the tokenizer files of `family` (a key of FAMILIES): tokenizer.json,
+    tokenizer_config.json, chat_template.jinja and generation_config.json (its ids by token name
+    above, written as numbers)."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    split, specials, tokenizer_config, generation_config = FAMILIES[family]
+    if split is not None:  # byte-level BPE: 256 byte tokens, merges, then the special tokens
+        backend = Tokenizer(models.BPE())
+        backend.normalizer = normalizers.NFC() if family.startswith("qwen") else None
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+        backend.train_from_iterator(TOKENIZER_TRAINING_TEXT * 5, trainer=trainer)
+        backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+        if family == "qwen3":  # Qwen3's reasoning tags are added tokens that are not special
+            backend.add_tokens([AddedToken(token, special=False, normalized=False) for token in ("<think>", "</think>")])
+    else:  # SentencePiece-style: spaces become "▁", no prefix space, unknown bytes fall back to <0xNN>
+        backend = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+        backend.normalizer = normalizers.Replace(" ", "▁")
+        backend.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+        backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+        byte_tokens = [f"<0x{byte:02X}>" for byte in range(256)]
+        trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials + byte_tokens, show_progress=False)
+        backend.train_from_iterator(TOKENIZER_TRAINING_TEXT * 5, trainer=trainer)
+        backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+    bos = tokenizer_config.get("bos_token")
+    if bos and (split is None or family == "llama3"):  # Llama 3 and Gemma put BOS before every text
+        bos_id = backend.token_to_id(bos)
+        backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+    elif split is not None:
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    folder.mkdir(parents=True, exist_ok=True)
+    backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    (folder / "chat_template.jinja").write_text((TEMPLATES / f"{family}.jinja").read_text())
+    ids = {key: [backend.token_to_id(token) for token in value] if isinstance(value, list) else value if not isinstance(value, str)
+           else backend.token_to_id(value) for key, value in generation_config.items()}
+    (folder / "generation_config.json").write_text(json.dumps(ids, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tokenizer_folders(tmp_path_factory) -> dict[str, Path]:
+    """{family: a tokenizer folder} for llama3, qwen2, qwen3 and gemma3 (see build_tokenizer_folder)."""
+    root = tmp_path_factory.mktemp("tokenizer_folders")
+    return {family: build_tokenizer_folder(family, root / family) for family in FAMILIES}

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from minigpt.config import load_config, validate
 from minigpt.errors import UserInputError
 from minigpt.sources import DataReport, DocumentReader
-from minigpt.tokenizer import CHAT_ROLES
+from minigpt.chat_template import CHAT_ROLES
 
 SMALL = settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 DEEP = 100_000  # nesting deeper than Python's recursion limit

@@ -1,0 +1,300 @@
+"""Chat templates: how a conversation becomes the token ids a chat model reads and writes.
+
+A conversation is a list of turns `{"role": "system" | "user" | "assistant", "content": str}`.
+Every tokenizer has one chat template, and every command goes through its three answers:
+
+    render(conversation)  the token ids of a whole conversation, and a mask that is True on what
+                          the assistant says: its replies and the end-of-turn token(s) after each
+                          (supervised fine-tuning computes the loss only there)
+    prompt(conversation)  the conversation so far followed by the header of the assistant's reply:
+                          what generation starts from
+    stop_ids              the token ids that end the assistant's turn
+
+Two kinds:
+
+    ChatML         MiniGPT's own models: `<|im_start|>role\\ncontent<|im_end|>\\n`, built token by
+                   token, so the mask is exact by construction.
+    JinjaTemplate  a pretrained model's own template (its folder's chat_template.jinja or
+                   tokenizer_config.json's "chat_template"), rendered as `transformers`'
+                   `apply_chat_template` renders it: Jinja2's sandbox, the same helpers, the same
+                   whitespace settings. For ordinary text the ids are exactly apply_chat_template's.
+
+Where a message's content looks like a special token ("<|im_end|>" typed by a user), JinjaTemplate
+encodes it as plain text: only the special tokens the template writes itself are special. Plain
+`transformers` (`apply_chat_template` with its default `sanitize_control_tokens=False`) would encode
+it as the control token, letting a user close their own turn and write the assistant's. So
+MiniGPT's ids differ from apply_chat_template's exactly on such text.
+
+Templates are code from the internet: they run in Jinja2's `ImmutableSandboxedEnvironment`, never
+a plain `Environment`, so a template cannot reach Python's internals (`__class__`, `__globals__`,
+...), call unsafe methods, or change the conversation it is given.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from datetime import datetime
+from typing import Callable, Sequence
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.exceptions import SecurityError, TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer as HuggingFaceTokenizer
+
+from minigpt.errors import UserInputError
+
+CHAT_ROLES = ("system", "user", "assistant")
+Span = tuple[int, int]  # [start, end) character offsets in a rendered conversation
+
+
+def check_turn(turn: object) -> tuple[str, str]:
+    """The role and content of one turn, or a UserInputError saying what a turn must be."""
+    if not isinstance(turn, dict) or turn.get("role") not in CHAT_ROLES or not isinstance(turn.get("content"), str):
+        raise UserInputError(
+            f"A chat turn must be an object with 'role' ({', '.join(CHAT_ROLES)}) and string 'content', got {str(turn)[:80]}."
+        )
+    return turn["role"], turn["content"]
+
+
+class ChatTemplate(ABC):
+    """What every chat template answers (see the module docstring)."""
+
+    stop_ids: tuple[int, ...]  # a generated reply ends at any of these
+    # Appended after a rendered conversation in training data: ChatML ends the document with
+    # <|endoftext|>; a pretrained template's rendering is already the whole document.
+    document_end: tuple[int, ...]
+
+    @abstractmethod
+    def render(self, conversation: Sequence[dict]) -> tuple[list[int], list[bool]]:
+        """Token ids of a whole conversation, and a mask True on the assistant's replies and their end of turn."""
+
+    @abstractmethod
+    def prompt(self, conversation: Sequence[dict]) -> list[int]:
+        """Token ids of the conversation so far followed by the header of the assistant's reply."""
+
+
+class ChatML(ChatTemplate):
+    """MiniGPT's chat format: each turn is `<|im_start|>role\\ncontent<|im_end|>\\n`."""
+
+    def __init__(self, encode: Callable[[str], list[int]], im_start_id: int, im_end_id: int, eos_id: int):
+        self.encode, self.im_start_id, self.im_end_id = encode, im_start_id, im_end_id
+        # A reply ends at <|im_end|> (the turn is over), or at <|endoftext|> should the model write that instead.
+        self.stop_ids = (im_end_id, eos_id)
+        self.document_end = (eos_id,)
+
+    def render(self, conversation: Sequence[dict]) -> tuple[list[int], list[bool]]:
+        """The mask covers the assistant's content and its closing <|im_end|> (so the model learns to stop)."""
+        ids: list[int] = []
+        mask: list[bool] = []
+        newline = self.encode("\n")
+        for turn in conversation:
+            role, content = check_turn(turn)
+            header = [self.im_start_id] + self.encode(f"{role}\n")
+            body = self.encode(content) + [self.im_end_id]
+            ids += header + body + newline
+            mask += [False] * len(header) + [role == "assistant"] * len(body) + [False] * len(newline)
+        return ids, mask
+
+    def prompt(self, conversation: Sequence[dict]) -> list[int]:
+        ids, _ = self.render(conversation)
+        return ids + [self.im_start_id] + self.encode("assistant\n")
+
+
+# ----------------------------------------------------------------------------- Jinja templates
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}`, which some templates wrap around the assistant's
+    text for transformers' assistant masks: here it renders its body unchanged (MiniGPT finds the
+    assistant's text itself, so any template works)."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        line = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(line)
+
+    def _body(self, caller: Callable[[], str]) -> str:
+        return caller()
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateError(message)  # templates call it to refuse a conversation ("roles must alternate")
+
+
+def _tojson(value: object, ensure_ascii: bool = False, indent: int | None = None, separators: tuple[str, str] | None = None,
+            sort_keys: bool = False) -> str:
+    # Jinja's own tojson escapes <, >, & and ' for HTML; templates expect plain JSON, as transformers gives them.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def compile_template(source: str) -> jinja2.Template:
+    """A chat template compiled as transformers compiles it: in the immutable sandbox, blocks'
+    newlines and indentation trimmed, `{% break %}`/`{% continue %}` allowed, with the helpers
+    real templates call (raise_exception, strftime_now, a plain-JSON tojson)."""
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    environment.filters["tojson"] = _tojson
+    environment.globals["raise_exception"] = _raise_exception
+    environment.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+    try:
+        return environment.from_string(source)
+    except TemplateError as error:
+        raise UserInputError(f"The chat template is not valid Jinja ({error}); fix chat_template.jinja.") from None
+
+
+class JinjaTemplate(ChatTemplate):
+    """A pretrained model's own Jinja chat template, with the tokenizer it writes tokens of.
+
+    `special_tokens` are the names templates read (bos_token, eos_token, ...: tokenizer_config.json's
+    values); `stop_ids` end a reply (generation_config.json's eos_token_id and the tokenizer's EOS).
+    """
+
+    def __init__(self, source: str, backend: HuggingFaceTokenizer, special_tokens: dict[str, str], stop_ids: Sequence[int]):
+        self.source, self.template = source, compile_template(source)
+        self.backend, self.special_tokens = backend, dict(special_tokens)
+        self.stop_ids, self.document_end = tuple(stop_ids), ()
+        self.special_ids = {index for index, token in backend.get_added_tokens_decoder().items() if token.special}
+        # A copy that reads special tokens in text as text: what a message's content is encoded with.
+        self.text_backend = HuggingFaceTokenizer.from_str(backend.to_str())
+        self.text_backend.encode_special_tokens = True
+        # A template that ignores add_generation_prompt (a base model's) has no reply header of its own.
+        self.writes_reply_header = "add_generation_prompt" in source
+
+    # -- rendering text
+
+    def render_text(self, conversation: Sequence[dict], add_generation_prompt: bool = False) -> str:
+        """The template's text for `conversation`: exactly what apply_chat_template(tokenize=False) returns."""
+        messages = [{"role": role, "content": content} for role, content in map(check_turn, conversation)]
+        try:
+            return self.template.render(messages=messages, tools=None, documents=None,
+                                        add_generation_prompt=add_generation_prompt, **self.special_tokens)
+        except SecurityError as error:
+            raise UserInputError(f"The chat template tried something Jinja's sandbox forbids ({error}); "
+                                 "MiniGPT will not run this template: use the model's original chat_template.jinja.") from None
+        except TemplateError as error:
+            raise UserInputError(f"The chat template refused this conversation: {error}") from None
+
+    def content_spans(self, conversation: Sequence[dict], text: str, add_generation_prompt: bool) -> list[Span | None]:
+        """Where each message's content landed in `text` (the rendering of `conversation`).
+
+        The conversation is rendered again with one message's content replaced by a marker, a
+        string that appears nowhere else; what differs between that rendering and `text` is what
+        the template made of this message's content, wherever it put it and whatever it did to
+        it (trimmed it, folded it into another turn, dropped its reasoning). None where the
+        template does not show the message at all.
+        """
+        spans: list[Span | None] = []
+        for index, turn in enumerate(conversation):
+            marker = _marker(turn["content"], index)
+            marked = [*conversation[:index], {**turn, "content": marker}, *conversation[index + 1:]]
+            with_marker = self.render_text(marked, add_generation_prompt)
+            at = with_marker.find(marker)
+            if at < 0:
+                spans.append(None)
+                continue
+            before, after = with_marker[:at], with_marker[at + len(marker):]
+            if text.startswith(before) and text.endswith(after) and len(before) + len(after) <= len(text):
+                spans.append((len(before), len(text) - len(after)))  # the template copied the content in one place
+            else:  # the content also changed text around it: the span covers everything that differs
+                start = _common_prefix_length(text, with_marker)
+                end = len(text) - _common_prefix_length(text[start:][::-1], with_marker[start:][::-1])
+                spans.append((start, max(start, end)))
+        return spans
+
+    # -- encoding
+
+    def encode(self, text: str, content_spans: Sequence[Span | None]) -> tuple[list[int], list[Span]]:
+        """The ids of rendered `text` and each token's character span.
+
+        The whole text is encoded as apply_chat_template encodes it. Should a special token have
+        been read inside a message's content (text that looks like one), the text between the
+        template's own special tokens is encoded again with special tokens read as text.
+        """
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        ids, offsets = list(encoding.ids), list(encoding.offsets)
+        spans = [span for span in content_spans if span is not None]
+        inside = [index for index, token in enumerate(ids) if token in self.special_ids and _overlaps(offsets[index], spans)]
+        if not inside:
+            return ids, offsets
+        kept = [index for index, token in enumerate(ids) if token in self.special_ids and index not in inside]
+        strict_ids: list[int] = []
+        strict_offsets: list[Span] = []
+        cursor = 0
+        for index in kept + [None]:
+            start, end = offsets[index] if index is not None else (len(text), len(text))
+            if start > cursor:
+                piece = self.text_backend.encode(text[cursor:start], add_special_tokens=False)
+                strict_ids += piece.ids
+                strict_offsets += [(cursor + a, cursor + b) for a, b in piece.offsets]
+            if index is not None:
+                strict_ids.append(ids[index])
+                strict_offsets.append((start, end))
+            cursor = end
+        return strict_ids, strict_offsets
+
+    # -- the interface
+
+    def render(self, conversation: Sequence[dict]) -> tuple[list[int], list[bool]]:
+        """The mask covers, for each assistant message, the text the template made of it (its content,
+        and anything the template writes between the reply header and it, such as Qwen3's
+        `<think>` block), through the first stop token after it (the template's end of turn)."""
+        text = self.render_text(conversation)
+        spans = self.content_spans(conversation, text, add_generation_prompt=False)
+        ids, offsets = self.encode(text, spans)
+        mask = [False] * len(ids)
+        for index, (turn, span) in enumerate(zip(conversation, spans)):
+            if turn["role"] != "assistant" or span is None:
+                continue
+            start = self._reply_start(conversation[:index], text, span[0])
+            following = [other[0] for other in spans[index + 1:] if other is not None and other[0] >= span[1]]
+            limit = min(following, default=len(text))
+            end = span[1]
+            for token, (token_start, token_end) in zip(ids, offsets):
+                if token in self.stop_ids and token_start >= span[1] and token_end <= limit:
+                    end = token_end  # the end-of-turn token the template writes after the reply
+                    break
+            for position, (token_start, token_end) in enumerate(offsets):
+                if token_end > start and token_start < end:
+                    mask[position] = True
+        return ids, mask
+
+    def prompt(self, conversation: Sequence[dict]) -> list[int]:
+        text = self.render_text(conversation, add_generation_prompt=True)
+        ids, _ = self.encode(text, self.content_spans(conversation, text, add_generation_prompt=True))
+        return ids
+
+    def _reply_start(self, before: Sequence[dict], text: str, content_start: int) -> int:
+        """Where the assistant's reply starts in `text`: after the template's generation prompt for the
+        turns `before` it, when that is where the reply goes (so whatever a template writes between
+        the header and the content, such as Qwen3's `<think>\\n`, is the assistant's); else at its content."""
+        if not self.writes_reply_header or not before:
+            return content_start
+        try:
+            header = self.render_text(before, add_generation_prompt=True)
+        except UserInputError:  # a template may refuse a conversation cut short
+            return content_start
+        return len(header) if text.startswith(header) and len(header) <= content_start else content_start
+
+
+def _marker(content: str, index: int) -> str:
+    """A string that is in no content: private-use characters at both ends that `content` lacks, so
+    the rendering with the marker differs from the real one exactly where the content went."""
+    edge = next(chr(code) for code in range(0xE000, 0xF900) if chr(code) not in content)
+    return f"{edge}minigpt-message-{index}{edge}"
+
+
+def _common_prefix_length(first: str, second: str) -> int:
+    length = 0
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        length += 1
+    return length
+
+
+def _overlaps(span: Span, spans: Sequence[Span]) -> bool:
+    return any(span[0] < end and start < span[1] for start, end in spans)
