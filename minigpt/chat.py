@@ -1,10 +1,11 @@
 """A conversation with a chat-tuned model: the history, fitting it into the window, streamed replies.
 
-Each turn, the whole conversation so far is rendered with the chat template (ChatML:
-`<|im_start|>role\\ncontent<|im_end|>\\n`) followed by the header of the assistant's reply, and
-the model writes until it produces <|im_end|> (or <|endoftext|>). The model sees at most
-block_size tokens, so when the conversation grows past that the oldest exchanges are dropped
-(the system prompt is kept), with a notice on stderr.
+Each turn, the whole conversation so far is rendered with the model's chat template (ChatML,
+`<|im_start|>role\\ncontent<|im_end|>\\n`, for MiniGPT's models; a pretrained folder's own Jinja
+template otherwise: minigpt/chat_template.py) followed by the header of the assistant's reply, and
+the model writes until it produces an end-of-turn token (`Tokenizer.stop_ids(chat=True)`). The
+model sees at most block_size tokens, so when the conversation grows past that the oldest
+exchanges are dropped (the system prompt is kept), with a notice on stderr.
 
 `minigpt chat` (minigpt/cli/chat.py) wraps a session in a terminal loop; the notebook's ChatBox
 (minigpt/notebook.py) wraps one in widgets. Both stream the reply to stdout as it is sampled.

@@ -51,7 +51,7 @@ from minigpt.errors import UserInputError
 from minigpt.files import write_directory_atomically
 from minigpt.model import GPT
 from minigpt.version import __version__
-from minigpt.tokenizer import EOS_TOKEN, IM_END_TOKEN, IM_START_TOKEN, PAD_TOKEN, UNKNOWN_TOKEN, Tokenizer, load_tokenizer
+from minigpt.tokenizer import EOS_TOKEN, IM_END_TOKEN, IM_START_TOKEN, PAD_TOKEN, UNKNOWN_TOKEN, Tokenizer, load_folder_tokenizer
 
 GGUF_OUTTYPES = ("f32", "f16", "q8_0")
 GGUF_FILE_NAME = "model.gguf"
@@ -277,15 +277,6 @@ def _hf_model_config(hf: dict, source: str) -> ModelConfig:
     )
 
 
-def _import_tokenizer(path: Path) -> Tokenizer:
-    """MiniGPT's tokenizer for an HF tokenizer.json: byte-level BPE or a MiniGPT character tokenizer."""
-    tokenizer = load_tokenizer(path)  # refuses other models and special tokens not at ids 0-3
-    decoder = json.loads(tokenizer.backend.to_str()).get("decoder") or {}
-    if tokenizer.kind == "bpe" and decoder.get("type") != "ByteLevel":
-        raise UserInputError(f"{path} is a BPE tokenizer but not byte-level (decoder {decoder.get('type')}); MiniGPT needs byte-level BPE.")
-    return tokenizer
-
-
 def import_hf_llama(folder: str | Path) -> tuple[GPT, Tokenizer, RunConfig]:
     """Load a local Hugging Face Llama folder (config.json, model.safetensors, tokenizer.json) as MiniGPT.
 
@@ -299,7 +290,7 @@ def import_hf_llama(folder: str | Path) -> tuple[GPT, Tokenizer, RunConfig]:
             detail = "sharded weights are not supported; merge them into one model.safetensors" if sharded else f"it has no {name}"
             raise UserInputError(f"{folder} cannot be imported: {detail}.")
     config = _hf_model_config(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
-    tokenizer = _import_tokenizer(folder / "tokenizer.json")
+    tokenizer = load_folder_tokenizer(folder)
     if config.vocab_size < tokenizer.vocab_size:
         raise UserInputError(f"{folder}: vocab_size {config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens.")
     weights = load_file(str(folder / "model.safetensors"))

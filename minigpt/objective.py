@@ -82,7 +82,7 @@ class LanguageModelObjective(Objective):
     """Next-token prediction: pretraining, and chat fine-tuning on masked conversations.
 
     At each evaluation: validation loss, perplexity and bits per byte, and a sample, started
-    from <|endoftext|> (a new document) or, with `sample_chat_prompt`, a reply to that message.
+    from the start of a new document or, with `sample_chat_prompt`, a reply to that message.
     """
 
     def __init__(self, tokenizer: Tokenizer, sample_tokens: int = 0, seed: int = 0, sample_chat_prompt: str = ""):
@@ -117,7 +117,7 @@ class LanguageModelObjective(Objective):
         if chat:
             prompt = self.tokenizer.chat_prompt([{"role": "user", "content": self.sample_chat_prompt}])
         else:
-            prompt = [self.tokenizer.eos_id]
+            prompt = self.tokenizer.encode_prompt("")  # the start of a new document
         return complete(model, self.tokenizer, prompt, sampling)
 
     def describe(self, metrics: dict[str, Any]) -> str:

@@ -99,6 +99,7 @@ class Document:
     assistant_mask: np.ndarray | None = None  # with `tokens`: True where the assistant speaks
     hash_fraction: float | None = None  # known in advance for cached documents
     ends_document: bool = True  # append <|endoftext|> after it (a .txt file's pieces: only the last)
+    starts_document: bool = True  # put the tokenizer's BOS (if any) before it (a .txt file's pieces: only the first)
 
 
 @dataclass
@@ -422,6 +423,7 @@ class DocumentReader:
         piece = bytearray()
         has_content = False  # blank lines before any text stay with the piece they precede
         first_line = self.line_number + 1
+        at_start = self.lines_read == 0  # the file's first piece (counted per file)
         while raw := file.readline(MAX_TEXT_PIECE_BYTES):
             if len(raw) == MAX_TEXT_PIECE_BYTES and not raw.endswith(b"\n"):  # an overlong line: the rest comes next
                 whole = raw[: _whole_characters(raw)]
@@ -443,10 +445,10 @@ class DocumentReader:
         self.lines_read += 1
         try:
             # Windows line ends read as "\n": the same text trains the same whichever editor saved it.
-            return Document(text=piece.decode("utf-8").replace("\r\n", "\n"), ends_document=at_end)
+            return Document(text=piece.decode("utf-8").replace("\r\n", "\n"), ends_document=at_end, starts_document=at_start)
         except UnicodeDecodeError:
             self._bad_line(path, f"the paragraph starting at line {first_line} is not valid UTF-8")
-            return Document(text="", ends_document=at_end)
+            return Document(text="", ends_document=at_end, starts_document=at_start)
 
 
 def read_json_array(path: Path) -> list:
@@ -489,8 +491,10 @@ def encode_documents(documents: Sequence[Document], tokenizer: Tokenizer) -> lis
 
     Plain text is encoded in one batch (fast, in parallel), chat records through the chat
     template, and cached documents are already ids. The mask is True on every token of plain
-    text and, in a conversation, on what the assistant says (its content and closing
-    <|im_end|>). <|endoftext|> ends each document (mask True: the model learns where text ends).
+    text and, in a conversation, on what the assistant says (its content and end of turn). EOS
+    ends each text (mask True: the model learns where text ends), after the BOS a pretrained
+    folder's tokenizer puts before it; a conversation ends as its chat template ends it (ChatML
+    with <|endoftext|>; a pretrained template's rendering is the whole document).
     """
     texts = [document.text for document in documents if document.text is not None]
     encoded = iter(tokenizer.encode_batch(texts)) if texts else iter(())
@@ -499,12 +503,14 @@ def encode_documents(documents: Sequence[Document], tokenizer: Tokenizer) -> lis
         if document.tokens is not None:
             ids, mask = document.tokens, document.assistant_mask
         elif document.text is not None:
-            ids = np.asarray(next(encoded), dtype=np.int64)
+            ids = np.asarray([*(tokenizer.bos_ids if document.starts_document else ()), *next(encoded)], dtype=np.int64)
             mask = np.ones(len(ids), dtype=bool)
+            end = (tokenizer.eos_id,)
         else:
             chat_ids, assistant = tokenizer.render_chat(document.conversations)
             ids, mask = np.asarray(chat_ids, dtype=np.int64), np.asarray(assistant, dtype=bool)
-        if document.ends_document:
-            ids, mask = np.append(ids, tokenizer.eos_id), np.append(mask, True)
+            end = tokenizer.chat_template.document_end
+        if document.ends_document and end:
+            ids, mask = np.append(ids, end), np.append(mask, [True] * len(end))
         results.append((ids, mask))
     return results

@@ -149,7 +149,10 @@ def build_tokenizer_folder(family: str, folder: Path) -> Path:
         byte_tokens = [f"<0x{byte:02X}>" for byte in range(256)]
         trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials + byte_tokens, show_progress=False)
         backend.train_from_iterator(TOKENIZER_TRAINING_TEXT * 5, trainer=trainer)
-        backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in specials])
+        # The trainer lists the byte tokens as added tokens; in a real folder they are only vocabulary.
+        description = json.loads(backend.to_str())
+        description["added_tokens"] = [token for token in description["added_tokens"] if token["content"] not in byte_tokens]
+        backend = Tokenizer.from_str(json.dumps(description))
     bos = tokenizer_config.get("bos_token")
     if bos and (split is None or family == "llama3"):  # Llama 3 and Gemma put BOS before every text
         bos_id = backend.token_to_id(bos)

@@ -63,8 +63,9 @@ def interactive(session: ChatSession) -> None:
 @run_command
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
-    sampling = sampling_from_arguments(arguments)
+    sampling_from_arguments(arguments)  # a bad flag is refused before the model loads
     loaded = load_language_model(arguments.model, select_device(arguments.device))
+    sampling = sampling_from_arguments(arguments, loaded.tokenizer.sampling_defaults)
     stage = loaded.stage  # an adapter's is its fine-tuning run's
     if not (stage in STAGES and STAGES[stage].chat):
         chat_stages = " or ".join(f"'{name}'" for name, known in STAGES.items() if known.chat)

@@ -31,9 +31,10 @@ def build_parser() -> ArgumentParser:
 @run_command
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
-    sampling = sampling_from_arguments(arguments)
+    sampling_from_arguments(arguments)  # a bad flag is refused before the model loads
     loaded = load_language_model(arguments.model, select_device(arguments.device))
     model, tokenizer = loaded.model, loaded.tokenizer
+    sampling = sampling_from_arguments(arguments, tokenizer.sampling_defaults)
     sampling.stop_ids = tokenizer.stop_ids(chat=arguments.chat)
     prompts = arguments.prompt or [""]
     requests = []
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         if arguments.chat:
             prompt_ids = tokenizer.chat_prompt([{"role": "user", "content": prompt}])
         else:
-            prompt_ids = [tokenizer.eos_id] + tokenizer.encode(prompt)  # EOS marks "a new document starts here"
+            prompt_ids = tokenizer.encode_prompt(prompt)  # a new document: after <|endoftext|>, or the folder's BOS
         requests.append(Request(prompt_ids, sampling))
     engine = Engine(model, use_kv_cache=arguments.kv_cache)
     started = -1
