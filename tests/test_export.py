@@ -28,7 +28,7 @@ from minigpt.export import (
 from minigpt.lora import LoRAConfig, apply_lora, lora_parameters
 from minigpt.model import GPT, apply_rotary, rotary_tables
 from minigpt.model_folder import AdapterRun, load, save_model_directory
-from minigpt.tokenizer import load_tokenizer, train_char_tokenizer
+from minigpt.tokenizer import PretrainedTokenizer, load_tokenizer, train_char_tokenizer
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -291,16 +291,21 @@ def test_import_refuses_what_minigpt_cannot_represent(hf_dir, tmp_path, change, 
         import_hf_llama(folder)
 
 
-def test_import_refuses_a_tokenizer_without_minigpt_special_tokens(hf_dir, tmp_path):
+def test_import_reads_a_tokenizer_without_minigpt_special_tokens_as_the_folders_own(hf_dir, tmp_path):
+    """Special tokens elsewhere than ids 0-3: a pretrained folder's tokenizer (issue #27), not refused."""
     folder = shutil.copytree(hf_dir, tmp_path / "hf")
     tokenizer_json = json.loads((folder / "tokenizer.json").read_text())
-    tokenizer_json["added_tokens"] = []
     vocab = tokenizer_json["model"]["vocab"]
-    for token in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"):
-        vocab[token] = vocab.pop(token) + 1000
+    size = len(vocab)
+    for offset, token in enumerate(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")):  # swapped with the last ids
+        moved = next(name for name, index in vocab.items() if index == size - 1 - offset)
+        vocab[token], vocab[moved] = size - 1 - offset, vocab[token]
+    for added in tokenizer_json["added_tokens"]:
+        added["id"] = vocab[added["content"]]
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer_json))
-    with pytest.raises(UserInputError, match="special tokens"):
-        import_hf_llama(folder)
+    _, tokenizer, _ = import_hf_llama(folder)
+    assert isinstance(tokenizer, PretrainedTokenizer) and tokenizer.eos_id == size - 1
+    assert tokenizer.chat_prompt([{"role": "user", "content": "hi"}])[0] == size - 2  # <|im_start|>, by the exported template
 
 
 def test_existing_output_is_refused_without_force(model_dir, tmp_path, capsys):
