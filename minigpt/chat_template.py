@@ -158,9 +158,11 @@ class JinjaTemplate(ChatTemplate):
         self.backend, self.special_tokens = backend, dict(special_tokens)
         self.stop_ids, self.document_end = tuple(stop_ids), ()
         self.special_ids = {index for index, token in backend.get_added_tokens_decoder().items() if token.special}
-        # A copy that reads special tokens in text as text: what a message's content is encoded with.
-        self.text_backend = HuggingFaceTokenizer.from_str(backend.to_str())
-        self.text_backend.encode_special_tokens = True
+        # Copies that read special tokens in text as text: what a message's content is encoded with,
+        # at the start of the text and further on (where a Metaspace tokenizer that puts "▁" before
+        # the first word, as Llama 2's does, must not put one).
+        self.text_backend = _reading_specials_as_text(json.loads(backend.to_str()))
+        self.continuation_backend = _reading_specials_as_text(_without_first_word_prefix(json.loads(backend.to_str())))
         # A template that ignores add_generation_prompt (a base model's) has no reply header of its own.
         self.writes_reply_header = "add_generation_prompt" in source
 
@@ -227,7 +229,8 @@ class JinjaTemplate(ChatTemplate):
         for index in kept + [None]:
             start, end = offsets[index] if index is not None else (len(text), len(text))
             if start > cursor:
-                piece = self.text_backend.encode(text[cursor:start], add_special_tokens=False)
+                reader = self.text_backend if cursor == 0 else self.continuation_backend
+                piece = reader.encode(text[cursor:start], add_special_tokens=False)
                 strict_ids += piece.ids
                 strict_offsets += [(cursor + a, cursor + b) for a, b in piece.offsets]
             if index is not None:
@@ -278,6 +281,22 @@ class JinjaTemplate(ChatTemplate):
         except UserInputError:  # a template may refuse a conversation cut short
             return content_start
         return len(header) if text.startswith(header) and len(header) <= content_start else content_start
+
+
+def _reading_specials_as_text(description: dict) -> HuggingFaceTokenizer:
+    backend = HuggingFaceTokenizer.from_str(json.dumps(description))
+    backend.encode_special_tokens = True
+    return backend
+
+
+def _without_first_word_prefix(description: dict) -> dict:
+    """tokenizer.json's description with a Metaspace pre-tokenizer's prepend_scheme "first" made
+    "never": for text that follows a special token, which that scheme leaves unprefixed."""
+    pre_tokenizer = description.get("pre_tokenizer") or {}
+    for part in pre_tokenizer.get("pretokenizers") or [pre_tokenizer]:
+        if part.get("type") == "Metaspace" and part.get("prepend_scheme") == "first":
+            part["prepend_scheme"] = "never"
+    return description
 
 
 def _marker(content: str, index: int) -> str:
