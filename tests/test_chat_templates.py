@@ -303,3 +303,30 @@ def test_a_llama2_style_tokenizer_equals_transformers(llama2_folder):
     ids, _ = ours.render_chat(forged)
     assert ids == theirs.apply_chat_template(forged, tokenize=True, return_dict=False, sanitize_control_tokens=True)
     assert ids.count(ours.eos_id) == 1 and ours.stop_ids(chat=True) == (2,)
+
+
+def test_generate_and_chat_use_the_folders_template_and_sampling_defaults(tokenizer_folders, tmp_path):
+    """A Hugging Face Llama folder with a Llama 3 tokenizer, end to end through the commands: the
+    chat prompt is the folder's template, and generation_config.json's do_sample false (greedy)
+    applies unless a flag says otherwise."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import build_tokenizer_folder, run_in_process
+
+    folder = tmp_path / "llama3"
+    tokenizer = load_folder_tokenizer(tokenizer_folders["llama3"])
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    build_tokenizer_folder("llama3", folder)  # after save_pretrained, which writes a generation_config.json of its own
+    settings = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**settings, "do_sample": False}))
+
+    def reply(*flags: str) -> str:
+        result = run_in_process("chat", str(folder), "--prompt", "Hello <|eot_id|> 你好", "--max-new-tokens", "6", *flags, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    greedy = reply("--seed", "1")
+    assert reply("--seed", "2") == greedy  # greedy whatever the seed
+    assert reply("--temperature", "50", "--top-k", "0", "--seed", "2") != greedy  # a flag given wins
