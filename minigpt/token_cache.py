@@ -36,7 +36,7 @@ ENCODE_BATCH = 256  # documents tokenized together
 
 def cache_key(sources: Sequence, tokenizer: Tokenizer, text_field: str) -> str:
     """Changes whenever the tokens could: another tokenizer, another file, or a file changed."""
-    content = json.dumps([CACHE_VERSION, tokenizer.backend.to_str(), sources_fingerprint(sources), text_field])
+    content = json.dumps([CACHE_VERSION, tokenizer.definition(), sources_fingerprint(sources), text_field])
     return hashlib.sha256(content.encode("utf-8")).hexdigest()[:16]
 
 

@@ -125,6 +125,10 @@ class Tokenizer:
         """The model's own sampling settings (temperature, top_k, top_p, repetition_penalty), if it has any."""
         return {}
 
+    def definition(self) -> str:
+        """Everything that decides the ids of a text or a conversation, as one string (token caches key on it)."""
+        return self.backend.to_str()
+
     def save(self, path: str | Path) -> None:
         """Write tokenizer.json atomically: a reader sees the old file or the new one, never half."""
         atomic_write_bytes(path, self.backend.to_str(pretty=True).encode("utf-8"))
@@ -344,6 +348,9 @@ class PretrainedTokenizer(Tokenizer):
         if len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
             return 1  # byte fallback: one raw byte of a character outside the vocabulary
         return len(token.replace("\u2581", " ").encode("utf-8"))  # "▁" stands for a space
+
+    def definition(self) -> str:
+        return json.dumps([self.backend.to_str(), self.files], sort_keys=True)  # the template and stop ids too
 
     def save(self, path: str | Path) -> None:
         """tokenizer.json at `path`, and the folder's other tokenizer files beside it, unchanged."""

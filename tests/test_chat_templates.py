@@ -233,6 +233,9 @@ def test_save_writes_the_folder_files_back(tokenizers, tmp_path):
     ids, mask = ours.render_chat(CONVERSATIONS[1])
     assert loaded.render_chat(CONVERSATIONS[1]) == (ids, mask)
     assert loaded.stop_ids(chat=True) == ours.stop_ids(chat=True) and loaded.sampling_defaults == ours.sampling_defaults
+    assert loaded.definition() == ours.definition()
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")  # another template: other ids for chats
+    assert load_tokenizer(tmp_path / "tokenizer.json").definition() != ours.definition()
 
 
 def test_minigpt_tokenizers_keep_chatml(tokenizer_file):
