@@ -19,8 +19,8 @@ Two kinds:
                    `apply_chat_template` renders it: Jinja2's sandbox, the same helpers, the same
                    whitespace settings. For ordinary text the ids are exactly apply_chat_template's.
 
-Where a message's content looks like a special token ("<|im_end|>" typed by a user), JinjaTemplate
-encodes it as plain text: only the special tokens the template writes itself are special. Plain
+Where a message's content looks like a special token ("<|im_end|>" typed by a user), both encode
+it as plain text: only the special tokens the template writes itself are special. Plain
 `transformers` (`apply_chat_template` with its default `sanitize_control_tokens=False`) would encode
 it as the control token, letting a user close their own turn and write the assistant's. So
 MiniGPT's ids differ from apply_chat_template's exactly on such text.
@@ -79,8 +79,9 @@ class ChatTemplate(ABC):
 class ChatML(ChatTemplate):
     """MiniGPT's chat format: each turn is `<|im_start|>role\\ncontent<|im_end|>\\n`."""
 
-    def __init__(self, encode: Callable[[str], list[int]], im_start_id: int, im_end_id: int, eos_id: int):
-        self.encode, self.im_start_id, self.im_end_id = encode, im_start_id, im_end_id
+    def __init__(self, backend: HuggingFaceTokenizer, im_start_id: int, im_end_id: int, eos_id: int):
+        self.backend, self.im_start_id, self.im_end_id = backend, im_start_id, im_end_id
+        self.text_backend = _reading_specials_as_text(json.loads(backend.to_str()))  # for what a message says
         # A reply ends at <|im_end|> (the turn is over), or at <|endoftext|> should the model write that instead.
         self.stop_ids = (im_end_id, eos_id)
         self.document_end = (eos_id,)
@@ -89,18 +90,21 @@ class ChatML(ChatTemplate):
         """The mask covers the assistant's content and its closing <|im_end|> (so the model learns to stop)."""
         ids: list[int] = []
         mask: list[bool] = []
-        newline = self.encode("\n")
+        newline = self._encode("\n")
         for turn in conversation:
             role, content = check_turn(turn)
-            header = [self.im_start_id] + self.encode(f"{role}\n")
-            body = self.encode(content) + [self.im_end_id]
+            header = [self.im_start_id] + self._encode(f"{role}\n")
+            body = self.text_backend.encode(content, add_special_tokens=False).ids + [self.im_end_id]
             ids += header + body + newline
             mask += [False] * len(header) + [role == "assistant"] * len(body) + [False] * len(newline)
         return ids, mask
 
     def prompt(self, conversation: Sequence[dict]) -> list[int]:
         ids, _ = self.render(conversation)
-        return ids + [self.im_start_id] + self.encode("assistant\n")
+        return ids + [self.im_start_id] + self._encode("assistant\n")
+
+    def _encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
 
 
 # ----------------------------------------------------------------------------- Jinja templates

@@ -13,8 +13,8 @@ MiniGPT's own tokenizers, two kinds behind one interface, both stored as a stand
                     text made of seen characters.
 
 Ids 0-3 are always MiniGPT's special tokens below, so code can rely on them. Special tokens written
-literally in a text (say "<|endoftext|>" inside a document) are encoded as the special token.
-Their chat template is ChatML (minigpt.chat_template.ChatML).
+literally in a text (say "<|endoftext|>" inside a document) are encoded as the special token; in a
+chat message they are text. Their chat template is ChatML (minigpt.chat_template.ChatML).
 
 And a pretrained model's tokenizer, read from its Hugging Face folder:
 
@@ -171,7 +171,7 @@ class MiniGPTTokenizer(Tokenizer):
                 "train one with scripts/train_tokenizer.py."
             )
         self.eos_id, self.im_start_id, self.im_end_id, self.pad_id = ids
-        self.chat_template = ChatML(self.encode, self.im_start_id, self.im_end_id, self.eos_id)
+        self.chat_template = ChatML(backend, self.im_start_id, self.im_end_id, self.eos_id)
 
     def encode_prompt(self, text: str) -> list[int]:
         return [self.eos_id] + self.encode(text)  # EOS marks "a new document starts here"
