@@ -191,13 +191,15 @@ class EncodedRecords:
 
 def encode_records(records: Sequence[LabelledRecord], tokenizer: Tokenizer, label_maps: LabelMaps, block_size: int,
                    report: DataReport | None = None) -> EncodedRecords:
-    """Tokenize the texts (cut to block_size tokens; counted as truncated) and number the labels.
+    """Tokenize the texts (after the BOS a pretrained folder's tokenizer puts first; cut to block_size
+    tokens, counted as truncated) and number the labels.
 
     A label the map does not know (not seen in the training data) is reported with its record's
     `file:line` and ignored."""
     report = report if report is not None else DataReport(documents=len(records))
     ids = []
-    for tokens in tokenizer.encode_batch([record.text for record in records]):
+    for text_tokens in tokenizer.encode_batch([record.text for record in records]):
+        tokens = [*tokenizer.bos_ids, *text_tokens]
         if len(tokens) > block_size:
             report.truncated += 1
         ids.append(np.asarray(tokens[:block_size] or [tokenizer.eos_id], dtype=np.int64))

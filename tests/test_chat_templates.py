@@ -18,6 +18,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from minigpt.chat_template import ChatML, JinjaTemplate
 from minigpt.cli.sampling import MINIGPT_SAMPLING, add_sampling_flags, sampling_from_arguments
 from minigpt.errors import UserInputError
+from minigpt.labelled_data import LabelledRecord, encode_records
 from minigpt.sources import Document, encode_documents
 from minigpt.tokenizer import PretrainedTokenizer, load_folder_tokenizer, load_tokenizer
 
@@ -223,6 +224,9 @@ def test_training_documents_start_and_end_as_the_folder_says(tokenizers):
         assert chat_ids.tolist() == rendered and chat_mask.tolist() == mask and text_mask.all(), family
         piece = encode_documents([Document(text="second paragraph", starts_document=False, ends_document=False)], ours)[0][0]
         assert piece.tolist() == ours.encode("second paragraph"), family
+        record = LabelledRecord("Hello world", {"labels": "greeting"}, "data.jsonl:1")  # a classifier reads what the model read
+        assert encode_records([record], ours, {"labels": ["greeting"]}, block_size=64).ids[0].tolist() == \
+            [*ours.bos_ids, *ours.encode("Hello world")], family
 
 
 def test_save_writes_the_folder_files_back(tokenizers, tmp_path):
