@@ -147,7 +147,7 @@ def compile_template(source: str) -> jinja2.Template:
     try:
         return environment.from_string(source)
     except TemplateError as error:
-        raise UserInputError(f"The chat template is not valid Jinja ({error}); fix chat_template.jinja.") from None
+        raise UserInputError(f"The chat template is not valid Jinja ({error}); fix the folder's chat template.") from None
 
 
 class JinjaTemplate(ChatTemplate):
@@ -183,6 +183,8 @@ class JinjaTemplate(ChatTemplate):
                                  "MiniGPT will not run this template: use the model's original chat_template.jinja.") from None
         except TemplateError as error:
             raise UserInputError(f"The chat template refused this conversation: {error}") from None
+        except Exception as error:  # noqa: BLE001 - a template is foreign code: its own bug, said in one sentence
+            raise UserInputError(f"The chat template failed on this conversation ({type(error).__name__}: {error}).") from None
 
     def content_spans(self, conversation: Sequence[dict], text: str, add_generation_prompt: bool) -> list[Span | None]:
         """Where each message's content landed in `text` (the rendering of `conversation`).

@@ -172,6 +172,29 @@ def test_the_template_runs_in_the_sandbox(tokenizers):
             template.render_text(conversation)
 
 
+HELPERS_TEMPLATE = (  # what real templates call besides messages: every helper transformers gives them
+    "{{ bos_token }}{% set today = strftime_now('%Y') %}{{ today | length }}"
+    "{% for message in messages %}{% if message.role == 'system' %}{% continue %}{% endif %}"
+    "{{ message | tojson }}\n"
+    "{% if message.role == 'assistant' %}{% generation %}{{ message.content }}{% endgeneration %}{% endif %}"
+    "{% if loop.index > 3 %}{% break %}{% endif %}{% endfor %}"
+    "{% if tools is not none %}{{ raise_exception('no tools here') }}{% endif %}"
+    "{% if add_generation_prompt %}{{ eos_token }}{% endif %}"
+)
+
+
+def test_the_helpers_real_templates_call_render_as_in_transformers(tokenizers):
+    ours, theirs = tokenizers["gemma3"]
+    template = JinjaTemplate(HELPERS_TEMPLATE, ours.backend, ours.special_tokens, ours.stop_ids(chat=True))
+    for conversation in CONVERSATIONS:
+        for prompt in (False, True):
+            assert template.render_text(conversation, prompt) == theirs.apply_chat_template(
+                conversation, chat_template=HELPERS_TEMPLATE, tokenize=False, add_generation_prompt=prompt)
+    broken = JinjaTemplate("{{ messages[0].content + 1 }}", ours.backend, ours.special_tokens, ours.stop_ids(chat=True))
+    with pytest.raises(UserInputError, match="failed on this conversation"):
+        broken.render_text(CONVERSATIONS[0])
+
+
 def test_a_template_can_refuse_a_conversation(tokenizers):
     gemma, _ = tokenizers["gemma3"]
     with pytest.raises(UserInputError, match="roles must alternate"):
