@@ -18,6 +18,7 @@ Two kinds:
                    tokenizer_config.json's "chat_template"), rendered as `transformers`'
                    `apply_chat_template` renders it: Jinja2's sandbox, the same helpers, the same
                    whitespace settings. For ordinary text the ids are exactly apply_chat_template's.
+    NoChatTemplate a pretrained folder that has none (a base model): chats are refused.
 
 Where a message's content looks like a special token ("<|im_end|>" typed by a user), both encode
 it as plain text: only the special tokens the template writes itself are special. Plain
@@ -105,6 +106,22 @@ class ChatML(ChatTemplate):
 
     def _encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
+
+
+class NoChatTemplate(ChatTemplate):
+    """A pretrained folder without a chat template (a base model's): chats are refused in one sentence."""
+
+    document_end = ()
+
+    def __init__(self, source: str, stop_ids: Sequence[int]):
+        self.source, self.stop_ids = source, tuple(stop_ids)
+
+    def render(self, conversation: Sequence[dict]) -> tuple[list[int], list[bool]]:
+        raise UserInputError(f"{self.source} has no chat template (no chat_template.jinja, no 'chat_template' in "
+                             "tokenizer_config.json): it is a base model; train it on plain text, or copy its instruct model's template in.")
+
+    def prompt(self, conversation: Sequence[dict]) -> list[int]:
+        return self.render(conversation)[0]
 
 
 # ----------------------------------------------------------------------------- Jinja templates

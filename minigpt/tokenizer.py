@@ -40,7 +40,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HuggingFaceTokenizer
 from tqdm.auto import tqdm  # a widget in Jupyter, text in a terminal
 
-from minigpt.chat_template import ChatML, ChatTemplate, JinjaTemplate
+from minigpt.chat_template import ChatML, ChatTemplate, JinjaTemplate, NoChatTemplate
 from minigpt.errors import UserInputError
 from minigpt.files import atomic_write_bytes
 
@@ -56,6 +56,8 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 GENERATION_CONFIG = "generation_config.json"
 SAMPLING_KEYS = ("temperature", "top_k", "top_p", "repetition_penalty")  # read from generation_config.json
+# The special tokens tokenizer_config.json names, passed to chat templates by these names (as transformers does).
+TEMPLATE_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 class Tokenizer:
@@ -159,24 +161,6 @@ class Tokenizer:
         return IncrementalDecoder(self, stop_strings)
 
 
-class MiniGPTTokenizer(Tokenizer):
-    """A tokenizer MiniGPT trained: its special tokens at ids 0-3, ChatML for chats."""
-
-    def __init__(self, backend: HuggingFaceTokenizer):
-        super().__init__(backend)
-        ids = [backend.token_to_id(token) for token in SPECIAL_TOKENS]
-        if ids != [0, 1, 2, 3]:
-            raise UserInputError(
-                f"This tokenizer lacks MiniGPT's special tokens {SPECIAL_TOKENS} at ids 0-3; "
-                "train one with scripts/train_tokenizer.py."
-            )
-        self.eos_id, self.im_start_id, self.im_end_id, self.pad_id = ids
-        self.chat_template = ChatML(backend, self.im_start_id, self.im_end_id, self.eos_id)
-
-    def encode_prompt(self, text: str) -> list[int]:
-        return [self.eos_id] + self.encode(text)  # EOS marks "a new document starts here"
-
-
 class IncrementalDecoder:
     """Turns token ids, given one at a time, into pieces of text that are safe to show at once.
 
@@ -251,6 +235,24 @@ class IncrementalDecoder:
         return longest
 
 
+class MiniGPTTokenizer(Tokenizer):
+    """A tokenizer MiniGPT trained: its special tokens at ids 0-3, ChatML for chats."""
+
+    def __init__(self, backend: HuggingFaceTokenizer):
+        super().__init__(backend)
+        ids = [backend.token_to_id(token) for token in SPECIAL_TOKENS]
+        if ids != [0, 1, 2, 3]:
+            raise UserInputError(
+                f"This tokenizer lacks MiniGPT's special tokens {SPECIAL_TOKENS} at ids 0-3; "
+                "train one with scripts/train_tokenizer.py."
+            )
+        self.eos_id, self.im_start_id, self.im_end_id, self.pad_id = ids
+        self.chat_template = ChatML(backend, self.im_start_id, self.im_end_id, self.eos_id)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return [self.eos_id] + self.encode(text)  # EOS marks "a new document starts here"
+
+
 class BPETokenizer(MiniGPTTokenizer):
     """Byte-level BPE: any text encodes, and decodes back exactly."""
 
@@ -300,8 +302,8 @@ class PretrainedTokenizer(Tokenizer):
         if not self.byte_level and not ({"Metaspace", "Replace", "ByteFallback"} & decoders_used):
             raise UserInputError(f"{source}'s tokenizer decodes with {sorted(decoders_used) or 'no decoder'}; MiniGPT reads "
                                  "byte-level BPE (a ByteLevel decoder) or SentencePiece-style BPE (Metaspace or \"▁\" replaced, byte fallback).")
-        config = json.loads(files.get(TOKENIZER_CONFIG, "{}"))
-        self.generation_config = json.loads(files.get(GENERATION_CONFIG, "{}"))
+        config = _json_object(files, TOKENIZER_CONFIG, source)
+        self.generation_config = _json_object(files, GENERATION_CONFIG, source)
         # bos_token, eos_token, ...: the names templates read, as transformers passes them.
         self.special_tokens = {name: _token_text(config[name]) for name in TEMPLATE_TOKEN_NAMES if _token_text(config.get(name))}
         stop = self.generation_config.get("eos_token_id")
@@ -322,7 +324,6 @@ class PretrainedTokenizer(Tokenizer):
         template = _template_source(config, files.get(CHAT_TEMPLATE_FILE))
         self.chat_template = (JinjaTemplate(template, backend, self.special_tokens, stop_ids) if template is not None
                               else NoChatTemplate(source, stop_ids))
-        self._stop_ids = stop_ids
 
     def _token_id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
@@ -331,7 +332,7 @@ class PretrainedTokenizer(Tokenizer):
         """A pretrained model stops at generation_config.json's eos_token_id (an id or a list: Llama 3
         instruct lists <|end_of_text|> and <|eot_id|>, Gemma 3 <eos> and <end_of_turn>) and at its
         tokenizer's EOS, in plain text and in chats alike, as `transformers`' generate does."""
-        return self._stop_ids
+        return self.chat_template.stop_ids
 
     @property
     def sampling_defaults(self) -> dict[str, float]:
@@ -359,23 +360,15 @@ class PretrainedTokenizer(Tokenizer):
             atomic_write_bytes(Path(path).parent / name, text.encode("utf-8"))
 
 
-class NoChatTemplate(ChatTemplate):
-    """A pretrained folder without a chat template (a base model's): chats are refused in one sentence."""
-
-    document_end = ()
-
-    def __init__(self, source: str, stop_ids: tuple[int, ...]):
-        self.source, self.stop_ids = source, stop_ids
-
-    def render(self, conversation: Sequence[dict]) -> tuple[list[int], list[bool]]:
-        raise UserInputError(f"{self.source} has no chat template (no {CHAT_TEMPLATE_FILE}, no 'chat_template' in "
-                             f"{TOKENIZER_CONFIG}): it is a base model; train it on plain text, or copy its instruct model's template in.")
-
-    def prompt(self, conversation: Sequence[dict]) -> list[int]:
-        return self.render(conversation)[0]
-
-
-TEMPLATE_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+def _json_object(files: dict[str, str], name: str, source: str) -> dict:
+    """One of the folder's JSON files as a dict ({} when the folder has none), or a sentence saying it is broken."""
+    try:
+        value = json.loads(files.get(name, "{}"))
+    except json.JSONDecodeError as error:
+        raise UserInputError(f"{source}/{name} is not valid JSON ({error.msg}, line {error.lineno}); fix or restore it.") from None
+    if not isinstance(value, dict):
+        raise UserInputError(f"{source}/{name} holds a {type(value).__name__}, not a JSON object; fix or restore it.")
+    return value
 
 
 def _token_text(value: object) -> str | None:

@@ -213,6 +213,9 @@ def test_a_folder_without_a_template_refuses_chats_in_one_sentence(tokenizer_fol
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     assert load_folder_tokenizer(folder).chat_prompt([{"role": "user", "content": "hi"}]) == \
         load_folder_tokenizer(tokenizer_folders["qwen2"]).chat_prompt([{"role": "user", "content": "hi"}])
+    (folder / "generation_config.json").write_text("{not json")
+    with pytest.raises(UserInputError, match="generation_config.json is not valid JSON"):
+        load_folder_tokenizer(folder)
     (folder / "tokenizer.json").rename(folder / "tokenizer.model")
     with pytest.raises(UserInputError, match="only a SentencePiece tokenizer.model"):
         load_folder_tokenizer(folder)
