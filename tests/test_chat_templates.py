@@ -359,7 +359,7 @@ def test_generate_and_chat_use_the_folders_template_and_sampling_defaults(tokeni
     (folder / "generation_config.json").write_text(json.dumps({**settings, "do_sample": False}))
 
     def reply(*flags: str) -> str:
-        result = run_in_process("chat", str(folder), "--prompt", "Hello <|eot_id|> 你好", "--max-new-tokens", "6", *flags, cwd=tmp_path)
+        result = run_in_process("chat", str(folder), "--prompt", "Hello <|eot_id|> 你好", "--max-new-tokens", "4", *flags, cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         return result.stdout
 
