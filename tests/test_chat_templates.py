@@ -17,8 +17,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from minigpt.chat_template import ChatML, JinjaTemplate
 from minigpt.cli.sampling import MINIGPT_SAMPLING, add_sampling_flags, sampling_from_arguments
+from minigpt.data import TokenBlockStream
 from minigpt.errors import UserInputError
 from minigpt.labelled_data import LabelledRecord, encode_records
+from minigpt.loss import IGNORE_INDEX
 from minigpt.sources import Document, encode_documents
 from minigpt.tokenizer import PretrainedTokenizer, load_folder_tokenizer, load_tokenizer
 
@@ -366,3 +368,15 @@ def test_generate_and_chat_use_the_folders_template_and_sampling_defaults(tokeni
     greedy = reply("--seed", "1")
     assert reply("--seed", "2") == greedy  # greedy whatever the seed
     assert reply("--temperature", "50", "--top-k", "0", "--seed", "2") != greedy  # a flag given wins
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sft_batches_train_on_the_assistant_replies_only(tokenizers, family, tmp_path):
+    """Through the data stream SFT reads: the targets are the masked replies and nothing else."""
+    ours, _ = tokenizers[family]
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps({"messages": CONVERSATIONS[1]}) + "\n")
+    ids, _ = ours.render_chat(CONVERSATIONS[1])
+    stream = TokenBlockStream([path], ours, block_size=len(ids) - 1, batch_size=1, assistant_only_loss=True, loop=False)
+    _, targets = next(iter(stream))
+    assert ours.decode([token for token in targets[0].tolist() if token != IGNORE_INDEX]) == "".join(MASKED_REPLIES[family])
