@@ -25,6 +25,10 @@ from minigpt.engine import Engine, FinishReason, Request, SamplingConfig, next_t
 from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer
 
+# What MiniGPT samples with where neither the user nor the model (a pretrained folder's
+# generation_config.json: `Tokenizer.sampling_defaults`) says otherwise.
+DEFAULT_SAMPLING = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.0}
+
 __all__ = ["SamplingConfig", "next_token_distribution", "generate", "TextPiece", "stream_text", "complete"]
 
 

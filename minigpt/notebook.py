@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 from minigpt.chat import ChatSession
 from minigpt.config import PRESETS, RunConfig, preset_config
 from minigpt.errors import UserInputError
-from minigpt.generation import SamplingConfig
+from minigpt.generation import DEFAULT_SAMPLING, SamplingConfig
 from minigpt.model import GPT
 from minigpt.plots import CURVE_PANELS, TRAIN_COLOR, VALIDATION_COLOR
 from minigpt.run import configure
@@ -432,8 +432,12 @@ class ChatBox:
     def __init__(self, model: GPT, tokenizer: Tokenizer, system: str = "", max_new_tokens: int = 64):
         _require_widgets()
         self.message = widgets.Text(placeholder="Ask something and press Enter", layout={"width": "60%"})
-        self.temperature = widgets.FloatSlider(value=0.8, min=0.0, max=2.0, step=0.05, description="temperature")
-        self.top_p = widgets.FloatSlider(value=0.95, min=0.05, max=1.0, step=0.05, description="top-p")
+        model_defaults = tokenizer.sampling_defaults  # a pretrained folder's generation_config.json; {} for MiniGPT's models
+        self.temperature = widgets.FloatSlider(value=model_defaults.get("temperature", DEFAULT_SAMPLING["temperature"]),
+                                               min=0.0, max=2.0, step=0.05, description="temperature")
+        self.top_p = widgets.FloatSlider(value=model_defaults.get("top_p", DEFAULT_SAMPLING["top_p"]), min=0.05, max=1.0, step=0.05, description="top-p")
+        self.top_k = int(model_defaults.get("top_k", 0))  # no slider: the model's own, else off
+        self.repetition_penalty = float(model_defaults.get("repetition_penalty", 1.0))
         self.max_new_tokens = widgets.IntSlider(value=max_new_tokens, min=8, max=model.config.block_size // 2, description="max tokens")
         self.send = widgets.Button(description="Send", button_style="primary")
         self.clear = widgets.Button(description="Reset")
@@ -450,7 +454,7 @@ class ChatBox:
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(max_new_tokens=self.max_new_tokens.value, temperature=self.temperature.value,
-                              top_k=0, top_p=self.top_p.value)
+                              top_k=self.top_k, top_p=self.top_p.value, repetition_penalty=self.repetition_penalty)
 
     def ask(self, message: str) -> str:
         """Answer `message`: the reply streams into the Output widget as it is sampled."""

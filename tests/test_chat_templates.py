@@ -16,9 +16,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from minigpt.chat_template import ChatML, JinjaTemplate
-from minigpt.cli.sampling import MINIGPT_SAMPLING, add_sampling_flags, sampling_from_arguments
+from minigpt.cli.sampling import add_sampling_flags, sampling_from_arguments
 from minigpt.data import TokenBlockStream
 from minigpt.errors import UserInputError
+from minigpt.generation import DEFAULT_SAMPLING
 from minigpt.labelled_data import LabelledRecord, encode_records
 from minigpt.loss import IGNORE_INDEX
 from minigpt.sources import Document, encode_documents
@@ -233,7 +234,7 @@ def test_stop_ids_and_sampling_defaults_come_from_generation_config(tokenizers):
     parser = argparse.ArgumentParser()
     add_sampling_flags(parser)
     unset = sampling_from_arguments(parser.parse_args([]), llama.sampling_defaults)
-    assert (unset.temperature, unset.top_p, unset.top_k) == (0.6, 0.9, MINIGPT_SAMPLING["top_k"])
+    assert (unset.temperature, unset.top_p, unset.top_k) == (0.6, 0.9, DEFAULT_SAMPLING["top_k"])
     given = sampling_from_arguments(parser.parse_args(["--temperature", "1.3", "--top-k", "5"]), llama.sampling_defaults)
     assert (given.temperature, given.top_p, given.top_k) == (1.3, 0.9, 5)  # what the user types wins
     minigpt = sampling_from_arguments(parser.parse_args([]), {})

@@ -2,7 +2,7 @@
 
 --temperature, --top-k, --top-p and --repetition-penalty are unset unless given: a value the user
 types always wins; one left out takes the model's own default (a pretrained folder's
-generation_config.json, `Tokenizer.sampling_defaults`), else MiniGPT's (MINIGPT_SAMPLING).
+generation_config.json, `Tokenizer.sampling_defaults`), else MiniGPT's (DEFAULT_SAMPLING).
 """
 
 from __future__ import annotations
@@ -12,20 +12,19 @@ from typing import Mapping
 
 from minigpt.cli.common import add_shared_arguments
 from minigpt.errors import UserInputError
-from minigpt.generation import SamplingConfig
+from minigpt.generation import DEFAULT_SAMPLING, SamplingConfig
 
-MINIGPT_SAMPLING = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.0}
 MODEL_DEFAULT = "default: the model's generation_config.json, else {}"
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser, max_new_tokens: int = 200) -> None:
     """--max-new-tokens, --temperature, --top-k, --top-p, --repetition-penalty, --seed, --stop, --kv-cache/--no-kv-cache."""
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (" + MODEL_DEFAULT.format(MINIGPT_SAMPLING["temperature"]) + ")")
-    parser.add_argument("--top-k", type=int, default=None, help="0 = off (" + MODEL_DEFAULT.format(MINIGPT_SAMPLING["top_k"]) + ")")
-    parser.add_argument("--top-p", type=float, default=None, help="1.0 = off (" + MODEL_DEFAULT.format(MINIGPT_SAMPLING["top_p"]) + ")")
+    parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (" + MODEL_DEFAULT.format(DEFAULT_SAMPLING["temperature"]) + ")")
+    parser.add_argument("--top-k", type=int, default=None, help="0 = off (" + MODEL_DEFAULT.format(DEFAULT_SAMPLING["top_k"]) + ")")
+    parser.add_argument("--top-p", type=float, default=None, help="1.0 = off (" + MODEL_DEFAULT.format(DEFAULT_SAMPLING["top_p"]) + ")")
     parser.add_argument("--repetition-penalty", type=float, default=None,
-                        help="1.0 = off; 1.1-1.3 discourages repeats (" + MODEL_DEFAULT.format(MINIGPT_SAMPLING["repetition_penalty"]) + ")")
+                        help="1.0 = off; 1.1-1.3 discourages repeats (" + MODEL_DEFAULT.format(DEFAULT_SAMPLING["repetition_penalty"]) + ")")
     add_shared_arguments(parser, "seed", seed={"help": "fix the sample (default: different every time)"})
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
                         help="end the text before this string (repeat for several)")
@@ -40,7 +39,7 @@ def sampling_from_arguments(arguments: argparse.Namespace, model_defaults: Mappi
     loading the model, so a bad flag is refused at once, and again with the model's defaults."""
     model_defaults = model_defaults or {}
     chosen, origin = {}, {}
-    for key, fallback in MINIGPT_SAMPLING.items():
+    for key, fallback in DEFAULT_SAMPLING.items():
         flag = "--" + key.replace("_", "-")
         given = getattr(arguments, key)
         if given is not None:
