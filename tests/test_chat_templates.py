@@ -381,3 +381,17 @@ def test_sft_batches_train_on_the_assistant_replies_only(tokenizers, family, tmp
     stream = TokenBlockStream([path], ours, block_size=len(ids) - 1, batch_size=1, assistant_only_loss=True, loop=False)
     _, targets = next(iter(stream))
     assert ours.decode([token for token in targets[0].tolist() if token != IGNORE_INDEX]) == "".join(MASKED_REPLIES[family])
+
+
+def test_a_model_saved_with_a_pretrained_tokenizer_keeps_it(tokenizers, tmp_path):
+    """A run fine-tuned from a folder writes the folder's tokenizer files into its final_model/."""
+    from minigpt.config import ModelConfig, RunConfig
+    from minigpt.model import GPT
+    from minigpt.model_folder import load, save_model_directory
+
+    ours, _ = tokenizers["qwen3"]
+    config = RunConfig(model=ModelConfig(vocab_size=ours.vocab_size, n_layer=1, n_head=2, n_embd=16, block_size=64))
+    save_model_directory(tmp_path / "final_model", GPT(config.model), config, ours)
+    loaded = load(tmp_path / "final_model").tokenizer
+    assert isinstance(loaded, PretrainedTokenizer) and loaded.definition() == ours.definition()
+    assert loaded.render_chat(CONVERSATIONS[1]) == ours.render_chat(CONVERSATIONS[1])
