@@ -63,6 +63,15 @@ class Tokenizer:
         """The token ids of `text`, with no special tokens added around it."""
         return self.backend.encode(text, add_special_tokens=False).ids
 
+    def encode_text(self, text: str) -> list[int]:
+        """The token ids of `text` read as plain text: a special token written in it ("<|im_end|>",
+        say) is encoded as its characters, never as the special token. What users type goes
+        through here, so a message cannot end its own turn or open another one."""
+        if not hasattr(self, "_text_backend"):  # a second backend: the switch is not flipped under other threads
+            self._text_backend = HuggingFaceTokenizer.from_str(self.backend.to_str())
+            self._text_backend.encode_special_tokens = True
+        return self._text_backend.encode(text, add_special_tokens=False).ids
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts at once (in parallel inside `tokenizers`): the fast path for data."""
         return [encoding.ids for encoding in self.backend.encode_batch(texts, add_special_tokens=False)]
@@ -95,7 +104,8 @@ class Tokenizer:
 
         Each turn is `<|im_start|>role\\ncontent<|im_end|>\\n`. The mask covers the assistant's
         content and its closing <|im_end|> (so the model learns to stop), and nothing else: in
-        chat fine-tuning the loss is computed only where the mask is True.
+        chat fine-tuning the loss is computed only where the mask is True. The contents are plain
+        text (`encode_text`): only the template places special tokens.
         """
         ids: list[int] = []
         mask: list[bool] = []
@@ -103,7 +113,7 @@ class Tokenizer:
         for turn in conversations:
             role, content = _check_turn(turn)
             header = [self.im_start_id] + self.encode(f"{role}\n")
-            body = self.encode(content) + [self.im_end_id]
+            body = self.encode_text(content) + [self.im_end_id]
             ids += header + body + newline
             mask += [False] * len(header) + [role == "assistant"] * len(body) + [False] * len(newline)
         return ids, mask
