@@ -75,3 +75,19 @@ def run_script(script: str, *arguments: str, cwd: Path, timeout: float = 240) ->
         [sys.executable, str(REPO / "scripts" / script), *arguments],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def memorising_model(tokenizer_file, tmp_path_factory) -> Path:
+    """A chat model that answers tests/serving.py's REPLIES word for word (trained once per session)."""
+    import torch
+
+    from minigpt.tokenizer import load_tokenizer
+    from serving import memorising_chat_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a busy 2-core machine one thread trains this tiny model many times faster
+    try:
+        return memorising_chat_model(tmp_path_factory.mktemp("serve") / "final_model", load_tokenizer(tokenizer_file))
+    finally:
+        torch.set_num_threads(threads)
