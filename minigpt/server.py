@@ -131,7 +131,8 @@ def create_app(loaded: LoadedModel, settings: ServeSettings) -> FastAPI:
                                code="invalid_api_key")
 
     def model_card() -> dict:
-        return {"id": settings.model_name, "object": "model", "created": created, "owned_by": "minigpt"}
+        # max_model_len (as vLLM names it): the window, prompt and reply together.
+        return {"id": settings.model_name, "object": "model", "created": created, "owned_by": "minigpt", "max_model_len": window}
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:

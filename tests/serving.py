@@ -13,10 +13,11 @@ from minigpt.model import GPT
 from minigpt.model_folder import save_model_directory
 from minigpt.tokenizer import Tokenizer
 
-# What the memorising model answers (at temperature 0) to each message, system prompt or not.
+# What the memorising model answers (at temperature 0) to each message, system prompt or not (and to
+# the second message after the first exchange).
 REPLIES = {
-    "Say hi": "Hi! <script>document.title='pwned'</script> I am MiniGPT.",
-    "你好": "你好！我是 MiniGPT，很高兴认识你。",
+    "Say hi": "Hi! <script>document.title='x'</script> I am MiniGPT.",
+    "你好": "你好！我是 MiniGPT。",
     "Count": "one two three four five six seven eight nine ten eleven twelve",
 }
 
@@ -31,11 +32,10 @@ def memorising_chat_model(directory: Path, tokenizer: Tokenizer, steps: int = 80
     config = RunConfig(model=ModelConfig(vocab_size=tokenizer.vocab_size, block_size=128, n_layer=2, n_head=2, n_embd=64))
     config.train.stage = "sft"
     model = GPT(config.model)
-    rows = []
-    for message, reply in REPLIES.items():
-        for system in ([], [{"role": "system", "content": "Be brief."}]):
-            ids, mask = tokenizer.render_chat(system + [{"role": "user", "content": message}, {"role": "assistant", "content": reply}])
-            rows.append((ids, mask))
+    exchanges = [[{"role": "user", "content": message}, {"role": "assistant", "content": reply}] for message, reply in REPLIES.items()]
+    conversations = [system + exchange for exchange in exchanges for system in ([], [{"role": "system", "content": "Be brief."}])]
+    conversations.append(exchanges[0] + exchanges[1])  # the page's test goes on to a second message
+    rows = [tokenizer.render_chat(conversation) for conversation in conversations]
     width = max(len(ids) for ids, _ in rows)
     inputs = torch.full((len(rows), width), tokenizer.pad_id)
     targets = torch.full((len(rows), width), IGNORE_INDEX)
