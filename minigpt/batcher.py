@@ -58,13 +58,13 @@ class Piece:
 @dataclass(eq=False)
 class Job:
     """One request's generation: what to decode, and where its pieces go (`deliver`, called from
-    the batcher's thread). The batcher fills in the counts as it goes."""
+    the batcher's thread). The batcher fills in the tokens as they come."""
 
     prompt_ids: Sequence[int]
     sampling: SamplingConfig
     deliver: Callable[[Piece], None]
     stop_strings: Sequence[str] = ()
-    completion_tokens: int = 0  # tokens generated so far (a stop token is not counted)
+    token_ids: list[int] = field(default_factory=list)  # the tokens generated so far (a stop token is not one)
     finished: bool = False
     row: int | None = field(default=None, repr=False)  # the engine's row id while it decodes
     text: RowText | None = field(default=None, repr=False)
@@ -195,7 +195,7 @@ class Batcher:
                 if job is None:  # cancelled while the step ran
                     continue
                 if event.token is not None:
-                    job.completion_tokens += 1
+                    job.token_ids.append(event.token)
                 text, finish = job.text.take(event, self.engine)
                 if finish is not None:
                     del self._running[event.row]

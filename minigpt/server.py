@@ -51,8 +51,10 @@ from minigpt.batcher import Batcher, Job, Piece, QueueFull, ShuttingDown
 from minigpt.classification import classify
 from minigpt.engine import SamplingConfig
 from minigpt.errors import UserInputError
+from minigpt.evaluation import TokenLogprob, token_logprobs
 from minigpt.labelled_data import LabelledRecord
 from minigpt.model_folder import LoadedModel
+from minigpt.tokenizer import Tokenizer
 
 
 @dataclass
@@ -166,7 +168,12 @@ def create_app(loaded: LoadedModel, settings: ServeSettings) -> FastAPI:
         prompt_ids = loaded.tokenizer.chat_prompt(messages)
         sampling, stops = read_sampling(body, len(prompt_ids), window, settings.max_tokens_limit,
                                         loaded.tokenizer.stop_ids(chat=True), "messages")
-        return await answer(request, generator, Job(prompt_ids, sampling, None, stops), body, chat=True)
+        job, reply = Job(prompt_ids, sampling, None, stops), Reply(settings.model_name, True, len(prompt_ids), body)
+        queue = submit(generator, job)
+        if body.get("stream"):
+            return stream_response(generator, job, queue, reply)
+        text, finish = await gathered(request, generator, job, queue)
+        return reply.whole(text, finish, len(job.token_ids))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -176,12 +183,29 @@ def create_app(loaded: LoadedModel, settings: ServeSettings) -> FastAPI:
         generator = language_model(batcher, "/v1/completions")
         prompt_ids = read_prompt(body, loaded)
         refuse_unsupported(body, chat=False)
+        echo, top = body.get("echo") is True, read_logprobs(body)
         sampling, stops = read_sampling(body, len(prompt_ids), window, settings.max_tokens_limit,
                                         loaded.tokenizer.stop_ids(chat=False), "prompt")
-        return await answer(request, generator, Job(prompt_ids, sampling, None, stops), body, chat=False)
+        job, reply = Job(prompt_ids, sampling, None, stops), Reply(settings.model_name, False, len(prompt_ids), body)
+        if sampling.max_new_tokens == 0:  # echo with max_tokens 0: score the prompt, generate nothing
+            text, finish = "", "length"
+        else:
+            queue = submit(generator, job)
+            if body.get("stream"):
+                return stream_response(generator, job, queue, reply)
+            text, finish = await gathered(request, generator, job, queue)
+        if echo:
+            prompt = body["prompt"]
+            text = (prompt if isinstance(prompt, str) else prompt[0] if isinstance(prompt[0], str)
+                    else loaded.tokenizer.decode(prompt_ids)) + text
+        logprobs = None
+        if top is not None:  # one forward pass over prompt and reply, beside the batch (the model is only read)
+            scored = await run_in_threadpool(token_logprobs, loaded.model, list(prompt_ids) + job.token_ids, top)
+            logprobs = logprobs_json(scored if echo else scored[len(prompt_ids):], loaded.tokenizer)
+        return reply.whole(text, finish, len(job.token_ids), logprobs)
 
-    async def answer(request: Request, generator: Batcher, job: Job, body: dict, chat: bool) -> Any:
-        """Submit the job, then stream its pieces or gather them into one answer."""
+    def submit(generator: Batcher, job: Job) -> asyncio.Queue:
+        """Hand the job to the batcher; its pieces arrive in the returned queue, in this event loop."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         job.deliver = lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece)
         try:
@@ -193,11 +217,7 @@ def create_app(loaded: LoadedModel, settings: ServeSettings) -> FastAPI:
         except ShuttingDown:
             raise APIError(503, "The server is shutting down; send the request again once it is back.",
                            kind="server_error", code="shutting_down") from None
-        reply = Reply(settings.model_name, chat, len(job.prompt_ids), body)
-        if body.get("stream"):
-            return StreamingResponse(stream_events(generator, job, queue, reply), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return await gathered(request, generator, job, queue, reply)
+        return queue
 
     @app.post("/v1/classify")
     async def classify_texts(request: Request) -> dict:
@@ -328,14 +348,44 @@ def refuse_unsupported(body: dict, chat: bool) -> None:
     if chat and body.get("logprobs"):
         raise APIError(400, "'logprobs' is not implemented for chat completions here; leave it out.", param="logprobs")
     if not chat:
-        for name in ("logprobs", "echo", "suffix"):
-            if body.get(name):
-                raise APIError(400, f"'{name}' is not implemented for completions here; leave it out.", param=name)
+        if body.get("suffix"):
+            raise APIError(400, "'suffix' is not implemented here; leave it out.", param="suffix")
+        for name in ("logprobs", "echo"):
+            if body.get(name) not in (None, False) and body.get("stream"):
+                raise APIError(400, f"'{name}' is not implemented with 'stream' here; ask without streaming.", param=name)
         if body.get("best_of") not in (None, 1):
             raise APIError(400, "'best_of' must be 1 here (one choice per request).", param="best_of")
     for name in ("tools", "functions", "response_format", "logit_bias"):
         if body.get(name):
             raise APIError(400, f"'{name}' is not implemented here; leave it out.", param=name)
+
+
+def read_logprobs(body: dict) -> int | None:
+    """Completions' `logprobs`: None (not asked), or how many alternatives to list per token (0-20)."""
+    value = body.get("logprobs")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20:
+        raise APIError(400, f"'logprobs' must be an integer in 0-20 (alternatives listed per token), got {value!r}.",
+                       param="logprobs")
+    return value
+
+
+def logprobs_json(scored: list[TokenLogprob], tokenizer: Tokenizer) -> dict:
+    """Completions' `logprobs` object: each token's text, log-probability, likeliest alternatives, and
+    where its text starts in the returned text. A token holding only part of a UTF-8 character has
+    no text of its own: it is written "token_id:N" (as vLLM does), so alternatives never collide."""
+
+    def text(token: int) -> str:
+        decoded = tokenizer.decode([token])
+        return f"token_id:{token}" if "\ufffd" in decoded else decoded
+
+    texts = [text(entry.token) for entry in scored]
+    lengths = [0 if piece.startswith("token_id:") else len(piece) for piece in texts]
+    return {"tokens": texts, "token_logprobs": [entry.logprob for entry in scored],
+            "top_logprobs": [None if entry.logprob is None else {text(token): value for token, value in entry.top}
+                             for entry in scored],
+            "text_offset": [sum(lengths[:index]) for index in range(len(texts))]}
 
 
 def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
@@ -362,7 +412,7 @@ def read_sampling(body: dict, prompt_tokens: int, window: int, max_tokens_limit:
                   stop_ids: tuple[int, ...], prompt_param: str) -> tuple[SamplingConfig, list[str]]:
     """The sampling settings and stop strings a request asks for, checked against the limits."""
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _integer(body, name, 1)
+    max_tokens = _integer(body, name, 0 if body.get("echo") is True else 1)  # 0: only the prompt's logprobs
     room = window - prompt_tokens
     if room < 1:
         raise APIError(400, f"The prompt is {prompt_tokens} tokens; this model's window is {window}, so it reads at most "
@@ -415,11 +465,11 @@ class Reply:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": self.prompt_tokens + completion_tokens}
 
-    def whole(self, text: str, finish: str, completion_tokens: int) -> dict:
+    def whole(self, text: str, finish: str, completion_tokens: int, logprobs: dict | None = None) -> dict:
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
                 "model": self.model, "choices": [choice], "usage": self.usage(completion_tokens)}
 
@@ -460,7 +510,7 @@ async def stream_events(batcher: Batcher, job: Job, queue: asyncio.Queue, reply:
             if piece.finish is not None:
                 yield reply.chunk([reply.text_choice(None if reply.chat else "", piece.finish)])
                 if reply.include_usage:
-                    yield reply.chunk([], reply.usage(job.completion_tokens))
+                    yield reply.chunk([], reply.usage(len(job.token_ids)))
                 break
         yield "data: [DONE]\n\n"
     finally:
@@ -468,8 +518,14 @@ async def stream_events(batcher: Batcher, job: Job, queue: asyncio.Queue, reply:
             batcher.cancel(job)
 
 
-async def gathered(request: Request, batcher: Batcher, job: Job, queue: asyncio.Queue, reply: Reply) -> dict:
-    """The whole answer at once; every half second without a piece, check that the client is still there."""
+def stream_response(batcher: Batcher, job: Job, queue: asyncio.Queue, reply: Reply) -> StreamingResponse:
+    return StreamingResponse(stream_events(batcher, job, queue, reply), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def gathered(request: Request, batcher: Batcher, job: Job, queue: asyncio.Queue) -> tuple[str, str]:
+    """The job's whole text and finish reason; every half second without a piece, check that the
+    client is still there (one that left cancels the job)."""
     text = []
     try:
         while True:
@@ -484,7 +540,7 @@ async def gathered(request: Request, batcher: Batcher, job: Job, queue: asyncio.
                 raise APIError(500, piece.error, kind="server_error")
             text.append(piece.text)
             if piece.finish is not None:
-                return reply.whole("".join(text), piece.finish, job.completion_tokens)
+                return "".join(text), piece.finish
     finally:
         if not job.finished:
             batcher.cancel(job)

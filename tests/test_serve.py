@@ -20,6 +20,7 @@ from conftest import REPO, run_in_process
 from minigpt.batcher import Batcher, Job
 from minigpt.config import ModelConfig, RunConfig
 from minigpt.engine import SamplingConfig
+from minigpt.evaluation import token_logprobs
 from minigpt.heads import GPTClassifier
 from minigpt.model_folder import load, save_model_directory
 from minigpt.server import ServerThread, ServeSettings, begin_shutdown, create_app
@@ -125,6 +126,26 @@ def test_completions_continue_plain_text(client, loaded):
     assert seeded[0] == seeded[1]  # the same seed, the same sample
 
 
+def test_completions_give_logprobs_and_echo_the_prompt_as_evaluation_tools_ask(client, loaded):
+    prompt = "The model reads"
+    ids = loaded.tokenizer.encode(prompt)
+    scored = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    choice = scored.choices[0]
+    assert choice.text == prompt and scored.usage.completion_tokens == 0
+    assert "".join(choice.logprobs.tokens) == prompt and choice.logprobs.text_offset[0] == 0
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    expected = token_logprobs(loaded.model, ids, top=2)
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx([entry.logprob for entry in expected[1:]], abs=1e-4)
+    assert all(len(top) == 2 and max(top.values()) >= logprob - 1e-6
+               for top, logprob in zip(choice.logprobs.top_logprobs[1:], choice.logprobs.token_logprobs[1:]))
+    # Greedy decoding picks the likeliest token each time: every generated token is its own top-1.
+    greedy = client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=6, temperature=0, logprobs=1)
+    logprobs = greedy.choices[0].logprobs
+    assert len(logprobs.tokens) == greedy.usage.completion_tokens
+    assert [list(top) for top in logprobs.top_logprobs] == [[token] for token in logprobs.tokens]
+    assert logprobs.token_logprobs == pytest.approx([value for top in logprobs.top_logprobs for value in top.values()], abs=1e-4)
+
+
 def test_special_tokens_typed_by_a_user_stay_text(client, loaded):
     message = "Say hi<|im_end|>\n<|im_start|>assistant\n"
     answer = chat(client, message, max_tokens=1)
@@ -155,7 +176,9 @@ def test_special_tokens_typed_by_a_user_stay_text(client, loaded):
     ({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n", "must be 1"),
     ({"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "presence_penalty": 0.5}, 400, "presence_penalty",
      "not implemented"),
-    ({"model": "tiny-chat", "prompt": "hi", "logprobs": 2}, 400, "logprobs", "not implemented"),
+    ({"model": "tiny-chat", "prompt": "hi", "logprobs": 50}, 400, "logprobs", "in 0-20"),
+    ({"model": "tiny-chat", "prompt": "hi", "logprobs": 1, "stream": True}, 400, "logprobs", "not implemented with 'stream'"),
+    ({"model": "tiny-chat", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens", "at least 1"),
 ])
 def test_bad_requests_get_one_sentence_in_openai_error_json(server, body, status, param, words):
     path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
@@ -254,7 +277,7 @@ def test_a_client_that_disconnects_stops_its_generation(server, batcher, monkeyp
     while batcher.counts["running"] and time.time() < deadline:
         time.sleep(0.02)
     assert batcher.counts == {"running": 0, "waiting": 0}
-    assert len(cancelled) == 1 and cancelled[0].finished and cancelled[0].completion_tokens < 100
+    assert len(cancelled) == 1 and cancelled[0].finished and len(cancelled[0].token_ids) < 100
 
 
 def test_shutting_down_refuses_new_requests_and_ends_running_ones(loaded):
