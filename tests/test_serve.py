@@ -17,6 +17,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from conftest import REPO, run_in_process
+from minigpt.cli import serve
 from minigpt.batcher import Batcher, Job
 from minigpt.config import ModelConfig, RunConfig
 from minigpt.engine import SamplingConfig
@@ -354,3 +355,34 @@ def test_the_command_serves_until_sigterm_then_finishes_streams_and_exits_0(memo
             process.kill()
     assert process.returncode == 0, output
     assert "Stopping: no new requests" in output and "Stopped." in output
+
+
+def test_cors_is_off_unless_an_origin_is_given(loaded):
+    preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"}
+    closed = create_app(loaded, ServeSettings("tiny-chat"))
+    opened = create_app(loaded, ServeSettings("tiny-chat", cors_origins=["http://localhost:3000"]))
+    with TestClient(closed) as client:
+        assert "access-control-allow-origin" not in client.options("/v1/chat/completions", headers=preflight).headers
+    with TestClient(opened) as client:
+        answer = client.options("/v1/chat/completions", headers=preflight)
+        assert answer.headers["access-control-allow-origin"] == "http://localhost:3000"
+        other = client.options("/v1/chat/completions", headers={**preflight, "Origin": "http://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_loopback_by_default_and_a_warning_otherwise(tmp_path, memorising_model, monkeypatch):
+    assert serve.is_loopback("127.0.0.1") and serve.is_loopback("::1") and serve.is_loopback("localhost")
+    assert not serve.is_loopback("0.0.0.0") and not serve.is_loopback("192.168.1.5")
+    assert serve.build_parser().parse_args([str(memorising_model)]).host == "127.0.0.1"
+    # The key from the environment, and the warning for an open address, before uvicorn would run.
+    seen = {}
+
+    def no_uvicorn(self, sockets):
+        seen["key"] = self.config.app.state.settings.api_key
+        sockets[0].close()
+
+    monkeypatch.setattr("uvicorn.Server.run", no_uvicorn)
+    monkeypatch.setenv("MINIGPT_API_KEY", "from-env")
+    result = run_in_process("serve", str(memorising_model), "--host", "0.0.0.0", "--port", "0", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert seen["key"] == "from-env" and "reachable from other machines" in result.stdout

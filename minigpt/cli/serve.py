@@ -28,9 +28,10 @@ def build_parser() -> ArgumentParser:
     prog = program_name("serve")
     parser = ArgumentParser(
         prog=prog, description=(
-            "Serve a model over HTTP: the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models; "
-            "/v1/classify for a classifier) and a chat page at /. Requests in flight decode together in one batch. "
-            "Ctrl-C or SIGTERM stops taking requests, lets running ones finish for --shutdown-timeout seconds, and exits."),
+            "Serve a model over HTTP: the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models;\n"
+            "/v1/classify for a classifier) and a chat page at /. Requests in flight decode together in one\n"
+            "batch. Ctrl-C or SIGTERM stops taking requests, lets running ones finish for --shutdown-timeout\n"
+            "seconds, and exits."),
         epilog=(f"examples:\n  {prog} checkpoints/RUN/final_model\n"
                 f"  {prog} checkpoints/RUN --port 8080 --api-key SECRET --max-batch-size 16\n"
                 "then open http://127.0.0.1:8000/ or point an OpenAI client at http://127.0.0.1:8000/v1"),
@@ -42,7 +43,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--served-model-name", metavar="NAME",
                         help="the model's name in the API, which requests must give as 'model' (default: the folder's name)")
     parser.add_argument("--api-key", metavar="KEY",
-                        help="require 'Authorization: Bearer KEY' on every /v1 route (default: $MINIGPT_API_KEY; none if unset)")
+                        help="require 'Authorization: Bearer KEY' on every /v1 route (default: $MINIGPT_API_KEY, which other "
+                             "users cannot read in `ps` as they can a flag; none if unset)")
     parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                         help="let web pages from ORIGIN (e.g. http://localhost:3000) call the API; repeatable (default: none)")
     parser.add_argument("--max-batch-size", type=int, default=8, metavar="N", help="requests decoded together (default: 8)")
