@@ -57,7 +57,7 @@ def start_server(folder: Path, max_batch_size: int, max_queue: int, threads: int
     for line in process.stdout:
         if "Serving" in line:
             url = line.split(" on ")[1].split(" ")[0].rstrip("/")
-            threading.Thread(target=lambda: process.stdout.read(), daemon=True).start()  # keep draining its output
+            threading.Thread(target=lambda: sys.stdout.write("".join(process.stdout)), daemon=True).start()  # its later lines
             return process, url
     raise RuntimeError("the server did not start")
 
