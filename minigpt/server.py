@@ -6,7 +6,7 @@ The routes (OpenAI's shapes, so the `openai` client, editors and chat front-ends
     GET  /health                 {"status": "ok", "running": N, "waiting": M}
     GET  /v1/models              the one model, named by --served-model-name
     POST /v1/chat/completions    messages in, the assistant's reply out (the chat template's prompt)
-    POST /v1/completions         plain text in, its continuation out
+    POST /v1/completions         plain text in, its continuation out (with `logprobs` and `echo`)
     POST /v1/classify            a classifier's labels, as `minigpt classify` gives them
 
 A generation is a `Job` on the `Batcher` (minigpt/batcher.py), which decodes every request in
