@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from minigpt.engine import Engine, FinishReason, Request, SamplingConfig
+from minigpt.errors import UserInputError
 from minigpt.generation import RowText
 from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer
@@ -155,7 +156,11 @@ class Batcher:
         while self._waiting and len(self._running) < self.max_batch_size:
             job = self._waiting.popleft()
             job.text = RowText(self.tokenizer, job.stop_strings)
-            job.row = self.engine.add(Request(job.prompt_ids, job.sampling))
+            try:
+                job.row = self.engine.add(Request(job.prompt_ids, job.sampling))
+            except UserInputError as error:  # a prompt the window cannot hold, say: this job ends, the others go on
+                self._finish(job, Piece("", None, str(error)))
+                continue
             self._running[job.row] = job
 
     def _drop_cancelled(self) -> None:
@@ -201,8 +206,18 @@ class Batcher:
                     del self._running[event.row]
                     self._finish(job, Piece(text, finish))
                 elif text:
-                    job.deliver(Piece(text))
+                    self._deliver(job, Piece(text))
 
     def _finish(self, job: Job, piece: Piece) -> None:
         job.finished = True
-        job.deliver(piece)
+        self._deliver(job, piece)
+
+    def _deliver(self, job: Job, piece: Piece) -> None:
+        """Hand a piece over; a caller whose callback fails (its event loop closed) loses its job, not the thread."""
+        try:
+            job.deliver(piece)
+        except Exception:  # noqa: BLE001 - the thread serves every other job
+            log.exception("a job's deliver callback failed; the job is dropped")
+            if not job.finished and job.row is not None and self._running.pop(job.row, None) is not None:
+                self.engine.cancel(job.row)
+            job.finished = True

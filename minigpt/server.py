@@ -552,7 +552,8 @@ async def gathered(request: Request, batcher: Batcher, job: Job, queue: asyncio.
 class ServerThread:
     """The app served by uvicorn in a background thread, on a free loopback port: for tests,
     benchmarks and notebooks (`minigpt serve` runs uvicorn in the main thread, which receives
-    Ctrl-C and SIGTERM). `with ServerThread(app) as server:` ... `server.url` ... stops it."""
+    Ctrl-C and SIGTERM). `with ServerThread(app) as server:` ... `server.url` ... stops it; in a
+    notebook, `server = ServerThread(app).start()` and later `server.stop()`."""
 
     def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0):
         import uvicorn
@@ -565,6 +566,13 @@ class ServerThread:
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exception: object) -> None:
+        self.stop()
+
+    def start(self) -> ServerThread:
+        """Start serving; return once the server accepts connections."""
         self.thread.start()
         while not self.server.started:
             if not self.thread.is_alive():
@@ -572,7 +580,8 @@ class ServerThread:
             time.sleep(0.01)
         return self
 
-    def __exit__(self, *exception: object) -> None:
+    def stop(self) -> None:
+        """Stop serving (the app's batcher stops with it) and wait for the thread to end."""
         self.server.should_exit = True
         self.thread.join()
         self.socket.close()

@@ -300,6 +300,22 @@ def test_shutting_down_refuses_new_requests_and_ends_running_ones(loaded):
     assert pieces[-1].finish == "length" and len(pieces) < 20
 
 
+def test_a_bad_job_or_a_failing_callback_ends_that_job_only(loaded, caplog):
+    batcher, refused, served, done = Batcher(loaded.model, loaded.tokenizer), [], [], threading.Event()
+
+    def broken(piece):
+        raise RuntimeError("event loop is closed")
+
+    batcher.submit(Job([5] * 200, SamplingConfig(max_new_tokens=5), refused.append))  # longer than the 128-token window
+    batcher.submit(Job([0], SamplingConfig(max_new_tokens=5), broken))
+    batcher.submit(Job([0], SamplingConfig(max_new_tokens=5), lambda piece: (served.append(piece), piece.finish and done.set())))
+    assert done.wait(30)
+    batcher.close(10)
+    assert refused[-1].error and "reads at most 127" in refused[-1].error
+    assert served[-1].finish == "length" and batcher.counts == {"running": 0, "waiting": 0}
+    assert "deliver callback failed" in caplog.text
+
+
 def test_classifier_answers_what_minigpt_classify_prints(tmp_path, tokenizer_file):
     tokenizer = load_tokenizer(tokenizer_file)
     config = RunConfig(model=ModelConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=1, n_head=2, n_embd=32))
