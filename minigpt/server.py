@@ -39,7 +39,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -168,8 +168,9 @@ def create_app(loaded: LoadedModel, settings: ServeSettings) -> FastAPI:
         prompt_ids = loaded.tokenizer.chat_prompt(messages)
         sampling, stops = read_sampling(body, len(prompt_ids), window, settings.max_tokens_limit,
                                         loaded.tokenizer.stop_ids(chat=True), "messages")
-        job, reply = Job(prompt_ids, sampling, None, stops), Reply(settings.model_name, True, len(prompt_ids), body)
-        queue = submit(generator, job)
+        queue, deliver = piece_queue()
+        job, reply = Job(prompt_ids, sampling, deliver, stops), Reply(settings.model_name, True, len(prompt_ids), body)
+        submit(generator, job)
         if body.get("stream"):
             return stream_response(generator, job, queue, reply)
         text, finish = await gathered(request, generator, job, queue)
@@ -186,11 +187,12 @@ def create_app(loaded: LoadedModel, settings: ServeSettings) -> FastAPI:
         echo, top = body.get("echo") is True, read_logprobs(body)
         sampling, stops = read_sampling(body, len(prompt_ids), window, settings.max_tokens_limit,
                                         loaded.tokenizer.stop_ids(chat=False), "prompt")
-        job, reply = Job(prompt_ids, sampling, None, stops), Reply(settings.model_name, False, len(prompt_ids), body)
+        queue, deliver = piece_queue()
+        job, reply = Job(prompt_ids, sampling, deliver, stops), Reply(settings.model_name, False, len(prompt_ids), body)
         if sampling.max_new_tokens == 0:  # echo with max_tokens 0: score the prompt, generate nothing
             text, finish = "", "length"
         else:
-            queue = submit(generator, job)
+            submit(generator, job)
             if body.get("stream"):
                 return stream_response(generator, job, queue, reply)
             text, finish = await gathered(request, generator, job, queue)
@@ -204,10 +206,8 @@ def create_app(loaded: LoadedModel, settings: ServeSettings) -> FastAPI:
             logprobs = logprobs_json(scored if echo else scored[len(prompt_ids):], loaded.tokenizer)
         return reply.whole(text, finish, len(job.token_ids), logprobs)
 
-    def submit(generator: Batcher, job: Job) -> asyncio.Queue:
-        """Hand the job to the batcher; its pieces arrive in the returned queue, in this event loop."""
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        job.deliver = lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece)
+    def submit(generator: Batcher, job: Job) -> None:
+        """Hand the job to the batcher, or say why it cannot take it (429, 503)."""
         try:
             generator.submit(job)
         except QueueFull:
@@ -217,7 +217,6 @@ def create_app(loaded: LoadedModel, settings: ServeSettings) -> FastAPI:
         except ShuttingDown:
             raise APIError(503, "The server is shutting down; send the request again once it is back.",
                            kind="server_error", code="shutting_down") from None
-        return queue
 
     @app.post("/v1/classify")
     async def classify_texts(request: Request) -> dict:
@@ -516,6 +515,12 @@ async def stream_events(batcher: Batcher, job: Job, queue: asyncio.Queue, reply:
     finally:
         if not job.finished:
             batcher.cancel(job)
+
+
+def piece_queue() -> tuple[asyncio.Queue, Callable[[Piece], None]]:
+    """A queue in this event loop, and the callback through which the batcher's thread fills it."""
+    loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+    return queue, lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece)
 
 
 def stream_response(batcher: Batcher, job: Job, queue: asyncio.Queue, reply: Reply) -> StreamingResponse:
