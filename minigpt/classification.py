@@ -5,6 +5,8 @@
                               macro-F1 and per-class figures; "better" is a higher eval_f1_macro
     prepare_classification    records -> label maps (into the config) -> the train/val streams
     predict                   encoded records -> each task's class probabilities
+    classify                  texts -> each task's label, score and probabilities (`minigpt classify`,
+                              and `POST /v1/classify` of `minigpt serve`)
 
 The trainer sits above this module, as it does above `minigpt.objective`; what a classifier run
 adds to the loop (confusion matrices, the best evaluation as final_model/) is a callback in
@@ -32,7 +34,8 @@ from minigpt.distributed import process_place, sum_over_processes, this_process_
 from minigpt.errors import UserInputError
 from minigpt.heads import GPTClassifier
 from minigpt.labelled_data import (
-    ClassificationBatch, ClassificationBatches, EncodedRecords, LabelMaps, build_label_maps, encode_records, find_tasks, holdout_split,
+    ClassificationBatch, ClassificationBatches, EncodedRecords, LabelledRecord, LabelMaps, build_label_maps, encode_records, find_tasks,
+    holdout_split,
     read_labelled_records,
 )
 from minigpt.loss import IGNORE_INDEX
@@ -289,3 +292,36 @@ def predict(model: GPTClassifier, encoded: EncodedRecords, pad_id: int, batch_si
         for task, logits in model.classify(ids.to(device), lengths.to(device)).items():
             parts[task].append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
     return {task: np.concatenate(values) for task, values in parts.items()}
+
+
+@dataclasses.dataclass
+class Classified:
+    """What `classify` found for a list of records.
+
+    predictions    one {"text", "predictions": {task: {"label", "score", "probabilities"}}} per
+                   record, in order; labels typed as in training (what `minigpt classify` prints
+                   and writes, and what `POST /v1/classify` answers)
+    labels         (records, tasks) label ids the records carry (IGNORE_INDEX where they have none)
+    probabilities  task -> (records, classes)
+    """
+
+    predictions: list[dict]
+    labels: np.ndarray
+    probabilities: dict[str, np.ndarray]
+
+
+def classify(model: GPTClassifier, tokenizer: Tokenizer, label_maps: dict, records: Sequence[LabelledRecord],
+             batch_size: int = 32) -> Classified:
+    """Each record's label, score and class probabilities per task (texts cut to the model's window)."""
+    encoded = encode_records(records, tokenizer, label_maps, model.config.block_size)
+    probabilities = predict(model, encoded, tokenizer.pad_id, batch_size)
+    predictions = []
+    for row, record in enumerate(records):
+        found = {}
+        for task, labels in label_maps.items():
+            values = probabilities[task][row]
+            best = int(values.argmax())
+            found[task] = {"label": labels[best], "score": float(values[best]),
+                           "probabilities": {str(label): float(value) for label, value in zip(labels, values)}}
+        predictions.append({"text": record.text, "predictions": found})
+    return Classified(predictions, encoded.labels, probabilities)

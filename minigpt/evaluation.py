@@ -4,6 +4,9 @@
     perplexity     exp(loss): as unsure as a uniform choice among this many tokens
     bits per byte  total cross-entropy in bits divided by the UTF-8 bytes the targets stand for
 
+and, token by token, `token_logprobs`: the log-probability of each token of one text given the
+ones before it, and the likeliest alternatives (what `minigpt serve` answers to `logprobs`).
+
 Loss and perplexity depend on the tokenizer (bigger tokens carry more text each, so their loss
 is higher); bits per byte does not, so it compares runs with different tokenizers fairly.
 """
@@ -13,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from itertools import islice
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
@@ -74,3 +77,29 @@ def evaluate(
     loss = float(total_nats) / tokens
     bits_per_byte = float(total_nats) / math.log(2) / byte_count if byte_count else float("nan")
     return EvaluationResult(loss, math.exp(min(loss, 700.0)), bits_per_byte, tokens, byte_count)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """How likely the model found one token of a sequence, given the tokens before it."""
+
+    token: int
+    logprob: float | None  # natural log; None for the first token, which nothing comes before
+    top: list[tuple[int, float]]  # the likeliest tokens at this place and their log-probabilities, likeliest first
+
+
+@torch.no_grad()
+def token_logprobs(model: GPT, ids: Sequence[int], top: int = 0) -> list[TokenLogprob]:
+    """Each token's log-probability under the model (the raw distribution: no temperature or
+    filtering), from one forward pass over `ids` (at most the model's window)."""
+    ids = list(ids)
+    if not 0 < len(ids) <= model.config.block_size:
+        raise ValueError(f"token_logprobs reads 1 to {model.config.block_size} tokens, got {len(ids)}")
+    device = next(model.parameters()).device
+    logits, _ = model(torch.tensor([ids], device=device))
+    logprobs = torch.log_softmax(logits[0, :-1].float(), dim=-1)  # row t: the distribution of token t + 1
+    chosen = logprobs.gather(-1, torch.tensor(ids[1:], device=device)[:, None])[:, 0].tolist()
+    values, tokens = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], logprobs[:, :0].long())
+    alternatives = [list(zip(row_tokens, row_values)) for row_tokens, row_values in zip(tokens.tolist(), values.tolist())]
+    return [TokenLogprob(ids[0], None, [])] + [TokenLogprob(token, logprob, best)
+                                                for token, logprob, best in zip(ids[1:], chosen, alternatives)]

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-from minigpt.engine import Engine, FinishReason, Request, SamplingConfig, next_token_distribution
+from minigpt.engine import Engine, FinishReason, Request, SamplingConfig, TokenEvent, next_token_distribution
 from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer
 
@@ -29,7 +29,7 @@ from minigpt.tokenizer import Tokenizer
 # generation_config.json: `Tokenizer.sampling_defaults`) says otherwise.
 DEFAULT_SAMPLING = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.0}
 
-__all__ = ["SamplingConfig", "next_token_distribution", "generate", "TextPiece", "stream_text", "complete"]
+__all__ = ["SamplingConfig", "next_token_distribution", "generate", "TextPiece", "RowText", "stream_text", "complete"]
 
 
 def generate(model: GPT, prompt_ids: Sequence[int], sampling: SamplingConfig, use_kv_cache: bool = True) -> list[int]:
@@ -51,6 +51,33 @@ class TextPiece:
     finish: FinishReason | None = None
 
 
+class RowText:
+    """The text of one engine row: its events in, pieces of text out, and how the row ended.
+
+    A stop string ends a row as a stop id does: the text ends before it, and the row is
+    cancelled on the engine (it has said all it will). `stream_text` and the server's batcher
+    (minigpt/batcher.py) turn events into text through it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop_strings: Sequence[str] = ()):
+        self.decoder = tokenizer.incremental_decoder(stop_strings)
+
+    def take(self, event: TokenEvent, engine: Engine) -> tuple[str, FinishReason | None]:
+        """The text `event` adds (maybe ""), and why the row ended if this was its last event."""
+        piece = self.decoder.add(event.token) if event.token is not None else ""
+        finish = event.finish
+        if self.decoder.stopped and finish is None:  # a stop string
+            engine.cancel(event.row)
+            finish = "stop"
+        if finish is not None:
+            piece += self.decoder.finish()
+        return piece, finish
+
+    def cut(self) -> str:
+        """The row is ended from outside (a server shutting down): the text still held back."""
+        return self.decoder.finish()
+
+
 def stream_text(
     engine: Engine, tokenizer: Tokenizer, requests: Sequence[Request], stop_strings: Sequence[str] = ()
 ) -> Iterator[TextPiece]:
@@ -64,7 +91,7 @@ def stream_text(
     A stop string ends a request as a stop id does: the text ends before it, and the engine's
     row is cancelled. Rows of other callers sharing the engine are stepped but not reported.
     """
-    decoders = [tokenizer.incremental_decoder(stop_strings) for _ in requests]
+    texts = [RowText(tokenizer, stop_strings) for _ in requests]
     row_ids = [engine.add(request) for request in requests]
     index_of_row = {row: index for index, row in enumerate(row_ids)}
     waiting: list[list[str]] = [[] for _ in requests]  # text made, not yet yielded
@@ -76,14 +103,8 @@ def stream_text(
                 index = index_of_row.get(event.row)
                 if index is None:
                     continue
-                decoder, finish = decoders[index], event.finish
-                piece = decoder.add(event.token) if event.token is not None else ""
-                if decoder.stopped and finish is None:  # a stop string: the row has said all it will
-                    engine.cancel(event.row)
-                    finish = "stop"
-                if finish is not None:
-                    piece += decoder.finish()
-                    finished[index] = finish
+                piece, finish = texts[index].take(event, engine)
+                finished[index] = finish
                 waiting[index].append(piece)
             while shown < len(requests):  # yield in order: the first unfinished request holds the rest back
                 text, waiting[shown] = "".join(waiting[shown]), []

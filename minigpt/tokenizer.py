@@ -86,6 +86,15 @@ class Tokenizer:
         """The token ids of `text`, with no special tokens added around it."""
         return self.backend.encode(text, add_special_tokens=False).ids
 
+    def encode_text(self, text: str) -> list[int]:
+        """The token ids of `text` read as plain text: a special token written in it ("<|im_end|>",
+        say) is encoded as its characters, never as the special token (the server's completions
+        prompt; chat templates do the same for message contents)."""
+        if not hasattr(self, "_text_backend"):  # a second backend: the switch is not flipped under other threads
+            self._text_backend = HuggingFaceTokenizer.from_str(self.backend.to_str())
+            self._text_backend.encode_special_tokens = True
+        return self._text_backend.encode(text, add_special_tokens=False).ids
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts at once (in parallel inside `tokenizers`): the fast path for data."""
         return [encoding.ids for encoding in self.backend.encode_batch(texts, add_special_tokens=False)]

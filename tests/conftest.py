@@ -174,3 +174,19 @@ def tokenizer_folders(tmp_path_factory) -> dict[str, Path]:
     """{family: a tokenizer folder} for llama3, qwen2, qwen3 and gemma3 (see build_tokenizer_folder)."""
     root = tmp_path_factory.mktemp("tokenizer_folders")
     return {family: build_tokenizer_folder(family, root / family) for family in FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def memorising_model(tokenizer_file, tmp_path_factory) -> Path:
+    """A chat model that answers tests/serving.py's REPLIES word for word (trained once per session)."""
+    import torch
+
+    from minigpt.tokenizer import load_tokenizer
+    from serving import memorising_chat_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a busy 2-core machine one thread trains this tiny model many times faster
+    try:
+        return memorising_chat_model(tmp_path_factory.mktemp("serve") / "final_model", load_tokenizer(tokenizer_file))
+    finally:
+        torch.set_num_threads(threads)

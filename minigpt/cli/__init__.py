@@ -28,5 +28,6 @@ COMMANDS: dict[str, Command] = {
     "merge-lora": Command("minigpt.cli.merge_lora", "merge_lora.py", "fold a LoRA adapter into its base model"),
     "train-classifier": Command("minigpt.cli.train_classifier", "train_classifier.py", "train text classification heads (multi-task, macro-F1)"),
     "classify": Command("minigpt.cli.classify", "classify.py", "label texts with a trained classifier"),
+    "serve": Command("minigpt.cli.serve", "serve.py", "serve a model: the OpenAI API and a chat page in the browser"),
     "export": Command("minigpt.cli.export", "export.py", "write a model for transformers, llama.cpp/Ollama (GGUF) or PEFT (a LoRA adapter)"),
 }

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from minigpt.classification import confusion_matrix, predict, scores_from_confusion, scores_table
+from minigpt.classification import classify, confusion_matrix, scores_from_confusion, scores_table
 from minigpt.cli.common import ArgumentParser, add_shared_arguments, program_name, run_command
 from minigpt.errors import UserInputError
 from minigpt.files import atomic_write_bytes
-from minigpt.labelled_data import LabelledRecord, encode_records, read_labelled_records
+from minigpt.labelled_data import LabelledRecord, read_labelled_records
 from minigpt.loss import IGNORE_INDEX
 from minigpt.model_folder import load_classifier
 from minigpt.runtime import select_device
@@ -33,17 +33,6 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--output", metavar="PATH", help="with --data-files: write one JSON line per record, in input order")
     parser.add_argument("--batch-size", type=int, default=32, metavar="N", help="texts per forward pass (default: 32)")
     return parser
-
-
-def prediction_record(record: LabelledRecord, probabilities: dict[str, np.ndarray], row: int, label_maps: dict) -> dict:
-    """{"text": ..., "predictions": {task: {"label", "score", "probabilities"}}}; labels typed as in training."""
-    predictions = {}
-    for task, labels in label_maps.items():
-        values = probabilities[task][row]
-        best = int(values.argmax())
-        predictions[task] = {"label": labels[best], "score": float(values[best]),
-                             "probabilities": {str(label): float(value) for label, value in zip(labels, values)}}
-    return {"text": record.text, "predictions": predictions}
 
 
 def print_metrics(labels: np.ndarray, probabilities: dict[str, np.ndarray], label_maps: dict) -> None:
@@ -70,9 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         records = [LabelledRecord(text, {}, "--text") for text in arguments.text]
     else:
         records = read_labelled_records(resolve_data_files(arguments.data_files, builtin=False), arguments.text_field)
-    encoded = encode_records(records, tokenizer, label_maps, model.config.block_size)
-    probabilities = predict(model, encoded, tokenizer.pad_id, arguments.batch_size)
-    results = [prediction_record(record, probabilities, row, label_maps) for row, record in enumerate(records)]
+    classified = classify(model, tokenizer, label_maps, records, arguments.batch_size)
+    results = classified.predictions
     if arguments.output:
         lines = "".join(json.dumps(result, ensure_ascii=False) + "\n" for result in results)
         atomic_write_bytes(Path(arguments.output), lines.encode("utf-8"))  # all or nothing
@@ -81,6 +69,6 @@ def main(argv: list[str] | None = None) -> int:
         for result in results:
             shown = ", ".join(f"{task}: {value['label']} ({value['score']:.3f})" for task, value in result["predictions"].items())
             print(f"{shown}\t{result['text'][:80]!r}" if len(results) > 1 else shown)
-    if (encoded.labels != IGNORE_INDEX).any():
-        print_metrics(encoded.labels, probabilities, label_maps)
+    if (classified.labels != IGNORE_INDEX).any():
+        print_metrics(classified.labels, classified.probabilities, label_maps)
     return 0
