@@ -432,7 +432,8 @@ def choose_micro_batch(model: torch.nn.Module, objective: Objective, config: Run
     chosen, best_rate, why = 0, 0.0, ""
     for candidate in divisors(global_batch):
         if device.type != "cuda":
-            estimate = estimate_memory(model, config, candidate, dtype, device, accumulation=global_batch // candidate)
+            estimate = estimate_memory(model, config, candidate * objective.rows_per_example, dtype, device,
+                                       accumulation=global_batch // candidate)
             estimate = dataclasses.replace(estimate, process=max(0, resident - estimate.weights))
             need = estimate.peak(train.gradient_checkpointing) - resident
             if need > FIT_MARGIN * budget.usable:
