@@ -187,7 +187,8 @@ class Preference(Objective):
 
     Per train row and evaluation: the loss, the DPO term alone (dpo_loss), the rewards of both
     replies and their margin, the preference accuracy (the share of pairs whose chosen reply has
-    the higher reward) and the model's log-probabilities of both replies. The validation
+    the higher reward, a tie counting half: 0.5 at the start, where the model is its reference,
+    as for a coin; TRL counts a tie as wrong) and the model's log-probabilities of both replies. The validation
     preference accuracy (val_accuracy) decides "better".
     """
 
@@ -211,7 +212,7 @@ class Preference(Objective):
         nll_chosen = -policy[:, 0] / (targets[:, 0] != IGNORE_INDEX).sum(-1)
         margin = (rewards[:, 0] - rewards[:, 1]).detach()
         return torch.stack([losses + self.rpo_alpha * nll_chosen if self.rpo_alpha else losses, losses.detach(),
-                            rewards[:, 0].detach(), rewards[:, 1].detach(), margin, (margin > 0).float(),
+                            rewards[:, 0].detach(), rewards[:, 1].detach(), margin, (margin > 0) + 0.5 * (margin == 0),
                             policy[:, 0].detach(), policy[:, 1].detach(), nll_chosen.detach()])
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
