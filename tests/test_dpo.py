@@ -206,7 +206,8 @@ def test_the_loss_and_its_gradient_match_a_hand_computation(tokenizer_file):
 
 
 def test_a_run_starts_at_ln_2_learns_the_preference_and_stores_its_reference(tmp_path, chat_model, pairs_file):
-    trainer = prepare_run(dpo_config(tmp_path, chat_model, pairs_file, "dpo", **{"train.eval_steps": 5}), show_progress=False)
+    trainer = prepare_run(dpo_config(tmp_path, chat_model, pairs_file, "dpo", **{"train.eval_steps": 5, "train.plot_loss": True}),
+                          show_progress=False)
     before = trainer.objective.evaluate(trainer.model, trainer.val_batches, 0, torch.float32)
     assert before["val_accuracy"] == 0.5 and before["val_margin"] == 0  # the model is its reference: every pair a tie
     summary = trainer.train()
@@ -217,6 +218,7 @@ def test_a_run_starts_at_ln_2_learns_the_preference_and_stores_its_reference(tmp
     assert {"rewards_chosen", "rewards_rejected", "margin", "accuracy", "logps_chosen", "logps_rejected"} <= set(train[0])
     assert train[-1]["margin"] > 0 and train[-1]["loss"] < train[0]["loss"]
     assert evaluations[-1]["val_accuracy"] >= 0.8 and evaluations[-1]["val_margin"] > evaluations[0]["val_margin"] > 0
+    assert (trainer.run_dir / "plots" / "preference_curves_latest.png").is_file()
     assert summary["monitor"] == "val_accuracy" and summary["best_val_accuracy"] == max(row["val_accuracy"] for row in evaluations)
     # The stored reference is what the starting model computes, recomputed now.
     stored = load_file(trainer.run_dir / REFERENCE_FILE)

@@ -38,15 +38,17 @@ from minigpt.config import RunConfig, apply_overrides
 from minigpt.distributed import is_main_process, process_place
 from minigpt.errors import UserInputError
 from minigpt.files import atomic_write_bytes
+from minigpt.metrics import read_metrics
 from minigpt.model_folder import load_language_model
 from minigpt.objective import Objective, Preference, reply_log_probs
+from minigpt.plots import preference_curves_figure, save_png
 from minigpt.preference_corpus import builtin_preference_files
 from minigpt.preference_data import EncodedPairs, PreferenceBatches, encode_pairs, holdout_split, read_preference_pairs
 from minigpt.runtime import autocast
 from minigpt.sources import DataReport, resolve_data_files
 from minigpt.stages.base import Stage
 from minigpt.tokenizer import Tokenizer
-from minigpt.trainer import Trainer
+from minigpt.trainer import Callback, Trainer
 
 log = logging.getLogger("minigpt.run")
 
@@ -137,8 +139,29 @@ class DPOStage(Stage):
         log.info("Reference log-probabilities of %s pairs from %s in %.1f s, stored in %s", f"{sum(map(len, encoded.values())):,}",
                  source, time.perf_counter() - started, path)
 
+    def callbacks(self, config: RunConfig) -> list[Callback]:
+        return [PreferencePlotCallback()] if config.train.plot_loss else []
+
     def next_steps(self, final_model: Path) -> list[tuple[str, str]]:
         return [("Chat with it", f"chat {final_model}")]
+
+
+class PreferencePlotCallback(Callback):
+    """--plot-loss: beside the loss curve, plots/preference_curves_latest.png (the DPO loss, rewards and margin,
+    preference accuracy, the replies' log-probabilities) at every checkpoint and at the end."""
+
+    def _plot(self, trainer: Trainer) -> None:
+        try:
+            figure = preference_curves_figure(read_metrics(trainer.run_dir / "metrics.jsonl"), title=trainer.run_dir.name)
+            save_png(figure, trainer.run_dir / "plots" / "preference_curves_latest.png")
+        except Exception as error:  # noqa: BLE001 - a plot must never stop training
+            log.warning("Could not draw the preference curves: %s", error)
+
+    def on_checkpoint(self, trainer: Trainer, path: Path) -> None:
+        self._plot(trainer)
+
+    def on_end(self, trainer: Trainer, summary: dict[str, Any]) -> None:
+        self._plot(trainer)
 
 
 def dropout_off(config: RunConfig) -> RunConfig:
