@@ -13,6 +13,8 @@ For each --rpo-alpha, `minigpt train --stage dpo --init-from CHAT_MODEL` runs on
     likely; RPO's term holds the chosen reply likely
     how often the model alone (log-probabilities summed over the reply) prefers the chosen reply,
     before and after
+    greedy replies to the first 24 validation prompts, before and after: how many loop (a run of
+    three words said three times or more)
 
 The before figures are the starting model's; the run directories are kept under --output-dir.
 """
@@ -28,11 +30,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from minigpt.generation import SamplingConfig, complete  # noqa: E402
 from minigpt.metrics import read_metrics  # noqa: E402
 from minigpt.model_folder import load_language_model  # noqa: E402
 from minigpt.run import configure, prepare_run  # noqa: E402
 from minigpt.stages import STAGES  # noqa: E402
 from minigpt.stages.dpo import reference_log_probs  # noqa: E402
+
+
+GREEDY_PROMPTS, GREEDY_TOKENS = 24, 96
+
+
+def loops(text: str) -> bool:
+    """A run of three words that occurs three times or more."""
+    words = text.split()
+    runs = [" ".join(words[index : index + 3]) for index in range(len(words) - 2)]
+    return any(runs.count(run) >= 3 for run in set(runs))
+
+
+def greedy_loops(model: torch.nn.Module, tokenizer, prompts: list[list[dict]]) -> int:
+    sampling = SamplingConfig(max_new_tokens=GREEDY_TOKENS, temperature=0.0, stop_ids=tokenizer.stop_ids(True))
+    return sum(loops(complete(model, tokenizer, tokenizer.chat_prompt(prompt), sampling)) for prompt in prompts)
 
 
 def main() -> None:
@@ -51,10 +69,13 @@ def main() -> None:
         trainer = prepare_run(config, show_progress=False)
         before = trainer.objective.evaluate(trainer.model, trainer.val_batches, 0, torch.float32)
         val = trainer.val_batches
+        start = load_language_model(arguments.chat_model)
+        prompts = [trainer.val_batches.encoded.prompts[index] for index in range(min(GREEDY_PROMPTS, len(val.encoded)))]
+        loops_before = greedy_loops(start.model, start.tokenizer, prompts)
         liked_before = float(np.mean(val.encoded.reference[:, 0] > val.encoded.reference[:, 1]))
         trainer.train()
-        final = load_language_model(trainer.run_dir / "final_model").model
-        after = reference_log_probs(final, val, torch.device("cpu"), torch.float32)
+        final = load_language_model(trainer.run_dir / "final_model")
+        after = reference_log_probs(final.model, val, torch.device("cpu"), torch.float32)
         evaluations = [row for row in read_metrics(trainer.run_dir / "metrics.jsonl") if row["type"] == "eval"]
         curve = "  ".join(f"{row['step']}: {row['val_accuracy']:.2f}/{row['val_margin']:+.2f}" for row in evaluations)
         last = evaluations[-1]
@@ -64,6 +85,7 @@ def main() -> None:
         print(f"  chosen NLL per token: {before['val_nll_chosen']:.3f} -> {last['val_nll_chosen']:.3f}   "
               f"rejected log-prob: {before['val_logps_rejected']:.1f} -> {last['val_logps_rejected']:.1f}")
         print(f"  the model alone prefers the chosen reply: {liked_before:.2f} -> {float(np.mean(after[:, 0] > after[:, 1])):.2f}")
+        print(f"  greedy replies that loop, of {len(prompts)}: {loops_before} -> {greedy_loops(final.model, final.tokenizer, prompts)}")
 
 
 if __name__ == "__main__":

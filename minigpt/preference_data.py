@@ -172,6 +172,7 @@ class EncodedPairs:
     chosen: list[EncodedReply]
     rejected: list[EncodedReply]
     where: list[str]
+    prompts: list[list[dict]]  # each pair's prompt turns, as read
     report: DataReport = field(default_factory=DataReport)
     # (pairs, 2) float32: log pi_ref of the chosen and rejected reply; NaN until computed (a loss
     # computed without them is NaN, never a wrong number)
@@ -212,7 +213,7 @@ def encode_pairs(pairs: Sequence[PreferencePair], tokenizer: Tokenizer, block_si
     """Render and tokenize both replies of each pair; a pair whose reply is cut away entirely by
     block_size is dropped with a warning (its `file:line`)."""
     report = report if report is not None else DataReport(documents=len(pairs))
-    encoded = EncodedPairs([], [], [], report)
+    encoded = EncodedPairs([], [], [], [], report)
     for pair in pairs:
         chosen, chosen_cut = encode_reply(pair, pair.chosen, tokenizer, block_size)
         rejected, rejected_cut = encode_reply(pair, pair.rejected, tokenizer, block_size)
@@ -227,6 +228,7 @@ def encode_pairs(pairs: Sequence[PreferencePair], tokenizer: Tokenizer, block_si
         encoded.chosen.append(chosen)
         encoded.rejected.append(rejected)
         encoded.where.append(pair.where)
+        encoded.prompts.append(pair.prompt)
     if not encoded.chosen:
         raise UserInputError(f"No preference pair fits block_size {block_size} with its reply: raise --block-size.")
     encoded.reference = np.full((len(encoded), 2), np.nan, dtype=np.float32)

@@ -214,7 +214,8 @@ def test_a_run_starts_at_ln_2_learns_the_preference_and_stores_its_reference(tmp
     rows = read_metrics(trainer.run_dir / "metrics.jsonl")
     train = [row for row in rows if row["type"] == "train"]
     evaluations = [row for row in rows if row["type"] == "eval"]
-    assert abs(train[0]["loss"] - LN2) < 1e-6 and abs(train[0]["dpo_loss"] - LN2) < 1e-6
+    assert abs(train[0]["dpo_loss"] - LN2) < 1e-6  # ln 2 whatever rpo_alpha is; the loss adds its term
+    assert abs(train[0]["loss"] - (LN2 + trainer.train_config.rpo_alpha * train[0]["nll_chosen"])) < 1e-5
     assert {"rewards_chosen", "rewards_rejected", "margin", "accuracy", "logps_chosen", "logps_rejected"} <= set(train[0])
     assert train[-1]["margin"] > 0 and train[-1]["loss"] < train[0]["loss"]
     assert evaluations[-1]["val_accuracy"] >= 0.8 and evaluations[-1]["val_margin"] > evaluations[0]["val_margin"] > 0
@@ -261,7 +262,7 @@ def test_with_lora_only_the_adapters_train_from_ln_2(tmp_path, chat_model, pairs
     assert trainable and all("lora" in name for name in trainable)
     trainer.train()
     first = read_metrics(trainer.run_dir / "metrics.jsonl")[0]
-    assert abs(first["loss"] - LN2) < 1e-6
+    assert abs(first["dpo_loss"] - LN2) < 1e-6
     assert (trainer.run_dir / "final_model" / LORA_ADAPTER_WEIGHTS).is_file()
 
 
