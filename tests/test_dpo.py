@@ -274,6 +274,8 @@ def test_refusals_in_one_sentence(tmp_path, chat_model, pairs_file, tokenizer_fi
     assert refused.returncode == 2 and "train.rpo_alpha must not be negative" in refused.stderr
     refused = run_in_process("train", "--stage", "sft", *common, "--dpo-beta", "0.2", cwd=tmp_path)
     assert refused.returncode == 2 and "--dpo-beta applies to --stage dpo only" in refused.stderr
+    refused = run_in_process("train", "--stage", "dpo", "--data-files", str(pairs_file), cwd=tmp_path)
+    assert refused.returncode == 2 and "Preference tuning starts from a chat model: give it with --init-from" in refused.stderr
     text = tmp_path / "notes.txt"
     text.write_text("plain text\n")
     refused = run_in_process("train", "--stage", "dpo", "--init-from", str(chat_model), "--data-files", str(text), cwd=tmp_path)

@@ -76,6 +76,12 @@ class DPOStage(Stage):
     def default_config(self, starting_from_model: bool) -> RunConfig:
         return apply_overrides(RunConfig(), {**RECIPE, "train.stage": self.name}, source=RECIPE_NAME)
 
+    def check(self, config: RunConfig) -> None:
+        train = config.train
+        if not (train.init_from or train.tokenizer_path or train.resume):
+            raise UserInputError("Preference tuning starts from a chat model: give it with --init-from (a run from scratch "
+                                 "needs a --tokenizer, since preference records hold no text to train one on).")
+
     def starting_from_scratch(self) -> None:
         log.warning("Preference tuning a model from scratch: its reference is random, and it knows no language to prefer "
                     "one reply in. Start from a chat model with --init-from.")
