@@ -174,7 +174,9 @@ class TrainConfig:
     label_maps: dict = field(default_factory=dict)  # task -> labels in id order; found in the training data
     # preference tuning (stage "dpo"; see minigpt.stages.dpo)
     dpo_beta: float = 0.1  # how far from the reference the model may move: the reward is beta x log(pi / pi_ref)
-    rpo_alpha: float = 0.0  # add this x the chosen reply's mean negative log-likelihood per token to the loss (RPO); 0 = pure DPO
+    # add this x the chosen reply's mean negative log-likelihood per token to the loss (RPO); 0 = pure DPO. 1 by default:
+    # on the built-in set it held the chosen replies' likelihood where pure DPO lowered it (benchmarks/dpo_builtin.py, README)
+    rpo_alpha: float = 1.0
     ref_model: str = ""  # the reference model; empty = the model the run starts from
 
     @property

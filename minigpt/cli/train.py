@@ -41,7 +41,7 @@ FLAGS: dict[str, list[Flag]] = {
     ],
     "preference tuning (--stage dpo)": [
         Flag(("--dpo-beta",), "train.dpo_beta", "DPO's beta: a reply's reward is beta x log(pi / pi_ref); smaller lets the model move further from the reference"),
-        Flag(("--rpo-alpha",), "train.rpo_alpha", "add this times the chosen reply's mean negative log-likelihood per token to the loss (RPO; 0 = pure DPO)"),
+        Flag(("--rpo-alpha",), "train.rpo_alpha", "add this times the chosen reply's mean negative log-likelihood per token to the loss (RPO; 0 = pure DPO; 1 keeps the chosen replies likely)"),
         Flag(("--ref-model",), "train.ref_model", "the reference model (default: the --init-from model); it must share the tokenizer"),
     ],
     "classification (--stage classify, or the train-classifier command)": [
