@@ -266,6 +266,20 @@ def test_with_lora_only_the_adapters_train_from_ln_2(tmp_path, chat_model, pairs
     assert (trainer.run_dir / "final_model" / LORA_ADAPTER_WEIGHTS).is_file()
 
 
+def test_ref_model_is_the_reference(tmp_path, chat_model, pairs_file):
+    from minigpt.model_folder import save_model_directory
+    loaded = load_language_model(chat_model)
+    with torch.no_grad():
+        loaded.model.lm_head.weight.mul_(1.5)  # another model with the same tokenizer: sharper predictions
+    other = save_model_directory(tmp_path / "other", loaded.model, loaded.config, loaded.tokenizer)
+    trainer = prepare_run(dpo_config(tmp_path, chat_model, pairs_file, "ref", **{"train.ref_model": str(other), "train.max_steps": 1,
+                                                                                   "train.val_fraction": 0.0}), show_progress=False)
+    trainer.train()
+    stored = load_file(trainer.run_dir / REFERENCE_FILE)["train"].numpy()
+    np.testing.assert_allclose(stored, reference_log_probs(loaded.model, trainer.train_batches, torch.device("cpu"), torch.float32), atol=1e-5)
+    assert abs(read_metrics(trainer.run_dir / "metrics.jsonl")[0]["dpo_loss"] - LN2) > 1e-3  # the model is not its reference
+
+
 def test_refusals_in_one_sentence(tmp_path, chat_model, pairs_file, tokenizer_file):
     common = ["--init-from", str(chat_model), "--data-files", str(pairs_file), "--output-dir", str(tmp_path / "runs")]
     refused = run_in_process("train", "--stage", "dpo", *common, "--dpo-beta", "0", cwd=tmp_path)
