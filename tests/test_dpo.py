@@ -308,8 +308,9 @@ def test_refusals_in_one_sentence(tmp_path, chat_model, pairs_file, tokenizer_fi
 
 def test_dry_run_and_help(tmp_path, chat_model, pairs_file):
     result = run_in_process("train", "--stage", "dpo", "--init-from", str(chat_model), "--data-files", str(pairs_file),
-                            "--output-dir", str(tmp_path / "runs"), "--dry-run", cwd=tmp_path)
+                            "--output-dir", str(tmp_path / "runs"), "--dry-run-no-probe", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert "16 x 64 tokens" in result.stdout  # the estimate's micro-batch: 8 pairs are 16 rows
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").glob("*/reference_logprobs.safetensors"))
     assert "--dpo-beta" in run_in_process("train", "--help", cwd=tmp_path).stdout
 
