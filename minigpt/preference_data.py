@@ -40,7 +40,7 @@ import torch
 from minigpt.data import RecordBatches, rounded_width
 from minigpt.errors import UserInputError
 from minigpt.loss import IGNORE_INDEX
-from minigpt.sources import DataReport, Document, ReadProblem, document_hash_fraction, read_records
+from minigpt.sources import WARNINGS_PER_FILE, DataReport, Document, ReadProblem, document_hash_fraction, read_records
 from minigpt.tokenizer import CHAT_ROLES, Tokenizer
 
 log = logging.getLogger("minigpt.data")
@@ -220,7 +220,7 @@ def encode_pairs(pairs: Sequence[PreferencePair], tokenizer: Tokenizer, block_si
         # The first token is never a target (nothing predicts it): a reply must keep a scored token after it.
         if not (chosen.scored[1:].any() and rejected.scored[1:].any()):
             report.dropped += 1
-            if report.dropped <= 10:
+            if report.dropped <= WARNINGS_PER_FILE:
                 log.warning("Dropping %s: the prompt fills block_size (%d tokens), leaving no reply to score; raise "
                             "--block-size or shorten the prompt.", pair.where, block_size)
             continue
