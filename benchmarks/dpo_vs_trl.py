@@ -17,7 +17,8 @@ median over rounds:
                computed before the loop, not timed)
     trl        TRL's DPOTrainer on the same weights (exported as a Hugging Face Llama folder)
                and pairs, with precompute_ref_log_probs (the same one pass before training,
-               not timed), dropout off, the same batch, learning rate and beta
+               not timed), dropout off, the same batch, learning rate and beta (pure DPO: MiniGPT
+               with --rpo-alpha 0, TRL's default sigmoid loss)
     for both:  pairs and tokens (of both replies, prompt included, padding excluded) per
                second of the training loop, the process's peak RSS, and the loss of step 1,
                which must be ln 2 = 0.693147 in both
@@ -131,7 +132,7 @@ def measure_minigpt(directory: Path, steps: int, batch_size: int) -> dict:
         "train.stage": "dpo", "train.init_from": str(directory / "model"), "train.data_files": [str(directory / "pairs.jsonl")],
         "train.output_dir": str(directory / "runs"), "train.run_name": f"minigpt-{os.getpid()}", "train.max_steps": steps,
         "train.batch_size": batch_size, "train.learning_rate": LEARNING_RATE, "train.warmup_steps": 0, "train.lr_scheduler": "constant",
-        "train.dpo_beta": BETA, "train.val_fraction": 0.0, "train.log_steps": 1, "train.save_steps": 10**6, "train.dtype": "float32",
+        "train.dpo_beta": BETA, "train.rpo_alpha": 0.0, "train.val_fraction": 0.0, "train.log_steps": 1, "train.save_steps": 10**6, "train.dtype": "float32",
         "train.num_threads": torch.get_num_threads(), "train.disable_monitoring": True, "train.weight_decay": 0.0,
     })
     config = dataclasses.replace(config, model=load_language_model(directory / "model").config.model)
@@ -140,7 +141,7 @@ def measure_minigpt(directory: Path, steps: int, batch_size: int) -> dict:
     trainer.train()
     seconds = time.perf_counter() - start
     first = read_metrics(trainer.run_dir / "metrics.jsonl")[0]
-    return {"seconds": seconds, "pairs": steps * batch_size, "first_loss": first["loss"], "peak_rss_mb": peak_rss_mb()}
+    return {"seconds": seconds, "pairs": steps * batch_size, "first_loss": first["dpo_loss"], "peak_rss_mb": peak_rss_mb()}
 
 
 def measure_trl(directory: Path, steps: int, batch_size: int) -> dict:
