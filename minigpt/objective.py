@@ -16,6 +16,8 @@ on what is being learned lives in an objective:
                              for the next one (most objectives measure only the loss: nothing)
     example_batch(b, t)      a batch of the right shape and kind, for precision probes,
                              compilation and benchmarks
+    rows_per_example         rows the model runs per example of a batch (a preference pair: two),
+                             for the memory estimates of --dry-run and --batch-size auto
 
 Pretraining and chat fine-tuning are the same objective: next-token prediction. Chat data
 simply arrives with the prompt's targets set to IGNORE_INDEX, so only the assistant's words count.
