@@ -1,9 +1,10 @@
 """The kill -9 drill: crash a training run again and again, resume it each time, and prove nothing is lost.
 
-    python benchmarks/fault_drill.py [--faults 20] [--max-steps 160] [--save-steps 4] [--seed 0] [--workdir DIR]
+    python benchmarks/fault_drill.py [--faults 20] [--max-steps 160] [--save-steps 4] [--seed 0] [--workdir DIR] [--stage dpo]
 
 It trains a `tiny` model (float32, so every run computes exactly the same numbers) twice on the
-same data: once straight through, and once under fire. The second run is killed with SIGKILL
+same data (pretraining; with --stage dpo, preference tuning of a random tiny model on arithmetic
+pairs, whose reference log-probabilities are computed before the first step and stored with the run): once straight through, and once under fire. The second run is killed with SIGKILL
 `--faults` times: at a random moment (anywhere: while importing, tokenizing, stepping, writing
 metrics or checkpoints), or at one of the named instants inside checkpoint writing where a crash
 does most harm (`MINIGPT_FAULT_POINT`, see `minigpt.files.fault_point`). After every kill it is
@@ -41,9 +42,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from minigpt.checkpoint import latest_checkpoint, list_checkpoints  # noqa: E402
+from minigpt.config import apply_overrides, preset_config  # noqa: E402
 from minigpt.corpus import builtin_documents  # noqa: E402
 from minigpt.files import FAULT_POINT_VARIABLE, LOCK_NAME, TEMPORARY_PREFIX, verify_manifest  # noqa: E402
 from minigpt.metrics import read_metrics  # noqa: E402
+from minigpt.model import GPT  # noqa: E402
+from minigpt.model_folder import save_model_directory  # noqa: E402
 from minigpt.tokenizer import train_bpe_tokenizer  # noqa: E402
 
 FAULT_POINTS = ("after_weights", "before_rename", "after_rename_before_prune", "during_prune")
@@ -88,9 +92,11 @@ class DrillReport:
         return "\n".join(lines)
 
 
-def prepare_data(workdir: Path) -> tuple[Path, Path]:
-    """A ~150 KB JSONL corpus and a 512-token BPE tokenizer trained on it (in this process: seconds)."""
-    corpus, tokenizer = workdir / "docs.jsonl", workdir / "tokenizer.json"
+def prepare_data(workdir: Path, stage: str = "pretrain") -> tuple[Path, list[str]]:
+    """A ~150 KB JSONL corpus and a 512-token BPE tokenizer trained on it (in this process: seconds);
+    the data file, and the flags that name the stage, the tokenizer or the model to start from.
+    For --stage dpo: 300 preference pairs and a random tiny model with that tokenizer."""
+    corpus, tokenizer = workdir / "corpus.jsonl", workdir / "tokenizer.json"
     texts, size = [], 0
     for document in builtin_documents():
         texts.append(document)
@@ -98,18 +104,27 @@ def prepare_data(workdir: Path) -> tuple[Path, Path]:
         if size > 150_000:
             break
     corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts), encoding="utf-8")
-    train_bpe_tokenizer(texts, vocab_size=512, show_progress=False).save(tokenizer)
-    return corpus, tokenizer
+    trained = train_bpe_tokenizer(texts, vocab_size=512, show_progress=False)
+    trained.save(tokenizer)
+    if stage == "pretrain":
+        return corpus, ["--tokenizer", str(tokenizer), "--sample-tokens", "8"]
+    pairs = workdir / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"What is {n} times two?", "chosen": f"{n} times two is {2 * n}.",
+                                         "rejected": f"{n} times two is {2 * n + 7}."}) + "\n" for n in range(300)))
+    config = apply_overrides(preset_config("tiny"), {"model.vocab_size": trained.vocab_size})
+    torch.manual_seed(0)
+    model = save_model_directory(workdir / "start_model", GPT(config.model), config, trained)
+    return pairs, ["--stage", "dpo", "--init-from", str(model), "--learning-rate", "1e-3"]
 
 
-def train_command(corpus: Path, tokenizer: Path, run_name: str, max_steps: int, save_steps: int, resume: bool) -> list[str]:
+def train_command(data: Path, stage_flags: list[str], run_name: str, max_steps: int, save_steps: int, resume: bool) -> list[str]:
     command = [sys.executable, str(REPO / "scripts" / "train.py"), "--output-dir", "runs", "--run-name", run_name]
     if resume:
         return command + ["--resume"]  # the run's config.json holds everything else
     return command + [
-        "--config", "tiny", "--dtype", "float32", "--data-files", str(corpus), "--tokenizer", str(tokenizer),
+        "--config", "tiny", "--dtype", "float32", "--data-files", str(data), *stage_flags,
         "--max-steps", str(max_steps), "--save-steps", str(save_steps), "--eval-steps", str(max_steps),  # evaluating only at the end keeps it quick
-        "--log-steps", "1", "--sample-tokens", "8", "--val-fraction", "0.1",
+        "--log-steps", "1", "--val-fraction", "0.1",
     ]
 
 
@@ -143,13 +158,13 @@ def run_session(command: list[str], workdir: Path, fault: str, rng: random.Rando
 
 
 def run_drill(workdir: Path, faults: int = 20, max_steps: int = 160, save_steps: int = 4, seed: int = 0,
-              log=print) -> DrillReport:
+              log=print, stage: str = "pretrain") -> DrillReport:
     """Run the drill in `workdir` and return what it found (see the module's docstring)."""
     rng = random.Random(seed)
     report = DrillReport()
-    corpus, tokenizer = prepare_data(workdir)
+    data, stage_flags = prepare_data(workdir, stage)
     started = time.perf_counter()
-    straight = subprocess.run(train_command(corpus, tokenizer, "straight", max_steps, save_steps, resume=False),
+    straight = subprocess.run(train_command(data, stage_flags, "straight", max_steps, save_steps, resume=False),
                               cwd=workdir, capture_output=True, text=True, timeout=600)
     if straight.returncode != 0:
         raise RuntimeError(f"the uninterrupted run failed: {straight.stderr}")
@@ -160,7 +175,7 @@ def run_drill(workdir: Path, faults: int = 20, max_steps: int = 160, save_steps:
     for number in range(1, faults + 1):
         resume = latest_checkpoint(run) is not None
         fault = rng.choice((RANDOM_MOMENT, *FAULT_POINTS))
-        outcome = run_session(train_command(corpus, tokenizer, "drill", max_steps, save_steps, resume), workdir, fault, rng,
+        outcome = run_session(train_command(data, stage_flags, "drill", max_steps, save_steps, resume), workdir, fault, rng,
                               run_seconds)
         if isinstance(outcome, subprocess.CompletedProcess):
             if resume and outcome.returncode == 2:
@@ -180,7 +195,7 @@ def run_drill(workdir: Path, faults: int = 20, max_steps: int = 160, save_steps:
         log(f"fault {number:2d}: {fault:<26} killed at step ~{reached:3d}, newest checkpoint {saved:3d}")
 
     if not finished:
-        final = subprocess.run(train_command(corpus, tokenizer, "drill", max_steps, save_steps, resume=True),
+        final = subprocess.run(train_command(data, stage_flags, "drill", max_steps, save_steps, resume=True),
                                cwd=workdir, capture_output=True, text=True, timeout=600)
         report.resumes += 1
         if final.returncode != 0:
@@ -208,12 +223,13 @@ def main() -> int:
     parser.add_argument("--save-steps", type=int, default=4, help="checkpoint interval (default: 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the choice of faults and moments (default: 0)")
     parser.add_argument("--workdir", type=Path, help="where to train (default: a temporary directory, removed after)")
+    parser.add_argument("--stage", choices=("pretrain", "dpo"), default="pretrain", help="what the drilled run trains (default: pretrain)")
     arguments = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fault-drill-") as temporary:
         workdir = arguments.workdir or Path(temporary)
         workdir.mkdir(parents=True, exist_ok=True)
-        report = run_drill(workdir, arguments.faults, arguments.max_steps, arguments.save_steps, arguments.seed)
+        report = run_drill(workdir, arguments.faults, arguments.max_steps, arguments.save_steps, arguments.seed, stage=arguments.stage)
     print()
     print(report.table())
     for message in report.refused_resumes + report.damaged_checkpoints + report.leftover_files:

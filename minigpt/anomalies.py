@@ -23,6 +23,11 @@ VANISHING_GRAD_NORM = 0.01
 THROUGHPUT_DROP = 0.5  # tokens/s below this share of the run's median
 MEMORY_LIMIT_PERCENT = 90.0
 LOW_ACCELERATOR_UTILISATION = 30.0
+# preference tuning (rows with dpo_loss; see minigpt.objective.Preference)
+PREFERENCE_WINDOW = 20  # logged rows the preference rules look back over
+STUCK_TOLERANCE = 0.002  # a DPO loss this close to ln 2 has not moved
+CHOSEN_DROP = 1.0  # nats the chosen reply's mean log-probability may fall over the window before it is a finding
+EXPLODING_MARGIN = 25.0  # a mean reward margin past this: the loss is ~e^-25, nothing is left to learn but distance
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,57 @@ def low_accelerator_utilisation(rows: Sequence[Row]) -> Anomaly | None:
     return None
 
 
+def _preference_rows(rows: Sequence[Row]) -> list[Row]:
+    """The last PREFERENCE_WINDOW train rows of a preference run (all of them with every metric), or none."""
+    window = [row for row in _train_rows(rows) if "dpo_loss" in row][-PREFERENCE_WINDOW:]
+    keys = ("dpo_loss", "margin", "logps_chosen", "logps_rejected")
+    return window if len(window) == PREFERENCE_WINDOW and all(_finite([row.get(key) for key in keys]) == [row[key] for key in keys] for row in window) else []
+
+
+def preference_stuck(rows: Sequence[Row]) -> Anomaly | None:
+    window = _preference_rows(rows)
+    if not window or any(abs(row["dpo_loss"] - math.log(2)) > STUCK_TOLERANCE for row in window):
+        return None
+    last = window[-1]
+    margin = statistics.mean(abs(row["margin"]) for row in window)
+    return Anomaly("preference_stuck", last["step"],
+                   f"The DPO loss has stayed at ln 2 = 0.693 for {PREFERENCE_WINDOW} logged steps (mean |margin| {margin:.2g}): "
+                   "the model still computes what the reference computes.",
+                   f"The loss leaves ln 2 only once beta x (the chosen reply's log-ratio - the rejected one's) grows towards 1; "
+                   f"at learning rate {last.get('lr', math.nan):g} and beta {last.get('dpo_beta', math.nan):g} it barely moves. Raise "
+                   "--learning-rate (DPO on a small model moves at 1e-5 to 1e-3; check the warmup is over) or --dpo-beta, and check "
+                   "that the chosen and rejected replies of the data differ.")
+
+
+def chosen_falling(rows: Sequence[Row]) -> Anomaly | None:
+    window = _preference_rows(rows)
+    if not window:
+        return None
+    third = PREFERENCE_WINDOW // 3
+    chosen = [statistics.mean(row["logps_chosen"] for row in part) for part in (window[:third], window[-third:])]
+    rejected = [statistics.mean(row["logps_rejected"] for row in part) for part in (window[:third], window[-third:])]
+    if chosen[0] - chosen[1] < CHOSEN_DROP or rejected[1] >= rejected[0]:
+        return None
+    return Anomaly("chosen_falling", window[-1]["step"],
+                   f"The chosen replies' log-probability fell from {chosen[0]:.1f} to {chosen[1]:.1f} while the rejected ones' fell "
+                   f"from {rejected[0]:.1f} to {rejected[1]:.1f}: the margin grows because both become unlikely.",
+                   "The known failure of DPO: the model pushes both replies down and its own answers degrade. Add the chosen reply's "
+                   "likelihood to the loss (--rpo-alpha 1), lower the learning rate, or keep the best evaluation (val_accuracy).")
+
+
+def margin_exploding(rows: Sequence[Row]) -> Anomaly | None:
+    window = _preference_rows(rows)
+    if not window or window[-1]["margin"] < EXPLODING_MARGIN:
+        return None
+    last = window[-1]
+    return Anomaly("margin_exploding", last["step"],
+                   f"The reward margin is {last['margin']:.1f} (above {EXPLODING_MARGIN:g}): the DPO loss is near 0 and the model only "
+                   "moves further from its reference.",
+                   f"Over-optimisation: lower the learning rate (now {last.get('lr', math.nan):g}), raise --dpo-beta (now "
+                   f"{last.get('dpo_beta', math.nan):g}) to hold the model nearer the reference, add --rpo-alpha, or stop at the best "
+                   "validation preference accuracy (--early-stopping-patience).")
+
+
 # Findings about one process's own machine or GPU. Under torchrun every process checks its own
 # rows: their losses, gradient norms and validation metrics are all-reduced (the same everywhere,
 # so rank 0 reports those once), but memory and GPU use are each process's own.
@@ -147,7 +203,7 @@ PER_PROCESS_KINDS = frozenset({"memory_pressure", "low_accelerator_utilisation"}
 
 RULES: list[Callable[[Sequence[Row]], Anomaly | None]] = [
     non_finite_loss, loss_spike, loss_plateau, gradient_norm, overfitting, throughput_drop, memory_pressure,
-    low_accelerator_utilisation,
+    low_accelerator_utilisation, preference_stuck, chosen_falling, margin_exploding,
 ]
 
 

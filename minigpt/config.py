@@ -85,7 +85,7 @@ class TrainConfig:
     """Everything about a training run except the model's shape."""
 
     # what is learned
-    stage: str = "pretrain"  # pretrain: next token, every token; sft: chat fine-tuning, loss on the assistant's words only
+    stage: str = "pretrain"  # pretrain: next token, every token; sft: chat fine-tuning, loss on the assistant's words only; dpo, classify
     init_from: str = ""  # start from this model (final_model/, checkpoint, run or Hugging Face Llama folder); empty = scratch
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen base instead of every weight
     lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
@@ -172,6 +172,12 @@ class TrainConfig:
     freeze_trunk: bool = False  # train only the heads on a frozen --init-from model (a linear probe)
     lm_loss_weight: float = 0.0  # add this x the next-token loss on the texts to the classification loss; 0 = off
     label_maps: dict = field(default_factory=dict)  # task -> labels in id order; found in the training data
+    # preference tuning (stage "dpo"; see minigpt.stages.dpo)
+    dpo_beta: float = 0.1  # how far from the reference the model may move: the reward is beta x log(pi / pi_ref)
+    # add this x the chosen reply's mean negative log-likelihood per token to the loss (RPO); 0 = pure DPO. 1 by default:
+    # on the built-in set it held the chosen replies' likelihood where pure DPO lowered it (benchmarks/dpo_builtin.py, README)
+    rpo_alpha: float = 1.0
+    ref_model: str = ""  # the reference model; empty = the model the run starts from
 
     @property
     def final_learning_rate(self) -> float:
@@ -379,7 +385,7 @@ def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None
         "train.gradient_accumulation_steps": train.gradient_accumulation_steps, "train.eval_steps": train.eval_steps,
         "train.eval_batches": train.eval_batches, "train.save_steps": train.save_steps,
         "train.keep_checkpoints": train.keep_checkpoints, "train.log_steps": train.log_steps,
-        "train.learning_rate": train.learning_rate,
+        "train.learning_rate": train.learning_rate, "train.dpo_beta": train.dpo_beta,
     }
     for key, value in positive.items():
         if value < 1 if isinstance(value, int) else value <= 0:
@@ -393,7 +399,7 @@ def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None
         "train.early_stopping_patience": train.early_stopping_patience, "train.sample_tokens": train.sample_tokens,
         "train.max_cpu": train.max_cpu, "train.max_memory": train.max_memory, "train.num_threads": train.num_threads,
         "train.lora_rank": train.lora_rank, "train.lm_loss_weight": train.lm_loss_weight,
-        "train.num_epochs": train.num_epochs, "train.epoch_steps": train.epoch_steps,
+        "train.num_epochs": train.num_epochs, "train.epoch_steps": train.epoch_steps, "train.rpo_alpha": train.rpo_alpha,
     }
     for key, value in non_negative.items():
         if value < 0:

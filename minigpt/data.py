@@ -24,7 +24,7 @@ have seen.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -441,6 +441,71 @@ class ParallelBatches:
         if state.get("workers", self.workers) != self.workers:  # checkpoints before the count was saved: trusted
             raise worker_count_changed(state["workers"], self.workers)
         self.consumed = state["consumed_batches"]
+
+
+class RecordBatches:
+    """Batches of whole records held in memory (a classifier's labelled texts, preference pairs):
+    the order they come in, their epochs and each process's share. A subclass makes a batch
+    from the indices of its records (`_batch`).
+
+    loop=True (training): shuffled anew each epoch (the order is drawn from `seed` and the epoch
+    number, so the position is just two integers) and never ends. loop=False (evaluation): in
+    order, once, starting over each time it is iterated.
+
+    Under torchrun (`rank` of `world_size`) every process holds all the records and trains on its
+    share: the epoch's order is cut in batches, the last one shorter, and the processes take them
+    in turn, each its own batch of every `world_size` in a row. So 2 processes with one batch each
+    see exactly the records that 1 process sees in 2 accumulated batches. The position is where
+    the next round of `world_size` batches starts, the same in every process. The position counts
+    records, so `batch_size` may change between batches (--batch-size auto, a memory back-off).
+    """
+
+    one_document_per_row = True  # for the trainer's data report: truncation is counted
+
+    def __init__(self, count: int, batch_size: int, *, loop: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.count, self.batch_size = count, batch_size
+        self.loop, self.seed = loop, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = EpochState()  # position: records of this pass's order already batched
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch.as_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = EpochState.from_saved(state["epoch"], state.get("position", 0))
+        if self.epoch.position >= self.count:  # saved at the very end of an epoch
+            self.epoch = replace(self.epoch, passes=self.epoch.passes + 1, position=0)
+
+    def sequences_per_pass(self) -> int:
+        return self.count
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.count) if self.loop else np.arange(self.count)
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.loop:
+            return self._endless()
+        return (self._batch(np.arange(start, min(start + self.batch_size, self.count))) for start in range(0, self.count, self.batch_size))
+
+    def _after_batch(self, epoch: EpochState) -> EpochState:
+        """Where the batch after the one starting at `epoch` starts: a pass's last batch is shorter."""
+        position = epoch.position + self.batch_size
+        if position >= self.count:
+            return replace(epoch, passes=epoch.passes + 1, position=0)
+        return replace(epoch, position=position)
+
+    def _endless(self) -> Iterator[Any]:
+        while True:
+            start = self.epoch
+            for _ in range(self.rank):  # the batches of the processes before this one
+                start = self._after_batch(start)
+            chosen = self._order(start.passes)[start.position : start.position + self.batch_size]
+            for _ in range(self.world_size):  # the round: this process's batch and the others'
+                self.epoch = self._after_batch(self.epoch)
+            yield self._batch(chosen)
+
+    def _batch(self, chosen: np.ndarray) -> Any:
+        raise NotImplementedError
 
 
 def worker_count_changed(saved: int | None, current: int) -> UserInputError:

@@ -21,26 +21,24 @@ order): exact resume.
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from minigpt.data import EpochState, rounded_width
+from minigpt.data import RecordBatches, rounded_width
 from minigpt.errors import UserInputError
 from minigpt.loss import IGNORE_INDEX
-from minigpt.sources import DataReport, Document, document_hash_fraction, read_json_array
+from minigpt.sources import WARNINGS_PER_FILE, DataReport, Document, ReadProblem, document_hash_fraction, read_records
 from minigpt.tokenizer import Tokenizer
 
 log = logging.getLogger("minigpt.data")
 
 LABELS_SUFFIX = "_labels"  # "<task>_labels" holds the label of task <task>
 SINGLE_TASK_FIELD = "labels"  # a lone "labels" field: one task, named "labels"
-WARNINGS_PER_FILE = 10
 
 LabelMaps = dict[str, list]  # task -> its labels in id order (sorted)
 ClassificationBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (input ids, lengths, label ids per task)
@@ -76,13 +74,13 @@ def label_problem(value: Any) -> str | None:
     return None
 
 
-def _parse(record: Any, text_field: str) -> LabelledRecord | str:
-    """A LabelledRecord (where filled in later), or the reason the record is bad."""
+def _parse(record: Any, text_field: str, where: str) -> LabelledRecord | ReadProblem:
+    """A LabelledRecord, or the reason the record is bad."""
     if not isinstance(record, dict):
-        return "not a JSON object"
+        return ReadProblem("not a JSON object")
     text = record.get(text_field)
     if not isinstance(text, str) or not text.strip():
-        return f"no text in field '{text_field}'"
+        return ReadProblem(f"no text in field '{text_field}'")
     labels = {}
     for name, value in record.items():
         task = task_of_field(name)
@@ -90,54 +88,17 @@ def _parse(record: Any, text_field: str) -> LabelledRecord | str:
             continue
         problem = label_problem(value)
         if problem:
-            return f"field '{name}': {problem}"
+            return ReadProblem(f"field '{name}': {problem}")
         labels[task] = value
-    return LabelledRecord(text, labels, "")
+    return LabelledRecord(text, labels, where)
 
 
 def read_labelled_records(sources: Sequence[Path | str], text_field: str = "text",
                           report: DataReport | None = None) -> list[LabelledRecord]:
     """Every good record of the .jsonl/.json sources, in order; bad ones are skipped with a
     `file:line: reason` warning (a .json array: `file:item N`), a file with none refused."""
-    report = report if report is not None else DataReport()
-    records: list[LabelledRecord] = []
-    for source in sources:
-        path = Path(source)
-        if path.suffix not in (".jsonl", ".json"):
-            raise UserInputError(f"Classification data must be .jsonl or .json records with labels; {path} is neither.")
-        if path.suffix == ".json":
-            items = [(f"{path}:item {number}", record) for number, record in enumerate(read_json_array(path), start=1)]
-        else:
-            items = list(_jsonl_items(path))
-        bad, good_before = 0, len(records)
-        for where, item in items:
-            parsed = item if isinstance(item, str) else _parse(item, text_field)
-            if isinstance(parsed, str):
-                bad += 1
-                report.bad_lines += 1
-                if bad <= WARNINGS_PER_FILE:
-                    log.warning("Skipping %s: %s", where, parsed)
-                continue
-            parsed.where = where
-            records.append(parsed)
-        if len(records) == good_before:
-            raise UserInputError(f"{path} holds no usable labelled records; each needs a '{text_field}' string and label fields.")
-    report.documents += len(records)
-    return records
-
-
-def _jsonl_items(path: Path) -> Iterator[tuple[str, Any]]:
-    """(file:line, parsed object or the reason it is unreadable) for each non-blank line."""
-    with open(path, "rb") as file:
-        for number, raw in enumerate(file, start=1):
-            if not raw.strip():
-                continue
-            try:
-                yield f"{path}:{number}", json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
-            except UnicodeDecodeError:
-                yield f"{path}:{number}", "not valid UTF-8"
-            except (json.JSONDecodeError, RecursionError):
-                yield f"{path}:{number}", "not valid JSON"
+    return read_records(sources, lambda record, where: _parse(record, text_field, where), "labelled",
+                        f"a '{text_field}' string and label fields", report)
 
 
 def find_tasks(records: Sequence[LabelledRecord], chosen: str = "") -> list[str]:
@@ -235,71 +196,18 @@ def pad_batch(sequences: Sequence[np.ndarray], pad_id: int, width: int = 0) -> t
     return ids, lengths
 
 
-class ClassificationBatches:
-    """Batches of (input ids, lengths, labels) from encoded records.
-
-    loop=True (training): shuffled anew each epoch (the order is drawn from `seed` and the epoch
-    number, so the position is just two integers) and never ends. loop=False (evaluation): in
-    order, once, starting over each time it is iterated.
-
-    Under torchrun (`rank` of `world_size`) every process holds all the records (the label maps
-    and class weights are counted over all of them) and trains on its share: the epoch's order is
-    cut in batches, the last one shorter, and the processes take them in turn, each its own
-    batch of every `world_size` in a row. So 2 processes with one batch each see exactly the
-    records that 1 process sees in 2 accumulated batches. The position is where the next round of
-    `world_size` batches starts, the same in every process.
-    """
-
-    one_document_per_row = True  # for the trainer's data report: truncation is counted
+class ClassificationBatches(RecordBatches):
+    """Batches of (input ids, lengths, labels) from encoded records; the order, epochs and each
+    process's share are `RecordBatches`'s."""
 
     def __init__(self, encoded: EncodedRecords, batch_size: int, pad_id: int, *, loop: bool = True, seed: int = 0,
                  rank: int = 0, world_size: int = 1):
         if not encoded.ids:
             raise UserInputError("No labelled records are left to train on.")
-        self.encoded, self.batch_size, self.pad_id = encoded, batch_size, pad_id
-        self.loop, self.seed = loop, seed
-        self.rank, self.world_size = rank, world_size
+        super().__init__(len(encoded.ids), batch_size, loop=loop, seed=seed, rank=rank, world_size=world_size)
+        self.encoded, self.pad_id = encoded, pad_id
         self.report = encoded.report
-        self.epoch = EpochState()  # position: records of this pass's order already batched
         self.longest = max(len(ids) for ids in encoded.ids)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch.as_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch = EpochState.from_saved(state["epoch"], state.get("position", 0))
-        if self.epoch.position >= len(self.encoded.ids):  # saved at the very end of an epoch
-            self.epoch = replace(self.epoch, passes=self.epoch.passes + 1, position=0)
-
-    def sequences_per_pass(self) -> int:
-        return len(self.encoded.ids)
-
-    def _order(self, epoch: int) -> np.ndarray:
-        count = len(self.encoded.ids)
-        return np.random.default_rng([self.seed, epoch]).permutation(count) if self.loop else np.arange(count)
-
-    def __iter__(self) -> Iterator[ClassificationBatch]:
-        if self.loop:
-            return self._endless()
-        return (self._batch(np.arange(start, min(start + self.batch_size, len(self.encoded.ids))))
-                for start in range(0, len(self.encoded.ids), self.batch_size))
-
-    def _after_batch(self, epoch: EpochState) -> EpochState:
-        """Where the batch after the one starting at `epoch` starts: a pass's last batch is shorter."""
-        position = epoch.position + self.batch_size
-        if position >= len(self.encoded.ids):
-            return replace(epoch, passes=epoch.passes + 1, position=0)
-        return replace(epoch, position=position)
-
-    def _endless(self) -> Iterator[ClassificationBatch]:
-        while True:
-            start = self.epoch
-            for _ in range(self.rank):  # the batches of the processes before this one
-                start = self._after_batch(start)
-            chosen = self._order(start.passes)[start.position : start.position + self.batch_size]
-            for _ in range(self.world_size):  # the round: this process's batch and the others'
-                self.epoch = self._after_batch(self.epoch)
-            yield self._batch(chosen)
 
     def _batch(self, chosen: np.ndarray) -> ClassificationBatch:
         """The chosen records, padded to their longest rounded up to data.ROW_WIDTH_STEP (never past the

@@ -50,7 +50,7 @@ import psutil
 import torch
 
 from minigpt.config import ModelConfig, RunConfig, TrainConfig
-from minigpt.data import ParallelBatches, TokenBlockStream
+from minigpt.data import ParallelBatches, RecordBatches, TokenBlockStream
 from minigpt.errors import UserInputError
 from minigpt.heads import GPTClassifier
 from minigpt.lora import LoRALinear
@@ -432,7 +432,8 @@ def choose_micro_batch(model: torch.nn.Module, objective: Objective, config: Run
     chosen, best_rate, why = 0, 0.0, ""
     for candidate in divisors(global_batch):
         if device.type != "cuda":
-            estimate = estimate_memory(model, config, candidate, dtype, device, accumulation=global_batch // candidate)
+            estimate = estimate_memory(model, config, candidate * objective.rows_per_example, dtype, device,
+                                       accumulation=global_batch // candidate)
             estimate = dataclasses.replace(estimate, process=max(0, resident - estimate.weights))
             need = estimate.peak(train.gradient_checkpointing) - resident
             if need > FIT_MARGIN * budget.usable:
@@ -489,13 +490,14 @@ def split_batch(batch: Batch, parts: int) -> list[Batch]:
 
 def resize_stream(stream: Any, batch_size: int) -> bool:
     """Make a training stream yield micro-batches of `batch_size` from its next batch on; False if it
-    cannot. A TokenBlockStream hands out blocks in one fixed order whatever the batch size, so two
+    cannot. A TokenBlockStream hands out blocks in one fixed order whatever the batch size (records
+    held in memory, RecordBatches, count their position in records), so two
     batches of 4 are exactly one batch of 8: the run sees the same data. Worker processes
     (ParallelBatches) hold their own copies of the stream, so once reading has begun they cannot
     change; the fixed batch of --overfit-batch cannot either."""
     if isinstance(stream, ParallelBatches) and stream.consumed == 0:
         stream = stream.stream
-    if isinstance(stream, TokenBlockStream):
+    if isinstance(stream, (TokenBlockStream, RecordBatches)):
         stream.batch_size = batch_size
         return True
     return False

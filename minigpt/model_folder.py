@@ -131,7 +131,7 @@ class LoadedModel:
 
     @property
     def stage(self) -> str:
-        """The training stage recorded: "pretrain", "sft" (chat-tuned) or "classify"."""
+        """The training stage recorded: "pretrain", "sft" (chat-tuned), "dpo" (preference-tuned) or "classify"."""
         return self.config.train.stage
 
     @property

@@ -1,4 +1,4 @@
-"""Loss-curve figures.
+"""Loss-curve figures, and a preference run's curves.
 
 Drawn with matplotlib's object API on the Agg (PNG) canvas: no window, no display, and no
 pyplot global state, so plotting from inside a training run is safe on a headless server.
@@ -235,6 +235,48 @@ def training_curves_figure(runs: dict[str, Sequence[dict]]) -> Figure:
             axes.set_yscale("log")
         if axes.lines:
             axes.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+# A preference run's panels: (title, [(metric, label)], a dotted level line or None).
+PREFERENCE_PANELS = (
+    ("DPO loss (ln 2 at the start)", [("dpo_loss", "dpo_loss")], math.log(2)),
+    ("rewards (beta x log-ratio to the reference)", [("rewards_chosen", "chosen"), ("rewards_rejected", "rejected"), ("margin", "margin")], 0.0),
+    ("preference accuracy (0.5: no preference)", [("accuracy", "accuracy")], 0.5),
+    ("log-probability of the replies", [("logps_chosen", "chosen"), ("logps_rejected", "rejected")], None),
+)
+
+
+def preference_curves_figure(rows: Sequence[dict], title: str = "") -> Figure:
+    """The metrics of a preference run (`minigpt.objective.Preference`) against the step: the DPO
+    loss, the rewards and their margin, the preference accuracy and the replies' log-probabilities,
+    training rows as lines and evaluations (their val_ metrics) as markers. Raises ValueError with
+    nothing to draw."""
+    figure = Figure(figsize=(12, 8), dpi=100)
+    FigureCanvasAgg(figure)
+    panels = figure.subplots(2, 2).flatten()
+    train = [row for row in rows if row.get("type") == "train"]
+    evaluations = [row for row in rows if row.get("type") == "eval"]
+    if not any("dpo_loss" in row for row in train):
+        raise ValueError("The run has no preference metrics to draw yet.")
+    for axes, (panel_title, metrics, level) in zip(panels, PREFERENCE_PANELS):
+        for index, (metric, label) in enumerate(metrics):
+            color = f"C{index}"
+            steps, values, _ = _finite_points([(row["step"], row.get(metric)) for row in train])
+            if len(values):
+                axes.plot(*_decimate(steps, values), color=color, linewidth=1.0, alpha=0.8, label=label)
+            steps, values, _ = _finite_points([(row["step"], row.get(f"val_{metric}")) for row in evaluations])
+            if len(values):
+                axes.plot(steps, values, color=color, marker="o", markersize=4, linestyle="--", linewidth=1, label=f"val {label}")
+        if level is not None:
+            axes.axhline(level, color="grey", linestyle=":", linewidth=1)
+        axes.set_title(panel_title)
+        axes.set_xlabel("step")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    if title:
+        figure.suptitle(title)
     figure.tight_layout()
     return figure
 

@@ -365,12 +365,13 @@ def _prepare_run(config: RunConfig, show_progress: bool, callbacks: list[Callbac
         seed_everything(config.train.seed + place.rank)
     trainer = Trainer(config, model, tokenizer, objective, train_stream, val_stream, run_dir, device, dtype, callbacks, show_progress,
                       adapter=adapter, run_log=run_log)
-    if paths.resume_from is not None:
-        try:  # before anything is written: a refused resume (another process or worker count, a changed base) changes nothing
+    try:  # before anything is written: a refused resume (another process or worker count, a changed base) changes nothing
+        if paths.resume_from is not None:
             trainer.resume(paths.resume_from)
-        except BaseException:
-            unlock_run_directory(run_dir)
-            raise
+        stage.before_training(trainer, resumed=paths.resume_from is not None)
+    except BaseException:
+        unlock_run_directory(run_dir)
+        raise
     if is_main_process():
         atomic_write_json(run_dir / "config.json", config.to_dict())
         if paths.resume_from is None:
@@ -460,9 +461,10 @@ def plan_dry_run(config: RunConfig) -> DryRun:
         prepared.train, token_cache=train.token_cache, overfit_batch=train.overfit_batch, dataloader_workers=train.dataloader_workers))
     if device.type != "cuda":
         next(iter(train_stream))
-    estimate = estimate_memory(dry_run_model(config, stage, torch.device("meta")), config, train.batch_size, dtype, device,
-                               process=process_memory(device, dtype))
-    return DryRun(config, stage, stage.build_objective(config, tokenizer, train_stream), device, dtype, estimate)
+    objective = stage.build_objective(config, tokenizer, train_stream)
+    estimate = estimate_memory(dry_run_model(config, stage, torch.device("meta")), config, train.batch_size * objective.rows_per_example,
+                               dtype, device, process=process_memory(device, dtype))
+    return DryRun(config, stage, objective, device, dtype, estimate)
 
 
 def dry_run(config: RunConfig, probe: bool = True) -> str:

@@ -33,7 +33,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -470,6 +470,57 @@ def read_json_array(path: Path) -> list:
             f"{path} does not hold a JSON array of records; write it as [{{...}}, {{...}}] "
             "or as a .jsonl file with one record per line."
         )
+    return records
+
+
+class ReadProblem(str):
+    """Why a record could not be read or used: what `json_records` and a record parser give instead of a record."""
+
+
+def json_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, parsed record or the reason it is unreadable) for each record of a .jsonl file (where:
+    `file:line`, blank lines skipped) or a .json array (`file:item N`)."""
+    if path.suffix == ".json":
+        yield from ((f"{path}:item {number}", record) for number, record in enumerate(read_json_array(path), start=1))
+        return
+    with open(path, "rb") as file:
+        for number, raw in enumerate(file, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield f"{path}:{number}", json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
+            except UnicodeDecodeError:
+                yield f"{path}:{number}", ReadProblem("not valid UTF-8")
+            except (json.JSONDecodeError, RecursionError):
+                yield f"{path}:{number}", ReadProblem("not valid JSON")
+
+
+def read_records(sources: Sequence[Path | str], parse: Callable[[Any, str], Any], kind: str, needs: str,
+                 report: DataReport | None = None) -> list:
+    """Every good record of the .jsonl/.json sources, in order, as `parse(record, where)` makes it;
+    a record it answers with a `ReadProblem` is skipped with a `file:line: reason` warning (the
+    first WARNINGS_PER_FILE of a file) and counted in the report's bad lines. A source of another
+    kind, or one with no good record, is refused: `kind` names the records ("labelled"), `needs`
+    says what a record needs."""
+    report = report if report is not None else DataReport()
+    records: list = []
+    for source in sources:
+        path = Path(source)
+        if path.suffix not in (".jsonl", ".json"):
+            raise UserInputError(f"{kind.capitalize()} data must be .jsonl or .json records; {path} is neither.")
+        bad, good_before = 0, len(records)
+        for where, item in json_records(path):
+            parsed = item if isinstance(item, ReadProblem) else parse(item, where)
+            if isinstance(parsed, ReadProblem):
+                bad += 1
+                report.bad_lines += 1
+                if bad <= WARNINGS_PER_FILE:
+                    log.warning("Skipping %s: %s", where, parsed)
+                continue
+            records.append(parsed)
+        if len(records) == good_before:
+            raise UserInputError(f"{path} holds no usable {kind} records; each needs {needs}.")
+    report.documents += len(records)
     return records
 
 

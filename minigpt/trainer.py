@@ -154,6 +154,7 @@ class RunningTotals(Callback):
 
     def on_start(self, trainer: "Trainer") -> None:
         self.start_window()
+        trainer.objective.log_metrics()  # forget what the probes before the loop measured (precision, batch size, compilation)
 
     def on_step_end(self, trainer: "Trainer", outcome: StepOutcome) -> None:
         self.loss_sum += torch.where(outcome.finite, outcome.loss, 0.0)
@@ -720,6 +721,7 @@ class Trainer:
             **self._epoch_field(step),
             "tokens": self.progress.tokens_seen,
             "loss": loss,  # mean over the steps since the last row
+            **(measured := self.objective.log_metrics()),  # what else the objective measured over those steps
             "lr": outcome.learning_rate,
             "grad_norm": grad_norm,
             "tokens_per_second": tokens_per_second,
@@ -744,7 +746,8 @@ class Trainer:
                 row.update(self.peak_memory.read_and_reset())
         self.metrics.write(row)
         memory = f" | mem {row['rss_bytes'] / 1e9:.1f} GB" if "rss_bytes" in row else ""
-        log.info("step %d | loss %.4f | lr %.2e | %s tok/s%s", step, loss, outcome.learning_rate, f"{tokens_per_second:,.0f}", memory)
+        log.info("step %d | loss %.4f%s | lr %.2e | %s tok/s%s", step, loss, self.objective.describe_log(measured), outcome.learning_rate,
+                 f"{tokens_per_second:,.0f}", memory)
         for callback in self.callbacks:
             callback.on_log(self, row)
         self._check_anomalies(row)

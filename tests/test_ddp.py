@@ -4,7 +4,7 @@ The runs read their data in order, one row per conversation or record: then two 
 one micro-batch each see exactly the rows one process sees in two micro-batches, so their weights
 must agree to float rounding. Chat rows count different numbers of targets, and balanced class
 weights make a classification step's weight fractional: both exercise the all-reduced step weight.
-Every stage is covered: chat fine-tuning (SFT), LoRA on a frozen model, classification; and the
+Every stage is covered: chat fine-tuning (SFT), LoRA on a frozen model, classification, DPO; and the
 failures: a signal, one process out of memory, one process raising an error.
 """
 
@@ -388,6 +388,33 @@ def test_classification_on_two_processes_matches_one_in_weights_and_every_metric
             assert single[f"{task}_accuracy"] == double[f"{task}_accuracy"] and single[f"{task}_f1_macro"] == double[f"{task}_f1_macro"]
     losses = [[row["loss"] for row in metric_rows(run) if row["type"] == "train"] for run in runs]
     assert len(losses[0]) == STEPS and all(abs(a - b) < 1e-5 for a, b in zip(*losses))
+
+
+@pytest.mark.slow  # two DPO runs, one under torchrun
+def test_dpo_on_two_processes_matches_one_in_weights_and_every_metric(workspace, base_model):
+    """Preference pairs: each process computes the reference log-probabilities of every pair, trains
+    on its share of each round of batches, and the rewards, margins and accuracies of the train
+    rows and evaluations are summed over the processes."""
+    pairs = workspace / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"What is {n} times two?", "chosen": f"{n} times two is {2 * n}." + " Yes." * (n % 3),
+                                         "rejected": f"{n} times two is {2 * n + 7}."}) + "\n" for n in range(40)))
+
+    def arguments(name: str, *extra: str) -> list[str]:
+        return ["--stage", "dpo", "--init-from", str(base_model), "--data-files", str(pairs), "--val-fraction", "0.2",
+                "--output-dir", "runs", "--run-name", name, "--max-steps", str(STEPS), "--batch-size", "2", "--log-steps", "1",
+                "--eval-steps", "3", "--save-steps", "6", "--dtype", "float32", "--learning-rate", "1e-3", "--disable-monitoring", *extra]
+
+    two = torchrun(*arguments("dpo-two"), cwd=workspace)
+    assert two.returncode == 0, two.stdout + two.stderr
+    one = one_process(*arguments("dpo-one", "--gradient-accumulation-steps", "2"), cwd=workspace)
+    assert one.returncode == 0, one.stderr
+    runs = [workspace / "runs" / name for name in ("dpo-one", "dpo-two")]
+    assert largest_difference(*(weights(run) for run in runs)) < 1e-5
+    for kind, keys in (("train", ("loss", "dpo_loss", "margin", "accuracy", "logps_chosen")), ("eval", ("val_loss", "val_margin", "val_accuracy"))):
+        rows = [[row for row in metric_rows(run) if row["type"] == kind] for run in runs]
+        assert len(rows[0]) == len(rows[1]) > 0
+        for single, double in zip(*rows):
+            assert all(abs(single[key] - double[key]) < 1e-4 for key in keys), (single, double)
 
 
 # --- compiled ---------------------------------------------------------------------------------

@@ -117,7 +117,7 @@ def test_a_config_file_key_of_another_stage_is_refused_unless_it_holds_its_defau
 
 def test_a_run_config_listing_every_key_stays_loadable_for_every_stage(tmp_path, capsys):
     for stage in STAGES:
-        config = apply_overrides(preset_config("tiny"), {"train.stage": stage, "train.init_from": "base" if stage == "sft" else ""})
+        config = apply_overrides(preset_config("tiny"), {"train.stage": stage, "train.init_from": "base" if stage in ("sft", "dpo") else ""})
         (tmp_path / f"{stage}.json").write_text(json.dumps(config.to_dict()))
         check_config(load_config(str(tmp_path / f"{stage}.json")))
 

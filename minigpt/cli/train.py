@@ -39,6 +39,11 @@ FLAGS: dict[str, list[Flag]] = {
         Flag(("--lora-targets",), "train.lora_targets", "the layers that get adapters: any of q,k,v,o,gate,up,down, or all"),
         Flag(("--sample-prompt",), "train.sample_prompt", "sft: the message the model answers as the sample at each evaluation"),
     ],
+    "preference tuning (--stage dpo)": [
+        Flag(("--dpo-beta",), "train.dpo_beta", "DPO's beta: a reply's reward is beta x log(pi / pi_ref); smaller lets the model move further from the reference"),
+        Flag(("--rpo-alpha",), "train.rpo_alpha", "add this times the chosen reply's mean negative log-likelihood per token to the loss (RPO; 0 = pure DPO; 1 keeps the chosen replies likely)"),
+        Flag(("--ref-model",), "train.ref_model", "the reference model (default: the --init-from model); it must share the tokenizer"),
+    ],
     "classification (--stage classify, or the train-classifier command)": [
         Flag(("--tasks",), "train.tasks", "comma-separated tasks to train (default: every <task>_labels field of the data)"),
         Flag(("--task-weights",), "train.task_weights", "each task's loss weight, e.g. sentiment=1,toxicity=0.5 (default 1 each)"),

@@ -16,10 +16,11 @@ from minigpt.config import PRESETS, RunConfig, TrainConfig, preset_config
 from minigpt.errors import UserInputError
 from minigpt.stages.base import Stage
 from minigpt.stages.classify import ClassifyStage
+from minigpt.stages.dpo import DPOStage
 from minigpt.stages.pretrain import PretrainStage
 from minigpt.stages.sft import SFTStage
 
-STAGES: dict[str, Stage] = {stage.name: stage for stage in (PretrainStage(), SFTStage(), ClassifyStage())}
+STAGES: dict[str, Stage] = {stage.name: stage for stage in (PretrainStage(), SFTStage(), DPOStage(), ClassifyStage())}
 
 
 def stage_named(name: str) -> Stage:

@@ -8,7 +8,8 @@ command line. What differs between them lives in one object per stage, a subclas
     its objective     what a batch means and what its loss is (`build_objective`)
     its model         the network it trains, what it takes from --init-from, what LoRA leaves
                       trainable (`build_model`, `start_from`, `after_lora`)
-    its callbacks     what it adds to the loop (a classifier's confusion matrices, say)
+    its callbacks     what it adds to the loop (a classifier's confusion matrices, say), and
+                      what it does with the model before the loop (`before_training`)
     its settings      the train.* settings that apply to it and not to every stage
     its recipe        the configuration a run of it starts from when no --config is given
 
@@ -28,7 +29,7 @@ from minigpt.config import RunConfig, preset_config
 from minigpt.model import GPT
 from minigpt.objective import Objective
 from minigpt.tokenizer import Tokenizer
-from minigpt.trainer import Callback
+from minigpt.trainer import Callback, Trainer
 
 DEFAULT_PRESET = "medium"  # what `minigpt train` trains with no --config
 
@@ -89,6 +90,10 @@ class Stage:
 
     def after_lora(self, model: GPT) -> None:
         """Make trainable what must train besides the adapters (LoRA has frozen everything else)."""
+
+    def before_training(self, trainer: Trainer, resumed: bool) -> None:
+        """Work with the model before the first step, once the trainer is built and, on --resume,
+        restored from its checkpoint (DPO computes, or reads back, its reference log-probabilities)."""
 
     def callbacks(self, config: RunConfig) -> list[Callback]:
         """Callbacks this stage adds to the loop."""
