@@ -21,7 +21,6 @@ order): exact resume.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 from minigpt.data import EpochState, rounded_width
 from minigpt.errors import UserInputError
 from minigpt.loss import IGNORE_INDEX
-from minigpt.sources import DataReport, Document, document_hash_fraction, read_json_array
+from minigpt.sources import DataReport, Document, document_hash_fraction, jsonl_items, read_json_array
 from minigpt.tokenizer import Tokenizer
 
 log = logging.getLogger("minigpt.data")
@@ -108,7 +107,7 @@ def read_labelled_records(sources: Sequence[Path | str], text_field: str = "text
         if path.suffix == ".json":
             items = [(f"{path}:item {number}", record) for number, record in enumerate(read_json_array(path), start=1)]
         else:
-            items = list(_jsonl_items(path))
+            items = list(jsonl_items(path))
         bad, good_before = 0, len(records)
         for where, item in items:
             parsed = item if isinstance(item, str) else _parse(item, text_field)
@@ -124,20 +123,6 @@ def read_labelled_records(sources: Sequence[Path | str], text_field: str = "text
             raise UserInputError(f"{path} holds no usable labelled records; each needs a '{text_field}' string and label fields.")
     report.documents += len(records)
     return records
-
-
-def _jsonl_items(path: Path) -> Iterator[tuple[str, Any]]:
-    """(file:line, parsed object or the reason it is unreadable) for each non-blank line."""
-    with open(path, "rb") as file:
-        for number, raw in enumerate(file, start=1):
-            if not raw.strip():
-                continue
-            try:
-                yield f"{path}:{number}", json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
-            except UnicodeDecodeError:
-                yield f"{path}:{number}", "not valid UTF-8"
-            except (json.JSONDecodeError, RecursionError):
-                yield f"{path}:{number}", "not valid JSON"
 
 
 def find_tasks(records: Sequence[LabelledRecord], chosen: str = "") -> list[str]:

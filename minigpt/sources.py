@@ -33,7 +33,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 
@@ -446,6 +446,20 @@ class DocumentReader:
         except UnicodeDecodeError:
             self._bad_line(path, f"the paragraph starting at line {first_line} is not valid UTF-8")
             return Document(text="", ends_document=at_end)
+
+
+def jsonl_items(path: Path) -> Iterator[tuple[str, Any]]:
+    """(file:line, parsed object or the reason it is unreadable) for each non-blank line."""
+    with open(path, "rb") as file:
+        for number, raw in enumerate(file, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield f"{path}:{number}", json.loads(raw.decode("utf-8-sig" if number == 1 else "utf-8"))
+            except UnicodeDecodeError:
+                yield f"{path}:{number}", "not valid UTF-8"
+            except (json.JSONDecodeError, RecursionError):
+                yield f"{path}:{number}", "not valid JSON"
 
 
 def read_json_array(path: Path) -> list:

@@ -19,7 +19,7 @@ class Command(NamedTuple):
 COMMANDS: dict[str, Command] = {
     "train": Command("minigpt.cli.train", "train.py", "train a model from a preset, a config file and flags"),
     "generate": Command("minigpt.cli.generate", "generate.py", "sample text from a trained model"),
-    "evaluate": Command("minigpt.cli.evaluate", "evaluate.py", "loss, perplexity and bits per byte on data"),
+    "evaluate": Command("minigpt.cli.evaluate", "evaluate.py", "loss on text, task scores (multiple choice, generation, built-in tasks)"),
     "monitor": Command("minigpt.cli.monitor", "monitor_training.py", "watch runs live, or compare them"),
     "plot": Command("minigpt.cli.plot_curves", "plot_training_curves.py", "draw runs' metrics to a PNG"),
     "tokenizer": Command("minigpt.cli.train_tokenizer", "train_tokenizer.py", "train and save a tokenizer on its own"),
@@ -30,3 +30,5 @@ COMMANDS: dict[str, Command] = {
     "classify": Command("minigpt.cli.classify", "classify.py", "label texts with a trained classifier"),
     "export": Command("minigpt.cli.export", "export.py", "write a model for transformers, llama.cpp/Ollama (GGUF) or PEFT (a LoRA adapter)"),
 }
+# Other names of a command: `minigpt eval` is `minigpt evaluate`.
+ALIASES: dict[str, str] = {"eval": "evaluate"}
