@@ -114,6 +114,7 @@ def evaluate(
 # numbers of choices average fairly; the mean over the tasks is the headline `score`.
 
 CHAT_FORMAT, PLAIN_FORMAT = "chat", "plain"
+EVAL_RESULTS_FILE = "eval_results.json"  # `minigpt eval` copies its results here, next to a run's final_model/
 FEWSHOT_SEPARATOR = "\n\n"  # between few-shot examples in the plain format (lm-evaluation-harness's)
 
 

@@ -20,6 +20,7 @@ COMMANDS: dict[str, Command] = {
     "train": Command("minigpt.cli.train", "train.py", "train a model from a preset, a config file and flags"),
     "generate": Command("minigpt.cli.generate", "generate.py", "sample text from a trained model"),
     "evaluate": Command("minigpt.cli.evaluate", "evaluate.py", "loss on text, task scores (multiple choice, generation, built-in tasks)"),
+    "report": Command("minigpt.cli.report", "report.py", "write a run's report card (report.md, report.html), or compare runs"),
     "monitor": Command("minigpt.cli.monitor", "monitor_training.py", "watch runs live, or compare them"),
     "plot": Command("minigpt.cli.plot_curves", "plot_training_curves.py", "draw runs' metrics to a PNG"),
     "tokenizer": Command("minigpt.cli.train_tokenizer", "train_tokenizer.py", "train and save a tokenizer on its own"),

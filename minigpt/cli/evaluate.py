@@ -30,7 +30,7 @@ from minigpt.cli.common import ArgumentParser, add_shared_arguments, program_nam
 from minigpt.data import TokenBlockStream
 from minigpt.errors import UserInputError
 from minigpt.evaluation import (
-    CHAT_FORMAT, PLAIN_FORMAT, EvaluationResult, Task, TaskResult, evaluate, headline_score, read_task_file, score_tasks,
+    CHAT_FORMAT, EVAL_RESULTS_FILE, PLAIN_FORMAT, EvaluationResult, Task, TaskResult, evaluate, headline_score, read_task_file, score_tasks,
     uses_chat_format,
 )
 from minigpt.files import atomic_write_bytes, atomic_write_json
@@ -39,7 +39,6 @@ from minigpt.runtime import select_device
 from minigpt.sources import BUILTIN_SOURCES, resolve_data_files
 from minigpt.stages import STAGES
 
-EVAL_RESULTS_FILE = "eval_results.json"  # next to a run's final_model/: what `minigpt report` shows
 # Stages whose models answer in the chat format. "dpo" (preference tuning) is named here as well,
 # so a DPO model is scored as a chat model whether or not this checkout's registry knows the stage.
 CHAT_STAGES = tuple(name for name, stage in STAGES.items() if stage.chat) + ("dpo",)
