@@ -318,8 +318,10 @@ def continuation_log_probabilities(model: GPT, pairs: Sequence[tuple[list[int], 
     """The summed log-probability of each pair's continuation ids after its context ids.
 
     Pairs go through the model `batch_size` at a time, right-padded (causal attention keeps the
-    padding out of every real position). A pair longer than the model's window loses the oldest
-    context tokens, as lm-evaluation-harness truncates. `progress(n)` is told of each batch done.
+    padding out of every real position); the output head runs only at the positions that predict
+    a continuation token, not over every position's whole vocabulary. A pair longer than the
+    model's window loses its oldest context tokens, as lm-evaluation-harness truncates.
+    `progress(n)` is told of each batch done.
     """
     window = model.config.block_size
     device = next(model.parameters()).device
@@ -331,18 +333,20 @@ def continuation_log_probabilities(model: GPT, pairs: Sequence[tuple[list[int], 
         for context, continuation in pairs[start:start + batch_size]:
             if not continuation:
                 raise UserInputError("A choice encodes to no tokens after its question; check the task's choices.")
-            sequence = (context + continuation)[-(window + 1):]  # the inputs are all but the last token
-            rows.append((sequence, len(continuation)))
+            if len(continuation) > window:
+                raise UserInputError(f"A choice of {len(continuation)} tokens does not fit this model's {window}-token window.")
+            rows.append(((context + continuation)[-(window + 1):], len(continuation)))  # the inputs are all but the last token
         width = max(len(sequence) for sequence, _ in rows) - 1
         inputs = torch.zeros(len(rows), width, dtype=torch.long)
         for row, (sequence, _) in enumerate(rows):
             inputs[row, : len(sequence) - 1] = torch.tensor(sequence[:-1])
-        logits, _ = model(inputs.to(device))
-        log_probabilities = torch.log_softmax(logits.float(), dim=-1)
+        hidden = model.hidden_states(inputs.to(device))
         for row, (sequence, count) in enumerate(rows):
-            positions = torch.arange(len(sequence) - 1 - count, len(sequence) - 1, device=device)
+            # The token at position i is predicted by the output at position i - 1.
+            predicting = hidden[row, len(sequence) - 1 - count: len(sequence) - 1]
+            log_probabilities = torch.log_softmax(model.lm_head(predicting).float(), dim=-1)
             targets = torch.tensor(sequence[-count:], device=device)
-            scores.append(float(log_probabilities[row, positions, targets].double().sum()))
+            scores.append(float(log_probabilities.gather(1, targets[:, None]).double().sum()))
         if progress is not None:
             progress(len(rows))
     model.train(was_training)
