@@ -80,7 +80,7 @@ def _json_file(path: Path) -> Any:
 
 def read_run(directory: str | Path) -> RunRecord:
     """A run directory's files; UserInputError if it is not a run directory."""
-    directory = Path(directory)
+    directory = Path(directory).resolve()
     if not (directory / "config.json").is_file() or not (directory / "metrics.jsonl").is_file():
         raise UserInputError(f"{directory} is not a run directory (it lacks config.json or metrics.jsonl); give a directory under checkpoints/.")
     sessions_file = directory / SESSIONS_FILE
@@ -96,8 +96,11 @@ def run_chain(directory: str | Path) -> list[RunRecord]:
     moved away), which the first section names."""
     chain = [read_run(directory)]
     while (init_from := chain[0].config.train.init_from):
+        # A relative --init-from was relative to where the run was started (sessions.jsonl says where).
+        started_in = Path(chain[0].sessions[0].get("cwd", ".")) if chain[0].sessions else Path(".")
+        path = Path(init_from) if Path(init_from).is_absolute() or Path(init_from).exists() else started_in / init_from
         try:
-            folder = identify(init_from)
+            folder = identify(path)
         except UserInputError:
             chain[0].starts_from = f"{init_from} (no longer there)"
             break
@@ -106,7 +109,7 @@ def run_chain(directory: str | Path) -> list[RunRecord]:
         if folder.kind is FolderKind.HUGGING_FACE or not (parent / "metrics.jsonl").is_file():
             chain[0].starts_from = init_from
             break
-        if any(parent.resolve() == record.directory.resolve() for record in chain):
+        if any(parent.resolve() == record.directory for record in chain):
             break  # a run cannot start from itself; stop rather than loop
         chain.insert(0, read_run(parent))
     return chain

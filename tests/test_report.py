@@ -52,7 +52,8 @@ def test_the_report_of_a_pretrain_sft_chain_names_both_stages_and_embeds_their_p
     assert (root / "runs" / "pre" / "plots" / "report_curves.png").is_file() and (run / "plots" / "report_curves.png").is_file()
     assert page.count("src='data:image/png;base64,") == 2 and "<h2>2. sft: sft</h2>" in page
 
-    again = run_in_process("report", "runs/sft", cwd=root)
+    # Again, from elsewhere: the relative --init-from is found from where the run was started.
+    again = run_in_process("report", str(run), cwd=root.parent)
     assert again.returncode == 0 and "report.html" in again.stdout
     assert (run / "report.md").read_text() == markdown  # the same files from the same run
 
