@@ -416,10 +416,11 @@ def normalise_answer(text: str) -> str:
 
 
 def score_generation(engine: Engine, tokenizer: Tokenizer, task: Task, chat: bool, num_fewshot: int = 0,
-                     max_new_tokens: int = 64, progress: Callable[[int], None] | None = None) -> TaskResult:
-    """Each record's greedy reply, decoded together on the engine: exact match and contains.
-    A plain-format reply ends at the end of its line (the answer is one line), a chat reply at the
-    end of its turn."""
+                     max_new_tokens: int = 64, batch_size: int = 16,
+                     progress: Callable[[int], None] | None = None) -> TaskResult:
+    """Each record's greedy reply, decoded `batch_size` rows at a time on the engine: exact match
+    and contains. A plain-format reply ends at the end of its line (the answer is one line), a chat
+    reply at the end of its turn."""
     questions = task.questions
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, stop_ids=tokenizer.stop_ids(chat))
     requests = []
@@ -428,10 +429,11 @@ def score_generation(engine: Engine, tokenizer: Tokenizer, task: Task, chat: boo
         prompt = generation_prompt(tokenizer, question, examples, chat)
         requests.append(Request(prompt[-(engine.model.config.block_size - 1):], sampling))
     replies = [""] * len(questions)
-    for piece in stream_text(engine, tokenizer, requests, stop_strings=() if chat else ("\n",)):
-        replies[piece.index] += piece.text
-        if piece.finish is not None and progress is not None:
-            progress(1)
+    for start in range(0, len(requests), batch_size):
+        for piece in stream_text(engine, tokenizer, requests[start:start + batch_size], stop_strings=() if chat else ("\n",)):
+            replies[start + piece.index] += piece.text
+            if piece.finish is not None and progress is not None:
+                progress(1)
     exact = contains = 0
     samples = []
     for question, reply in zip(questions, replies):
@@ -457,7 +459,7 @@ def score_tasks(model: GPT, tokenizer: Tokenizer, tasks: Sequence[Task], chat: b
             if task.is_multiple_choice:
                 results.append(score_multiple_choice(model, tokenizer, task, chat, num_fewshot, batch_size, bar.update))
             else:
-                results.append(score_generation(engine, tokenizer, task, chat, num_fewshot, max_new_tokens, bar.update))
+                results.append(score_generation(engine, tokenizer, task, chat, num_fewshot, max_new_tokens, batch_size, bar.update))
     return results
 
 
