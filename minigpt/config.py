@@ -139,6 +139,7 @@ class TrainConfig:
     log_steps: int = 10
     sample_tokens: int = 48  # tokens generated as a sample at each evaluation; 0 = none
     plot_loss: bool = False
+    report: bool = False  # write report.md and report.html (minigpt.report) when the run ends
     # output
     output_dir: str = "checkpoints"
     run_name: str = ""  # empty = "<preset>-<date>-<time>"

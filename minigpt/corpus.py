@@ -95,7 +95,7 @@ def parse_module(path: Path) -> tuple[str, ast.Module] | None:
         return None
 
 
-def _module_document(path: Path, module_name: str) -> str | None:
+def module_document(path: Path, module_name: str) -> str | None:
     """A module's documentation as one text: its docstring, each class's and function's, its comments."""
     parsed = parse_module(path)
     if parsed is None:
@@ -139,7 +139,7 @@ def builtin_documents() -> Iterator[str]:
     for key in sorted(topics):
         yield topics[key].strip() + "\n"
     for module_name, path in stdlib_modules():
-        document = _module_document(path, module_name)
+        document = module_document(path, module_name)
         if document:
             yield document + "\n"
 

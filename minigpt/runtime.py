@@ -21,6 +21,7 @@ import logging
 import os
 import platform
 import random
+import subprocess
 import time
 from pathlib import Path
 from typing import Callable, ContextManager
@@ -293,3 +294,32 @@ def measure_matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32
         repeats += 1
         synchronize(device)
     return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def machine_description() -> dict[str, object]:
+    """The machine and software a run uses, for its report card: CPU and GPU models, memory, the
+    versions, and the git commit when MiniGPT runs from a checkout."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.partition(":")[2].strip()
+                break
+    except OSError:  # not Linux: platform's answer stands
+        pass
+    description: dict[str, object] = {
+        "cpu": cpu, "cpu_cores": os.cpu_count(), "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else ("Apple MPS" if torch.backends.mps.is_available() else None),
+        "platform": platform.platform(), **software_versions(),
+    }
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / ".git").exists():
+        try:
+            commit = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+            dirty = subprocess.run(["git", "-C", str(checkout), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=10)
+            if commit.returncode == 0:
+                description["git_commit"] = commit.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+        except (OSError, subprocess.TimeoutExpired):  # no git on the machine
+            pass
+    return description

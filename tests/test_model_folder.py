@@ -235,4 +235,4 @@ def test_evaluate_scores_an_adapter_as_its_merged_model(folders, tmp_path, corpu
     assert evaluate.main([str(folders["lora"]), *arguments]) == 0
     adapter_result = json.loads(capsys.readouterr().out)
     assert evaluate.main([str(tmp_path / "merged"), *arguments]) == 0
-    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(adapter_result["loss"], abs=1e-5)
+    assert json.loads(capsys.readouterr().out)["text"]["loss"] == pytest.approx(adapter_result["text"]["loss"], abs=1e-5)

@@ -227,7 +227,7 @@ def test_evaluate_script_reports_loss_perplexity_and_bits_per_byte(finished_run,
     result = run_script("evaluate.py", str(run / "final_model"), "--data-files", str(corpus_jsonl), "--max-batches", "3",
                         "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    figures = json.loads(result.stdout)
+    figures = json.loads(result.stdout)["text"]
     assert figures["perplexity"] == pytest.approx(math.exp(figures["loss"]), rel=1e-6)
     assert 0 < figures["bits_per_byte"] < 8 and figures["tokens"] == 3 * 8 * 64
 

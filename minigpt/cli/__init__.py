@@ -19,7 +19,8 @@ class Command(NamedTuple):
 COMMANDS: dict[str, Command] = {
     "train": Command("minigpt.cli.train", "train.py", "train a model from a preset, a config file and flags"),
     "generate": Command("minigpt.cli.generate", "generate.py", "sample text from a trained model"),
-    "evaluate": Command("minigpt.cli.evaluate", "evaluate.py", "loss, perplexity and bits per byte on data"),
+    "evaluate": Command("minigpt.cli.evaluate", "evaluate.py", "loss on text, task scores (multiple choice, generation, built-in tasks)"),
+    "report": Command("minigpt.cli.report", "report.py", "write a run's report card (report.md, report.html), or compare runs"),
     "monitor": Command("minigpt.cli.monitor", "monitor_training.py", "watch runs live, or compare them"),
     "plot": Command("minigpt.cli.plot_curves", "plot_training_curves.py", "draw runs' metrics to a PNG"),
     "tokenizer": Command("minigpt.cli.train_tokenizer", "train_tokenizer.py", "train and save a tokenizer on its own"),
@@ -31,3 +32,5 @@ COMMANDS: dict[str, Command] = {
     "serve": Command("minigpt.cli.serve", "serve.py", "serve a model: the OpenAI API and a chat page in the browser"),
     "export": Command("minigpt.cli.export", "export.py", "write a model for transformers, llama.cpp/Ollama (GGUF) or PEFT (a LoRA adapter)"),
 }
+# Other names of a command: `minigpt eval` is `minigpt evaluate`.
+ALIASES: dict[str, str] = {"eval": "evaluate"}

@@ -12,7 +12,7 @@ from typing import Any, Callable, NoReturn, Sequence
 
 from tqdm import tqdm
 
-from minigpt.cli import COMMANDS
+from minigpt.cli import ALIASES, COMMANDS
 from minigpt.config import CHOICES
 from minigpt.distributed import is_distributed, lost_another_process, process_place
 from minigpt.errors import RunFailure, UserInputError
@@ -32,10 +32,10 @@ def program_name(command: str) -> str:
 
 
 def run_subcommand(command: str, argv: Sequence[str] | None = None, launcher: str | None = "minigpt") -> int:
-    """Run one of `COMMANDS` (its module is imported only now, so `minigpt --help` stays fast)."""
+    """Run one of `COMMANDS` or `ALIASES` (its module is imported only now, so `minigpt --help` stays fast)."""
     global _launcher
     _launcher = launcher
-    module = importlib.import_module(COMMANDS[command].module)
+    module = importlib.import_module(COMMANDS[ALIASES.get(command, command)].module)
     return module.main(None if argv is None else list(argv))
 
 

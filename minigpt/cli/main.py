@@ -6,19 +6,21 @@ import sys
 from typing import Sequence
 
 from minigpt.version import __version__
-from minigpt.cli import COMMANDS
+from minigpt.cli import ALIASES, COMMANDS
 from minigpt.cli.common import ArgumentParser, run_subcommand
 
 
 def build_parser(prog: str) -> ArgumentParser:
     width = max(map(len, COMMANDS))
-    listing = "\n".join(f"  {name:<{width}}  {command.summary}" for name, command in COMMANDS.items())
+    also = {command: alias for alias, command in ALIASES.items()}
+    listing = "\n".join(f"  {name:<{width}}  {command.summary}" + (f" (alias: {also[name]})" if name in also else "")
+                        for name, command in COMMANDS.items())
     parser = ArgumentParser(
         prog=prog, description="MiniGPT: train, watch, evaluate and sample from small GPT models.",
         epilog=f"commands:\n{listing}\n\n'{prog} COMMAND --help' shows a command's flags.",
     )
     parser.add_argument("--version", action="version", version=f"minigpt {__version__}")
-    parser.add_argument("command", choices=COMMANDS, metavar="COMMAND", help="one of the commands below")
+    parser.add_argument("command", choices=[*COMMANDS, *ALIASES], metavar="COMMAND", help="one of the commands below")
     return parser
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import signal
 import sys
 from typing import Any, NamedTuple
@@ -13,6 +14,7 @@ from minigpt.cli.common import SHARED_ARGUMENTS, ArgumentParser, dash_spellings,
 from minigpt.distributed import compute_cleanup
 from minigpt.config import CHOICES, PRESETS, RunConfig, apply_overrides, load_config
 from minigpt.errors import UserInputError
+from minigpt.report import record_session, write_report
 from minigpt.run import configure, dry_run, prepare_run, resolve_run_paths
 from minigpt.stages import STAGES, stage_named
 
@@ -120,6 +122,7 @@ FLAGS: dict[str, list[Flag]] = {
         Flag(("--log-steps", "--logging-steps"), "train.log_steps", "log every this many steps"),
         Flag(("--sample-tokens",), "train.sample_tokens", "tokens generated as a sample at each evaluation (0 = none)"),
         Flag(("--plot-loss",), "train.plot_loss", "save loss-curve PNGs under plots/ at every checkpoint and at the end"),
+        Flag(("--report",), "train.report", "write the run's report card (report.md, report.html) when it ends, as `minigpt report` does"),
         Flag(("--disable-monitoring",), "train.disable_monitoring", "no CPU/memory sampling or anomaly checks (the --max-cpu/--max-memory limits still hold)"),
         Flag(("--overfit-batch",), "train.overfit_batch", "train on one fixed batch: the loss must fall to about 0"),
         Flag(("--profile",), "train.profile", "print where the step time goes (data, forward, backward, optimizer) after a few steps"),
@@ -343,6 +346,8 @@ def train_command(argv: list[str], command: str = "train") -> int:
         return 0
     trainer = prepare_run(config)  # under torchrun: joins the other processes
     run_dir = trainer.run_dir
+    if trainer.is_main:
+        record_session(run_dir, f"{program_name(command)} {shlex.join(argv)}")  # the command line and machine, for the report card
     log.info("Run directory: %s (train.log, metrics.jsonl, status.json, checkpoints%s)", run_dir,
              ", plots/" if config.train.plot_loss else "")
     summary = trainer.train()
@@ -359,6 +364,8 @@ def train_command(argv: list[str], command: str = "train") -> int:
     if config.train.plot_loss:
         log.info("Loss curves:    %s", run_dir / "plots")
     log.info("Summary:        %s", run_dir / "summary.json")
+    if config.train.report and trainer.is_main:
+        log.info("Report:         %s", ", ".join(str(path) for path in write_report(run_dir)))
     return exit_status(summary["stop_reason"], trainer.stop_signal)
 
 
