@@ -391,8 +391,9 @@ class GPT(nn.Module):
             positions = torch.arange(time, device=idx.device)  # cos, sin: (time, head_dim)
         else:  # decoding: each row continues from its own position in the cache
             positions = cache.begin(time).unsqueeze(1)  # (batch, 1, time): cos, sin (batch, 1, time, head_dim)
-        rotations = {kind: self.rotary(positions, kind) for kind in set(self.layer_types)}
         x = self.token_embedding(idx)
+        # In the weights' dtype, as transformers does: a bfloat16 model rotates in bfloat16 (float32 ones are unchanged).
+        rotations = {kind: tuple(table.to(x.dtype) for table in self.rotary(positions, kind)) for kind in set(self.layer_types)}
         if self.config.scale_embeddings:  # Gemma: embeddings x sqrt(width), the factor rounded to the embeddings' dtype as in transformers
             x = x * torch.tensor(self.config.n_embd**0.5).to(x.dtype)
         x = self.dropout(x)
