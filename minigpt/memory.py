@@ -301,19 +301,22 @@ def estimate_memory(model: torch.nn.Module, config: RunConfig, batch_size: int, 
     vocabulary = FLOAT32 * config.model.vocab_size if language_model and counts.trainable else 0
     layers = len(model.blocks)
     compute = torch.empty((), dtype=dtype).element_size() if dtype != torch.float32 else parameter_bytes
-    # A large vocabulary's loss goes a slice at a time: its log-probabilities are not kept, and the
-    # backward pass holds one slice's recomputed log-probabilities and two gradients.
+    # A large vocabulary's loss goes a slice at a time, recomputed in the backward pass: it keeps
+    # only the head's float32 input, not the log-probabilities, the input's cast or the head's
+    # weight copy, and the backward pass holds one slice's recomputed log-probabilities and two gradients.
     chunk = loss_chunk_positions(tokens, config.model.vocab_size) if language_model else tokens
     chunked = chunk < tokens
-    unkept = tokens * FLOAT32 * config.model.vocab_size if chunked else 0
+    width = config.model.n_embd
+    head_input = linear_input_bytes([model.lm_head], width, FLOAT32, compute) if language_model else 0
+    unkept = tokens * (FLOAT32 * config.model.vocab_size + head_input - FLOAT32 * width) if chunked else 0
     # The rotary angles of the step's positions (cos and sin, float32, one pair per kind of layer), kept by every layer.
     rotary = 2 * FLOAT32 * config.model.block_size * config.model.head_dim * len(set(config.model.layer_types) or {0}) if saved.block else 0
     return MemoryEstimate(
         parameters=counts, batch_size=batch_size, block_size=config.model.block_size, dtype=dtype,
         accumulation=accumulation or train.gradient_accumulation_steps, attention=path,
         weights=counts.total * parameter_bytes, gradients=trainable, optimizer_state=ADAMW_STATES * trainable,
-        weight_copies=weight_copy_bytes(model, dtype, False, language_model),
-        weight_copies_checkpointed=weight_copy_bytes(model, dtype, True, language_model),
+        weight_copies=weight_copy_bytes(model, dtype, False, language_model and not chunked),
+        weight_copies_checkpointed=weight_copy_bytes(model, dtype, True, language_model and not chunked),
         activations=tokens * (layers * saved.block + saved.output - saved.first_block_less) - unkept + rotary,
         activations_checkpointed=tokens * (layers * saved.checkpointed_block + saved.output) - unkept + rotary,
         log_probabilities=0 if chunked else tokens * vocabulary, block=tokens * saved.block,
