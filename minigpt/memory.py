@@ -2,7 +2,8 @@
 
 Where a training step's memory goes (float32 weights, AdamW), term by term as the dry-run prints it:
 
-    weights              4 bytes per parameter
+    weights              4 bytes per parameter (a LoRA run computing in bfloat16 keeps its frozen base
+                         matrices in 2: lora.store_frozen_base)
     gradients            4 bytes per *trainable* parameter (LoRA: only the adapters); during the
                          backward pass only with gradient accumulation (earlier micro-batches' are kept)
     optimizer state      AdamW keeps two running averages per trainable parameter: 8 bytes
@@ -207,8 +208,8 @@ def weight_copy_bytes(model: GPT, dtype: torch.dtype, gradient_checkpointing: bo
         return 0
     element = torch.empty((), dtype=dtype).element_size()
 
-    def linear_weights(module: torch.nn.Module) -> int:
-        return sum(layer.weight.numel() for layer in module.modules() if isinstance(layer, torch.nn.Linear))
+    def linear_weights(module: torch.nn.Module) -> int:  # a weight stored in the compute dtype (a LoRA run's frozen base) needs no copy
+        return sum(layer.weight.numel() for layer in module.modules() if isinstance(layer, torch.nn.Linear) and layer.weight.dtype != dtype)
 
     blocks = linear_weights(model.blocks[0]) * (1 if gradient_checkpointing else len(model.blocks))
     return element * (blocks + (model.lm_head.weight.numel() if language_model else 0))
@@ -314,7 +315,8 @@ def estimate_memory(model: torch.nn.Module, config: RunConfig, batch_size: int, 
     return MemoryEstimate(
         parameters=counts, batch_size=batch_size, block_size=config.model.block_size, dtype=dtype,
         accumulation=accumulation or train.gradient_accumulation_steps, attention=path,
-        weights=counts.total * parameter_bytes, gradients=trainable, optimizer_state=ADAMW_STATES * trainable,
+        weights=sum(parameter.numel() * parameter.element_size() for parameter in model.parameters()),  # a LoRA base may be bfloat16
+        gradients=trainable, optimizer_state=ADAMW_STATES * trainable,
         weight_copies=weight_copy_bytes(model, dtype, False, language_model and not chunked),
         weight_copies_checkpointed=weight_copy_bytes(model, dtype, True, language_model and not chunked),
         activations=tokens * (layers * saved.block + saved.output - saved.first_block_less) - unkept + rotary,
