@@ -86,7 +86,7 @@ class TrainConfig:
 
     # what is learned
     stage: str = "pretrain"  # pretrain: next token, every token; sft: chat fine-tuning, loss on the assistant's words only
-    init_from: str = ""  # start from this model (final_model/, checkpoint, run or Hugging Face Llama folder); empty = scratch
+    init_from: str = ""  # start from this model (final_model/, checkpoint, run or Hugging Face Llama, Qwen2, Qwen3 or Gemma 3 folder); empty = scratch
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen base instead of every weight
     lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0

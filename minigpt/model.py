@@ -151,6 +151,8 @@ class KVCache:
         self.visible = 0
         self.key_mask: torch.Tensor | None = None
         # Gemma 3's sliding-window layers see only the latest `sliding_window` keys: a mask of their own.
+        # Their cache still holds every position, as the global layers' does (simpler, and the same
+        # size); a ring buffer of `sliding_window` slots would be smaller on contexts past the window.
         self.sliding_window = config.sliding_window
         self.window_key_mask: torch.Tensor | None = None
 
