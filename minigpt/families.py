@@ -215,12 +215,14 @@ def parameter_count(config: ModelConfig) -> int:
 
 
 def _check_fits_in_memory(config: ModelConfig, source: str, bytes_per_weight: int = 2) -> None:
-    """Refuse a configuration whose weights could not fit in this machine's memory even in 16 bits,
-    before anything is allocated (a damaged or hostile config.json could ask for terabytes)."""
+    """Refuse a configuration whose weights could not fit in this machine's memory at
+    `bytes_per_weight` (16 bits unless told), before anything is allocated (a damaged or hostile
+    config.json could ask for terabytes)."""
     needed, total = parameter_count(config) * bytes_per_weight, psutil.virtual_memory().total
     if needed > total:
         raise UserInputError(f"{source} describes a model of {parameter_count(config) / 1e9:.1f}B weights "
-                             f"({needed / 2**30:.0f} GiB in 16 bits), more than this machine's {total / 2**30:.0f} GiB of memory.")
+                             f"({needed / 2**30:.0f} GiB in {8 * bytes_per_weight} bits), more than this machine's "
+                             f"{total / 2**30:.0f} GiB of memory.")
 
 
 # ----------------------------------------------------------------------------- ModelConfig -> config.json
@@ -379,6 +381,7 @@ def load_model(folder: str | Path, dtype: torch.dtype | None = torch.float32) ->
     """
     folder = Path(folder)
     config = read_config(folder)
+    _check_fits_in_memory(config, str(folder / "config.json"), torch.empty((), dtype=dtype or torch.bfloat16).element_size())
     table = tensor_table(config)
     files = weight_files(folder)
     with torch.device("meta"):
@@ -396,7 +399,8 @@ def load_model(folder: str | Path, dtype: torch.dtype | None = torch.float32) ->
                         state[row.minigpt] = tensor if dtype is None else tensor.to(dtype)
     except (OSError, SafetensorError) as error:
         raise UserInputError(f"{folder}'s weights cannot be read ({error}); download them again.") from None
-    ignored = {"lm_head.weight"} if config.tie_embeddings else set()
+    # A tied model's stored head is the embedding; rotary frequencies some older files saved are recomputed here.
+    ignored = {name for name in stored_names if name.endswith("rotary_emb.inv_freq")} | ({"lm_head.weight"} if config.tie_embeddings else set())
     missing, unexpected = set(wanted) - stored_names, stored_names - set(wanted) - ignored
     if missing or unexpected:
         raise UserInputError(f"{folder}'s weights do not match its config.json's {FAMILIES[config.family].architecture} "

@@ -1,6 +1,7 @@
 """Pretrained families (minigpt/families.py) in MiniGPT's one model, checked against transformers itself:
 logits, greedy decoding with the KV cache, bf16 and sharded folders, the hf export round trip, refusals."""
 
+import dataclasses
 import json
 import shutil
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from minigpt.cli.export import main as export_main
+from minigpt.config import ModelConfig, RunConfig, validate
 from minigpt.engine import Engine, Request, SamplingConfig
 from minigpt.errors import UserInputError
 from minigpt.families import FAMILIES, SUPPORTED, load_model, model_config, read_config
@@ -152,3 +154,16 @@ def test_a_folder_without_safetensors_is_refused(family_folders, tmp_path):
     (folder / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(UserInputError, match="safetensors weights only"):
         load_model(folder)
+
+
+@pytest.mark.parametrize(("change", "phrase"), [
+    ({"mlp_activation": "relu"}, "mlp_activation"),
+    ({"layer_types": ["sliding_attention"]}, "layer_types"),
+    ({"sliding_window": 8}, "go together"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    ({"family": "mistral"}, "model.family"),
+])
+def test_family_switches_no_code_reads_are_refused(change, phrase):
+    config = RunConfig(model=dataclasses.replace(ModelConfig(vocab_size=300), **change))
+    with pytest.raises(UserInputError, match=phrase):
+        validate(config)
