@@ -410,4 +410,5 @@ def load_model(folder: str | Path, dtype: torch.dtype | None = torch.float32) ->
     model.load_state_dict(state, strict=True, assign=True)
     if config.tie_embeddings:  # assign put two Parameters in place: make them one again
         model.lm_head.weight = model.token_embedding.weight
+    model.set_rotary_frequencies()  # buffers derived from the configuration, laid out on the meta device until now
     return model.eval()

@@ -87,7 +87,7 @@ def rotary_angles(positions: torch.Tensor, frequencies: torch.Tensor) -> tuple[t
     a 128k-position Llama 3 would otherwise hold 64 MB of tables, and the products are the same
     float32 numbers either way.
     """
-    angles = positions.float()[..., None] * frequencies  # (..., head_dim/2)
+    angles = positions.float()[..., None] * frequencies.float()  # (..., head_dim/2), float32 even in a bfloat16 model
     angles = torch.cat([angles, angles], dim=-1)  # the two halves of a head share frequencies
     return angles.cos(), angles.sin()
 
@@ -358,6 +358,7 @@ class GPT(nn.Module):
             # Reading a token (embedding) and writing one (output head) share one matrix: fewer
             # parameters, and rare tokens learn from both directions.
             self.lm_head.weight = self.token_embedding.weight
+        self.set_rotary_frequencies()
         self.apply(self._init_weights)
         # GPT-2's trick: each residual branch adds to the stream, so shrink the layers that write
         # into it by 1/sqrt(2 * n_layer) to keep the stream's variance steady with depth.
@@ -372,16 +373,25 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def set_rotary_frequencies(self) -> None:
+        """(Re)compute the rotary frequencies, buffers derived from the configuration (not saved):
+        one set for global layers (rope_theta and the rope scaling: Llama 3's llama3, Gemma 3's
+        linear) and, for Gemma 3's local layers, one at their own base (rope_local_theta), unscaled.
+        A model laid out on the meta device (minigpt.families.load_model) calls it again once its
+        weights are in place."""
+        config, device = self.config, self.token_embedding.weight.device
+        device = None if device.type == "meta" else device
+        self.register_buffer("global_frequencies", rotary_frequencies(config.head_dim, config.rope_theta, config.rope_scaling, device),
+                             persistent=False)
+        if config.rope_local_theta:
+            self.register_buffer("local_frequencies", rotary_frequencies(config.head_dim, config.rope_local_theta, device=device),
+                                 persistent=False)
+
     def rotary(self, positions: torch.Tensor, layer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for tokens at `positions` in a layer of `layer_type`. Gemma 3's local layers
-        turn at their own base (rope_local_theta) without scaling; every other layer uses rope_theta
-        and the configuration's rope scaling (Llama 3's llama3, Gemma 3's linear)."""
-        config = self.config
-        if layer_type == "sliding_attention" and config.rope_local_theta:
-            frequencies = rotary_frequencies(config.head_dim, config.rope_local_theta, device=positions.device)
-        else:
-            frequencies = rotary_frequencies(config.head_dim, config.rope_theta, config.rope_scaling, positions.device)
-        return rotary_angles(positions, frequencies)
+        """cos and sin for tokens at `positions` in a layer of `layer_type`, computed for the
+        positions a pass needs (see rotary_angles)."""
+        local = layer_type == "sliding_attention" and self.config.rope_local_theta
+        return rotary_angles(positions, self.local_frequencies if local else self.global_frequencies)
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The trunk: token embeddings -> the blocks -> the final norm, one vector per position
