@@ -194,12 +194,17 @@ def _gemma_layers(hf: dict, layers: int, source: str) -> tuple[int, list[str]]:
             raise _refuse(source, f"sets {key}, which Gemma 3 models do not use and MiniGPT does not implement")
     if hf.get("use_bidirectional_attention"):
         raise _refuse(source, "uses bidirectional attention (an embedding model), not a causal language model")
-    pattern = hf.get("sliding_window_pattern", 6)
-    types = hf.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    pattern = _size(hf, "sliding_window_pattern", source) if "sliding_window_pattern" in hf else 6
+    types = hf.get("layer_types") or _window_pattern(pattern, layers)
     if len(types) != layers or set(types) - {"full_attention", "sliding_attention"}:
         raise UserInputError(f"{source} lists layer_types {types}, not full_attention/sliding_attention for each of its {layers} layers.")
     window = _size(hf, "sliding_window", source) if "sliding_attention" in types else 0
     return window, list(types)
+
+
+def _window_pattern(pattern: int, layers: int) -> list[str]:
+    """Gemma 3's layer types before `layer_types` existed: every pattern-th layer global, the others local."""
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
 
 
 def _refuse_sliding_window(hf: dict, family: Family, source: str) -> None:
@@ -260,6 +265,10 @@ def hugging_face_config(config: ModelConfig) -> dict:
             "layer_types": list(config.layer_types), "final_logit_softcapping": None, "attn_logit_softcapping": None,
             "attention_bias": False,
         })
+        # transformers before 4.53 reads the window pattern instead of layer_types: every pattern-th layer global.
+        patterns = [pattern for pattern in range(1, config.n_layer + 1) if config.layer_types == _window_pattern(pattern, config.n_layer)]
+        if patterns:
+            result["sliding_window_pattern"] = patterns[0]
     else:
         result.update({"hidden_act": "silu", "attention_bias": False})
         if family.name == "llama":
