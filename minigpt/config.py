@@ -86,7 +86,7 @@ class TrainConfig:
 
     # what is learned
     stage: str = "pretrain"  # pretrain: next token, every token; sft: chat fine-tuning, loss on the assistant's words only; dpo, classify
-    init_from: str = ""  # start from this model (final_model/, checkpoint, run or Hugging Face Llama folder); empty = scratch
+    init_from: str = ""  # start from this model (final_model/, checkpoint, run or Hugging Face Llama, Qwen2, Qwen3 or Gemma 3 folder); empty = scratch
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank on a frozen base instead of every weight
     lora_alpha: float = 16.0  # the adapters' update is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0
@@ -377,6 +377,34 @@ def _convert(value: Any, spec: dataclasses.Field, key: str, source: str) -> Any:
         raise UserInputError(f"{source}: '{key}' must be {expected.__name__}, got {value!r}.") from None
 
 
+FAMILY_NAMES = ("minigpt", "llama", "qwen2", "qwen3", "gemma3")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+ROPE_SCALING_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def validate_family_switches(model: ModelConfig) -> None:
+    """Refuse, in one sentence, pretrained-family switches the model could not honour (a value no
+    code reads would otherwise be silently ignored)."""
+    if model.family not in FAMILY_NAMES:
+        raise UserInputError(f"model.family must be one of {', '.join(FAMILY_NAMES)}, got '{model.family}'.")
+    if model.mlp_activation not in MLP_ACTIVATIONS:
+        raise UserInputError(f"model.mlp_activation must be one of {', '.join(MLP_ACTIVATIONS)}, got '{model.mlp_activation}'.")
+    if model.layer_types and (len(model.layer_types) != model.n_layer or set(model.layer_types) - set(LAYER_TYPES)):
+        raise UserInputError(f"model.layer_types lists one of {', '.join(LAYER_TYPES)} per layer ({model.n_layer}), "
+                             f"got {model.layer_types}.")
+    if ("sliding_attention" in model.layer_types) != (model.sliding_window > 0):
+        raise UserInputError("model.sliding_window and sliding_attention layers in model.layer_types go together: set both or neither.")
+    if model.rope_scaling:
+        rope_type = model.rope_scaling.get("rope_type")
+        missing = [key for key in ROPE_SCALING_KEYS.get(rope_type, ()) if key not in model.rope_scaling]
+        if rope_type not in ROPE_SCALING_KEYS or missing:
+            raise UserInputError(f"model.rope_scaling must be {{}} or a linear or llama3 scaling with its settings "
+                                 f"({', '.join(f'{name}: {keys}' for name, keys in ROPE_SCALING_KEYS.items())}), got {model.rope_scaling}.")
+    if min(model.head_size, model.sliding_window, model.query_pre_attn_scalar, model.rope_local_theta) < 0:
+        raise UserInputError("model.head_size, sliding_window, query_pre_attn_scalar and rope_local_theta must not be negative.")
+
+
 def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None:
     """Raise a `UserInputError` with one sentence if the configuration cannot work."""
     model, train = config.model, config.train
@@ -405,7 +433,7 @@ def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None
     for key, value in non_negative.items():
         if value < 0:
             raise UserInputError(f"{key} must not be negative, got {value}.")
-    if model.n_embd % model.n_head:
+    if model.n_embd % model.n_head and not model.head_size:
         raise UserInputError(
             f"model.n_head ({model.n_head}) must divide model.n_embd ({model.n_embd}); pick a width that is a multiple of the head count."
         )
@@ -419,6 +447,7 @@ def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None
         )
     if not 0.0 <= model.dropout < 1.0:
         raise UserInputError(f"model.dropout must be in [0, 1), got {model.dropout}.")
+    validate_family_switches(model)
     if not 0.0 <= train.val_fraction < 1.0:
         raise UserInputError(f"train.val_fraction must be in [0, 1), got {train.val_fraction}.")
     if train.min_learning_rate > train.learning_rate:

@@ -24,7 +24,9 @@ The kinds of folder (`FolderKind`):
                     tokenizer.json. Loading puts the adapter on the recorded base, which must be
                     unchanged. Older runs wrote adapter.safetensors + adapter_config.json: they still
                     load, told apart from a PEFT adapter by their keys (PEFT's have "peft_type").
-    HUGGING_FACE    a transformers folder (config.json with a "model_type"), converted on load.
+    HUGGING_FACE    a transformers folder (config.json with a "model_type") of a supported family
+                    (minigpt.families: Llama, Qwen2, Qwen3, Gemma 3), converted on load: safetensors
+                    weights, one file or shards, read tensor by tensor.
 
 Refused, each in one sentence: a PEFT adapter (`minigpt export --format peft` writes one, for
 PEFT to load), a checkpoint of a LoRA run (adapter weights in the middle of training), and a folder
@@ -33,6 +35,7 @@ holding none of the above.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from enum import Enum
@@ -47,12 +50,12 @@ from safetensors.torch import load_file, save_file, save_model
 from minigpt.checkpoint import SAFETENSORS_METADATA, latest_checkpoint, load_weights, write_model_files
 from minigpt.config import RunConfig, load_config
 from minigpt.errors import UserInputError
-from minigpt.export import import_hf_llama
+from minigpt.families import load_model as load_hugging_face_model, weight_files
 from minigpt.files import file_sha256, verify_manifest, write_directory_atomically
 from minigpt.heads import GPTClassifier
 from minigpt.lora import LoRAConfig, apply_lora, load_lora_state_dict, lora_state_dict, merge_lora
 from minigpt.model import GPT
-from minigpt.tokenizer import Tokenizer, load_tokenizer
+from minigpt.tokenizer import Tokenizer, load_folder_tokenizer, load_tokenizer
 
 WEIGHTS_FILE = "model.safetensors"
 # MiniGPT's own adapter files. Deliberately not PEFT's names (adapter_config.json,
@@ -102,7 +105,7 @@ class AdapterRun:
     @classmethod
     def start(cls, config: LoRAConfig, base_path: str | Path) -> "AdapterRun":
         """The recipe of a run about to train adapters on `base_path` (its checksum taken now)."""
-        return cls(config, str(Path(base_path).resolve()), file_sha256(base_model_file(base_path)))
+        return cls(config, str(Path(base_path).resolve()), base_model_checksum(base_path))
 
     def save(self, directory: Path, model: nn.Module, extra_files: Callable[[Path], None]) -> Path:
         return save_adapter(directory, model, self.config, self.base_path, self.base_sha256, extra_files)
@@ -248,10 +251,14 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Loa
 
 
 def _load_hugging_face(folder: Path) -> tuple[GPT, Tokenizer, RunConfig]:
-    """The one place a Hugging Face folder becomes a MiniGPT model. Llama today
-    (`minigpt.export.import_hf_llama`, which refuses other `model_type`s in one sentence); another
-    family is added here, chosen by config.json's model_type."""
-    return import_hf_llama(folder)
+    """The one place a Hugging Face folder becomes a MiniGPT model: the family's weights in
+    float32 (minigpt.families, which refuses other families in one sentence), its tokenizer, and
+    a RunConfig whose `model` section describes it (training settings are the defaults)."""
+    model = load_hugging_face_model(folder)
+    tokenizer = load_folder_tokenizer(folder)
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise UserInputError(f"{folder}: vocab_size {model.config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens.")
+    return model, tokenizer, RunConfig(model=model.config)
 
 
 def read_adapter(directory: str | Path) -> AdapterRun:
@@ -266,9 +273,10 @@ def read_adapter(directory: str | Path) -> AdapterRun:
         raise UserInputError(f"{path} lacks the adapter's setting {error}; train the adapter again.") from None
 
 
-def base_model_file(base_path: str | Path) -> Path:
-    """The weights file of the model a LoRA adapter sits on: a MiniGPT language model (final_model/,
-    a checkpoint or a run directory) or a Hugging Face folder. An adapter or a classifier is refused."""
+def base_model_files(base_path: str | Path) -> list[Path]:
+    """The weights files of the model a LoRA adapter sits on: a MiniGPT language model (final_model/,
+    a checkpoint or a run directory) or a Hugging Face folder (one file, or its shards). An adapter
+    or a classifier is refused."""
     folder = identify(base_path)
     if folder.kind not in FULL_WEIGHTS:
         raise UserInputError(
@@ -276,7 +284,16 @@ def base_model_file(base_path: str | Path) -> Path:
             + ("merge it with `minigpt merge-lora` and start from the merged folder." if folder.kind is FolderKind.LORA_ADAPTER
                else "start from a language model.")
         )
-    return folder.path / WEIGHTS_FILE
+    return weight_files(folder.path) if folder.kind is FolderKind.HUGGING_FACE else [folder.path / WEIGHTS_FILE]
+
+
+def base_model_checksum(base_path: str | Path) -> str:
+    """The SHA-256 an adapter records of its base: of the weights file, or for a sharded Hugging
+    Face folder, of its shards' checksums one after another."""
+    files = base_model_files(base_path)
+    if len(files) == 1:
+        return file_sha256(files[0])
+    return hashlib.sha256("".join(file_sha256(file) for file in files).encode()).hexdigest()
 
 
 def _load_adapter(folder: ModelFolder, device: str | torch.device, merge_adapter: bool) -> LoadedModel:
@@ -284,10 +301,9 @@ def _load_adapter(folder: ModelFolder, device: str | torch.device, merge_adapter
     the base's weights are not the ones the adapter was trained on: an adapter is a correction to
     one exact set of weights."""
     adapter = read_adapter(folder.path)
-    weights_file = base_model_file(adapter.base_path)
-    if file_sha256(weights_file) != adapter.base_sha256:
+    if base_model_checksum(adapter.base_path) != adapter.base_sha256:
         raise UserInputError(
-            f"The base model {weights_file} has changed since the adapter in {folder.path} was trained on it "
+            f"The base model in {adapter.base_path} has changed since the adapter in {folder.path} was trained on it "
             "(its SHA-256 differs); restore that base model or train the adapter again."
         )
     base = load(adapter.base_path, device)
@@ -335,7 +351,7 @@ def save_adapter(
     """Write lora_adapter.safetensors and lora_adapter.json atomically into `directory`.
 
     The JSON records the LoRA settings, the base model's absolute path and the SHA-256 of its
-    weights (`file_sha256(base_model_file(path))`, computed once when training starts), so that
+    weights (`base_model_checksum(path)`, computed once when training starts), so that
     loading refuses a base that has changed since. `extra_files(temporary_directory)` may add files
     to the same atomic write (a run's config.json and tokenizer.json, say).
     """

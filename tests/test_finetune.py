@@ -15,6 +15,7 @@ from minigpt.errors import UserInputError
 from minigpt.generation import SamplingConfig, generate
 from minigpt.metrics import read_metrics
 from minigpt.loss import IGNORE_INDEX
+from minigpt.lora import store_frozen_base
 from minigpt.model import GPT
 from minigpt.model_folder import LORA_ADAPTER_WEIGHTS, load, save_model_directory
 from minigpt.run import initial_model_config, prepare_run
@@ -157,8 +158,14 @@ def test_a_lora_run_trains_only_its_adapters_and_its_final_model_generates(tmp_p
     merged = load(final)  # base + adapter, merged
     loaded, tokenizer = merged.model, merged.tokenizer
     prompt = tokenizer.chat_prompt([{"role": "user", "content": "What is 3 times two?"}])
+    # The adapter on a freshly loaded base, held as the run held it: a bfloat16 run kept its frozen base in bfloat16.
+    reference = load(final, merge_adapter=False).model
+    if trainer.dtype != torch.float32:
+        store_frozen_base(reference, trainer.dtype)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(torch.tensor([prompt]))[0], trainer.model.eval()(torch.tensor([prompt]))[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(reference(torch.tensor([prompt]))[0], trainer.model.eval()(torch.tensor([prompt]))[0], rtol=1e-4, atol=1e-5)
+        if trainer.dtype == torch.float32:  # merged, the same float32 model
+            torch.testing.assert_close(loaded(torch.tensor([prompt]))[0], reference(torch.tensor([prompt]))[0], rtol=1e-4, atol=1e-5)
     reply = generate(loaded, prompt, SamplingConfig(max_new_tokens=8, seed=0))
     assert 0 < len(reply) <= 8 and all(0 <= token < tokenizer.vocab_size for token in reply)
 

@@ -78,7 +78,7 @@ def dash_spellings(argv: Sequence[str]) -> list[str]:
 # and choices everywhere. Commands pick the ones they need with `add_shared_arguments`.
 SHARED_ARGUMENTS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "model": (("model",), dict(help="a final_model/ directory (a LoRA run's adapter included), a checkpoint_step_<N>/ directory, "
-                                    "a run directory (its final_model/, else its latest checkpoint), or a Hugging Face Llama folder")),
+                                    "a run directory (its final_model/, else its latest checkpoint), or a Hugging Face Llama, Qwen2, Qwen3 or Gemma 3 folder")),
     "data_files": (("--data-files",), dict(nargs="+", metavar="PATH", help="data: .jsonl/.txt files, directories or globs")),
     "text_field": (("--text-field",), dict(default="text", metavar="NAME", help="the JSONL field holding the text")),
     "output_dir": (("--output-dir",), dict(default="checkpoints", metavar="DIR", help="the folder of runs")),

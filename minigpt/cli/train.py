@@ -34,7 +34,7 @@ class Flag(NamedTuple):
 FLAGS: dict[str, list[Flag]] = {
     "fine-tuning": [
         Flag(("--stage",), "train.stage", "; ".join(f"{name}: {stage.help}" for name, stage in STAGES.items())),
-        Flag(("--init-from", "--model-name-or-path"), "train.init_from", "start from this language model (final_model/, a LoRA run's adapter, checkpoint, run or Hugging Face Llama folder); its shape and tokenizer are used"),
+        Flag(("--init-from", "--model-name-or-path"), "train.init_from", "start from this language model (final_model/, a LoRA run's adapter, checkpoint, run or Hugging Face Llama, Qwen2, Qwen3 or Gemma 3 folder); its shape and tokenizer are used"),
         Flag(("--lora-rank",), "train.lora_rank", "train LoRA adapters of this rank on the frozen --init-from model (0 = train every weight)"),
         Flag(("--lora-alpha",), "train.lora_alpha", "the adapters' update is scaled by alpha / rank"),
         Flag(("--lora-dropout",), "train.lora_dropout", "dropout on the adapters' input"),

@@ -90,7 +90,7 @@ def attention_heads(model, tokenizer) -> None:
     labels = ["<eos>"] + [tokenizer.decode([index]) for index in ids[0, 1:].tolist()]
     block, time = model.blocks[0], ids.size(1)
     attention, config = block.attention, model.config
-    cos, sin = model.rotary_cos[:time], model.rotary_sin[:time]
+    cos, sin = model.rotary(torch.arange(time), "full_attention")
     with torch.no_grad():
         x = block.attention_norm(model.token_embedding(ids))
         q = attention.q_proj(x).view(1, time, config.n_head, config.head_dim).transpose(1, 2)
