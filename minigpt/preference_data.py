@@ -37,11 +37,18 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from minigpt.chat_template import CHAT_ROLES
 from minigpt.data import RecordBatches, rounded_width
 from minigpt.errors import UserInputError
 from minigpt.loss import IGNORE_INDEX
-from minigpt.sources import WARNINGS_PER_FILE, DataReport, Document, ReadProblem, document_hash_fraction, read_records
-from minigpt.chat_template import CHAT_ROLES
+from minigpt.sources import (
+    WARNINGS_PER_FILE,
+    DataReport,
+    Document,
+    ReadProblem,
+    document_hash_fraction,
+    read_records,
+)
 from minigpt.tokenizer import Tokenizer
 
 log = logging.getLogger("minigpt.data")
