@@ -5,6 +5,10 @@ long training command, say) and is skipped. The solutions to the exercises are o
 at the end of a chapter, so they run too. Each chapter runs in its own process, in a fresh
 temporary directory, so chapters cannot lean on each other's files. Beside the chapters: every
 figure a chapter shows exists, and the notebooks are what `tutorials/make_notebooks.py` writes.
+
+The Chinese edition (`tutorials/zh/`, same file names) holds the same code blocks, character for
+character, so its code runs when the English chapter's does and the two cannot drift; each
+edition links to the other in its first lines.
 """
 
 import importlib.util
@@ -19,6 +23,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 CHAPTERS = sorted((REPO / "tutorials").glob("[0-9][0-9]_*.md"))
+CHINESE_CHAPTERS = sorted((REPO / "tutorials" / "zh").glob("[0-9][0-9]_*.md"))
 BLOCK = re.compile(r"^```python[ \t]*(?P<options>[^\n]*)\n(?P<code>.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 
 
@@ -46,10 +51,42 @@ def test_chapter_runs(chapter, tmp_path):
 IMAGE = re.compile(r"!\[[^\]]*\]\((?P<path>[^)]+)\)")
 
 
-@pytest.mark.parametrize("chapter", CHAPTERS, ids=[chapter.stem for chapter in CHAPTERS])
+@pytest.mark.parametrize("chapter", CHAPTERS + CHINESE_CHAPTERS, ids=[
+    f"{chapter.parent.name}/{chapter.stem}" for chapter in CHAPTERS + CHINESE_CHAPTERS])
 def test_chapter_figures_exist(chapter):
     for match in IMAGE.finditer(chapter.read_text(encoding="utf-8")):
         assert (chapter.parent / match["path"]).is_file(), f"{chapter.name} shows {match['path']}, which is missing"
+
+
+FENCED = re.compile(r"^```[^\n]*\n.*?^```[ \t]*$", re.MULTILINE | re.DOTALL)  # every fenced block, any language
+
+
+def fenced_blocks(path: Path) -> list[str]:
+    return FENCED.findall(path.read_text(encoding="utf-8"))
+
+
+def opening(path: Path) -> str:
+    return "\n".join(path.read_text(encoding="utf-8").splitlines()[:5])
+
+
+@pytest.mark.parametrize("chinese", CHINESE_CHAPTERS, ids=[chapter.stem for chapter in CHINESE_CHAPTERS])
+def test_chinese_chapter_has_the_english_code_and_they_link(chinese):
+    english = REPO / "tutorials" / chinese.name
+    assert english.is_file(), f"zh/{chinese.name} has no English chapter of the same name"
+    ours, theirs = fenced_blocks(chinese), fenced_blocks(english)
+    for number, (block, english_block) in enumerate(zip(ours, theirs), start=1):
+        assert block == english_block, f"zh/{chinese.name}: code block {number} differs from the English chapter's"
+    assert len(ours) == len(theirs), f"zh/{chinese.name} has {len(ours)} code blocks, the English chapter {len(theirs)}"
+    assert f"](../{english.name})" in opening(chinese), f"zh/{chinese.name} does not link to the English edition at its top"
+    assert f"](zh/{chinese.name})" in opening(english), f"{english.name} does not link to its Chinese edition at its top"
+
+
+def test_chinese_tutorials_have_an_index_and_a_glossary():
+    assert CHINESE_CHAPTERS
+    index = (REPO / "tutorials" / "zh" / "README.md").read_text(encoding="utf-8")
+    assert all(f"]({chapter.name})" in index for chapter in CHINESE_CHAPTERS), "tutorials/zh/README.md misses a chapter"
+    assert (REPO / "tutorials" / "zh" / "术语表.md").is_file()
+    assert "](README.zh-CN.md)" in opening(REPO / "README.md") and "](README.md)" in opening(REPO / "README.zh-CN.md")
 
 
 def _make_notebooks():

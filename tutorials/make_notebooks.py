@@ -33,7 +33,7 @@ def _cell(kind: str, text: str, index: int) -> dict:
 
 def notebook_json(markdown: str) -> str:
     """The notebook for one chapter's Markdown, as the JSON text written to disk."""
-    markdown = markdown.replace("](figures/", "](../figures/")  # the notebooks live one folder down
+    markdown = markdown.replace("](figures/", "](../figures/").replace("](zh/", "](../zh/")  # the notebooks live one folder down
     pieces, position = [], 0
     for match in RUNNABLE.finditer(markdown):
         if "no-run" in match["options"]:
