@@ -6,9 +6,9 @@ at the end of a chapter, so they run too. Each chapter runs in its own process, 
 temporary directory, so chapters cannot lean on each other's files. Beside the chapters: every
 figure a chapter shows exists, and the notebooks are what `tutorials/make_notebooks.py` writes.
 
-The Chinese edition (`tutorials/zh/`, same file names) holds the same code blocks, character for
-character, so its code runs when the English chapter's does and the two cannot drift; each
-edition links to the other in its first lines.
+Every chapter has a Chinese edition (`tutorials/zh/`, same file names) holding the same code
+blocks, character for character, so its code runs when the English chapter's does and the two
+cannot drift; each edition links to the other in its first lines.
 """
 
 import importlib.util
@@ -69,10 +69,14 @@ def opening(path: Path) -> str:
     return "\n".join(path.read_text(encoding="utf-8").splitlines()[:5])
 
 
-@pytest.mark.parametrize("chinese", CHINESE_CHAPTERS, ids=[chapter.stem for chapter in CHINESE_CHAPTERS])
-def test_chinese_chapter_has_the_english_code_and_they_link(chinese):
-    english = REPO / "tutorials" / chinese.name
-    assert english.is_file(), f"zh/{chinese.name} has no English chapter of the same name"
+CHAPTER_NAMES = sorted({chapter.name for chapter in CHAPTERS + CHINESE_CHAPTERS})  # either edition's: both must exist
+
+
+@pytest.mark.parametrize("name", CHAPTER_NAMES, ids=[Path(name).stem for name in CHAPTER_NAMES])
+def test_chinese_chapter_has_the_english_code_and_they_link(name):
+    english, chinese = REPO / "tutorials" / name, REPO / "tutorials" / "zh" / name
+    assert english.is_file(), f"zh/{name} has no English chapter of the same name"
+    assert chinese.is_file(), f"{name} has no Chinese edition: write tutorials/zh/{name} (the same code blocks, Chinese prose)"
     ours, theirs = fenced_blocks(chinese), fenced_blocks(english)
     for number, (block, english_block) in enumerate(zip(ours, theirs), start=1):
         assert block == english_block, f"zh/{chinese.name}: code block {number} differs from the English chapter's"
