@@ -122,7 +122,7 @@ def main() -> int:
 
     import torch
 
-    from minigpt.export import GGUF_FILE_NAME, GGUF_OUTTYPES, export_gguf
+    from minigpt.gguf_file import GGUF_FILE_NAME, GGUF_OUTTYPES, export_gguf
 
     model, tokenizer, text = trained_tiny_model(arguments.steps)
     ids = tokenizer.encode(text)[: model.config.block_size]

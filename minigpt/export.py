@@ -1,12 +1,12 @@
-"""MiniGPT <-> the outside world: Hugging Face `transformers` folders and llama.cpp GGUF files.
+"""MiniGPT <-> the outside world: Hugging Face `transformers` folders and PEFT adapters.
 
 MiniGPT's decoder has Llama's layout (RMSNorm, rotary, grouped-query attention, SwiGLU, no
 biases), so moving weights in and out is mostly *renaming tensors*. One table below lists every
-MiniGPT tensor with its Hugging Face name, its GGUF (llama.cpp) name and its shape; export reads
-the table one way, import the other, and every tensor's shape is asserted on the way.
+MiniGPT tensor with its Hugging Face name and its shape; export reads the table one way, import
+the other, and every tensor's shape is asserted on the way. (llama.cpp's GGUF files are written
+by minigpt.gguf_file, from the Hugging Face names.)
 
     export_hf(...)      a folder `transformers.AutoModelForCausalLM` / `AutoTokenizer` load as is
-    export_gguf(...)    a folder with one `model.gguf` (llama.cpp, LM Studio) and an Ollama `Modelfile`
     export_peft(...)    a LoRA adapter as PEFT saves one, for `peft.PeftModel.from_pretrained`
     import_hf_llama(..) a local Hugging Face Llama folder -> a MiniGPT model, tokenizer and config
 
@@ -16,13 +16,9 @@ Two details are worth knowing:
   so with `"tie_word_embeddings": true` and stores the matrix once (as the embedding); llama.cpp
   falls back to `token_embd.weight` when a file has no `output.weight`. Either way, no copy.
 * Rotary layout. MiniGPT and Hugging Face rotate channel i of a head together with channel
-  i + head_dim/2 ("rotate half"); llama.cpp's `llama` architecture rotates neighbours (2i, 2i+1)
-  ("interleaved"). Both are the same rotation if the rows of q_proj and k_proj are reordered so
-  that row i and row i + head_dim/2 of each head become neighbours; `permute_for_gguf` does that.
-  Queries and keys get the same permutation, so their dot products, and the model, are unchanged.
-  The Hugging Face export needs no permutation (transformers rotates halves too), so a LoRA
-  adapter's matrices go to PEFT as they are; a GGUF file of a LoRA model is exported merged, and
-  the merged q/k weights are permuted like any others.
+  i + head_dim/2 ("rotate half"), so the Hugging Face export needs no permutation and a LoRA
+  adapter's matrices go to PEFT as they are. (llama.cpp's `llama` architecture rotates
+  neighbours: minigpt.gguf_file permutes q and k rows for it, in a merged model.)
 
 Refused on import, each with one sentence (MiniGPT has no code for them, and silently dropping
 them would give a model that loads but talks nonsense): biases, rope scaling, sliding-window
@@ -42,7 +38,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -53,9 +48,6 @@ from minigpt.model import GPT
 from minigpt.version import __version__
 from minigpt.tokenizer import EOS_TOKEN, IM_END_TOKEN, IM_START_TOKEN, PAD_TOKEN, UNKNOWN_TOKEN, Tokenizer, load_tokenizer
 
-GGUF_OUTTYPES = ("f32", "f16", "q8_0")
-GGUF_FILE_NAME = "model.gguf"
-Q8_0_BLOCK = 32  # q8_0 stores blocks of 32 numbers (one float16 scale + 32 int8 each)
 
 # The ChatML template MiniGPT's Tokenizer.render_chat / chat_prompt follow, in Jinja (for
 # transformers' apply_chat_template and llama.cpp) and in Go templates (for Ollama).
@@ -73,11 +65,10 @@ OLLAMA_TEMPLATE = (
 
 @dataclass(frozen=True)
 class TensorName:
-    """One row of the conversion table: a MiniGPT tensor, its names elsewhere, its shape."""
+    """One row of the conversion table: a MiniGPT tensor, its Hugging Face name, its shape."""
 
     minigpt: str
     hf: str
-    gguf: str
     shape: tuple[int, ...]
 
 
@@ -85,23 +76,23 @@ def tensor_table(config: ModelConfig) -> list[TensorName]:
     """Every stored tensor of a MiniGPT model of this shape (the output head only when untied)."""
     width, vocab, hidden = config.n_embd, config.vocab_size, config.hidden_dim
     q_rows, kv_rows = config.n_head * config.head_dim, config.kv_heads * config.head_dim
-    table = [TensorName("token_embedding.weight", "model.embed_tokens.weight", "token_embd.weight", (vocab, width))]
+    table = [TensorName("token_embedding.weight", "model.embed_tokens.weight", (vocab, width))]
     for i in range(config.n_layer):
-        mini, hf, gguf = f"blocks.{i}.", f"model.layers.{i}.", f"blk.{i}."
+        mini, hf = f"blocks.{i}.", f"model.layers.{i}."
         table += [
-            TensorName(mini + "attention_norm.weight", hf + "input_layernorm.weight", gguf + "attn_norm.weight", (width,)),
-            TensorName(mini + "attention.q_proj.weight", hf + "self_attn.q_proj.weight", gguf + "attn_q.weight", (q_rows, width)),
-            TensorName(mini + "attention.k_proj.weight", hf + "self_attn.k_proj.weight", gguf + "attn_k.weight", (kv_rows, width)),
-            TensorName(mini + "attention.v_proj.weight", hf + "self_attn.v_proj.weight", gguf + "attn_v.weight", (kv_rows, width)),
-            TensorName(mini + "attention.o_proj.weight", hf + "self_attn.o_proj.weight", gguf + "attn_output.weight", (width, q_rows)),
-            TensorName(mini + "mlp_norm.weight", hf + "post_attention_layernorm.weight", gguf + "ffn_norm.weight", (width,)),
-            TensorName(mini + "mlp.gate_proj.weight", hf + "mlp.gate_proj.weight", gguf + "ffn_gate.weight", (hidden, width)),
-            TensorName(mini + "mlp.up_proj.weight", hf + "mlp.up_proj.weight", gguf + "ffn_up.weight", (hidden, width)),
-            TensorName(mini + "mlp.down_proj.weight", hf + "mlp.down_proj.weight", gguf + "ffn_down.weight", (width, hidden)),
+            TensorName(mini + "attention_norm.weight", hf + "input_layernorm.weight", (width,)),
+            TensorName(mini + "attention.q_proj.weight", hf + "self_attn.q_proj.weight", (q_rows, width)),
+            TensorName(mini + "attention.k_proj.weight", hf + "self_attn.k_proj.weight", (kv_rows, width)),
+            TensorName(mini + "attention.v_proj.weight", hf + "self_attn.v_proj.weight", (kv_rows, width)),
+            TensorName(mini + "attention.o_proj.weight", hf + "self_attn.o_proj.weight", (width, q_rows)),
+            TensorName(mini + "mlp_norm.weight", hf + "post_attention_layernorm.weight", (width,)),
+            TensorName(mini + "mlp.gate_proj.weight", hf + "mlp.gate_proj.weight", (hidden, width)),
+            TensorName(mini + "mlp.up_proj.weight", hf + "mlp.up_proj.weight", (hidden, width)),
+            TensorName(mini + "mlp.down_proj.weight", hf + "mlp.down_proj.weight", (width, hidden)),
         ]
-    table.append(TensorName("final_norm.weight", "model.norm.weight", "output_norm.weight", (width,)))
+    table.append(TensorName("final_norm.weight", "model.norm.weight", (width,)))
     if not config.tie_embeddings:
-        table.append(TensorName("lm_head.weight", "lm_head.weight", "output.weight", (vocab, width)))
+        table.append(TensorName("lm_head.weight", "lm_head.weight", (vocab, width)))
     return table
 
 
@@ -412,138 +403,3 @@ def export_peft(
         _write_export_marker(directory, "peft")
 
     return write_directory_atomically(output, fill)
-
-
-# ----------------------------------------------------------------------------- GGUF (llama.cpp)
-
-
-def _gguf():
-    """The optional `gguf` package, imported here rather than at the top so MiniGPT runs without it."""
-    try:
-        import gguf
-    except ImportError:
-        raise UserInputError("GGUF export needs the gguf package; install it with pip install -e '.[export]'.") from None
-    return gguf
-
-
-def permute_for_gguf(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """Reorder the rows of q_proj or k_proj from rotate-half to llama.cpp's interleaved pairs.
-
-    Within each head the rows are [x_0 .. x_{d/2-1}, y_0 .. y_{d/2-1}], where (x_i, y_i) is the pair
-    rotated together. Viewed as (heads, 2, d/2, width) and swapped to (heads, d/2, 2, width), they
-    become x_0, y_0, x_1, y_1, ...: each pair side by side, as llama.cpp's rotary kernel expects.
-    """
-    rows = weight.shape[0]
-    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
-
-
-def unpermute_from_gguf(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """The inverse of `permute_for_gguf`: interleaved pairs back to rotate-half halves."""
-    rows = weight.shape[0]
-    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
-
-
-def _gguf_data(tensor: torch.Tensor, outtype: str) -> tuple[np.ndarray, object]:
-    """(numpy data, GGML type) for one tensor. Norm vectors stay float32 in every outtype, as in
-    llama.cpp's converter; q8_0 needs rows that are a whole number of 32-blocks, else float16.
-    These are the converter's rules, and the q8_0 tensors come out byte-identical to those of
-    llama.cpp's own quantizer run on the f32 file (benchmarks/check_gguf_with_llama_cpp.py)."""
-    gguf = _gguf()
-    data = tensor.float().numpy()
-    if outtype == "f32" or data.ndim == 1:
-        return data, gguf.GGMLQuantizationType.F32
-    if outtype == "q8_0" and data.shape[-1] % Q8_0_BLOCK == 0:
-        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
-    return data.astype(np.float16), gguf.GGMLQuantizationType.F16
-
-
-def _gguf_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
-    """(tokens, token types, merges) in llama.cpp's `gpt2` tokenizer format.
-
-    Special tokens are CONTROL (never produced from plain text by accident); embedding rows past
-    the tokenizer's vocabulary, if any, get placeholder tokens marked UNUSED.
-    """
-    gguf = _gguf()
-    specials = {tokenizer.eos_id, tokenizer.im_start_id, tokenizer.im_end_id, tokenizer.pad_id}
-    tokens, types = [], []
-    for index in range(vocab_size):
-        token = tokenizer.backend.id_to_token(index)
-        if token is None:
-            tokens.append(f"[PAD{index}]")
-            types.append(gguf.TokenType.UNUSED)
-        else:
-            tokens.append(token)
-            types.append(gguf.TokenType.CONTROL if index in specials else gguf.TokenType.NORMAL)
-    merges = json.loads(tokenizer.backend.to_str())["model"]["merges"]
-    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in merges]  # newer files store pairs
-    return tokens, types, merges
-
-
-def export_gguf(model: GPT, tokenizer: Tokenizer, output: str | Path, outtype: str = "f16", force: bool = False,
-                sources: Sequence[str | Path] = ()) -> Path:
-    """Write a folder holding `model.gguf` (llama.cpp's `llama` architecture) and an Ollama `Modelfile`."""
-    gguf = _gguf()
-    output = Path(output)
-    if outtype not in GGUF_OUTTYPES:
-        raise UserInputError(f"Unknown --outtype '{outtype}'; choose one of {', '.join(GGUF_OUTTYPES)}.")
-    if tokenizer.kind != "bpe":
-        raise UserInputError(
-            "llama.cpp has no character (WordLevel) tokenizer, so a character-tokenizer model cannot be a GGUF file; use --format hf."
-        )
-    _check_output(output, force, sources)
-    config = model.config
-    tensors = []
-    for row, tensor in _minigpt_tensors(model):
-        if row.gguf.endswith("attn_q.weight"):
-            tensor = permute_for_gguf(tensor, config.n_head)
-        elif row.gguf.endswith("attn_k.weight"):
-            tensor = permute_for_gguf(tensor, config.kv_heads)
-        tensors.append((row.gguf, *_gguf_data(tensor, outtype)))
-    tokens, types, merges = _gguf_vocabulary(tokenizer, config.vocab_size)
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-
-    def fill(directory: Path) -> None:
-        writer = gguf.GGUFWriter(str(directory / GGUF_FILE_NAME), arch="llama")
-        writer.add_name(output.name)
-        writer.add_file_type(file_type[outtype])
-        writer.add_vocab_size(config.vocab_size)
-        writer.add_context_length(config.block_size)
-        writer.add_embedding_length(config.n_embd)
-        writer.add_block_count(config.n_layer)
-        writer.add_feed_forward_length(config.hidden_dim)
-        writer.add_head_count(config.n_head)
-        writer.add_head_count_kv(config.kv_heads)
-        writer.add_rope_dimension_count(config.head_dim)
-        writer.add_rope_freq_base(config.rope_theta)
-        writer.add_layer_norm_rms_eps(config.norm_eps)
-        writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
-        writer.add_tokenizer_pre("gpt-2")  # GPT-2's split regex, the one MiniGPT's ByteLevel pre-tokenizer uses
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        writer.add_token_merges(merges)
-        writer.add_bos_token_id(tokenizer.eos_id)
-        writer.add_eos_token_id(tokenizer.eos_id)
-        writer.add_pad_token_id(tokenizer.pad_id)
-        writer.add_add_bos_token(False)
-        writer.add_add_eos_token(False)
-        writer.add_chat_template(CHAT_TEMPLATE)
-        for name, data, ggml_type in tensors:
-            writer.add_tensor(name, data, raw_dtype=ggml_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        (directory / "Modelfile").write_text(ollama_modelfile())
-        _write_export_marker(directory, "gguf")
-
-    return write_directory_atomically(output, fill)
-
-
-def ollama_modelfile() -> str:
-    """An Ollama Modelfile for the model.gguf next to it: ChatML, stopping at <|im_end|>."""
-    return (
-        f"FROM ./{GGUF_FILE_NAME}\n"
-        f'TEMPLATE """{OLLAMA_TEMPLATE}"""\n'
-        f'PARAMETER stop "{IM_END_TOKEN}"\n'
-        f'PARAMETER stop "{EOS_TOKEN}"\n'
-    )
