@@ -2,9 +2,9 @@
 
 MiniGPT's decoder has Llama's layout (RMSNorm, rotary, grouped-query attention, SwiGLU, no
 biases), so moving weights in and out is mostly *renaming tensors*. One table below lists every
-MiniGPT tensor with its Hugging Face name and its shape; export reads the table one way, import
-the other, and every tensor's shape is asserted on the way. (llama.cpp's GGUF files are written
-by minigpt.gguf_file, from the Hugging Face names.)
+MiniGPT tensor with its Hugging Face name, its GGUF (llama.cpp) name and its shape; export reads
+the table one way, import the other, and every tensor's shape is asserted on the way. (The GGUF
+file itself is written by minigpt.gguf_file.)
 
     export_hf(...)      a folder `transformers.AutoModelForCausalLM` / `AutoTokenizer` load as is
     export_peft(...)    a LoRA adapter as PEFT saves one, for `peft.PeftModel.from_pretrained`
@@ -65,10 +65,11 @@ OLLAMA_TEMPLATE = (
 
 @dataclass(frozen=True)
 class TensorName:
-    """One row of the conversion table: a MiniGPT tensor, its Hugging Face name, its shape."""
+    """One row of the conversion table: a MiniGPT tensor, its names elsewhere, its shape."""
 
     minigpt: str
     hf: str
+    gguf: str
     shape: tuple[int, ...]
 
 
@@ -76,23 +77,23 @@ def tensor_table(config: ModelConfig) -> list[TensorName]:
     """Every stored tensor of a MiniGPT model of this shape (the output head only when untied)."""
     width, vocab, hidden = config.n_embd, config.vocab_size, config.hidden_dim
     q_rows, kv_rows = config.n_head * config.head_dim, config.kv_heads * config.head_dim
-    table = [TensorName("token_embedding.weight", "model.embed_tokens.weight", (vocab, width))]
+    table = [TensorName("token_embedding.weight", "model.embed_tokens.weight", "token_embd.weight", (vocab, width))]
     for i in range(config.n_layer):
-        mini, hf = f"blocks.{i}.", f"model.layers.{i}."
+        mini, hf, gguf = f"blocks.{i}.", f"model.layers.{i}.", f"blk.{i}."
         table += [
-            TensorName(mini + "attention_norm.weight", hf + "input_layernorm.weight", (width,)),
-            TensorName(mini + "attention.q_proj.weight", hf + "self_attn.q_proj.weight", (q_rows, width)),
-            TensorName(mini + "attention.k_proj.weight", hf + "self_attn.k_proj.weight", (kv_rows, width)),
-            TensorName(mini + "attention.v_proj.weight", hf + "self_attn.v_proj.weight", (kv_rows, width)),
-            TensorName(mini + "attention.o_proj.weight", hf + "self_attn.o_proj.weight", (width, q_rows)),
-            TensorName(mini + "mlp_norm.weight", hf + "post_attention_layernorm.weight", (width,)),
-            TensorName(mini + "mlp.gate_proj.weight", hf + "mlp.gate_proj.weight", (hidden, width)),
-            TensorName(mini + "mlp.up_proj.weight", hf + "mlp.up_proj.weight", (hidden, width)),
-            TensorName(mini + "mlp.down_proj.weight", hf + "mlp.down_proj.weight", (width, hidden)),
+            TensorName(mini + "attention_norm.weight", hf + "input_layernorm.weight", gguf + "attn_norm.weight", (width,)),
+            TensorName(mini + "attention.q_proj.weight", hf + "self_attn.q_proj.weight", gguf + "attn_q.weight", (q_rows, width)),
+            TensorName(mini + "attention.k_proj.weight", hf + "self_attn.k_proj.weight", gguf + "attn_k.weight", (kv_rows, width)),
+            TensorName(mini + "attention.v_proj.weight", hf + "self_attn.v_proj.weight", gguf + "attn_v.weight", (kv_rows, width)),
+            TensorName(mini + "attention.o_proj.weight", hf + "self_attn.o_proj.weight", gguf + "attn_output.weight", (width, q_rows)),
+            TensorName(mini + "mlp_norm.weight", hf + "post_attention_layernorm.weight", gguf + "ffn_norm.weight", (width,)),
+            TensorName(mini + "mlp.gate_proj.weight", hf + "mlp.gate_proj.weight", gguf + "ffn_gate.weight", (hidden, width)),
+            TensorName(mini + "mlp.up_proj.weight", hf + "mlp.up_proj.weight", gguf + "ffn_up.weight", (hidden, width)),
+            TensorName(mini + "mlp.down_proj.weight", hf + "mlp.down_proj.weight", gguf + "ffn_down.weight", (width, hidden)),
         ]
-    table.append(TensorName("final_norm.weight", "model.norm.weight", (width,)))
+    table.append(TensorName("final_norm.weight", "model.norm.weight", "output_norm.weight", (width,)))
     if not config.tie_embeddings:
-        table.append(TensorName("lm_head.weight", "lm_head.weight", (vocab, width)))
+        table.append(TensorName("lm_head.weight", "lm_head.weight", "output.weight", (vocab, width)))
     return table
 
 

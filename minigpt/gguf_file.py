@@ -12,13 +12,13 @@ Each family maps onto the llama.cpp architecture of the same name; MiniGPT's own
     family   architecture  what differs in the file
     minigpt  llama         q and k rows permuted (below)
     llama    llama         q and k rows permuted; Llama 3's rope scaling as a `rope_freqs` tensor
+                           (linear rope scaling, in any family, as two keys)
     qwen2    qwen2         q, k, v biases
     qwen3    qwen3         q and k norms; key_length when head_dim != width / heads
     gemma3   gemma3        four norms a layer, each stored as 1 + w; the sliding window
 
-Tensor names. MiniGPT and Hugging Face name tensors the same way per family (minigpt.export's
-tables), so this module renames Hugging Face names into llama.cpp's with one small table,
-`LAYER_NAMES` (Gemma 3's norms differ: `GEMMA3_LAYER_NAMES`).
+Tensor names come from the one table that names every MiniGPT tensor in Hugging Face's and
+llama.cpp's terms (`tensor_table`), so nothing is renamed here.
 
 Rotary layout. MiniGPT and Hugging Face rotate channel i of a head with channel i + head_dim/2
 ("rotate half"). llama.cpp's `llama` architecture rotates neighbours (2i, 2i+1); its qwen2, qwen3
@@ -68,30 +68,6 @@ GGUF_OUTTYPES = ("f32", "f16", "q8_0", "q5_0", "q4_0")
 GGUF_FILE_NAME = "model.gguf"
 ARCHITECTURES = {"minigpt": "llama", "llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
 
-# Hugging Face module -> llama.cpp tensor, inside layer i ("model.layers.{i}." -> "blk.{i}.").
-LAYER_NAMES = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "self_attn.q_norm": "attn_q_norm",  # Qwen3, Gemma 3
-    "self_attn.k_norm": "attn_k_norm",
-    "post_attention_layernorm": "ffn_norm",  # Llama, Qwen: the norm before the MLP
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-# Gemma 3's sandwich: post_attention_layernorm is *after* attention, the MLP's own norm is pre_feedforward.
-GEMMA3_LAYER_NAMES = {
-    **LAYER_NAMES,
-    "post_attention_layernorm": "post_attention_norm",
-    "pre_feedforward_layernorm": "ffn_norm",
-    "post_feedforward_layernorm": "post_ffw_norm",
-}
-GLOBAL_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
-
-
 def _gguf():
     """The optional `gguf` package, imported here rather than at the top so MiniGPT runs without it."""
     try:
@@ -102,18 +78,6 @@ def _gguf():
 
 
 # ----------------------------------------------------------------------------- tensors
-
-
-def gguf_tensor_name(hf_name: str, config: ModelConfig) -> str:
-    """llama.cpp's name of the Hugging Face tensor `hf_name`: model.layers.3.mlp.up_proj.weight -> blk.3.ffn_up.weight."""
-    module, _, kind = hf_name.rpartition(".")  # kind: weight or bias
-    if module in GLOBAL_NAMES:
-        return f"{GLOBAL_NAMES[module]}.{kind}"
-    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", module)
-    names = GEMMA3_LAYER_NAMES if config.sandwich_norms else LAYER_NAMES
-    if match is None or match.group(2) not in names:
-        raise ValueError(f"no llama.cpp name for the tensor {hf_name}")
-    return f"blk.{match.group(1)}.{names[match.group(2)]}.{kind}"
 
 
 def permute_for_gguf(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -173,12 +137,12 @@ def _stored(data: np.ndarray, ggml_type) -> np.ndarray:
     return QUANTIZERS[ggml_type.name.lower()](data)
 
 
-def gguf_tensors(hf_tensors: Sequence[tuple[str, torch.Tensor]], config: ModelConfig, outtype: str) -> list[tuple[str, np.ndarray, object]]:
-    """(llama.cpp name, data as stored, GGML type) for every tensor, plus rope_freqs for Llama 3 scaling."""
+def gguf_tensors(named_tensors: Sequence[tuple[str, torch.Tensor]], config: ModelConfig, outtype: str) -> list[tuple[str, np.ndarray, object]]:
+    """(name, data as stored, GGML type) for every tensor given under its llama.cpp name, plus
+    rope_freqs for Llama 3's rope scaling."""
     architecture = ARCHITECTURES[config.family]
     result = []
-    for hf_name, tensor in hf_tensors:
-        name = gguf_tensor_name(hf_name, config)
+    for name, tensor in named_tensors:
         if architecture == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
             tensor = permute_for_gguf(tensor, config.n_head if ".attn_q." in name else config.kv_heads)
         if config.norm_unit_offset and name.endswith("norm.weight"):
@@ -186,7 +150,7 @@ def gguf_tensors(hf_tensors: Sequence[tuple[str, torch.Tensor]], config: ModelCo
         data = tensor.detach().float().cpu().numpy()
         ggml_type = _ggml_type_of(name, data, outtype)
         result.append((name, _stored(data, ggml_type), ggml_type))
-    if config.rope_scaling:
+    if config.rope_scaling.get("rope_type") == "llama3":
         result.append(("rope_freqs.weight", llama3_rope_factors(config), _gguf().GGMLQuantizationType.F32))
     return result
 
@@ -329,10 +293,10 @@ def check_llama_cpp_can_run(config: ModelConfig) -> None:
     """Refuse, in one sentence, a model llama.cpp's architecture would compute differently."""
     if config.family not in ARCHITECTURES:
         raise UserInputError(f"MiniGPT writes GGUF files for the families {', '.join(ARCHITECTURES)}, not {config.family}.")
-    scaling = config.rope_scaling.get("rope_type") if config.rope_scaling else None
-    if scaling and (scaling != "llama3" or ARCHITECTURES[config.family] != "llama"):
-        raise UserInputError(f"MiniGPT writes Llama 3's rope scaling into GGUF files, not {scaling} on {config.family}; "
-                             "export with --format hf and convert with llama.cpp's convert_hf_to_gguf.py.")
+    scaling = config.rope_scaling.get("rope_type", "default")
+    if scaling not in ("default", "linear") and not (scaling == "llama3" and ARCHITECTURES[config.family] == "llama"):
+        raise UserInputError(f"MiniGPT writes linear rope scaling, and Llama 3's on Llama models, into GGUF files, not {scaling} "
+                             f"on {config.family}; export with --format hf and convert with llama.cpp's convert_hf_to_gguf.py.")
     if config.family != "gemma3":
         return
     # llama.cpp's gemma3 fixes three things that the Hugging Face config leaves open:
@@ -365,6 +329,9 @@ def _write_hyper_parameters(writer, config: ModelConfig) -> None:
         writer.add_value_length(config.head_dim)
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
+    if config.rope_scaling.get("rope_type") == "linear":  # positions divided by `factor` (Gemma 3's global layers)
+        writer.add_rope_scaling_type(_gguf().RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(config.rope_scaling["factor"])
     writer.add_layer_norm_rms_eps(config.norm_eps)
     if config.sliding_window:  # Gemma 3's local layers
         writer.add_sliding_window(config.sliding_window)
@@ -396,15 +363,15 @@ def _write_tokenizer(writer, vocabulary: GGUFVocabulary, special: SpecialTokens)
     writer.add_chat_template(special.chat_template)
 
 
-def write_gguf(path: str | Path, name: str, config: ModelConfig, hf_tensors: Sequence[tuple[str, torch.Tensor]],
+def write_gguf(path: str | Path, name: str, config: ModelConfig, named_tensors: Sequence[tuple[str, torch.Tensor]],
                vocabulary: GGUFVocabulary, special: SpecialTokens, outtype: str) -> None:
     """Write one GGUF file: the hyper-parameters of `config`'s architecture, the tokenizer, and the
-    tensors (given under their Hugging Face names) renamed, permuted and stored as `outtype`."""
+    tensors (given under their llama.cpp names) permuted and stored as `outtype`."""
     gguf = _gguf()
     if outtype not in GGUF_OUTTYPES:
         raise UserInputError(f"Unknown --outtype '{outtype}'; choose one of {', '.join(GGUF_OUTTYPES)}.")
     check_llama_cpp_can_run(config)
-    tensors = gguf_tensors(hf_tensors, config, outtype)
+    tensors = gguf_tensors(named_tensors, config, outtype)
     file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q5_0": "MOSTLY_Q5_0", "q4_0": "MOSTLY_Q4_0"}
     writer = gguf.GGUFWriter(str(path), arch=ARCHITECTURES[config.family])
     writer.add_name(name)
@@ -417,11 +384,6 @@ def write_gguf(path: str | Path, name: str, config: ModelConfig, hf_tensors: Seq
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-
-
-def hf_named_tensors(model: GPT) -> list[tuple[str, torch.Tensor]]:
-    """The model's stored tensors under their Hugging Face names (a tied output head once, as the embedding)."""
-    return [(row.hf, tensor) for row, tensor in _minigpt_tensors(model)]
 
 
 def export_gguf(model: GPT, tokenizer: Tokenizer, output: str | Path, outtype: str = "f16", force: bool = False,
@@ -437,7 +399,8 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, output: str | Path, outtype: s
     _check_output(output, force, sources)
 
     def fill(directory: Path) -> None:
-        write_gguf(directory / GGUF_FILE_NAME, output.name, config, hf_named_tensors(model), vocabulary, special, outtype)
+        named_tensors = [(row.gguf, tensor) for row, tensor in _minigpt_tensors(model)]  # a tied head once, as the embedding
+        write_gguf(directory / GGUF_FILE_NAME, output.name, config, named_tensors, vocabulary, special, outtype)
         (directory / "Modelfile").write_text(ollama_modelfile(config, [tokenizer.decode([index]) for index in special.stop_ids]))
         _write_export_marker(directory, "gguf")
 

@@ -22,7 +22,7 @@ from minigpt.export import (
     import_hf_llama,
     tensor_table,
 )
-from minigpt.gguf_file import GGUF_FILE_NAME, gguf_tensor_name, permute_for_gguf, unpermute_from_gguf
+from minigpt.gguf_file import GGUF_FILE_NAME, permute_for_gguf, unpermute_from_gguf
 from minigpt.lora import LoRAConfig, apply_lora, lora_parameters
 from minigpt.model import GPT, apply_rotary, rotary_tables
 from minigpt.model_folder import AdapterRun, load, save_model_directory
@@ -181,7 +181,7 @@ def gguf_tensors_as_minigpt(reader, config):
     by_name = {tensor.name: tensor for tensor in reader.tensors}
     result = {}
     for row in tensor_table(config):
-        name = gguf_tensor_name(row.hf, config)
+        name = row.gguf
         tensor = by_name[name]
         assert tuple(int(size) for size in reversed(tensor.shape)) == row.shape  # GGUF lists dimensions innermost first
         data = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(row.shape).copy())
