@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from minigpt.config import ModelConfig, RunConfig
 from minigpt.errors import UserInputError
 from minigpt.files import write_directory_atomically
+from minigpt.lora import LORA_TARGETS, LoRAConfig
 from minigpt.model import GPT
 from minigpt.version import __version__
 from minigpt.tokenizer import EOS_TOKEN, IM_END_TOKEN, IM_START_TOKEN, PAD_TOKEN, UNKNOWN_TOKEN, Tokenizer, load_tokenizer
@@ -380,6 +381,57 @@ def peft_tensors(adapter_weights: dict[str, torch.Tensor], config: ModelConfig) 
     if unused or len(ranks) != 1:
         raise UserInputError(f"The adapter's weights do not fit a LoRA on this model (unexpected {sorted(unused)[:2]}, ranks {sorted(ranks)}).")
     return tensors, ranks.pop(), sorted(targets)
+
+
+# What PEFT's adapter_config.json may ask for that MiniGPT's LoRA does not compute, with the value
+# that asks for nothing: a folder setting any other value is refused rather than run differently.
+PEFT_SETTINGS_MINIGPT_LACKS = {
+    "use_rslora": False, "use_dora": False, "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
+    "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False,
+}
+
+
+def lora_config_from_peft(record: dict, source: str) -> tuple[LoRAConfig, str]:
+    """(MiniGPT's LoRAConfig, the base model's folder) of a PEFT adapter_config.json (`record`).
+
+    PEFT names its targets by module (q_proj, ..., or "all-linear"); MiniGPT's short names (q, ...)
+    name the same modules. Refused in one sentence: another adapter type, a base that is not a
+    local folder (MiniGPT never downloads), and settings MiniGPT's LoRA does not compute.
+    """
+    if record.get("peft_type") != "LORA" or record.get("task_type") not in (None, "CAUSAL_LM"):
+        raise UserInputError(f"{source} is a {record.get('peft_type')} adapter for {record.get('task_type')}; "
+                             "MiniGPT loads LoRA adapters on causal language models.")
+    different = {key: record[key] for key, plain in PEFT_SETTINGS_MINIGPT_LACKS.items() if record.get(key, plain) not in (plain, None)}
+    if different:
+        raise UserInputError(f"{source} sets {different}, which MiniGPT's LoRA does not compute; merge the adapter with PEFT "
+                             "(merge_and_unload) and load the merged folder instead.")
+    short_names = {module: short for short, module in LORA_TARGETS.items()}
+    modules = record.get("target_modules")
+    if modules == "all-linear":
+        modules = list(short_names)
+    if isinstance(modules, str) or not modules or set(modules) - set(short_names):
+        raise UserInputError(f"{source} targets {modules}; MiniGPT's LoRA goes on {', '.join(short_names)} (a list, or all-linear).")
+    base = record.get("base_model_name_or_path") or ""
+    if not Path(base).is_dir():
+        raise UserInputError(f"{source} names its base model '{base}', which is not a folder here, and MiniGPT never downloads; "
+                             "download the base (huggingface-cli download) and write its folder into base_model_name_or_path.")
+    config = LoRAConfig(rank=record["r"], alpha=float(record["lora_alpha"]), dropout=float(record.get("lora_dropout") or 0.0),
+                        targets=tuple(short_names[module] for module in sorted(modules)))
+    return config, base
+
+
+def lora_weights_from_peft(tensors: dict[str, torch.Tensor], config: ModelConfig, source: str) -> dict[str, torch.Tensor]:
+    """PEFT-named LoRA matrices (`peft_tensor_name`) under MiniGPT's names (`lora.lora_state_dict`'s),
+    read through the same table that export writes them with; a name that fits no weight is refused."""
+    renamed = {}
+    for row in tensor_table(config):
+        for matrix in ("lora_A", "lora_B"):
+            if (name := peft_tensor_name(row.hf, matrix)) in tensors:
+                renamed[f"{row.minigpt.removesuffix('.weight')}.{matrix}.weight"] = tensors[name]
+    if len(renamed) != len(tensors):
+        unknown = sorted(set(tensors) - {peft_tensor_name(row.hf, matrix) for row in tensor_table(config) for matrix in ("lora_A", "lora_B")})
+        raise UserInputError(f"{source} holds tensors that fit no weight of its base model ({unknown[:2]}); is it an adapter for another model?")
+    return renamed
 
 
 def export_peft(
