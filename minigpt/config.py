@@ -398,7 +398,7 @@ def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None
     for key, value in non_negative.items():
         if value < 0:
             raise UserInputError(f"{key} must not be negative, got {value}.")
-    if model.n_embd % model.n_head:
+    if model.n_embd % model.n_head and not model.head_size:
         raise UserInputError(
             f"model.n_head ({model.n_head}) must divide model.n_embd ({model.n_embd}); pick a width that is a multiple of the head count."
         )

@@ -1,14 +1,15 @@
 """MiniGPT <-> the outside world: Hugging Face `transformers` folders and PEFT adapters.
 
 MiniGPT's decoder has Llama's layout (RMSNorm, rotary, grouped-query attention, SwiGLU, no
-biases), so moving weights in and out is mostly *renaming tensors*. One table below lists every
-MiniGPT tensor with its Hugging Face name, its GGUF (llama.cpp) name and its shape; export reads
-the table one way, import the other, and every tensor's shape is asserted on the way. (The GGUF
-file itself is written by minigpt.gguf_file.)
+biases), and the pretrained families it loads are switches on it, so moving weights in and out is
+mostly *renaming tensors*. One table (`minigpt.families.tensor_table`) lists every MiniGPT tensor
+with its Hugging Face name, its GGUF (llama.cpp) name and its shape; export reads the table one
+way, loading a Hugging Face folder (minigpt.families.load_model) the other, and every tensor's
+shape is asserted on the way. (A GGUF file is written by minigpt.gguf_file.)
 
-    export_hf(...)      a folder `transformers.AutoModelForCausalLM` / `AutoTokenizer` load as is
+    export_hf(...)      a folder `transformers.AutoModelForCausalLM` / `AutoTokenizer` load as is:
+                        the model's own family (LlamaForCausalLM for MiniGPT's models)
     export_peft(...)    a LoRA adapter as PEFT saves one, for `peft.PeftModel.from_pretrained`
-    import_hf_llama(..) a local Hugging Face Llama folder -> a MiniGPT model, tokenizer and config
 
 Two details are worth knowing:
 
@@ -20,13 +21,6 @@ Two details are worth knowing:
   adapter's matrices go to PEFT as they are. (llama.cpp's `llama` architecture rotates
   neighbours: minigpt.gguf_file permutes q and k rows for it, in a merged model.)
 
-Refused on import, each with one sentence (MiniGPT has no code for them, and silently dropping
-them would give a model that loads but talks nonsense): biases, rope scaling, sliding-window
-attention, an activation other than SiLU, a head width other than hidden_size / heads, sharded
-weights, and a tokenizer that is neither byte-level BPE nor a MiniGPT character tokenizer or
-lacks MiniGPT's special tokens at ids 0-3. Untied embeddings are mapped (MiniGPT can keep a
-separate output head: `tie_embeddings = false`).
-
 `transformers` and `gguf` are optional packages (`pip install -e ".[export]"`): they are
 imported inside the functions that need them, so MiniGPT itself runs without them.
 """
@@ -34,20 +28,21 @@ imported inside the functions that need them, so MiniGPT itself runs without the
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import shutil
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from minigpt.config import ModelConfig, RunConfig
+from minigpt.config import ModelConfig
 from minigpt.errors import UserInputError
+from minigpt.families import TensorName, checked, hugging_face_config, tensor_table
 from minigpt.files import write_directory_atomically
 from minigpt.lora import LORA_TARGETS, LoRAConfig
 from minigpt.model import GPT
 from minigpt.version import __version__
-from minigpt.tokenizer import EOS_TOKEN, IM_END_TOKEN, IM_START_TOKEN, PAD_TOKEN, UNKNOWN_TOKEN, Tokenizer, load_tokenizer
+from minigpt.tokenizer import EOS_TOKEN, IM_END_TOKEN, IM_START_TOKEN, PAD_TOKEN, UNKNOWN_TOKEN, Tokenizer
 
 
 # The ChatML template MiniGPT's Tokenizer.render_chat / chat_prompt follow, in Jinja (for
@@ -64,50 +59,10 @@ OLLAMA_TEMPLATE = (
 )
 
 
-@dataclass(frozen=True)
-class TensorName:
-    """One row of the conversion table: a MiniGPT tensor, its names elsewhere, its shape."""
-
-    minigpt: str
-    hf: str
-    gguf: str
-    shape: tuple[int, ...]
-
-
-def tensor_table(config: ModelConfig) -> list[TensorName]:
-    """Every stored tensor of a MiniGPT model of this shape (the output head only when untied)."""
-    width, vocab, hidden = config.n_embd, config.vocab_size, config.hidden_dim
-    q_rows, kv_rows = config.n_head * config.head_dim, config.kv_heads * config.head_dim
-    table = [TensorName("token_embedding.weight", "model.embed_tokens.weight", "token_embd.weight", (vocab, width))]
-    for i in range(config.n_layer):
-        mini, hf, gguf = f"blocks.{i}.", f"model.layers.{i}.", f"blk.{i}."
-        table += [
-            TensorName(mini + "attention_norm.weight", hf + "input_layernorm.weight", gguf + "attn_norm.weight", (width,)),
-            TensorName(mini + "attention.q_proj.weight", hf + "self_attn.q_proj.weight", gguf + "attn_q.weight", (q_rows, width)),
-            TensorName(mini + "attention.k_proj.weight", hf + "self_attn.k_proj.weight", gguf + "attn_k.weight", (kv_rows, width)),
-            TensorName(mini + "attention.v_proj.weight", hf + "self_attn.v_proj.weight", gguf + "attn_v.weight", (kv_rows, width)),
-            TensorName(mini + "attention.o_proj.weight", hf + "self_attn.o_proj.weight", gguf + "attn_output.weight", (width, q_rows)),
-            TensorName(mini + "mlp_norm.weight", hf + "post_attention_layernorm.weight", gguf + "ffn_norm.weight", (width,)),
-            TensorName(mini + "mlp.gate_proj.weight", hf + "mlp.gate_proj.weight", gguf + "ffn_gate.weight", (hidden, width)),
-            TensorName(mini + "mlp.up_proj.weight", hf + "mlp.up_proj.weight", gguf + "ffn_up.weight", (hidden, width)),
-            TensorName(mini + "mlp.down_proj.weight", hf + "mlp.down_proj.weight", gguf + "ffn_down.weight", (width, hidden)),
-        ]
-    table.append(TensorName("final_norm.weight", "model.norm.weight", "output_norm.weight", (width,)))
-    if not config.tie_embeddings:
-        table.append(TensorName("lm_head.weight", "lm_head.weight", "output.weight", (vocab, width)))
-    return table
-
-
-def _checked(tensor: torch.Tensor, row: TensorName, source: str) -> torch.Tensor:
-    if tuple(tensor.shape) != row.shape:
-        raise UserInputError(f"{source}: tensor {row.hf} has shape {tuple(tensor.shape)}, expected {row.shape}.")
-    return tensor
-
-
 def _minigpt_tensors(model: GPT) -> list[tuple[TensorName, torch.Tensor]]:
     """(table row, float tensor on the CPU) for every stored tensor of `model`, shapes asserted."""
     state = model.state_dict()
-    return [(row, _checked(state[row.minigpt].detach().cpu().contiguous(), row, "MiniGPT model")) for row in tensor_table(model.config)]
+    return [(row, checked(state[row.minigpt].detach().cpu().contiguous(), row, "MiniGPT model")) for row in tensor_table(model.config)]
 
 
 # Every export writes this file into its folder, so that --force can tell a folder an earlier
@@ -150,33 +105,15 @@ def _write_export_marker(directory: Path, export_format: str) -> None:
 
 
 def hf_config(config: ModelConfig, tokenizer: Tokenizer) -> dict:
-    """config.json of the equivalent `LlamaForCausalLM`."""
+    """config.json of a MiniGPT model: its family's architecture (`families.hugging_face_config`;
+    a MiniGPT model is a `LlamaForCausalLM`) with MiniGPT's tokenizer's special token ids."""
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.n_embd,
-        "intermediate_size": config.hidden_dim,
-        "num_hidden_layers": config.n_layer,
-        "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.kv_heads,
-        "head_dim": config.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": config.block_size,
-        "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta,
-        "rope_scaling": None,
-        "attention_bias": False,
-        "mlp_bias": False,
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": config.tie_embeddings,
+        **hugging_face_config(config),
         # A MiniGPT document starts after <|endoftext|> and ends with it, so it is BOS and EOS both.
         "bos_token_id": tokenizer.eos_id,
         "eos_token_id": tokenizer.eos_id,
         "pad_token_id": tokenizer.pad_id,
         "torch_dtype": "float32",
-        "initializer_range": 0.02,
-        "use_cache": True,
     }
 
 
@@ -196,27 +133,48 @@ def hf_tokenizer_config(tokenizer: Tokenizer, block_size: int) -> dict:
     }
 
 
-def export_hf(model: GPT, tokenizer: Tokenizer, output: str | Path, force: bool = False, sources: Sequence[str | Path] = ()) -> Path:
-    """Write a Hugging Face `LlamaForCausalLM` folder (weights, configs, tokenizer, chat template).
-    `force` replaces an earlier export there; `sources` are the folders the model came from
-    (never replaced)."""
+# What a Hugging Face folder holds besides its weights and config.json: its tokenizer, chat
+# template and generation settings. Exporting a model that came from such a folder copies them.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json", "generation_config.json")
+HF_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def export_hf(model: GPT, tokenizer: Tokenizer, output: str | Path, force: bool = False, sources: Sequence[str | Path] = (),
+              hf_source: str | Path | None = None) -> Path:
+    """Write a Hugging Face folder of the model's family (weights, config, tokenizer, chat template).
+
+    A model loaded from a Hugging Face folder (`hf_source`: that folder, or an adapter's base
+    folder) keeps its tokenizer files, chat template, generation settings and special token ids,
+    copied from there; a MiniGPT model gets MiniGPT's (ChatML). `force` replaces an earlier
+    export there; `sources` are the folders the model came from (never replaced).
+    """
     output = Path(output)
     _check_output(output, force, sources)
     config = model.config
     # Tied: the embedding is stored once and transformers ties lm_head to it on load.
     tensors = {row.hf: tensor.float().clone() for row, tensor in _minigpt_tensors(model)}
+    hf_source = Path(hf_source) if hf_source is not None else None
+    config_json = hf_config(config, tokenizer)
+    if hf_source is not None:
+        source_config = json.loads((hf_source / "config.json").read_text(encoding="utf-8"))
+        config_json.update({key: source_config.get(key) for key in HF_TOKEN_IDS})
 
     def fill(directory: Path) -> None:
         save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-        _write_json(directory / "config.json", hf_config(config, tokenizer))
-        _write_json(directory / "generation_config.json", {
-            "bos_token_id": tokenizer.eos_id,
-            "eos_token_id": [tokenizer.eos_id, tokenizer.im_end_id],  # stop at a document's or a chat turn's end
-            "pad_token_id": tokenizer.pad_id,
-        })
-        tokenizer.save(directory / "tokenizer.json")
-        _write_json(directory / "tokenizer_config.json", hf_tokenizer_config(tokenizer, config.block_size))
-        (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        _write_json(directory / "config.json", config_json)
+        if hf_source is not None:
+            for name in HF_TOKENIZER_FILES:
+                if (hf_source / name).is_file():
+                    shutil.copyfile(hf_source / name, directory / name)
+        else:
+            _write_json(directory / "generation_config.json", {
+                "bos_token_id": tokenizer.eos_id,
+                "eos_token_id": [tokenizer.eos_id, tokenizer.im_end_id],  # stop at a document's or a chat turn's end
+                "pad_token_id": tokenizer.pad_id,
+            })
+            tokenizer.save(directory / "tokenizer.json")
+            _write_json(directory / "tokenizer_config.json", hf_tokenizer_config(tokenizer, config.block_size))
+            (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)
         _write_export_marker(directory, "hf")
 
     return write_directory_atomically(output, fill)
@@ -236,80 +194,6 @@ def check_hf_export_of(folder: str | Path, exported: GPT, exported_tokenizer: To
     )
     if not same:
         raise UserInputError(f"{folder} does not hold the adapter's base model; export that base with --format hf and name its folder.")
-
-
-def _rope_theta(hf: dict, source: str) -> float:
-    """rope_theta, read from the top level (transformers 4) or `rope_parameters` (transformers 5)."""
-    parameters = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    rope_type = parameters.get("rope_type", "default")
-    if scaling or rope_type != "default":
-        raise UserInputError(f"{source} uses rope scaling ({scaling or rope_type}), which MiniGPT does not implement.")
-    return float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0)))
-
-
-def _hf_model_config(hf: dict, source: str) -> ModelConfig:
-    """Check that the Hugging Face config describes a model MiniGPT can represent; build its ModelConfig."""
-    if hf.get("model_type") != "llama":
-        raise UserInputError(f"{source} is a '{hf.get('model_type')}' model; MiniGPT imports Llama models only.")
-    for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key):
-            raise UserInputError(f"{source} sets {key}, but MiniGPT's layers have no biases.")
-    if hf.get("sliding_window"):
-        raise UserInputError(f"{source} uses sliding-window attention, which MiniGPT does not implement.")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise UserInputError(f"{source} uses the {hf['hidden_act']} activation; MiniGPT's SwiGLU uses silu.")
-    width, heads = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim", width // heads) * heads != width:
-        raise UserInputError(f"{source} has head_dim {hf['head_dim']} x {heads} heads != hidden_size {width}; MiniGPT needs them equal.")
-    return ModelConfig(
-        vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
-        n_head=heads, n_kv_head=hf.get("num_key_value_heads") or heads, n_embd=width,
-        ffn_hidden=hf["intermediate_size"], rope_theta=_rope_theta(hf, source), norm_eps=hf["rms_norm_eps"],
-        tie_embeddings=hf.get("tie_word_embeddings", True),
-    )
-
-
-def _import_tokenizer(path: Path) -> Tokenizer:
-    """MiniGPT's tokenizer for an HF tokenizer.json: byte-level BPE or a MiniGPT character tokenizer."""
-    tokenizer = load_tokenizer(path)  # refuses other models and special tokens not at ids 0-3
-    decoder = json.loads(tokenizer.backend.to_str()).get("decoder") or {}
-    if tokenizer.kind == "bpe" and decoder.get("type") != "ByteLevel":
-        raise UserInputError(f"{path} is a BPE tokenizer but not byte-level (decoder {decoder.get('type')}); MiniGPT needs byte-level BPE.")
-    return tokenizer
-
-
-def import_hf_llama(folder: str | Path) -> tuple[GPT, Tokenizer, RunConfig]:
-    """Load a local Hugging Face Llama folder (config.json, model.safetensors, tokenizer.json) as MiniGPT.
-
-    Returns the model (on the CPU, in eval mode, float32), its tokenizer and a RunConfig whose
-    `model` section describes it (training settings are the defaults).
-    """
-    folder = Path(folder)
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
-        if not (folder / name).is_file():
-            sharded = name == "model.safetensors" and (folder / "model.safetensors.index.json").is_file()
-            detail = "sharded weights are not supported; merge them into one model.safetensors" if sharded else f"it has no {name}"
-            raise UserInputError(f"{folder} cannot be imported: {detail}.")
-    config = _hf_model_config(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
-    tokenizer = _import_tokenizer(folder / "tokenizer.json")
-    if config.vocab_size < tokenizer.vocab_size:
-        raise UserInputError(f"{folder}: vocab_size {config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens.")
-    weights = load_file(str(folder / "model.safetensors"))
-    table = tensor_table(config)
-    expected = {row.hf for row in table} | ({"lm_head.weight"} if config.tie_embeddings else set())  # tied: a stored copy is ignored
-    missing, unexpected = {row.hf for row in table} - set(weights), set(weights) - expected
-    if missing or unexpected:
-        raise UserInputError(
-            f"{folder}/model.safetensors does not match a Llama model of this config "
-            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})."
-        )
-    model = GPT(config)
-    state = {row.minigpt: _checked(weights[row.hf], row, str(folder)) for row in table}
-    if config.tie_embeddings:
-        state["lm_head.weight"] = state["token_embedding.weight"]
-    model.load_state_dict(state, strict=True)
-    return model.eval(), tokenizer, RunConfig(model=config)
 
 
 # ----------------------------------------------------------------------------- PEFT (LoRA adapters)

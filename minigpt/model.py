@@ -4,12 +4,19 @@ Read it top to bottom:
     RMSNorm            -> normalises each token's vector (cheaper than LayerNorm, no mean, no bias)
     rotary embeddings  -> tell attention where each token is by rotating queries and keys
     CausalSelfAttention-> each token looks at the tokens before it (grouped-query heads optional)
-    SwiGLUMLP          -> each token thinks on its own through a gated feed-forward network
+    GatedMLP           -> each token thinks on its own through a gated feed-forward network
     Block              -> pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))
     GPT                -> embeddings, a stack of blocks, a final norm, and the output head
 
 The layout follows Llama (pre-norm RMSNorm, rotary positions, SwiGLU, no biases, tied
 embeddings), so exporting to the Hugging Face `LlamaForCausalLM` layout is a renaming of tensors.
+
+The same model runs the pretrained families MiniGPT loads (minigpt/families.py: Llama 3, Qwen2,
+Qwen3, Gemma 3). Each of their differences is a switch of `ModelConfig`, off by default, and each
+place that reads one says which family needs it and why: q/k/v biases (Qwen2), RMSNorm on each
+head's queries and keys (Qwen3, Gemma 3), a (1 + w) norm gain, norms after attention and the MLP,
+a GeLU gate, scaled embeddings, a query scale of its own and sliding-window layers (Gemma 3), and
+rescaled rotary frequencies (Llama 3's `llama3`, Gemma 3's `linear`).
 """
 
 from __future__ import annotations
@@ -31,26 +38,73 @@ CPU_FLOAT32_ATTENTION_MAX_KEYS = 256  # under bfloat16 autocast a CPU attends ov
 class RMSNorm(nn.Module):
     """Scale each vector to unit root-mean-square, then by a learned per-channel gain."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        # Gemma stores the gain as an offset from 1: it scales by (1 + weight), so its weights start at 0.
+        self.unit_offset = unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.unit_offset:
+            # Gemma: normalised and scaled in float32, then rounded once to x's dtype, as transformers does.
+            normalised = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+            return (normalised * (1.0 + self.weight.float())).type_as(x)
         # x / sqrt(mean(x^2) + eps) * weight, fused into one kernel by PyTorch.
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
 
-def rotary_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables of shape (length, head_dim) for rotary position embeddings.
+def rotary_frequencies(head_dim: int, theta: float, scaling: dict | None = None, device: torch.device | None = None) -> torch.Tensor:
+    """The turning speed (radians per position) of each of a head's head_dim/2 channel pairs.
 
     Channel pair i rotates at frequency theta^(-2i/head_dim): fast-turning pairs tell nearby
-    positions apart, slow-turning pairs tell far ones apart.
+    positions apart, slow-turning pairs tell far ones apart. `scaling` (a Hugging Face
+    `rope_scaling`) slows the pairs down for contexts longer than the model was first trained on.
     """
-    frequencies = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), frequencies)  # (length, head_dim/2)
+    frequencies = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    rope_type = (scaling or {}).get("rope_type", "default")
+    if rope_type == "linear":  # Gemma 3's global layers: every position divided by `factor`
+        return frequencies / scaling["factor"]
+    if rope_type == "llama3":
+        # Llama 3.1+: pairs that turn less than once per low_freq_factor-th of the original context
+        # slow down by `factor`, pairs turning faster than high_freq_factor times keep their speed,
+        # and the ones between blend the two smoothly.
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        original = scaling["original_max_position_embeddings"]
+        wavelength = 2 * math.pi / frequencies
+        slowed = torch.where(wavelength > original / low, frequencies / factor, frequencies)
+        blend = (original / wavelength - low) / (high - low)
+        smoothed = (1 - blend) * slowed / factor + blend * slowed
+        between = (wavelength >= original / high) & (wavelength <= original / low)
+        return torch.where(between, smoothed, slowed)
+    return frequencies
+
+
+def rotary_angles(positions: torch.Tensor, frequencies: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (*positions.shape, head_dim) for tokens at `positions`.
+
+    Computed for the positions a forward pass needs rather than kept as tables of block_size rows:
+    a 128k-position Llama 3 would otherwise hold 64 MB of tables, and the products are the same
+    float32 numbers either way.
+    """
+    angles = positions.float()[..., None] * frequencies  # (..., head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # the two halves of a head share frequencies
     return angles.cos(), angles.sin()
+
+
+def rotary_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for positions 0..length-1, shape (length, head_dim) (figures and tests draw them)."""
+    return rotary_angles(torch.arange(length), rotary_frequencies(head_dim, theta))
+
+
+def attention_mask(positions: torch.Tensor, keys: int, window: int = 0) -> torch.Tensor:
+    """True where a query at `positions` (..., time) may see key slot j of 0..keys-1: j <= its
+    position (causal) and, with a `window`, j among the latest `window` positions (a sliding-window layer)."""
+    slots = torch.arange(keys, device=positions.device)
+    visible = slots <= positions[..., None]
+    if window:
+        visible &= slots > positions[..., None] - window
+    return visible
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -96,6 +150,9 @@ class KVCache:
         self.positions: torch.Tensor | None = None
         self.visible = 0
         self.key_mask: torch.Tensor | None = None
+        # Gemma 3's sliding-window layers see only the latest `sliding_window` keys: a mask of their own.
+        self.sliding_window = config.sliding_window
+        self.window_key_mask: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -124,8 +181,9 @@ class KVCache:
         if self.batch_size == 1 and time == 1:
             self.key_mask = None
         else:
-            slots = torch.arange(longest, device=device)
-            self.key_mask = (slots <= self.positions[:, :, None]).unsqueeze(1)  # (batch, 1, time, longest)
+            self.key_mask = attention_mask(self.positions, longest).unsqueeze(1)  # (batch, 1, time, longest)
+        if self.sliding_window:
+            self.window_key_mask = attention_mask(self.positions, longest, self.sliding_window).unsqueeze(1)
         return self.positions
 
     def store(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,7 +199,7 @@ class KVCache:
         """The forward pass is done: every row is `time` positions longer."""
         self.lengths = self.lengths + time
         self.host_lengths = [length + time for length in self.host_lengths]
-        self.positions = self.key_mask = None
+        self.positions = self.key_mask = self.window_key_mask = None
 
     def keep_rows(self, rows: list[int], capacity: int | None = None) -> None:
         """Keep only `rows` (in that order), optionally shrunk to `capacity` positions per row."""
@@ -170,15 +228,25 @@ class CausalSelfAttention(nn.Module):
 
     With n_kv_head < n_head (grouped-query attention) several query heads share one key/value
     head: the KV cache shrinks by n_head / n_kv_head at almost no cost in quality.
+
+    A sliding-window layer (Gemma 3's local layers) sees only the latest `sliding_window` tokens.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, sliding_window: int = 0):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        bias = config.attention_bias  # Qwen2: learned biases on q, k and v (not on the output)
+        self.q_proj = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.n_embd, bias=False)
+        if config.qk_norm:  # Qwen3, Gemma 3: each head's queries and keys normalised, which keeps attention logits tame
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps, config.norm_unit_offset)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps, config.norm_unit_offset)
+        self.qk_norm = config.qk_norm
+        # Gemma 3 scales scores by 1/sqrt(query_pre_attn_scalar) rather than 1/sqrt(head_dim); None = PyTorch's 1/sqrt(head_dim).
+        self.scale = config.query_pre_attn_scalar ** -0.5 if config.query_pre_attn_scalar else None
+        self.sliding_window = sliding_window
         self.dropout = config.dropout
 
     def forward(
@@ -189,14 +257,19 @@ class CausalSelfAttention(nn.Module):
         q = self.q_proj(x).view(batch, time, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, time, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, time, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
         # Training (no cache): the usual lower-triangular mask, is_causal. Decoding with a cache: the
         # new keys and values go into the cache, and the cache's per-row mask says what each query sees.
+        # A sliding-window layer cuts either mask down to the latest `sliding_window` keys.
         mask = None
         if cache is not None:
             k, v = cache.store(layer, k, v)
-            mask = cache.key_mask
+            mask = cache.window_key_mask if self.sliding_window else cache.key_mask
+        elif self.sliding_window and time > self.sliding_window:
+            mask = attention_mask(torch.arange(time, device=x.device), time, self.sliding_window)
         # PyTorch's CPU attention kernel works on bfloat16 in tiles sized for long sequences, so
         # on short ones it is several times slower than float32 (4x at 64 keys, measured): there a
         # CPU run under bfloat16 autocast attends in float32, and the projections stay bfloat16.
@@ -205,43 +278,56 @@ class CausalSelfAttention(nn.Module):
             q, k, v = q.float(), k.float(), v.float()
         with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
             y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=(cache is None and time > 1),
-                dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_head != self.n_head,
+                q, k, v, attn_mask=mask, is_causal=(cache is None and time > 1 and mask is None),
+                dropout_p=self.dropout if self.training else 0.0, scale=self.scale, enable_gqa=self.n_kv_head != self.n_head,
             )
         y = y.transpose(1, 2).contiguous().view(batch, time, self.n_head * self.head_dim)  # heads side by side again
         return self.o_proj(y)
 
 
-class SwiGLUMLP(nn.Module):
-    """Feed-forward network with a gate: down(silu(gate(x)) * up(x))."""
+class GatedMLP(nn.Module):
+    """Feed-forward network with a gate: down(act(gate(x)) * up(x)); act is SiLU (SwiGLU) or,
+    for Gemma, the tanh approximation of GeLU (GeGLU)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.gate_proj = nn.Linear(config.n_embd, config.hidden_dim, bias=False)
         self.up_proj = nn.Linear(config.n_embd, config.hidden_dim, bias=False)
         self.down_proj = nn.Linear(config.hidden_dim, config.n_embd, bias=False)
+        self.gelu = config.mlp_activation == "gelu_tanh"  # Gemma was trained with GeLU (tanh approximation), not SiLU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = F.gelu(self.gate_proj(x), approximate="tanh") if self.gelu else F.silu(self.gate_proj(x))
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class Block(nn.Module):
     """One transformer layer. Pre-norm: the residual stream x is never normalised itself, which
     keeps gradients flowing straight through deep stacks."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, sliding_window: int = 0):
         super().__init__()
-        self.attention_norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.attention = CausalSelfAttention(config)
-        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
-        self.mlp = SwiGLUMLP(config)
+        self.attention_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
+        self.attention = CausalSelfAttention(config, sliding_window)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
+        self.mlp = GatedMLP(config)
+        self.sandwich_norms = config.sandwich_norms
+        if config.sandwich_norms:  # Gemma 3: each branch's output is normalised too before it joins the stream
+            self.post_attention_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
+            self.post_mlp_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
     ) -> torch.Tensor:
-        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache, layer))
-        x = x + self.dropout(self.mlp(self.mlp_norm(x)))
+        attended = self.attention(self.attention_norm(x), cos, sin, cache, layer)
+        if self.sandwich_norms:
+            attended = self.post_attention_norm(attended)
+        x = x + self.dropout(attended)
+        transformed = self.mlp(self.mlp_norm(x))
+        if self.sandwich_norms:
+            transformed = self.post_mlp_norm(transformed)
+        x = x + self.dropout(transformed)
         return x
 
 
@@ -259,16 +345,17 @@ class GPT(nn.Module):
         self.gradient_checkpointing = False
         self.token_embedding = nn.Embedding(config.vocab_size, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.final_norm = RMSNorm(config.n_embd, config.norm_eps)
+        # Every layer attends to the whole past, except Gemma 3's local (sliding-window) layers.
+        self.layer_types = config.layer_types or ["full_attention"] * config.n_layer
+        self.blocks = nn.ModuleList(
+            Block(config, config.sliding_window if kind == "sliding_attention" else 0) for kind in self.layer_types
+        )
+        self.final_norm = RMSNorm(config.n_embd, config.norm_eps, config.norm_unit_offset)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             # Reading a token (embedding) and writing one (output head) share one matrix: fewer
             # parameters, and rare tokens learn from both directions.
             self.lm_head.weight = self.token_embedding.weight
-        cos, sin = rotary_tables(config.head_dim, config.block_size, config.rope_theta)
-        self.register_buffer("rotary_cos", cos, persistent=False)  # derived from the config: not saved
-        self.register_buffer("rotary_sin", sin, persistent=False)
         self.apply(self._init_weights)
         # GPT-2's trick: each residual branch adds to the stream, so shrink the layers that write
         # into it by 1/sqrt(2 * n_layer) to keep the stream's variance steady with depth.
@@ -280,21 +367,38 @@ class GPT(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def rotary(self, positions: torch.Tensor, layer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for tokens at `positions` in a layer of `layer_type`. Gemma 3's local layers
+        turn at their own base (rope_local_theta) without scaling; every other layer uses rope_theta
+        and the configuration's rope scaling (Llama 3's llama3, Gemma 3's linear)."""
+        config = self.config
+        if layer_type == "sliding_attention" and config.rope_local_theta:
+            frequencies = rotary_frequencies(config.head_dim, config.rope_local_theta, device=positions.device)
+        else:
+            frequencies = rotary_frequencies(config.head_dim, config.rope_theta, config.rope_scaling, positions.device)
+        return rotary_angles(positions, frequencies)
 
     def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """The trunk: token embeddings -> the blocks -> the final norm, one vector per position
         (batch, time, n_embd). Heads sit on it: the language-model head here, classification heads elsewhere."""
         time = idx.size(1)
-        if cache is None:  # training, or a whole sequence at once: positions 0..time-1
+        if cache is None:  # training, or a whole sequence at once: positions 0..time-1, the same for every row
             if time > self.config.block_size:
                 raise ValueError(f"Sequence of {time} tokens is longer than block_size {self.config.block_size}.")
-            cos, sin = self.rotary_cos[:time], self.rotary_sin[:time]  # (time, head_dim), the same for every row
+            positions = torch.arange(time, device=idx.device)  # cos, sin: (time, head_dim)
         else:  # decoding: each row continues from its own position in the cache
-            positions = cache.begin(time)  # (batch, time)
-            cos, sin = self.rotary_cos[positions].unsqueeze(1), self.rotary_sin[positions].unsqueeze(1)  # (batch, 1, time, head_dim)
-        x = self.dropout(self.token_embedding(idx))
+            positions = cache.begin(time).unsqueeze(1)  # (batch, 1, time): cos, sin (batch, 1, time, head_dim)
+        rotations = {kind: self.rotary(positions, kind) for kind in set(self.layer_types)}
+        x = self.token_embedding(idx)
+        if self.config.scale_embeddings:  # Gemma: embeddings x sqrt(width), the factor rounded to the embeddings' dtype as in transformers
+            x = x * torch.tensor(self.config.n_embd**0.5).to(x.dtype)
+        x = self.dropout(x)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled() and cache is None
-        for layer, block in enumerate(self.blocks):
+        for layer, (block, kind) in enumerate(zip(self.blocks, self.layer_types)):
+            cos, sin = rotations[kind]
             if recompute:  # the recomputation replays the same dropout masks (the RNG state is saved)
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:

@@ -29,7 +29,9 @@ The kinds of folder (`FolderKind`):
                     settings and tensor names are read into MiniGPT's LoRA (export.lora_config_from_peft,
                     lora_weights_from_peft), on the base folder its base_model_name_or_path names.
                     PEFT records no checksum of the base, so only the shapes are checked.
-    HUGGING_FACE    a transformers folder (config.json with a "model_type"), converted on load.
+    HUGGING_FACE    a transformers folder (config.json with a "model_type") of a supported family
+                    (minigpt.families: Llama, Qwen2, Qwen3, Gemma 3), converted on load: safetensors
+                    weights, one file or shards, read tensor by tensor.
 
 Refused, each in one sentence: a checkpoint of a LoRA run (adapter weights in the middle of
 training), a PEFT adapter MiniGPT's LoRA cannot compute (DoRA, rsLoRA, ...), and a folder holding
@@ -38,6 +40,7 @@ none of the above.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 from enum import Enum
@@ -52,7 +55,8 @@ from safetensors.torch import load_file, save_file, save_model
 from minigpt.checkpoint import SAFETENSORS_METADATA, latest_checkpoint, load_weights, write_model_files
 from minigpt.config import RunConfig, load_config
 from minigpt.errors import UserInputError
-from minigpt.export import PEFT_CONFIG, PEFT_WEIGHTS, import_hf_llama, lora_config_from_peft, lora_weights_from_peft
+from minigpt.export import PEFT_CONFIG, PEFT_WEIGHTS, lora_config_from_peft, lora_weights_from_peft
+from minigpt.families import load_model as load_hugging_face_model, weight_files
 from minigpt.files import file_sha256, verify_manifest, write_directory_atomically
 from minigpt.heads import GPTClassifier
 from minigpt.lora import LoRAConfig, apply_lora, load_lora_state_dict, lora_state_dict, merge_lora
@@ -108,7 +112,7 @@ class AdapterRun:
     @classmethod
     def start(cls, config: LoRAConfig, base_path: str | Path) -> "AdapterRun":
         """The recipe of a run about to train adapters on `base_path` (its checksum taken now)."""
-        return cls(config, str(Path(base_path).resolve()), file_sha256(base_model_file(base_path)))
+        return cls(config, str(Path(base_path).resolve()), base_model_checksum(base_path))
 
     def save(self, directory: Path, model: nn.Module, extra_files: Callable[[Path], None]) -> Path:
         return save_adapter(directory, model, self.config, self.base_path, self.base_sha256, extra_files)
@@ -249,10 +253,25 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Loa
 
 
 def _load_hugging_face(folder: Path) -> tuple[GPT, Tokenizer, RunConfig]:
-    """The one place a Hugging Face folder becomes a MiniGPT model. Llama today
-    (`minigpt.export.import_hf_llama`, which refuses other `model_type`s in one sentence); another
-    family is added here, chosen by config.json's model_type."""
-    return import_hf_llama(folder)
+    """The one place a Hugging Face folder becomes a MiniGPT model: the family's weights in
+    float32 (minigpt.families, which refuses other families in one sentence), its tokenizer, and
+    a RunConfig whose `model` section describes it (training settings are the defaults)."""
+    model = load_hugging_face_model(folder)
+    if not (folder / "tokenizer.json").is_file():
+        raise UserInputError(f"{folder} has no tokenizer.json; MiniGPT needs the model's tokenizer.json next to its weights.")
+    tokenizer = _hugging_face_tokenizer(folder / "tokenizer.json")
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise UserInputError(f"{folder}: vocab_size {model.config.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} tokens.")
+    return model, tokenizer, RunConfig(model=model.config)
+
+
+def _hugging_face_tokenizer(path: Path) -> Tokenizer:
+    """MiniGPT's tokenizer for an HF tokenizer.json: byte-level BPE or a MiniGPT character tokenizer."""
+    tokenizer = load_tokenizer(path)  # refuses other models and special tokens not at ids 0-3
+    decoder = json.loads(tokenizer.backend.to_str()).get("decoder") or {}
+    if tokenizer.kind == "bpe" and decoder.get("type") != "ByteLevel":
+        raise UserInputError(f"{path} is a BPE tokenizer but not byte-level (decoder {decoder.get('type')}); MiniGPT needs byte-level BPE.")
+    return tokenizer
 
 
 def read_adapter(directory: str | Path) -> AdapterRun:
@@ -276,9 +295,10 @@ def _is_peft(record: dict) -> bool:
     return "peft_type" in record
 
 
-def base_model_file(base_path: str | Path) -> Path:
-    """The weights file of the model a LoRA adapter sits on: a MiniGPT language model (final_model/,
-    a checkpoint or a run directory) or a Hugging Face folder. An adapter or a classifier is refused."""
+def base_model_files(base_path: str | Path) -> list[Path]:
+    """The weights files of the model a LoRA adapter sits on: a MiniGPT language model (final_model/,
+    a checkpoint or a run directory) or a Hugging Face folder (one file, or its shards). An adapter
+    or a classifier is refused."""
     folder = identify(base_path)
     if folder.kind not in FULL_WEIGHTS:
         raise UserInputError(
@@ -286,7 +306,16 @@ def base_model_file(base_path: str | Path) -> Path:
             + ("merge it with `minigpt merge-lora` and start from the merged folder." if folder.kind is FolderKind.LORA_ADAPTER
                else "start from a language model.")
         )
-    return folder.path / WEIGHTS_FILE
+    return weight_files(folder.path) if folder.kind is FolderKind.HUGGING_FACE else [folder.path / WEIGHTS_FILE]
+
+
+def base_model_checksum(base_path: str | Path) -> str:
+    """The SHA-256 an adapter records of its base: of the weights file, or for a sharded Hugging
+    Face folder, of its shards' checksums one after another."""
+    files = base_model_files(base_path)
+    if len(files) == 1:
+        return file_sha256(files[0])
+    return hashlib.sha256("".join(file_sha256(file) for file in files).encode()).hexdigest()
 
 
 def _load_adapter(folder: ModelFolder, device: str | torch.device, merge_adapter: bool) -> LoadedModel:
@@ -294,10 +323,11 @@ def _load_adapter(folder: ModelFolder, device: str | torch.device, merge_adapter
     the base's weights are not the ones the adapter was trained on: an adapter is a correction to
     one exact set of weights."""
     adapter = read_adapter(folder.path)
-    weights_file = base_model_file(adapter.base_path)
-    if adapter.base_sha256 and file_sha256(weights_file) != adapter.base_sha256:
+    if not adapter.base_sha256:  # PEFT records no checksum: only check that the base holds a language model's weights
+        base_model_files(adapter.base_path)
+    elif base_model_checksum(adapter.base_path) != adapter.base_sha256:
         raise UserInputError(
-            f"The base model {weights_file} has changed since the adapter in {folder.path} was trained on it "
+            f"The base model in {adapter.base_path} has changed since the adapter in {folder.path} was trained on it "
             "(its SHA-256 differs); restore that base model or train the adapter again."
         )
     base = load(adapter.base_path, device)
@@ -349,7 +379,7 @@ def save_adapter(
     """Write lora_adapter.safetensors and lora_adapter.json atomically into `directory`.
 
     The JSON records the LoRA settings, the base model's absolute path and the SHA-256 of its
-    weights (`file_sha256(base_model_file(path))`, computed once when training starts), so that
+    weights (`base_model_checksum(path)`, computed once when training starts), so that
     loading refuses a base that has changed since. `extra_files(temporary_directory)` may add files
     to the same atomic write (a run's config.json and tokenizer.json, say).
     """

@@ -10,14 +10,13 @@ from minigpt.cli import chat
 from minigpt.cli import merge_lora as merge_lora_cli
 from minigpt.config import ModelConfig, RunConfig
 from minigpt.errors import UserInputError
-from minigpt.files import file_sha256
 from minigpt.lora import (
     LoRAConfig, LoRALinear, apply_lora, count_trainable, format_trainable, load_lora_state_dict, lora_parameters,
     lora_state_dict, merge_lora, parse_targets,
 )
 from minigpt.model import GPT
 from minigpt.model_folder import (
-    LORA_ADAPTER_CONFIG, LORA_ADAPTER_WEIGHTS, FolderKind, base_model_file, load, save_adapter, save_model_directory,
+    LORA_ADAPTER_CONFIG, LORA_ADAPTER_WEIGHTS, FolderKind, base_model_checksum, base_model_files, load, save_adapter, save_model_directory,
 )
 from minigpt.tokenizer import load_tokenizer
 
@@ -134,7 +133,7 @@ def test_save_and_load_adapter_round_trip(tmp_path, base_directory):
     with torch.no_grad():
         for parameter in lora_parameters(model):
             parameter.normal_(0, 0.1)
-    checksum = file_sha256(base_model_file(base_directory))
+    checksum = base_model_checksum(base_directory)
     adapter = save_adapter(tmp_path / "adapter", model, config, base_directory, checksum)
     assert sorted(path.name for path in adapter.iterdir()) == [LORA_ADAPTER_CONFIG, LORA_ADAPTER_WEIGHTS]
     record = json.loads((adapter / LORA_ADAPTER_CONFIG).read_text())
@@ -153,8 +152,8 @@ def test_an_adapter_refuses_a_changed_base(tmp_path, base_directory):
     config = LoRAConfig(rank=2)
     model = load(base_directory).model
     apply_lora(model, config)
-    adapter = save_adapter(tmp_path / "adapter", model, config, base_directory, file_sha256(base_model_file(base_directory)))
-    weights = base_model_file(base_directory)
+    adapter = save_adapter(tmp_path / "adapter", model, config, base_directory, base_model_checksum(base_directory))
+    [weights] = base_model_files(base_directory)
     weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(UserInputError, match="has changed since the adapter"):
         load(adapter)
@@ -186,7 +185,7 @@ def test_merge_lora_script_writes_an_ordinary_model_with_the_adapters_logits(tmp
         (directory / "config.json").write_text(json.dumps(run_config.to_dict()))
         tokenizer.save(directory / "tokenizer.json")
 
-    checksum = file_sha256(base_model_file(base_directory))
+    checksum = base_model_checksum(base_directory)
     adapter = save_adapter(tmp_path / "run" / "final_model", model, config, base_directory, checksum, run_files)
     assert merge_lora_cli.main([str(tmp_path / "run"), "--output", str(tmp_path / "merged")]) == 0
     merged = load(tmp_path / "merged").model

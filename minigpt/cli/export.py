@@ -18,7 +18,7 @@ from minigpt.errors import UserInputError
 from minigpt.export import check_hf_export_of, export_hf, export_peft
 from minigpt.gguf_file import GGUF_OUTTYPES, export_gguf
 from minigpt.lora import lora_state_dict
-from minigpt.model_folder import AdapterRun, FolderKind, identify, is_hugging_face_folder, load, load_language_model
+from minigpt.model_folder import AdapterRun, FolderKind, LoadedModel, identify, is_hugging_face_folder, load, load_language_model
 
 
 def build_parser() -> ArgumentParser:
@@ -47,6 +47,16 @@ def recorded_base(hf_base: str | None, adapter: AdapterRun) -> str | None:
         return str(Path(hf_base).resolve())  # absolute, like the MiniGPT base path the adapter records
     if identify(adapter.base_path).kind is FolderKind.HUGGING_FACE:  # a LoRA on an imported Hugging Face model: that folder is the base
         return adapter.base_path
+    return None
+
+
+def hugging_face_origin(loaded: LoadedModel) -> Path | None:
+    """The Hugging Face folder the model's weights came from (the folder itself, or an adapter's
+    base), whose tokenizer files and chat template an hf export keeps; None for a MiniGPT model."""
+    if loaded.kind is FolderKind.HUGGING_FACE:
+        return loaded.source
+    if loaded.adapter is not None and identify(loaded.adapter.base_path).kind is FolderKind.HUGGING_FACE:
+        return Path(loaded.adapter.base_path)
     return None
 
 
@@ -79,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     if not is_adapter and arguments.merge:
         raise UserInputError(f"--merge folds a LoRA adapter into its base model, but {arguments.model} holds no adapter; drop --merge.")
     if arguments.format == "hf":
-        path = export_hf(loaded.model, loaded.tokenizer, arguments.output, force=arguments.force, sources=sources)
+        path = export_hf(loaded.model, loaded.tokenizer, arguments.output, force=arguments.force, sources=sources,
+                         hf_source=hugging_face_origin(loaded))
     else:
         path = export_gguf(loaded.model, loaded.tokenizer, arguments.output, arguments.outtype or "f16", force=arguments.force,
                            sources=sources)
