@@ -278,8 +278,8 @@ PEFT_SETTINGS_MINIGPT_LACKS = {
 def lora_config_from_peft(record: dict, source: str) -> tuple[LoRAConfig, str]:
     """(MiniGPT's LoRAConfig, the base model's folder) of a PEFT adapter_config.json (`record`).
 
-    PEFT names its targets by module (q_proj, ..., or "all-linear"); MiniGPT's short names (q, ...)
-    name the same modules. Refused in one sentence: another adapter type, a base that is not a
+    PEFT names its targets by module (q_proj, ..., "all-linear", or modules' paths, which must
+    then cover every layer); MiniGPT's short names (q, ...) name the same modules. Refused in one sentence: another adapter type, a base that is not a
     local folder (MiniGPT never downloads), and settings MiniGPT's LoRA does not compute.
     """
     if record.get("peft_type") != "LORA" or record.get("task_type") not in (None, "CAUSAL_LM"):
@@ -293,6 +293,8 @@ def lora_config_from_peft(record: dict, source: str) -> tuple[LoRAConfig, str]:
     modules = record.get("target_modules")
     if modules == "all-linear":
         modules = list(short_names)
+    elif isinstance(modules, list):  # PEFT matches a module by its name or by its path's end (it saves all-linear as paths)
+        modules = sorted({module.rpartition(".")[2] for module in modules})
     if isinstance(modules, str) or not modules or set(modules) - set(short_names):
         raise UserInputError(f"{source} targets {modules}; MiniGPT's LoRA goes on {', '.join(short_names)} (a list, or all-linear).")
     base = record.get("base_model_name_or_path") or ""

@@ -269,12 +269,12 @@ def gguf_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> GGUFVocabulary:
         tokens.append(f"[PAD{index}]" if token is None else token)
         if token is None:
             types.append(gguf.TokenType.UNUSED)
-        elif index in added:
-            types.append(gguf.TokenType.CONTROL if added[index].get("special") else gguf.TokenType.USER_DEFINED)
+        elif not byte_level and re.fullmatch(r"<0x[0-9A-F]{2}>", token):  # byte fallback: one UTF-8 byte
+            types.append(gguf.TokenType.BYTE)
         elif index == unknown:
             types.append(gguf.TokenType.UNKNOWN)
-        elif not byte_level and re.fullmatch(r"<0x[0-9A-F]{2}>", token):
-            types.append(gguf.TokenType.BYTE)
+        elif index in added:
+            types.append(gguf.TokenType.CONTROL if added[index].get("special") else gguf.TokenType.USER_DEFINED)
         else:
             types.append(gguf.TokenType.NORMAL)
     if byte_level:
