@@ -175,7 +175,7 @@ class SpecialTokens:
     eot: int | None  # end of a chat turn (generation of a reply stops there)
     pad: int | None
     add_bos: bool  # whether encoding a text puts bos in front
-    chat_template: str  # Jinja, as transformers' apply_chat_template reads it
+    chat_template: str | None  # Jinja, as transformers' apply_chat_template reads it
 
     @property
     def stop_ids(self) -> list[int]:
@@ -183,10 +183,22 @@ class SpecialTokens:
 
 
 def special_tokens_of(tokenizer: Tokenizer) -> SpecialTokens:
-    """A MiniGPT tokenizer's special tokens: <|endoftext|> begins and ends a document (never added
-    by encode), <|im_end|> ends a chat turn, and the chat template is ChatML."""
-    return SpecialTokens(bos=tokenizer.eos_id, eos=tokenizer.eos_id, eot=tokenizer.im_end_id, pad=tokenizer.pad_id,
-                         add_bos=False, chat_template=CHAT_TEMPLATE)
+    """The special tokens of the model's tokenizer, in llama.cpp's terms.
+
+    MiniGPT's own: <|endoftext|> begins and ends a document (never added by encode), <|im_end|>
+    ends a chat turn, and the template is ChatML. A pretrained folder's tokenizer ("pretrained",
+    minigpt.tokenizer.PretrainedTokenizer): its BOS (added when its tokenizer.json adds it), its EOS,
+    the first other stop id of generation_config.json as the end of a turn (Llama 3's <|eot_id|>,
+    Gemma's <end_of_turn>), its pad token and the folder's own Jinja template.
+    """
+    if tokenizer.kind != "pretrained":
+        return SpecialTokens(bos=tokenizer.eos_id, eos=tokenizer.eos_id, eot=tokenizer.im_end_id, pad=tokenizer.pad_id,
+                             add_bos=False, chat_template=CHAT_TEMPLATE)
+    named_bos = tokenizer.special_tokens.get("bos_token")
+    bos = tokenizer.bos_ids[0] if tokenizer.bos_ids else (tokenizer.backend.token_to_id(named_bos) if named_bos else None)
+    turn_ends = [index for index in tokenizer.stop_ids(chat=True) if index != tokenizer.eos_id]
+    return SpecialTokens(bos=bos, eos=tokenizer.eos_id, eot=turn_ends[0] if turn_ends else None, pad=tokenizer.pad_id,
+                         add_bos=bool(tokenizer.bos_ids), chat_template=getattr(tokenizer.chat_template, "source", None))
 
 
 @dataclass
@@ -360,7 +372,8 @@ def _write_tokenizer(writer, vocabulary: GGUFVocabulary, special: SpecialTokens)
         writer.add_pad_token_id(special.pad)
     writer.add_add_bos_token(special.add_bos)
     writer.add_add_eos_token(False)
-    writer.add_chat_template(special.chat_template)
+    if special.chat_template is not None:  # a base model's folder may have none
+        writer.add_chat_template(special.chat_template)
 
 
 def write_gguf(path: str | Path, name: str, config: ModelConfig, named_tensors: Sequence[tuple[str, torch.Tensor]],

@@ -13,7 +13,10 @@ import torch
 from minigpt.cli.export import main as export_main
 from minigpt.errors import UserInputError
 from minigpt.families import tensor_table
-from minigpt.gguf_file import ARCHITECTURES, GGUF_FILE_NAME, LLAMA3_SPLIT, QWEN2_SPLIT, export_gguf, gguf_vocabulary, unpermute_from_gguf
+from minigpt.gguf_file import (
+    ARCHITECTURES, GGUF_FILE_NAME, LLAMA3_SPLIT, QWEN2_SPLIT, SpecialTokens, export_gguf, gguf_vocabulary, special_tokens_of,
+    unpermute_from_gguf,
+)
 from minigpt.model import GPT
 from minigpt.model_folder import FolderKind, load
 from minigpt.quants import QUANTIZERS
@@ -220,6 +223,23 @@ def test_a_sentencepiece_style_tokenizer_becomes_llama_cpps_llama_model_with_mer
     assert vocabulary.token_types[4 + 0x41] == gguf.TokenType.BYTE and vocabulary.tokens[4 + 0x41] == "<0x41>"
     for text in ["the cat sat on the mat", "a dog at the atelier", "mathematical cats", "zebra ✓ 中文"]:
         assert spm_tokenize(text, vocabulary, prefix=False) == backend.encode(text).ids, text
+
+
+def test_a_pretrained_tokenizers_special_tokens_are_its_own():
+    """BOS where the folder's tokenizer adds one (Gemma) or only names one, the end of a turn from
+    generation_config's stop ids, and the folder's own template (none for a base model)."""
+    from tokenizers import Tokenizer, models
+
+    backend = Tokenizer(models.BPE(vocab={"<bos>": 0, "<eos>": 1, "<end_of_turn>": 2, "<pad>": 3, "a": 4}, merges=[]))
+
+    def pretrained(bos_ids, named, stops, template):
+        return SimpleNamespace(kind="pretrained", backend=backend, bos_ids=bos_ids, eos_id=1, pad_id=3, special_tokens=named,
+                               stop_ids=lambda chat: stops, chat_template=template)
+
+    gemma = pretrained((0,), {"bos_token": "<bos>"}, (1, 2), SimpleNamespace(source="{{ messages }}"))
+    assert special_tokens_of(gemma) == SpecialTokens(bos=0, eos=1, eot=2, pad=3, add_bos=True, chat_template="{{ messages }}")
+    base = pretrained((), {"bos_token": "<bos>"}, (1,), SimpleNamespace())  # a base model: no template, BOS named but not added
+    assert special_tokens_of(base) == SpecialTokens(bos=0, eos=1, eot=None, pad=3, add_bos=False, chat_template=None)
 
 
 # ----------------------------------------------------------------------------- PEFT adapters on pretrained bases
