@@ -158,7 +158,7 @@ def main() -> None:
 
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs), torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"LoRA r={arguments.rank} on q,k,v,o,gate,up,down; batch {arguments.batch_size} x {arguments.seq_len} tokens; "
-          f"{arguments.steps} timed steps per process, {arguments.rounds} round(s), sides alternating")
+          f"{arguments.steps} timed steps per process, {arguments.rounds} round(s), sides alternating", flush=True)
     results: dict[tuple[str, str, str], list[dict]] = {}
     for round_index in range(arguments.rounds):
         for shape in arguments.shapes:
@@ -170,7 +170,10 @@ def main() -> None:
                     finished = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **WORKER_ENVIRONMENT})
                     if finished.returncode != 0:
                         raise SystemExit(f"{shape} {side} {precision} failed:\n{finished.stderr[-2000:]}")
-                    results.setdefault((shape, precision, side), []).append(json.loads(finished.stdout.splitlines()[-1]))
+                    run = json.loads(finished.stdout.splitlines()[-1])
+                    results.setdefault((shape, precision, side), []).append(run)
+                    print(f"  {shape} {precision} {side}: {run['tokens_per_s']:.1f} tokens/s, peak RSS {run['peak_rss_mb']:.0f} MB",
+                          flush=True)
     print(f"\n{'shape':14} {'base':5} {'side':8} {'tokens/s':>9} {'peak RSS MB':>12} {'over model MB':>14}")
     for shape in arguments.shapes:
         for precision in PRECISIONS:

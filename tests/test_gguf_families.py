@@ -297,3 +297,40 @@ def test_a_peft_adapters_merged_export_equals_base_plus_adapter(peft_adapters, t
 
     original, again = load_file(str(folder / "adapter_model.safetensors")), load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
     assert set(again) == set(original) and all(torch.equal(again[name], original[name]) for name in original)
+
+
+def test_a_minigpt_lora_run_on_a_pretrained_base_exports_for_peft_and_merged_to_gguf(family_folders, tmp_path):
+    """A LoRA run on the Qwen2 base (biases stay the base's): PEFT computes the same on that
+    folder, and the merged GGUF holds W + (alpha / r) B A."""
+    gguf, peft = pytest.importorskip("gguf"), pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from minigpt.checkpoint import write_model_files
+    from minigpt.lora import LoRAConfig, apply_lora, lora_parameters
+    from minigpt.model_folder import AdapterRun
+
+    base_folder = family_folders["qwen2"]
+    loaded = load(base_folder)
+    lora = LoRAConfig(rank=2, alpha=6.0, targets=("q", "v", "down"))
+    model = apply_lora(loaded.model, lora)
+    torch.manual_seed(4)
+    with torch.no_grad():
+        for parameter in lora_parameters(model):
+            parameter.normal_(0, 0.1)
+    adapter = AdapterRun.start(lora, base_folder).save(tmp_path / "run" / "final_model", model,
+                                                      lambda directory: write_model_files(directory, loaded.config, loaded.tokenizer))
+    assert export_main([str(adapter), "--format", "peft", "--output", str(tmp_path / "peft")]) == 0
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    ids = torch.tensor([PROMPT])
+    with torch.no_grad():
+        assert (adapted(ids).logits - model(ids)[0]).abs().max().item() < 1e-4
+
+    assert export_main([str(adapter), "--merge", "--format", "gguf", "--outtype", "f32", "--output", str(tmp_path / "gguf")]) == 0
+    reader = gguf.GGUFReader(tmp_path / "gguf" / GGUF_FILE_NAME)
+    stored = {tensor.name: np.array(tensor.data) for tensor in reader.tensors}
+    merged = load(adapter).model.state_dict()
+    for row in tensor_table(loaded.model.config):
+        assert torch.equal(torch.from_numpy(stored[row.gguf].reshape(row.shape)), merged[row.minigpt]), row.gguf
+    q = model.blocks[0].attention.q_proj
+    expected = q.base.weight + lora.scale * q.lora_B.weight @ q.lora_A.weight
+    torch.testing.assert_close(torch.from_numpy(stored["blk.0.attn_q.weight"].reshape(expected.shape)), expected, atol=1e-6, rtol=0)
