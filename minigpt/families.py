@@ -252,7 +252,8 @@ def hugging_face_config(config: ModelConfig) -> dict:
     }
     if family.name == "gemma3":
         result.update({
-            "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": config.query_pre_attn_scalar,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": int(scalar) if (scalar := config.query_pre_attn_scalar).is_integer() else scalar,  # transformers 5 wants an int
             "rope_local_base_freq": config.rope_local_theta, "sliding_window": config.sliding_window or None,
             "layer_types": list(config.layer_types), "final_logit_softcapping": None, "attn_logit_softcapping": None,
             "attention_bias": False,

@@ -2,7 +2,8 @@
 
 Where a training step's memory goes (float32 weights, AdamW), term by term as the dry-run prints it:
 
-    weights              4 bytes per parameter
+    weights              4 bytes per parameter (a LoRA run computing in bfloat16 keeps its frozen base
+                         matrices in 2: lora.store_frozen_base)
     gradients            4 bytes per *trainable* parameter (LoRA: only the adapters); during the
                          backward pass only with gradient accumulation (earlier micro-batches' are kept)
     optimizer state      AdamW keeps two running averages per trainable parameter: 8 bytes
@@ -11,7 +12,11 @@ Where a training step's memory goes (float32 weights, AdamW), term by term as th
     activations          what the forward pass keeps for the backward pass; it grows with the tokens
                          of a micro-batch (batch x block), see `saved_bytes_per_token`
     loss backward        the backward pass starts with two float32 gradients as wide as the
-                         vocabulary per token (of the log-probabilities, then of the logits)
+                         vocabulary per token (of the log-probabilities, then of the logits); past
+                         LOSS_CHUNK_BYTES of logits (Qwen's and Gemma's 150k-262k vocabularies)
+                         the loss goes a slice of positions at a time (minigpt.loss): no
+                         log-probabilities are kept, and the backward pass holds one slice's
+                         (recomputed log-probabilities and two gradients)
     block backward       later, a block's backward pass holds two SwiGLU-wide gradients at once
     process              on a CPU, the process itself: Python, PyTorch, the tokenizer, the data
                          reader (measured, `process_memory`: 350-400 MB)
@@ -54,6 +59,7 @@ from minigpt.data import ParallelBatches, TokenBlockStream
 from minigpt.errors import UserInputError
 from minigpt.heads import GPTClassifier
 from minigpt.lora import LoRALinear
+from minigpt.loss import loss_chunk_positions
 from minigpt.model import CPU_FLOAT32_ATTENTION_MAX_KEYS, GPT
 from minigpt.objective import Batch, Objective
 from minigpt.optim import build_optimizer
@@ -202,8 +208,8 @@ def weight_copy_bytes(model: GPT, dtype: torch.dtype, gradient_checkpointing: bo
         return 0
     element = torch.empty((), dtype=dtype).element_size()
 
-    def linear_weights(module: torch.nn.Module) -> int:
-        return sum(layer.weight.numel() for layer in module.modules() if isinstance(layer, torch.nn.Linear))
+    def linear_weights(module: torch.nn.Module) -> int:  # a weight stored in the compute dtype (a LoRA run's frozen base) needs no copy
+        return sum(layer.weight.numel() for layer in module.modules() if isinstance(layer, torch.nn.Linear) and layer.weight.dtype != dtype)
 
     blocks = linear_weights(model.blocks[0]) * (1 if gradient_checkpointing else len(model.blocks))
     return element * (blocks + (model.lm_head.weight.numel() if language_model else 0))
@@ -246,6 +252,7 @@ class MemoryEstimate:
     loss_gradients: int  # the backward pass's first tensors: two vocabulary-wide float32 gradients per token
     allocator_slack: int  # a CPU heap's holes (ALLOCATOR_SLACK_BLOCKS blocks' activations; 0 elsewhere)
     process: int = 0  # the process without the model (process_memory; 0 on CUDA)
+    loss_chunk: int = 0  # positions per slice when the loss is computed in slices (minigpt.loss); 0 = all at once
 
     def phases(self, gradient_checkpointing: bool) -> dict[str, int]:
         """Bytes alive at the three moments a step peaks, beyond the process itself:
@@ -295,17 +302,30 @@ def estimate_memory(model: torch.nn.Module, config: RunConfig, batch_size: int, 
     vocabulary = FLOAT32 * config.model.vocab_size if language_model and counts.trainable else 0
     layers = len(model.blocks)
     compute = torch.empty((), dtype=dtype).element_size() if dtype != torch.float32 else parameter_bytes
+    # A large vocabulary's loss goes a slice at a time, recomputed in the backward pass: it keeps
+    # only the head's float32 input, not the log-probabilities, the input's cast or the head's
+    # weight copy, and the backward pass holds one slice's recomputed log-probabilities and two gradients.
+    chunk = loss_chunk_positions(tokens, config.model.vocab_size) if language_model else tokens
+    chunked = chunk < tokens
+    width = config.model.n_embd
+    head_input = linear_input_bytes([model.lm_head], width, FLOAT32, compute) if language_model else 0
+    unkept = tokens * (FLOAT32 * config.model.vocab_size + head_input - FLOAT32 * width) if chunked else 0
+    # The rotary angles of the step's positions (cos and sin, float32, one pair per kind of layer), kept by every layer.
+    rotary = 2 * FLOAT32 * config.model.block_size * config.model.head_dim * len(set(config.model.layer_types) or {0}) if saved.block else 0
     return MemoryEstimate(
         parameters=counts, batch_size=batch_size, block_size=config.model.block_size, dtype=dtype,
         accumulation=accumulation or train.gradient_accumulation_steps, attention=path,
-        weights=counts.total * parameter_bytes, gradients=trainable, optimizer_state=ADAMW_STATES * trainable,
-        weight_copies=weight_copy_bytes(model, dtype, False, language_model),
-        weight_copies_checkpointed=weight_copy_bytes(model, dtype, True, language_model),
-        activations=tokens * (layers * saved.block + saved.output - saved.first_block_less),
-        activations_checkpointed=tokens * (layers * saved.checkpointed_block + saved.output),
-        log_probabilities=tokens * vocabulary, block=tokens * saved.block, block_gradients=tokens * 2 * compute * config.model.hidden_dim,
-        loss_gradients=tokens * 2 * vocabulary,
+        weights=sum(parameter.numel() * parameter.element_size() for parameter in model.parameters()),  # a LoRA base may be bfloat16
+        gradients=trainable, optimizer_state=ADAMW_STATES * trainable,
+        weight_copies=weight_copy_bytes(model, dtype, False, language_model and not chunked),
+        weight_copies_checkpointed=weight_copy_bytes(model, dtype, True, language_model and not chunked),
+        activations=tokens * (layers * saved.block + saved.output - saved.first_block_less) - unkept + rotary,
+        activations_checkpointed=tokens * (layers * saved.checkpointed_block + saved.output) - unkept + rotary,
+        log_probabilities=0 if chunked else tokens * vocabulary, block=tokens * saved.block,
+        block_gradients=tokens * 2 * compute * config.model.hidden_dim,
+        loss_gradients=chunk * 3 * vocabulary if chunked else tokens * 2 * vocabulary,
         allocator_slack=ALLOCATOR_SLACK_BLOCKS * tokens * saved.block if device.type == "cpu" else 0, process=process,
+        loss_chunk=chunk if chunked else 0,
     )
 
 
@@ -574,7 +594,8 @@ def dry_run_report(estimate: MemoryEstimate, config: RunConfig, budget: DeviceMe
     rows += [
         ("activations", f"{gb(estimate.activations)} ({gb(estimate.activations_checkpointed)} with gradient checkpointing; "
                         f"attention: {estimate.attention})"),
-        ("loss backward", f"{gb(estimate.loss_gradients)} (gradients of the log-probabilities and the logits, float32)"),
+        ("loss backward", f"{gb(estimate.loss_gradients)} (gradients of the log-probabilities and the logits, float32"
+                          + (f"; the loss goes {estimate.loss_chunk} positions at a time)" if estimate.loss_chunk else ")")),
         ("block backward", f"{gb(estimate.block_gradients)} (a block's SwiGLU gradients; with checkpointing also its "
                            f"{gb(estimate.block)} of recomputed activations)"),
     ]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from minigpt.config import ModelConfig
-from minigpt.loss import next_token_loss
+from minigpt.loss import chunked_next_token_loss, loss_chunk_positions, next_token_loss
 
 CPU_FLOAT32_ATTENTION_MAX_KEYS = 256  # under bfloat16 autocast a CPU attends over this many keys or fewer in float32
 
@@ -391,8 +391,9 @@ class GPT(nn.Module):
             positions = torch.arange(time, device=idx.device)  # cos, sin: (time, head_dim)
         else:  # decoding: each row continues from its own position in the cache
             positions = cache.begin(time).unsqueeze(1)  # (batch, 1, time): cos, sin (batch, 1, time, head_dim)
-        rotations = {kind: self.rotary(positions, kind) for kind in set(self.layer_types)}
         x = self.token_embedding(idx)
+        # In the weights' dtype, as transformers does: a bfloat16 model rotates in bfloat16 (float32 ones are unchanged).
+        rotations = {kind: tuple(table.to(x.dtype) for table in self.rotary(positions, kind)) for kind in set(self.layer_types)}
         if self.config.scale_embeddings:  # Gemma: embeddings x sqrt(width), the factor rounded to the embeddings' dtype as in transformers
             x = x * torch.tensor(self.config.n_embd**0.5).to(x.dtype)
         x = self.dropout(x)
@@ -413,15 +414,23 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         loss_reduction: str = "mean",
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits for every position of idx (batch, time); with targets, also the cross-entropy loss.
 
         Targets equal to IGNORE_INDEX (-100) do not count. `loss_reduction="sum"` returns the
         summed loss so a caller can divide by the number of targets across several micro-batches.
+
+        When the float32 logits of the whole batch would pass LOSS_CHUNK_BYTES (the 150k-262k
+        vocabularies of Qwen and Gemma), the loss is computed a slice of positions at a time
+        (minigpt.loss.chunked_next_token_loss) and the logits returned are None: no one holds them all.
         """
-        logits = self.lm_head(self.hidden_states(idx, cache))
+        hidden = self.hidden_states(idx, cache)
         if targets is None:
-            return logits, None
+            return self.lm_head(hidden), None
+        chunk = loss_chunk_positions(targets.numel(), self.config.vocab_size)
+        if chunk < targets.numel():
+            return None, chunked_next_token_loss(hidden, self.lm_head, targets, chunk, loss_reduction)
+        logits = self.lm_head(hidden)
         return logits, next_token_loss(logits, targets, loss_reduction)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

@@ -27,7 +27,7 @@ from minigpt.distributed import (
 )
 from minigpt.errors import UserInputError
 from minigpt.files import atomic_write_json, check_plain_name, lock_run_directory, remove_temporary_files, unlock_run_directory
-from minigpt.lora import LoRAConfig, apply_lora, count_trainable, format_trainable, parse_targets
+from minigpt.lora import LoRAConfig, apply_lora, count_trainable, format_trainable, parse_targets, store_frozen_base
 from minigpt.memory import (
     MemoryEstimate, choose_micro_batch, device_memory, dry_run_report, estimate_memory, probe_fits, process_memory, resize_stream,
     time_micro_step, time_optimizer_step,
@@ -75,7 +75,9 @@ def training_sources(config: RunConfig, stage: Stage) -> tuple[RunConfig, list]:
 
 
 # What makes two models the same network: weights of one fit the other only if these agree.
-ARCHITECTURE = ("vocab_size", "n_layer", "n_head", "kv_heads", "n_embd", "hidden_dim", "tie_embeddings", "rope_theta", "norm_eps")
+ARCHITECTURE = ("vocab_size", "n_layer", "n_head", "kv_heads", "n_embd", "hidden_dim", "tie_embeddings", "rope_theta", "norm_eps",
+                "family", "head_dim", "attention_bias", "qk_norm", "norm_unit_offset", "sandwich_norms", "mlp_activation",
+                "scale_embeddings", "query_pre_attn_scalar", "rope_scaling", "sliding_window", "layer_types", "rope_local_theta")
 
 
 def initial_model_config(path: str) -> ModelConfig:
@@ -352,6 +354,8 @@ def _prepare_run(config: RunConfig, show_progress: bool, callbacks: list[Callbac
         probe_batch = objective.example_batch(sequences, config.model.block_size)
         # Timed, the choice could differ between processes: rank 0's holds for all.
         dtype = broadcast_from_main(fastest_cpu_dtype(model, lambda probe: objective.loss(probe, probe_batch)))
+    if adapter is not None and dtype != torch.float32:
+        store_frozen_base(model, dtype)  # autocast multiplies the base in this dtype anyway: the same numbers, half the memory
     # Record the precision chosen, so that a resumed run computes exactly as this one did.
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, dtype=str(dtype).replace("torch.", "")))
     if is_main_process():  # under torchrun only rank 0 writes
@@ -460,8 +464,10 @@ def plan_dry_run(config: RunConfig) -> DryRun:
         prepared.train, token_cache=train.token_cache, overfit_batch=train.overfit_batch, dataloader_workers=train.dataloader_workers))
     if device.type != "cuda":
         next(iter(train_stream))
-    estimate = estimate_memory(dry_run_model(config, stage, torch.device("meta")), config, train.batch_size, dtype, device,
-                               process=process_memory(device, dtype))
+    model = dry_run_model(config, stage, torch.device("meta"))
+    if train.lora_rank and dtype != torch.float32:
+        store_frozen_base(model, dtype)  # as the run will
+    estimate = estimate_memory(model, config, train.batch_size, dtype, device, process=process_memory(device, dtype))
     return DryRun(config, stage, stage.build_objective(config, tokenizer, train_stream), device, dtype, estimate)
 
 

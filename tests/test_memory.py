@@ -17,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from minigpt.cli.train import main as train_main
 from minigpt.config import ModelConfig, RunConfig, TrainConfig, apply_overrides, preset_config
 from minigpt.lora import LoRAConfig, apply_lora
-from minigpt import memory
+from minigpt import loss as loss_module, memory
 from minigpt.memory import DeviceMemory, PeakMemory, estimate_memory, process_memory, smallest_factor, split_batch
 from minigpt.metrics import read_metrics
 from minigpt.model import GPT
@@ -81,6 +81,20 @@ def test_the_activation_terms_match_what_autograd_saves(dtype, block_size, dropo
     else:
         expected = estimate.activations + estimate.weight_copies
     assert expected == pytest.approx(saved_activation_bytes(model, tokens, dtype, math_attention), rel=0.015)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_loss_in_slices_keeps_no_log_probabilities(monkeypatch, dtype):
+    """Past LOSS_CHUNK_BYTES the loss goes a slice at a time: the estimate drops the kept
+    log-probabilities, as autograd does."""
+    config = RunConfig(model=ModelConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64))
+    monkeypatch.setattr(loss_module, "LOSS_CHUNK_BYTES", 4 * 512 * 32)  # 32 positions of logits at a time
+    torch.manual_seed(0)
+    model = GPT(config.model).train()
+    estimate = estimate_memory(model, config, batch_size=2, dtype=dtype, device=CPU)
+    assert estimate.loss_chunk == 32 and estimate.log_probabilities == 0
+    tokens = torch.randint(0, 512, (2, 65))
+    assert estimate.activations + estimate.weight_copies == pytest.approx(saved_activation_bytes(model, tokens, dtype), rel=0.015)
 
 
 class LiveTensors(TorchDispatchMode):

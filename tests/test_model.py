@@ -7,6 +7,7 @@ import torch
 
 from minigpt.config import ModelConfig
 from minigpt.generation import SamplingConfig, generate, next_token_distribution
+import minigpt.loss as loss_module
 import minigpt.model
 from minigpt.loss import IGNORE_INDEX
 from minigpt.model import CPU_FLOAT32_ATTENTION_MAX_KEYS, GPT, KVCache
@@ -194,3 +195,30 @@ def test_too_long_input_is_refused():
     model = GPT(tiny_config())
     with pytest.raises(ValueError, match="longer than block_size"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_chunked_loss_equals_the_whole_loss_and_keeps_no_logits(monkeypatch, reduction):
+    """Past LOSS_CHUNK_BYTES of float32 logits the loss is computed a slice of positions at a time:
+    the same loss and gradients, and the backward pass keeps no vocabulary-wide tensor."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=500, block_size=32, n_layer=1, n_head=2, n_embd=32))
+    idx, targets = torch.randint(0, 500, (3, 32)), torch.randint(0, 500, (3, 32))
+    targets[0, :10] = IGNORE_INDEX
+
+    def loss_gradients_and_widest_saved():
+        model.zero_grad()
+        widest = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda tensor: widest.append(tensor.shape[-1] if tensor.dim() else 0) or tensor,
+                                                   lambda tensor: tensor):
+            logits, loss = model(idx, targets, loss_reduction=reduction)
+        (loss.sum() if reduction == "none" else loss).backward()
+        return logits, loss.detach(), [parameter.grad.clone() for parameter in model.parameters()], max(widest)
+
+    whole_logits, whole, whole_gradients, whole_widest = loss_gradients_and_widest_saved()
+    monkeypatch.setattr(loss_module, "LOSS_CHUNK_BYTES", 4 * 500 * 20)  # 20 positions of logits at a time: 5 slices
+    logits, chunked, gradients, widest = loss_gradients_and_widest_saved()
+    assert whole_logits is not None and logits is None
+    assert torch.allclose(chunked, whole, atol=1e-6, rtol=1e-5)
+    assert all(torch.allclose(mine, theirs, atol=1e-6) for mine, theirs in zip(gradients, whole_gradients))
+    assert whole_widest == 500 and widest < 500  # the whole loss keeps logits as wide as the vocabulary; the chunked one none
