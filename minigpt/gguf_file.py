@@ -376,14 +376,11 @@ def _write_tokenizer(writer, vocabulary: GGUFVocabulary, special: SpecialTokens)
         writer.add_chat_template(special.chat_template)
 
 
-def write_gguf(path: str | Path, name: str, config: ModelConfig, named_tensors: Sequence[tuple[str, torch.Tensor]],
-               vocabulary: GGUFVocabulary, special: SpecialTokens, outtype: str) -> None:
+def _write_gguf(path: Path, name: str, config: ModelConfig, named_tensors: Sequence[tuple[str, torch.Tensor]],
+                vocabulary: GGUFVocabulary, special: SpecialTokens, outtype: str) -> None:
     """Write one GGUF file: the hyper-parameters of `config`'s architecture, the tokenizer, and the
-    tensors (given under their llama.cpp names) permuted and stored as `outtype`."""
+    tensors (given under their llama.cpp names) permuted and stored as `outtype` (already checked)."""
     gguf = _gguf()
-    if outtype not in GGUF_OUTTYPES:
-        raise UserInputError(f"Unknown --outtype '{outtype}'; choose one of {', '.join(GGUF_OUTTYPES)}.")
-    check_llama_cpp_can_run(config)
     tensors = gguf_tensors(named_tensors, config, outtype)
     file_types = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "q8_0": "MOSTLY_Q8_0", "q5_0": "MOSTLY_Q5_0", "q4_0": "MOSTLY_Q4_0"}
     writer = gguf.GGUFWriter(str(path), arch=ARCHITECTURES[config.family])
@@ -401,7 +398,9 @@ def write_gguf(path: str | Path, name: str, config: ModelConfig, named_tensors: 
 
 def export_gguf(model: GPT, tokenizer: Tokenizer, output: str | Path, outtype: str = "f16", force: bool = False,
                 sources: Sequence[str | Path] = ()) -> Path:
-    """Write a folder holding `model.gguf` (the model's llama.cpp architecture) and an Ollama `Modelfile`."""
+    """Write a folder holding `model.gguf` (the model's llama.cpp architecture) and an Ollama `Modelfile`.
+    Everything that can be refused is refused before anything is written."""
+    _gguf()
     output = Path(output)
     if outtype not in GGUF_OUTTYPES:
         raise UserInputError(f"Unknown --outtype '{outtype}'; choose one of {', '.join(GGUF_OUTTYPES)}.")
@@ -413,7 +412,7 @@ def export_gguf(model: GPT, tokenizer: Tokenizer, output: str | Path, outtype: s
 
     def fill(directory: Path) -> None:
         named_tensors = [(row.gguf, tensor) for row, tensor in _minigpt_tensors(model)]  # a tied head once, as the embedding
-        write_gguf(directory / GGUF_FILE_NAME, output.name, config, named_tensors, vocabulary, special, outtype)
+        _write_gguf(directory / GGUF_FILE_NAME, output.name, config, named_tensors, vocabulary, special, outtype)
         (directory / "Modelfile").write_text(ollama_modelfile(config, [tokenizer.decode([index]) for index in special.stop_ids]))
         _write_export_marker(directory, "gguf")
 
