@@ -332,7 +332,7 @@ def _load_adapter(folder: ModelFolder, device: str | torch.device, merge_adapter
         )
     base = load(adapter.base_path, device)
     model = apply_lora(base.model, adapter.config)
-    peft = _is_peft(_read_json(folder.path / PEFT_CONFIG, missing={}))
+    peft = not (folder.path / LORA_ADAPTER_CONFIG).is_file() and _is_peft(_read_json(folder.path / PEFT_CONFIG))  # as read_adapter decides
     weights = folder.path / (PEFT_WEIGHTS if peft else LORA_ADAPTER_WEIGHTS if (folder.path / LORA_ADAPTER_WEIGHTS).is_file()
                              else OLD_ADAPTER_WEIGHTS)
     try:
