@@ -1,15 +1,14 @@
-"""MiniGPT <-> the outside world: Hugging Face `transformers` folders and llama.cpp GGUF files.
+"""MiniGPT <-> the outside world: Hugging Face `transformers` folders and PEFT adapters.
 
 MiniGPT's decoder has Llama's layout (RMSNorm, rotary, grouped-query attention, SwiGLU, no
 biases), and the pretrained families it loads are switches on it, so moving weights in and out is
 mostly *renaming tensors*. One table (`minigpt.families.tensor_table`) lists every MiniGPT tensor
 with its Hugging Face name, its GGUF (llama.cpp) name and its shape; export reads the table one
 way, loading a Hugging Face folder (minigpt.families.load_model) the other, and every tensor's
-shape is asserted on the way.
+shape is asserted on the way. (A GGUF file is written by minigpt.gguf_file.)
 
     export_hf(...)      a folder `transformers.AutoModelForCausalLM` / `AutoTokenizer` load as is:
                         the model's own family (LlamaForCausalLM for MiniGPT's models)
-    export_gguf(...)    a folder with one `model.gguf` (llama.cpp, LM Studio) and an Ollama `Modelfile`
     export_peft(...)    a LoRA adapter as PEFT saves one, for `peft.PeftModel.from_pretrained`
 
 Two details are worth knowing:
@@ -18,13 +17,9 @@ Two details are worth knowing:
   so with `"tie_word_embeddings": true` and stores the matrix once (as the embedding); llama.cpp
   falls back to `token_embd.weight` when a file has no `output.weight`. Either way, no copy.
 * Rotary layout. MiniGPT and Hugging Face rotate channel i of a head together with channel
-  i + head_dim/2 ("rotate half"); llama.cpp's `llama` architecture rotates neighbours (2i, 2i+1)
-  ("interleaved"). Both are the same rotation if the rows of q_proj and k_proj are reordered so
-  that row i and row i + head_dim/2 of each head become neighbours; `permute_for_gguf` does that.
-  Queries and keys get the same permutation, so their dot products, and the model, are unchanged.
-  The Hugging Face export needs no permutation (transformers rotates halves too), so a LoRA
-  adapter's matrices go to PEFT as they are; a GGUF file of a LoRA model is exported merged, and
-  the merged q/k weights are permuted like any others.
+  i + head_dim/2 ("rotate half"), so the Hugging Face export needs no permutation and a LoRA
+  adapter's matrices go to PEFT as they are. (llama.cpp's `llama` architecture rotates
+  neighbours: minigpt.gguf_file permutes q and k rows for it, in a merged model.)
 
 `transformers` and `gguf` are optional packages (`pip install -e ".[export]"`): they are
 imported inside the functions that need them, so MiniGPT itself runs without them.
@@ -37,7 +32,6 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -45,13 +39,11 @@ from minigpt.config import ModelConfig
 from minigpt.errors import UserInputError
 from minigpt.families import TensorName, checked, hugging_face_config, tensor_table
 from minigpt.files import write_directory_atomically
+from minigpt.lora import LORA_TARGETS, LoRAConfig
 from minigpt.model import GPT
 from minigpt.version import __version__
 from minigpt.tokenizer import EOS_TOKEN, IM_END_TOKEN, IM_START_TOKEN, PAD_TOKEN, UNKNOWN_TOKEN, Tokenizer
 
-GGUF_OUTTYPES = ("f32", "f16", "q8_0")
-GGUF_FILE_NAME = "model.gguf"
-Q8_0_BLOCK = 32  # q8_0 stores blocks of 32 numbers (one float16 scale + 32 int8 each)
 
 # The ChatML template MiniGPT's Tokenizer.render_chat / chat_prompt follow, in Jinja (for
 # transformers' apply_chat_template and llama.cpp) and in Go templates (for Ollama).
@@ -275,6 +267,59 @@ def peft_tensors(adapter_weights: dict[str, torch.Tensor], config: ModelConfig) 
     return tensors, ranks.pop(), sorted(targets)
 
 
+# What PEFT's adapter_config.json may ask for that MiniGPT's LoRA does not compute, with the value
+# that asks for nothing: a folder setting any other value is refused rather than run differently.
+PEFT_SETTINGS_MINIGPT_LACKS = {
+    "use_rslora": False, "use_dora": False, "bias": "none", "fan_in_fan_out": False, "modules_to_save": None,
+    "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False,
+}
+
+
+def lora_config_from_peft(record: dict, source: str) -> tuple[LoRAConfig, str]:
+    """(MiniGPT's LoRAConfig, the base model's folder) of a PEFT adapter_config.json (`record`).
+
+    PEFT names its targets by module (q_proj, ..., "all-linear", or modules' paths, which must
+    then cover every layer); MiniGPT's short names (q, ...) name the same modules. Refused in one sentence: another adapter type, a base that is not a
+    local folder (MiniGPT never downloads), and settings MiniGPT's LoRA does not compute.
+    """
+    if record.get("peft_type") != "LORA" or record.get("task_type") not in (None, "CAUSAL_LM"):
+        raise UserInputError(f"{source} is a {record.get('peft_type')} adapter for {record.get('task_type')}; "
+                             "MiniGPT loads LoRA adapters on causal language models.")
+    different = {key: record[key] for key, plain in PEFT_SETTINGS_MINIGPT_LACKS.items() if record.get(key, plain) not in (plain, None)}
+    if different:
+        raise UserInputError(f"{source} sets {different}, which MiniGPT's LoRA does not compute; merge the adapter with PEFT "
+                             "(merge_and_unload) and load the merged folder instead.")
+    short_names = {module: short for short, module in LORA_TARGETS.items()}
+    modules = record.get("target_modules")
+    if modules == "all-linear":
+        modules = list(short_names)
+    elif isinstance(modules, list):  # PEFT matches a module by its name or by its path's end (it saves all-linear as paths)
+        modules = sorted({module.rpartition(".")[2] for module in modules})
+    if isinstance(modules, str) or not modules or set(modules) - set(short_names):
+        raise UserInputError(f"{source} targets {modules}; MiniGPT's LoRA goes on {', '.join(short_names)} (a list, or all-linear).")
+    base = record.get("base_model_name_or_path") or ""
+    if not Path(base).is_dir():
+        raise UserInputError(f"{source} names its base model '{base}', which is not a folder here, and MiniGPT never downloads; "
+                             "download the base (huggingface-cli download) and write its folder into base_model_name_or_path.")
+    config = LoRAConfig(rank=record["r"], alpha=float(record["lora_alpha"]), dropout=float(record.get("lora_dropout") or 0.0),
+                        targets=tuple(short_names[module] for module in sorted(modules)))
+    return config, base
+
+
+def lora_weights_from_peft(tensors: dict[str, torch.Tensor], config: ModelConfig, source: str) -> dict[str, torch.Tensor]:
+    """PEFT-named LoRA matrices (`peft_tensor_name`) under MiniGPT's names (`lora.lora_state_dict`'s),
+    read through the same table that export writes them with; a name that fits no weight is refused."""
+    renamed = {}
+    for row in tensor_table(config):
+        for matrix in ("lora_A", "lora_B"):
+            if (name := peft_tensor_name(row.hf, matrix)) in tensors:
+                renamed[f"{row.minigpt.removesuffix('.weight')}.{matrix}.weight"] = tensors[name]
+    if len(renamed) != len(tensors):
+        unknown = sorted(set(tensors) - {peft_tensor_name(row.hf, matrix) for row in tensor_table(config) for matrix in ("lora_A", "lora_B")})
+        raise UserInputError(f"{source} holds tensors that fit no weight of its base model ({unknown[:2]}); is it an adapter for another model?")
+    return renamed
+
+
 def export_peft(
     adapter_weights: dict[str, torch.Tensor], config: ModelConfig, alpha: float, dropout: float, output: str | Path,
     base_model_name_or_path: str | None = None, force: bool = False, sources: Sequence[str | Path] = (),
@@ -297,138 +342,3 @@ def export_peft(
         _write_export_marker(directory, "peft")
 
     return write_directory_atomically(output, fill)
-
-
-# ----------------------------------------------------------------------------- GGUF (llama.cpp)
-
-
-def _gguf():
-    """The optional `gguf` package, imported here rather than at the top so MiniGPT runs without it."""
-    try:
-        import gguf
-    except ImportError:
-        raise UserInputError("GGUF export needs the gguf package; install it with pip install -e '.[export]'.") from None
-    return gguf
-
-
-def permute_for_gguf(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """Reorder the rows of q_proj or k_proj from rotate-half to llama.cpp's interleaved pairs.
-
-    Within each head the rows are [x_0 .. x_{d/2-1}, y_0 .. y_{d/2-1}], where (x_i, y_i) is the pair
-    rotated together. Viewed as (heads, 2, d/2, width) and swapped to (heads, d/2, 2, width), they
-    become x_0, y_0, x_1, y_1, ...: each pair side by side, as llama.cpp's rotary kernel expects.
-    """
-    rows = weight.shape[0]
-    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
-
-
-def unpermute_from_gguf(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """The inverse of `permute_for_gguf`: interleaved pairs back to rotate-half halves."""
-    rows = weight.shape[0]
-    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
-
-
-def _gguf_data(tensor: torch.Tensor, outtype: str) -> tuple[np.ndarray, object]:
-    """(numpy data, GGML type) for one tensor. Norm vectors stay float32 in every outtype, as in
-    llama.cpp's converter; q8_0 needs rows that are a whole number of 32-blocks, else float16.
-    These are the converter's rules, and the q8_0 tensors come out byte-identical to those of
-    llama.cpp's own quantizer run on the f32 file (benchmarks/check_gguf_with_llama_cpp.py)."""
-    gguf = _gguf()
-    data = tensor.float().numpy()
-    if outtype == "f32" or data.ndim == 1:
-        return data, gguf.GGMLQuantizationType.F32
-    if outtype == "q8_0" and data.shape[-1] % Q8_0_BLOCK == 0:
-        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
-    return data.astype(np.float16), gguf.GGMLQuantizationType.F16
-
-
-def _gguf_vocabulary(tokenizer: Tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
-    """(tokens, token types, merges) in llama.cpp's `gpt2` tokenizer format.
-
-    Special tokens are CONTROL (never produced from plain text by accident); embedding rows past
-    the tokenizer's vocabulary, if any, get placeholder tokens marked UNUSED.
-    """
-    gguf = _gguf()
-    specials = {tokenizer.eos_id, tokenizer.im_start_id, tokenizer.im_end_id, tokenizer.pad_id}
-    tokens, types = [], []
-    for index in range(vocab_size):
-        token = tokenizer.backend.id_to_token(index)
-        if token is None:
-            tokens.append(f"[PAD{index}]")
-            types.append(gguf.TokenType.UNUSED)
-        else:
-            tokens.append(token)
-            types.append(gguf.TokenType.CONTROL if index in specials else gguf.TokenType.NORMAL)
-    merges = json.loads(tokenizer.backend.to_str())["model"]["merges"]
-    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in merges]  # newer files store pairs
-    return tokens, types, merges
-
-
-def export_gguf(model: GPT, tokenizer: Tokenizer, output: str | Path, outtype: str = "f16", force: bool = False,
-                sources: Sequence[str | Path] = ()) -> Path:
-    """Write a folder holding `model.gguf` (llama.cpp's `llama` architecture) and an Ollama `Modelfile`."""
-    gguf = _gguf()
-    output = Path(output)
-    if outtype not in GGUF_OUTTYPES:
-        raise UserInputError(f"Unknown --outtype '{outtype}'; choose one of {', '.join(GGUF_OUTTYPES)}.")
-    if tokenizer.kind != "bpe":
-        raise UserInputError(
-            "llama.cpp has no character (WordLevel) tokenizer, so a character-tokenizer model cannot be a GGUF file; use --format hf."
-        )
-    _check_output(output, force, sources)
-    config = model.config
-    tensors = []
-    for row, tensor in _minigpt_tensors(model):
-        if row.gguf.endswith("attn_q.weight"):
-            tensor = permute_for_gguf(tensor, config.n_head)
-        elif row.gguf.endswith("attn_k.weight"):
-            tensor = permute_for_gguf(tensor, config.kv_heads)
-        tensors.append((row.gguf, *_gguf_data(tensor, outtype)))
-    tokens, types, merges = _gguf_vocabulary(tokenizer, config.vocab_size)
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-
-    def fill(directory: Path) -> None:
-        writer = gguf.GGUFWriter(str(directory / GGUF_FILE_NAME), arch="llama")
-        writer.add_name(output.name)
-        writer.add_file_type(file_type[outtype])
-        writer.add_vocab_size(config.vocab_size)
-        writer.add_context_length(config.block_size)
-        writer.add_embedding_length(config.n_embd)
-        writer.add_block_count(config.n_layer)
-        writer.add_feed_forward_length(config.hidden_dim)
-        writer.add_head_count(config.n_head)
-        writer.add_head_count_kv(config.kv_heads)
-        writer.add_rope_dimension_count(config.head_dim)
-        writer.add_rope_freq_base(config.rope_theta)
-        writer.add_layer_norm_rms_eps(config.norm_eps)
-        writer.add_tokenizer_model("gpt2")  # llama.cpp's name for byte-level BPE
-        writer.add_tokenizer_pre("gpt-2")  # GPT-2's split regex, the one MiniGPT's ByteLevel pre-tokenizer uses
-        writer.add_token_list(tokens)
-        writer.add_token_types(types)
-        writer.add_token_merges(merges)
-        writer.add_bos_token_id(tokenizer.eos_id)
-        writer.add_eos_token_id(tokenizer.eos_id)
-        writer.add_pad_token_id(tokenizer.pad_id)
-        writer.add_add_bos_token(False)
-        writer.add_add_eos_token(False)
-        writer.add_chat_template(CHAT_TEMPLATE)
-        for name, data, ggml_type in tensors:
-            writer.add_tensor(name, data, raw_dtype=ggml_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        (directory / "Modelfile").write_text(ollama_modelfile())
-        _write_export_marker(directory, "gguf")
-
-    return write_directory_atomically(output, fill)
-
-
-def ollama_modelfile() -> str:
-    """An Ollama Modelfile for the model.gguf next to it: ChatML, stopping at <|im_end|>."""
-    return (
-        f"FROM ./{GGUF_FILE_NAME}\n"
-        f'TEMPLATE """{OLLAMA_TEMPLATE}"""\n'
-        f'PARAMETER stop "{IM_END_TOKEN}"\n'
-        f'PARAMETER stop "{EOS_TOKEN}"\n'
-    )

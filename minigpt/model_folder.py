@@ -24,13 +24,18 @@ The kinds of folder (`FolderKind`):
                     tokenizer.json. Loading puts the adapter on the recorded base, which must be
                     unchanged. Older runs wrote adapter.safetensors + adapter_config.json: they still
                     load, told apart from a PEFT adapter by their keys (PEFT's have "peft_type").
+                    A PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors, as
+                    `save_pretrained` or `minigpt export --format peft` write it) is one too: its
+                    settings and tensor names are read into MiniGPT's LoRA (export.lora_config_from_peft,
+                    lora_weights_from_peft), on the base folder its base_model_name_or_path names.
+                    PEFT records no checksum of the base, so only the shapes are checked.
     HUGGING_FACE    a transformers folder (config.json with a "model_type") of a supported family
                     (minigpt.families: Llama, Qwen2, Qwen3, Gemma 3), converted on load: safetensors
                     weights, one file or shards, read tensor by tensor.
 
-Refused, each in one sentence: a PEFT adapter (`minigpt export --format peft` writes one, for
-PEFT to load), a checkpoint of a LoRA run (adapter weights in the middle of training), and a folder
-holding none of the above.
+Refused, each in one sentence: a checkpoint of a LoRA run (adapter weights in the middle of
+training), a PEFT adapter MiniGPT's LoRA cannot compute (DoRA, rsLoRA, ...), and a folder holding
+none of the above.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from safetensors.torch import load_file, save_file, save_model
 from minigpt.checkpoint import SAFETENSORS_METADATA, latest_checkpoint, load_weights, write_model_files
 from minigpt.config import RunConfig, load_config
 from minigpt.errors import UserInputError
+from minigpt.export import PEFT_CONFIG, PEFT_WEIGHTS, lora_config_from_peft, lora_weights_from_peft
 from minigpt.families import load_model as load_hugging_face_model, weight_files
 from minigpt.files import file_sha256, verify_manifest, write_directory_atomically
 from minigpt.heads import GPTClassifier
@@ -73,7 +79,7 @@ class FolderKind(Enum):
 
     LANGUAGE_MODEL = "a MiniGPT language model"
     CLASSIFIER = "a MiniGPT classifier"
-    LORA_ADAPTER = "a MiniGPT LoRA adapter"
+    LORA_ADAPTER = "a LoRA adapter"
     HUGGING_FACE = "a Hugging Face model"
 
 
@@ -96,7 +102,8 @@ class AdapterRun:
     """A LoRA adapter's recipe: adapters shaped by `config` on the frozen base model at `base_path`,
     whose weights file had the SHA-256 `base_sha256` when training started. A LoRA training run
     records it in its checkpoints and final adapter; loading an adapter reads it back
-    (`read_adapter`), and a changed base is refused, on resume as on load."""
+    (`read_adapter`), and a changed base is refused, on resume as on load. A PEFT adapter records
+    no checksum: `base_sha256` is then empty, and only the shapes are checked."""
 
     config: LoRAConfig
     base_path: str
@@ -149,7 +156,7 @@ def identify(path: str | Path) -> ModelFolder:
     """Say what `path` holds, reading only small files (no weights are loaded or checked here).
 
     The checks go from the most specific to the least: a Hugging Face config, MiniGPT weights,
-    an adapter (MiniGPT's, or PEFT's, which is refused), and last a run directory, which stands
+    an adapter (MiniGPT's or PEFT's), and last a run directory, which stands
     for its final_model/ or, while it has none, its latest checkpoint.
     """
     path = Path(path)
@@ -170,12 +177,7 @@ def identify(path: str | Path) -> ModelFolder:
             return ModelFolder(FolderKind.CLASSIFIER if classifier else FolderKind.LANGUAGE_MODEL, path, files)
     elif (path / LORA_ADAPTER_CONFIG).is_file():
         return ModelFolder(FolderKind.LORA_ADAPTER, path, path)
-    elif (path / OLD_ADAPTER_CONFIG).is_file():
-        if "peft_type" in _read_json(path / OLD_ADAPTER_CONFIG):
-            raise UserInputError(
-                f"{path} is a PEFT adapter (as `minigpt export --format peft` writes), which MiniGPT does not load; "
-                "load it with peft.PeftModel.from_pretrained on its base model, or give the MiniGPT LoRA run's final_model/."
-            )
+    elif (path / OLD_ADAPTER_CONFIG).is_file():  # PEFT's adapter_config.json, or an older MiniGPT run's
         return ModelFolder(FolderKind.LORA_ADAPTER, path, path)
     elif (path / "final_model").is_dir():
         return identify(path / "final_model")
@@ -262,15 +264,24 @@ def _load_hugging_face(folder: Path) -> tuple[GPT, Tokenizer, RunConfig]:
 
 
 def read_adapter(directory: str | Path) -> AdapterRun:
-    """The recipe in an adapter folder's lora_adapter.json (or an older run's adapter_config.json)."""
+    """The recipe in an adapter folder's lora_adapter.json (or an older run's adapter_config.json,
+    or PEFT's adapter_config.json)."""
     directory = Path(directory)
     path = directory / (LORA_ADAPTER_CONFIG if (directory / LORA_ADAPTER_CONFIG).is_file() else OLD_ADAPTER_CONFIG)
     record = _read_json(path)
+    if _is_peft(record):
+        config, base = lora_config_from_peft(record, str(path))
+        return AdapterRun(config, base, base_sha256="")
     try:
         config = LoRAConfig(rank=record["rank"], alpha=record["alpha"], dropout=record["dropout"], targets=record["targets"])
         return AdapterRun(config, record["base_model"], record["base_model_sha256"])
     except (KeyError, TypeError) as error:
         raise UserInputError(f"{path} lacks the adapter's setting {error}; train the adapter again.") from None
+
+
+def _is_peft(record: dict) -> bool:
+    """Whether an adapter_config.json is PEFT's (it names its "peft_type"), not an older MiniGPT run's."""
+    return "peft_type" in record
 
 
 def base_model_files(base_path: str | Path) -> list[Path]:
@@ -301,18 +312,24 @@ def _load_adapter(folder: ModelFolder, device: str | torch.device, merge_adapter
     the base's weights are not the ones the adapter was trained on: an adapter is a correction to
     one exact set of weights."""
     adapter = read_adapter(folder.path)
-    if base_model_checksum(adapter.base_path) != adapter.base_sha256:
+    if not adapter.base_sha256:  # PEFT records no checksum: only check that the base holds a language model's weights
+        base_model_files(adapter.base_path)
+    elif base_model_checksum(adapter.base_path) != adapter.base_sha256:
         raise UserInputError(
             f"The base model in {adapter.base_path} has changed since the adapter in {folder.path} was trained on it "
             "(its SHA-256 differs); restore that base model or train the adapter again."
         )
     base = load(adapter.base_path, device)
     model = apply_lora(base.model, adapter.config)
-    weights = folder.path / (LORA_ADAPTER_WEIGHTS if (folder.path / LORA_ADAPTER_WEIGHTS).is_file() else OLD_ADAPTER_WEIGHTS)
+    peft = not (folder.path / LORA_ADAPTER_CONFIG).is_file() and _is_peft(_read_json(folder.path / PEFT_CONFIG))  # as read_adapter decides
+    weights = folder.path / (PEFT_WEIGHTS if peft else LORA_ADAPTER_WEIGHTS if (folder.path / LORA_ADAPTER_WEIGHTS).is_file()
+                             else OLD_ADAPTER_WEIGHTS)
     try:
         state = load_file(str(weights), device=str(device))
     except (OSError, SafetensorError) as error:
-        raise UserInputError(f"{weights} is unreadable ({error}); train the adapter again.") from None
+        raise UserInputError(f"{weights} is unreadable or missing ({error}); save or train the adapter again.") from None
+    if peft:
+        state = lora_weights_from_peft(state, model.config, str(weights))
     load_lora_state_dict(model, state)
     if merge_adapter:
         model = merge_lora(model)

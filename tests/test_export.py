@@ -16,14 +16,12 @@ from minigpt.errors import UserInputError
 from minigpt.export import (
     EXPORT_MARKER,
     CHAT_TEMPLATE,
-    GGUF_FILE_NAME,
     PEFT_CONFIG,
     PEFT_WEIGHTS,
     export_hf,
-    permute_for_gguf,
-    unpermute_from_gguf,
 )
 from minigpt.families import tensor_table
+from minigpt.gguf_file import GGUF_FILE_NAME, permute_for_gguf, unpermute_from_gguf
 from minigpt.lora import LoRAConfig, apply_lora, lora_parameters
 from minigpt.model import GPT, apply_rotary, rotary_tables
 from minigpt.model_folder import AdapterRun, load, save_model_directory
@@ -182,12 +180,13 @@ def gguf_tensors_as_minigpt(reader, config):
     by_name = {tensor.name: tensor for tensor in reader.tensors}
     result = {}
     for row in tensor_table(config):
-        tensor = by_name[row.gguf]
+        name = row.gguf
+        tensor = by_name[name]
         assert tuple(int(size) for size in reversed(tensor.shape)) == row.shape  # GGUF lists dimensions innermost first
         data = torch.from_numpy(gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(row.shape).copy())
-        if row.gguf.endswith("attn_q.weight"):
+        if name.endswith("attn_q.weight"):
             data = unpermute_from_gguf(data, config.n_head)
-        elif row.gguf.endswith("attn_k.weight"):
+        elif name.endswith("attn_k.weight"):
             data = unpermute_from_gguf(data, config.kv_heads)
         result[row.minigpt] = (data, tensor.tensor_type)
     return result

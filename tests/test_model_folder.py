@@ -69,20 +69,21 @@ def folders(tmp_path_factory, tokenizer, run_config):
     save_checkpoint(root / "lora-unfinished", 1, adapted, {}, {"base_model": recipe.base_path, "base_model_sha256": recipe.base_sha256},
                     sft_config, tokenizer)
 
-    # What `minigpt export --format peft` writes: PEFT's adapter_config.json, not MiniGPT's.
-    peft = export_peft(lora_state_dict(adapted), run_config.model, LORA.alpha, LORA.dropout, root / "peft")
-
     classifier_config = dataclasses.replace(run_config, train=dataclasses.replace(run_config.train, stage="classify", label_maps=LABEL_MAPS))
     classifier = save_model_directory(root / "classifier" / "final_model", GPTClassifier(classifier_config).eval(), classifier_config, tokenizer)
 
     hugging_face = export_hf(base_model, tokenizer, root / "hf")
+    # What `minigpt export --format peft` (or PEFT's save_pretrained) writes: a PEFT adapter, on the
+    # base's Hugging Face folder, and the same adapter naming no base folder.
+    peft = export_peft(lora_state_dict(adapted), run_config.model, LORA.alpha, LORA.dropout, root / "peft", str(hugging_face))
+    peft_without_base = export_peft(lora_state_dict(adapted), run_config.model, LORA.alpha, LORA.dropout, root / "peft-no-base")
     random = root / "random"
     random.mkdir()
     (random / "notes.txt").write_text("not a model")
     return {
         "final_model": base, "run": base.parent, "checkpoint": root / "unfinished" / "checkpoint_step_2",
         "run_without_final_model": root / "unfinished", "lora": adapter, "lora_run": adapter.parent, "old_lora": old,
-        "lora_checkpoint": root / "lora-unfinished" / "checkpoint_step_1", "peft": peft, "classifier": classifier,
+        "lora_checkpoint": root / "lora-unfinished" / "checkpoint_step_1", "peft": peft, "peft_without_base": peft_without_base, "classifier": classifier,
         "hf": hugging_face, "random": random, "missing": root / "missing",
     }
 
@@ -104,6 +105,7 @@ def assert_one_sentence(message: str, *phrases: str) -> None:
     ("lora", FolderKind.LORA_ADAPTER, "lora"),
     ("lora_run", FolderKind.LORA_ADAPTER, "lora"),
     ("old_lora", FolderKind.LORA_ADAPTER, "old_lora"),
+    ("peft", FolderKind.LORA_ADAPTER, "peft"),
     ("classifier", FolderKind.CLASSIFIER, "classifier"),
     ("hf", FolderKind.HUGGING_FACE, "hf"),
 ])
@@ -135,6 +137,31 @@ def test_an_old_format_adapter_loads_exactly_like_the_new_one(folders):
         assert torch.equal(load(folders["old_lora"]).model(ids)[0], load(folders["lora"]).model(ids)[0])
 
 
+def test_a_peft_adapter_loads_on_its_base_folder_exactly_like_the_minigpt_adapter(folders):
+    ids = torch.tensor([[0, 5, 9, 14]])
+    peft, minigpt = load(folders["peft"], merge_adapter=False), load(folders["lora"], merge_adapter=False)
+    assert peft.adapter.config == LORA and peft.adapter.base_path == str(folders["hf"]) and peft.adapter.base_sha256 == ""
+    with torch.no_grad():
+        torch.testing.assert_close(peft.model(ids)[0], minigpt.model(ids)[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(load(folders["peft"]).model(ids)[0], minigpt.model(ids)[0], atol=1e-5, rtol=0)  # merged
+
+
+@pytest.mark.parametrize(("change", "phrases"), [
+    ({"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M"}, ("not a folder here", "never downloads", "base_model_name_or_path")),
+    ({"use_dora": True}, ("use_dora", "does not compute", "merge_and_unload")),
+    ({"target_modules": ["q_proj", "lm_head"]}, ("targets", "all-linear")),
+    ({"peft_type": "IA3"}, ("IA3", "LoRA adapters")),
+])
+def test_a_peft_adapter_minigpt_cannot_compute_is_refused_in_one_sentence(folders, tmp_path, change, phrases):
+    folder = shutil.copytree(folders["peft"], tmp_path / "peft")
+    record = json.loads((folder / PEFT_CONFIG).read_text())
+    (folder / PEFT_CONFIG).write_text(json.dumps({**record, **change}))
+    assert identify(folder).kind is FolderKind.LORA_ADAPTER
+    with pytest.raises(UserInputError) as error:
+        load(folder)
+    assert_one_sentence(str(error.value), *phrases)
+
+
 def test_adapters_are_written_under_minigpt_names_never_peft_names(folders):
     names = {path.name for path in folders["lora"].iterdir()}
     assert {LORA_ADAPTER_CONFIG, LORA_ADAPTER_WEIGHTS} <= names and not names & {PEFT_CONFIG, PEFT_WEIGHTS}
@@ -142,7 +169,6 @@ def test_adapters_are_written_under_minigpt_names_never_peft_names(folders):
 
 
 @pytest.mark.parametrize(("name", "phrases"), [
-    ("peft", ("is a PEFT adapter", "peft.PeftModel.from_pretrained", "final_model/")),
     ("random", ("holds no model", "final_model/", "Hugging Face")),
     ("missing", ("does not exist",)),
     ("lora_checkpoint", ("checkpoint of a LoRA run", "--resume")),
@@ -159,7 +185,7 @@ def test_each_loader_refuses_the_kind_it_cannot_use(folders):
     assert_one_sentence(str(error.value), "is a classifier", "minigpt classify")
     with pytest.raises(UserInputError) as error:
         load_classifier(folders["lora"])
-    assert_one_sentence(str(error.value), "holds a MiniGPT LoRA adapter, not a classifier", "train-classifier")
+    assert_one_sentence(str(error.value), "holds a LoRA adapter, not a classifier", "train-classifier")
 
 
 def test_an_adapter_cannot_be_the_base_of_another(folders):
@@ -177,8 +203,9 @@ def test_a_classifier_and_its_configuration_must_agree(tmp_path, folders, tokeni
 # ----------------------------------------------------------------------------- the commands take the same folders
 
 
-LANGUAGE_MODEL_FOLDERS = ["final_model", "run", "checkpoint", "run_without_final_model", "lora", "lora_run", "old_lora", "hf"]
-REFUSED_FOLDERS = ["classifier", "peft", "random", "lora_checkpoint"]
+LANGUAGE_MODEL_FOLDERS = ["final_model", "run", "checkpoint", "run_without_final_model", "lora", "lora_run", "old_lora", "peft", "hf"]
+ADAPTER_FOLDERS = ["lora", "lora_run", "old_lora", "peft"]
+REFUSED_FOLDERS = ["classifier", "peft_without_base", "random", "lora_checkpoint"]
 
 
 def run_command(command: str, folder, tmp_path, corpus_jsonl, adapter: bool) -> int:
@@ -201,7 +228,7 @@ COMMANDS = ["evaluate", "generate", "chat", "export", "train --init-from"]
 @pytest.mark.parametrize("command", COMMANDS)
 def test_the_language_model_commands_take_the_same_folders(folders, tmp_path, corpus_jsonl, capsys, command):
     for name in LANGUAGE_MODEL_FOLDERS:
-        status = run_command(command, folders[name], tmp_path / name, corpus_jsonl, adapter="lora" in name)
+        status = run_command(command, folders[name], tmp_path / name, corpus_jsonl, adapter=name in ADAPTER_FOLDERS)
         assert status == 0, (name, capsys.readouterr().err)
         capsys.readouterr()
     for name in REFUSED_FOLDERS:
@@ -213,16 +240,17 @@ def test_the_language_model_commands_take_the_same_folders(folders, tmp_path, co
 def test_classify_takes_classifiers_only(folders, capsys):
     assert classify.main([str(folders["classifier"]), "--text", "a fine day"]) == 0
     assert "sentiment: " in capsys.readouterr().out
-    for name in ["final_model", "lora", "hf", "peft", "random"]:
+    for name in ["final_model", "lora", "hf", "peft", "peft_without_base", "random"]:
         assert classify.main([str(folders[name]), "--text", "a fine day"]) == 2
         error = capsys.readouterr().err
-        assert error.count("\n") == 1 and ("not a classifier" in error or name in ("peft", "random")), (name, error)
+        assert error.count("\n") == 1 and ("not a classifier" in error or name in ("peft_without_base", "random")), (name, error)
 
 
-def test_merge_lora_takes_an_adapter_old_or_new_and_refuses_the_rest(folders, tmp_path, capsys):
-    assert merge_lora.main([str(folders["old_lora"]), "--output", str(tmp_path / "merged")]) == 0
-    assert identify(tmp_path / "merged").kind is FolderKind.LANGUAGE_MODEL
-    for name in ["final_model", "peft", "classifier"]:
+def test_merge_lora_takes_an_adapter_old_new_or_peft_and_refuses_the_rest(folders, tmp_path, capsys):
+    for name in ["old_lora", "peft"]:
+        assert merge_lora.main([str(folders[name]), "--output", str(tmp_path / f"merged-{name}")]) == 0
+        assert identify(tmp_path / f"merged-{name}").kind is FolderKind.LANGUAGE_MODEL
+    for name in ["final_model", "peft_without_base", "classifier"]:
         assert merge_lora.main([str(folders[name]), "--output", str(tmp_path / name)]) == 2
         assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / name).exists()
 

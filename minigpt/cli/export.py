@@ -15,7 +15,8 @@ from pathlib import Path
 
 from minigpt.cli.common import ArgumentParser, add_shared_arguments, program_name, run_command
 from minigpt.errors import UserInputError
-from minigpt.export import GGUF_OUTTYPES, check_hf_export_of, export_gguf, export_hf, export_peft
+from minigpt.export import check_hf_export_of, export_hf, export_peft
+from minigpt.gguf_file import GGUF_OUTTYPES, export_gguf
 from minigpt.lora import lora_state_dict
 from minigpt.model_folder import AdapterRun, FolderKind, LoadedModel, identify, is_hugging_face_folder, load, load_language_model
 
@@ -26,7 +27,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--format", required=True, choices=["hf", "gguf", "peft"],
                         help="hf = transformers folder; gguf = llama.cpp file + Ollama Modelfile; peft = a LoRA run's adapter for PEFT")
     parser.add_argument("--output", required=True, help="the folder to write (refused if it exists, unless --force and an earlier export wrote it)")
-    parser.add_argument("--outtype", choices=GGUF_OUTTYPES, help="GGUF weight type (default f16; norms stay f32)")
+    parser.add_argument("--outtype", choices=GGUF_OUTTYPES, help="GGUF weight type (default f16; norms stay f32; q5_0 and q4_0 keep the embedding and output head q8_0)")
     parser.add_argument("--merge", action="store_true", help="for a LoRA adapter: fold it into its base model and export the merged model (hf, gguf)")
     parser.add_argument("--hf-base", metavar="DIR",
                         help="with --format peft: the base model's --format hf export, checked and recorded as base_model_name_or_path "

@@ -16,7 +16,7 @@ from minigpt.model_folder import FolderKind, identify, load, save_model_director
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog=program_name("merge-lora"), description="Merge a LoRA adapter into its base model.")
-    parser.add_argument("adapter", help="a LoRA run's final_model/ (holding lora_adapter.json) or its run directory")
+    parser.add_argument("adapter", help="a LoRA run's final_model/ (holding lora_adapter.json), its run directory, or a PEFT LoRA adapter folder")
     parser.add_argument("--output", required=True, help="the merged model directory to write (replaced if it exists)")
     return parser
 
