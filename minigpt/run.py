@@ -237,6 +237,11 @@ def configure(base: RunConfig, overrides: Mapping[str, Any], given: Mapping[str,
     that model's shape; model settings given too still apply, and prepare_run refuses any that
     contradict it."""
     init_from = overrides.get("train.init_from", base.train.init_from)
+    if resumed and overrides.get("train.dtype") == "auto":
+        # --dtype auto was decided when the run started and recorded; measuring again could choose
+        # the other precision, and the resumed run would no longer compute as the interrupted one.
+        overrides = {key: value for key, value in overrides.items() if key != "train.dtype"}
+        log.info("--dtype auto on a resumed run: keeping the %s the run chose when it started.", base.train.dtype)
     if init_from and not resumed:
         base = dataclasses.replace(base, model=initial_model_config(init_from))
     config = apply_overrides(base, overrides, source=source)
