@@ -144,6 +144,7 @@ class TokenBlockStream(IterableDataset):
         self.buffer: list[tuple[np.ndarray, np.ndarray]] = []  # the shuffle buffer of blocks
         self.rng = random.Random(self.seed)
         self.blocks_this_pass = 0  # a finite stream that ends with none is empty: an error, not zero batches
+        self.learnable_documents = 0  # this pass's documents with a target (assistant-only: an assistant turn)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly here, as tensors and plain values."""
@@ -241,6 +242,11 @@ class TokenBlockStream(IterableDataset):
         where = ", ".join(str(source) for source in self.sources)
         shard = f" for shard {self.shard} of {self.num_shards}" if self.num_shards > 1 else ""
         block = f"one block of {self.block_size + 1} tokens"
+        if self.report.no_assistant and not self.learnable_documents:
+            return UserInputError(
+                f"No conversation in {where}{shard} has an assistant turn: chat fine-tuning learns the assistant's replies, "
+                "so give each record at least one turn with the role 'assistant'."
+            )
         if self.split == "val":
             return UserInputError(
                 f"No validation data{shard}: the {self.val_fraction:.1%} hold-out of {where} does not fill {block}; "
@@ -292,7 +298,12 @@ class TokenBlockStream(IterableDataset):
         if not documents:
             return False
         token_chunks, mask_chunks = [self.pending_tokens], [self.pending_mask]
-        for ids, assistant in encode_documents(documents, self.tokenizer):
+        for document, (ids, assistant) in zip(documents, encode_documents(documents, self.tokenizer)):
+            if self.assistant_only_loss and not assistant[:-1 if document.ends_document else None].any():
+                # The assistant never speaks: its <|endoftext|> alone would be the only target.
+                self.report.no_assistant += 1
+                continue
+            self.learnable_documents += 1
             mask = assistant if self.assistant_only_loss else np.ones(len(ids), dtype=bool)
             if self.one_document_per_row:
                 ids, mask = self._fill_row(ids, mask)

@@ -109,6 +109,7 @@ class DataReport:
     examples: list[str] = field(default_factory=list)
     truncated: int = 0  # one-document-per-row streams: documents cut at the end to fit a row
     dropped: int = 0  # ... and documents left with no target to learn from after the cut
+    no_assistant: int = 0  # assistant-only streams: conversations the assistant never speaks in (nothing to learn)
 
 
 @dataclass
