@@ -82,3 +82,29 @@ def test_atomic_write_replaces_whole_files(tmp_path):
     atomic_write_bytes(target, b"second")
     assert target.read_bytes() == b"second"
     assert [entry.name for entry in tmp_path.iterdir()] == ["status.json"]
+
+
+def test_a_run_whose_only_checkpoint_is_damaged_names_one_way_out_both_ways(tmp_path):
+    """--resume cannot continue a damaged checkpoint, and starting the run again without --resume
+    is refused because the directory holds a run: both sentences name the same way out, a new
+    --run-name, which leaves the damaged run where it is."""
+    from minigpt.config import apply_overrides, preset_config
+    from minigpt.files import write_manifest
+    from minigpt.run import resolve_run_paths
+
+    checkpoint = tmp_path / "runs" / "broken" / "checkpoint_step_10"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    write_manifest(checkpoint)
+    (checkpoint / "model.safetensors").write_bytes(b"weigh")  # truncated
+    (tmp_path / "runs" / "broken" / "config.json").write_text("{}")
+    messages = []
+    for resume in ("latest", ""):
+        config = apply_overrides(preset_config("tiny"), {"train.output_dir": str(tmp_path / "runs"), "train.run_name": "broken",
+                                                         "train.resume": resume})
+        with pytest.raises(UserInputError) as refused:
+            resolve_run_paths(config)
+        messages.append(str(refused.value))
+    for message in messages:
+        assert "damaged" in message and "under another --run-name" in message and "with --resume" not in message, message
+    assert checkpoint.is_dir()  # nothing is deleted
