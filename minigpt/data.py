@@ -124,8 +124,8 @@ class TokenBlockStream(IterableDataset):
         self.block_size, self.batch_size = block_size, batch_size
         self.split, self.val_fraction = split, val_fraction
         self.shuffle_buffer, self.seed, self.loop = shuffle_buffer, seed, loop
-        self.rank, self.world_size = rank, world_size
-        self.shard, self.num_shards = rank, world_size  # refined per DataLoader worker in __iter__
+        self.rank, self.world_size = rank, world_size  # torchrun's processes: each keeps its batches of every round
+        self.shard, self.num_shards = 0, 1  # the documents' shards: one per DataLoader worker, set in __iter__
         self.text_field, self.max_documents = text_field, max_documents
         self.tokenize_batch_size, self.assistant_only_loss = tokenize_batch_size, assistant_only_loss
         self.one_document_per_row = one_document_per_row
@@ -173,9 +173,8 @@ class TokenBlockStream(IterableDataset):
 
     def __iter__(self) -> "TokenBlockStream":
         worker = get_worker_info()
-        if worker is not None:  # inside a DataLoader worker: this worker's share of this rank's share
-            self.shard = self.rank * worker.num_workers + worker.id
-            self.num_shards = self.world_size * worker.num_workers
+        if worker is not None:  # inside a DataLoader worker: this worker's share of the documents
+            self.shard, self.num_shards = worker.id, worker.num_workers
         if not self.loop:
             self._reset()
             self.reader.warn = self.passes == 0
@@ -183,6 +182,26 @@ class TokenBlockStream(IterableDataset):
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's next batch. Under torchrun every process reads the same rows in the same
+        order (the same documents, packing and shuffle) and keeps one batch of every world_size,
+        the rank-th: together the processes' batches of a round are the rows one process reads in
+        world_size micro-batches, so N processes train on exactly what one process with N times
+        the gradient accumulation trains on. (Each process tokenizes every document for that;
+        a token cache makes it a read.)"""
+        for _ in range(self.rank):
+            self._skip_batch()
+        batch = self._next_batch()
+        for _ in range(self.world_size - 1 - self.rank):
+            self._skip_batch()
+        return batch
+
+    def _skip_batch(self) -> None:
+        """Read past another process's batch of this round."""
+        for _ in range(self.batch_size):
+            if self._next_block() is None:
+                return
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         blocks = []
         while len(blocks) < self.batch_size:
             block = self._next_block()
@@ -207,31 +226,30 @@ class TokenBlockStream(IterableDataset):
         """Read (on a fresh copy, leaving this stream untouched) until one block exists; raise
         UserInputError if none can, so a run fails at its start rather than at its first evaluation.
 
-        Every shard is checked, not only this one: under torchrun every process then reaches the
-        same verdict, and the error is the same sentence everywhere (rank 0 prints it once)."""
-        for shard in range(self.num_shards):
-            probe = self._finite_copy(shard, self.num_shards, tokenize_batch_size=8)
-            if probe._next_block() is None:
-                raise probe._empty_error()
-            probe.reader.close()
+        Under torchrun every process reads the same data, so every one reaches the same verdict,
+        and the error is the same sentence everywhere (rank 0 prints it once)."""
+        probe = self._finite_copy(tokenize_batch_size=8)
+        if probe._next_block() is None:
+            raise probe._empty_error()
+        probe.reader.close()
 
     def sequences_per_pass(self) -> int:
         """The rows (packed blocks, or one-document rows) one pass over the data gives, every
         shard's together: a counting pass on a fresh, unshuffled copy, leaving this stream where
         it is. It reads (and, without a token cache, tokenizes) all of this split's data once."""
-        counter = self._finite_copy(0, 1)
+        counter = self._finite_copy()
         rows = 0
         while counter._next_packed_block() is not None:
             rows += 1
         counter.reader.close()
         return rows
 
-    def _finite_copy(self, rank: int, world_size: int, tokenize_batch_size: int = 64) -> "TokenBlockStream":
-        """A new stream over the same data, split and rows as this one, read once, in order, as
-        shard `rank` of `world_size`. Its reader reports no bad lines: this stream does, when it reads them."""
+    def _finite_copy(self, tokenize_batch_size: int = 64) -> "TokenBlockStream":
+        """A new stream over the same data, split and rows as this one, read once, in order, whole
+        (every process's rows). Its reader reports no bad lines: this stream does, when it reads them."""
         copy = TokenBlockStream(
             self.sources, self.tokenizer, self.block_size, 1, split=self.split, val_fraction=self.val_fraction,
-            loop=False, rank=rank, world_size=world_size, text_field=self.text_field, max_documents=self.max_documents,
+            loop=False, text_field=self.text_field, max_documents=self.max_documents,
             tokenize_batch_size=tokenize_batch_size, assistant_only_loss=self.assistant_only_loss,
             one_document_per_row=self.one_document_per_row,
         )
@@ -345,9 +363,8 @@ class TokenBlockStream(IterableDataset):
                 continue
             if self.split != "all" and (document_hash_fraction(document) < self.val_fraction) != (self.split == "val"):
                 continue
-            # Shard by the position among this split's documents: shard s of n takes documents
-            # s, s + n, s + 2n, ... so n processes with one micro-batch each see the documents
-            # that one process sees in n micro-batches (what makes their gradients equal).
+            # DataLoader workers shard by the position among this split's documents: worker s of
+            # n takes documents s, s + n, s + 2n, ...
             index = self.epoch.position
             self.epoch.position += 1
             if index % self.num_shards == self.shard:

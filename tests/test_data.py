@@ -108,20 +108,34 @@ def test_sequences_per_pass_counts_every_shards_rows_and_leaves_the_stream_alone
     assert all(torch.equal(a[0], b[0]) for a, b in zip(before + batches(shard, 2), batches(after, 4)))
 
 
-def test_rank_and_worker_shards_partition_the_documents(tmp_path, tokenizer, monkeypatch):
+def test_worker_shards_partition_the_documents(tmp_path, tokenizer, monkeypatch):
     path = write_jsonl(tmp_path / "a.jsonl", 101)
     seen = []
-    for rank, worker in [(rank, worker) for rank in range(3) for worker in range(2)]:
-        # What torch.utils.data.get_worker_info() says inside DataLoader worker `worker` of 2.
-        monkeypatch.setattr("minigpt.data.get_worker_info", lambda: SimpleNamespace(id=worker, num_workers=2))
-        stream = iter(TokenBlockStream([path], tokenizer, block_size=1_000_000, batch_size=1, rank=rank, world_size=3, loop=False))
+    for worker in range(3):
+        # What torch.utils.data.get_worker_info() says inside DataLoader worker `worker` of 3.
+        monkeypatch.setattr("minigpt.data.get_worker_info", lambda: SimpleNamespace(id=worker, num_workers=3))
+        stream = iter(TokenBlockStream([path], tokenizer, block_size=1_000_000, batch_size=1, loop=False))
         documents = []
         while chunk := stream._read_documents():
             documents += [document.text for document in chunk]
         seen.append(document_ids(documents))
     assert set().union(*seen) == set(range(101))
     assert sum(len(shard) for shard in seen) == 101  # pairwise disjoint
-    assert all(16 <= len(shard) <= 17 for shard in seen)  # and even
+    assert all(33 <= len(shard) <= 34 for shard in seen)  # and even
+
+
+@pytest.mark.parametrize("one_document_per_row", [False, True])
+def test_each_process_takes_its_batch_of_every_round_of_one_process_batches(tmp_path, tokenizer, one_document_per_row):
+    """Under torchrun, process r of n keeps batches r, r + n, r + 2n, ... of what one process reads
+    (packed and shuffled, or one document per row): n processes with one micro-batch each train on
+    the rows one process trains on in n micro-batches."""
+    path = write_jsonl(tmp_path / "a.jsonl", 40)
+    options = dict(block_size=24, batch_size=2, shuffle_buffer=8, seed=3, one_document_per_row=one_document_per_row)
+    single = batches(TokenBlockStream([path], tokenizer, **options), 12)
+    for rank in range(3):
+        own = batches(TokenBlockStream([path], tokenizer, rank=rank, world_size=3, **options), 4)
+        for expected, actual in zip(single[rank::3], own):
+            assert torch.equal(expected[0], actual[0]) and torch.equal(expected[1], actual[1])
 
 
 def test_dataloader_workers_split_the_stream(tmp_path, tokenizer):
