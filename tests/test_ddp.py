@@ -55,7 +55,7 @@ def run_arguments(data: Path, tokenizer_file: Path, name: str, *extra: str) -> l
     return ["--config", "tiny", "--stage", "sft", "--data-files", str(data), "--tokenizer", str(tokenizer_file),
             "--output-dir", "runs", "--run-name", name, "--max-steps", str(STEPS), "--batch-size", "2", "--log-steps", "1",
             "--eval-steps", "3", "--save-steps", "2", "--dtype", "float32", "--sample-tokens", "0", "--disable-monitoring",
-            "--set", "train.shuffle_buffer=0", *extra]
+            "--set", "train.shuffle_buffer=0", "--grad-clip", "0", *extra]
 
 
 def torchrun_command(*arguments: str) -> list[str]:
@@ -120,6 +120,10 @@ def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(works
     losses = [[(row["type"], row["step"], row.get("loss", row.get("val_loss"))) for row in metric_rows(run)] for run in (one, two)]
     assert [key[:2] for key in losses[0]] == [key[:2] for key in losses[1]]
     assert all(abs(a[2] - b[2]) < 1e-5 for a, b in zip(*losses))  # train losses and the (split, reduced) validation loss
+    # The gradient itself, unclipped (--grad-clip 0): AdamW hardly notices gradients all halved or doubled
+    # (a loss scaled by the wrong power of the process count), the norm does.
+    norms = [[row["grad_norm"] for row in metric_rows(run) if row["type"] == "train"] for run in (one, two)]
+    assert len(norms[0]) == STEPS and all(abs(a - b) <= 1e-4 * a for a, b in zip(*norms)), norms
 
 
 def test_only_rank_zero_writes_and_the_log_states_the_global_batch(two_process_run):
