@@ -108,3 +108,24 @@ def test_a_run_whose_only_checkpoint_is_damaged_names_one_way_out_both_ways(tmp_
     for message in messages:
         assert "damaged" in message and "under another --run-name" in message and "with --resume" not in message, message
     assert checkpoint.is_dir()  # nothing is deleted
+
+
+def test_saved_files_and_folders_follow_the_umask(tmp_path):
+    """Files and folders written atomically get the permissions of any other file the user makes
+    (0644 and 0755 under the usual umask 022), not the temporary files' 0600 and 0700: a service
+    user (Ollama's, a web server's) must be able to read an export."""
+    import os
+    import stat
+
+    from minigpt.files import write_directory_atomically
+
+    previous = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.json", b"{}")
+        folder = write_directory_atomically(tmp_path / "folder", lambda directory: atomic_write_bytes(directory / "b.bin", b"x"))
+        os.umask(0o077)  # a private umask is kept private
+        atomic_write_bytes(tmp_path / "private.json", b"{}")
+    finally:
+        os.umask(previous)
+    assert [stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "a.json", folder, folder / "b.bin", tmp_path / "private.json")] \
+        == [0o644, 0o755, 0o644, 0o600]
