@@ -183,12 +183,21 @@ def _fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
+def _umask() -> int:
+    """The process's umask (os.umask reads it only by setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old content or the new, never a mix."""
+    """Write `data` to `path` so that readers see the old content or the new, never a mix.
+    The file gets the permissions any new file gets (the umask's), not the temporary file's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=path.parent)
     try:
+        os.fchmod(descriptor, 0o666 & ~_umask())
         with os.fdopen(descriptor, "wb") as file:
             file.write(data)
             file.flush()
@@ -217,6 +226,7 @@ def write_directory_atomically(path: str | Path, fill: Callable[[Path], None], m
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{path.name}-", dir=path.parent))
     try:
+        temporary.chmod(0o777 & ~_umask())  # as any new folder, not mkdtemp's 0700: others may need to read an export
         fill(temporary)
         if manifest:
             write_manifest(temporary)
