@@ -341,3 +341,31 @@ def test_parallel_batches_resume_exactly_by_replaying(tmp_path, tokenizer):
         assert torch.equal(expected[0], actual[0]) and torch.equal(expected[1], actual[1])
     single_process = batches(TokenBlockStream([path], tokenizer, block_size=16, batch_size=2, shuffle_buffer=8, seed=2), 30)
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(single_process, uninterrupted))  # two shards interleave
+
+
+def test_a_long_document_is_tokenized_in_bounded_pieces_to_the_same_tokens(tmp_path, tokenizer, monkeypatch):
+    """One JSONL record of one huge line (issue #33: 30 MB of one line took 3.8 GB, tokenized in one
+    call). It is tokenized in pieces cut before a space between two words, where the tokenizer splits
+    anyway: the tokens are the whole text's, and no call sees more than the bound. Here the bound is
+    shrunk to 2,000 characters; the slow stage trains on a 200 MB line."""
+    import minigpt.sources
+
+    monkeypatch.setattr(minigpt.sources, "LONG_TEXT_CHARACTERS", 2_000, raising=False)
+    text = " ".join(f"{WORDS[number % len(WORDS)]}{'  ' if number % 97 == 0 else ''}" for number in range(6_000))
+    text += " " + "x" * 5_000 + " the end"  # a stretch with no space at all is cut at the bound
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps({"text": text}) + "\n")
+    longest = []
+    encode_batch = type(tokenizer).encode_batch
+
+    def watched(self, texts):
+        longest.append(max(map(len, texts)))
+        return encode_batch(self, texts)
+
+    monkeypatch.setattr(type(tokenizer), "encode_batch", watched)
+    stream = TokenBlockStream([path], tokenizer, block_size=64, batch_size=8, loop=False)
+    batches = list(stream)
+    tokens = torch.cat([batches[0][0][0, :1]] + [targets.flatten() for _, targets in batches])  # blocks overlap by one token
+    expected = tokenizer.encode(text) + [tokenizer.eos_id]
+    assert max(longest) <= 2_000, longest
+    assert tokens.tolist() == expected[: len(tokens)] and len(expected) - len(tokens) < 65  # the last partial block is dropped
