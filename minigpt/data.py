@@ -329,8 +329,9 @@ class TokenBlockStream(IterableDataset):
                     continue
             token_chunks.append(ids)
             mask_chunks.append(mask)
-        self.pending_tokens = np.concatenate(token_chunks)
-        self.pending_mask = np.concatenate(mask_chunks)
+        # One chunk alone (a long document after the previous ones were packed) is kept, not copied.
+        self.pending_tokens = token_chunks[-1] if len(token_chunks) == 2 and not len(token_chunks[0]) else np.concatenate(token_chunks)
+        self.pending_mask = mask_chunks[-1] if len(mask_chunks) == 2 and not len(mask_chunks[0]) else np.concatenate(mask_chunks)
         return True
 
     def _fill_row(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:

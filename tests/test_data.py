@@ -2,6 +2,8 @@
 
 import json
 import logging
+import subprocess
+import sys
 import tracemalloc
 from types import SimpleNamespace
 
@@ -369,3 +371,43 @@ def test_a_long_document_is_tokenized_in_bounded_pieces_to_the_same_tokens(tmp_p
     expected = tokenizer.encode(text) + [tokenizer.eos_id]
     assert max(longest) <= 2_000, longest
     assert tokens.tolist() == expected[: len(tokens)] and len(expected) - len(tokens) < 65  # the last partial block is dropped
+
+
+HUGE_LINE_TRAINING = """
+import json, resource, sys
+from minigpt.cli.main import main
+megabytes, tokenizer, directory = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+words = "the model reads text and learns to predict the next token from those before it".split()
+text = " ".join(words[number % len(words)] for number in range(megabytes * 200_000))
+with open(f"{directory}/huge.jsonl", "w") as file:
+    file.write(json.dumps({"text": text}) + "\\n")
+del text
+status = main(["train", "--config", "tiny", "--data-files", f"{directory}/huge.jsonl", "--tokenizer", tokenizer,
+               "--output-dir", f"{directory}/runs", "--max-steps", "2", "--val-fraction", "0", "--dtype", "float32",
+               "--sample-tokens", "0", "--disable-monitoring"])
+print(json.dumps({"status": status, "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+@pytest.mark.slow  # a huge-file test: tokenizing 200 MB takes minutes
+def test_a_200_megabyte_single_line_document_trains_in_under_one_and_a_half_gigabytes(tmp_path, tokenizer_file):
+    """Issue #33: 30 MB of one line took 3.8 GB of memory, 200 MB grew past 18 GB."""
+    result = subprocess.run([sys.executable, "-c", HUGE_LINE_TRAINING, "200", str(tokenizer_file), str(tmp_path)],
+                            capture_output=True, text=True, timeout=3600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    print(outcome)
+    assert outcome["status"] == 0 and outcome["peak_bytes"] < 1.5e9, outcome
+
+
+def test_a_looping_stream_reads_no_further_than_an_epoch_or_a_million_characters_at_a_time(tmp_path, tokenizer):
+    """The tokenizer gets up to 64 documents at a time: on a file of one huge document, a looping
+    stream filled that batch by reading the file 64 times over (64 copies of a 30 MB line in
+    memory), and 64 long documents would be as bad. A batch ends at the end of an epoch, and once
+    it holds a million characters."""
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"text": "word " * 1_000}) + "\n")
+    assert len(TokenBlockStream([one], tokenizer, block_size=16, batch_size=1)._read_documents()) == 1
+    many = tmp_path / "many.jsonl"
+    many.write_text((json.dumps({"text": "word " * 100_000}) + "\n") * 10)  # 500,000 characters each
+    assert len(TokenBlockStream([many], tokenizer, block_size=16, batch_size=1)._read_documents()) == 2
