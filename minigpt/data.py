@@ -40,6 +40,7 @@ from minigpt.tokenizer import Tokenizer
 # A batch of one-conversation rows is cut after its last target, rounded up to a multiple of this,
 # so that a compiled model meets a handful of shapes, not one per batch.
 ROW_WIDTH_STEP = 32
+TOKENIZE_BATCH_CHARACTERS = 1 << 20  # documents are read and tokenized in batches of at most this many characters (or 64 documents)
 
 
 @dataclass
@@ -352,12 +353,13 @@ class TokenBlockStream(IterableDataset):
     def _read_documents(self) -> list[Document]:
         """Up to tokenize_batch_size documents of this split and shard; [] when a finite stream ends."""
         documents: list[Document] = []
-        while len(documents) < self.tokenize_batch_size:
+        characters = 0  # a batch also ends at TOKENIZE_BATCH_CHARACTERS: long documents are not gathered by the dozen
+        while len(documents) < self.tokenize_batch_size and characters < TOKENIZE_BATCH_CHARACTERS:
             capped = self.max_documents and self.epoch.position >= self.max_documents
             document = None if capped else self.reader.next_document()
             if document is None:  # the end of the data, or of the cap
-                if not self.loop:
-                    break
+                if not self.loop or documents:  # a looping stream starts the next epoch on the next call, not
+                    break  # within this batch (a file of one huge document would be read over and over)
                 if self.shard_documents == 0:  # a whole epoch gave nothing: another would not either
                     raise self._empty_error()
                 self._start_next_epoch()
@@ -371,6 +373,7 @@ class TokenBlockStream(IterableDataset):
             if index % self.num_shards == self.shard:
                 self.shard_documents += 1
                 documents.append(document)
+                characters += len(document.text) if document.text is not None else 0
         return documents
 
     def _start_next_epoch(self) -> None:

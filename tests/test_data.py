@@ -88,7 +88,8 @@ def test_a_position_saved_before_the_epoch_record_still_resumes(tmp_path, tokeni
         return TokenBlockStream([write_jsonl(tmp_path / "a.jsonl", 40)], tokenizer, block_size=24, batch_size=3, shuffle_buffer=16, seed=5)
 
     first = make()
-    batches(first, 50)  # into the second pass
+    while first.epoch.passes == 0 or first.epoch.position == 0:  # into the second pass
+        next(iter(first))
     state = first.state_dict()
     assert state["epoch"]["passes"] == 1 and state["epoch"]["position"] > 0
     old = {**state, "epoch": state["epoch"]["passes"], "accepted_documents": state["epoch"]["position"]}
@@ -409,5 +410,5 @@ def test_a_looping_stream_reads_no_further_than_an_epoch_or_a_million_characters
     one.write_text(json.dumps({"text": "word " * 1_000}) + "\n")
     assert len(TokenBlockStream([one], tokenizer, block_size=16, batch_size=1)._read_documents()) == 1
     many = tmp_path / "many.jsonl"
-    many.write_text((json.dumps({"text": "word " * 100_000}) + "\n") * 10)  # 500,000 characters each
+    many.write_text((json.dumps({"text": "word " * 120_000}) + "\n") * 10)  # 600,000 characters each
     assert len(TokenBlockStream([many], tokenizer, block_size=16, batch_size=1)._read_documents()) == 2
