@@ -40,6 +40,7 @@ from minigpt.tokenizer import Tokenizer
 # A batch of one-conversation rows is cut after its last target, rounded up to a multiple of this,
 # so that a compiled model meets a handful of shapes, not one per batch.
 ROW_WIDTH_STEP = 32
+TOKENIZE_BATCH_CHARACTERS = 1 << 20  # documents are read and tokenized in batches of at most this many characters (or 64 documents)
 
 
 @dataclass
@@ -124,8 +125,8 @@ class TokenBlockStream(IterableDataset):
         self.block_size, self.batch_size = block_size, batch_size
         self.split, self.val_fraction = split, val_fraction
         self.shuffle_buffer, self.seed, self.loop = shuffle_buffer, seed, loop
-        self.rank, self.world_size = rank, world_size
-        self.shard, self.num_shards = rank, world_size  # refined per DataLoader worker in __iter__
+        self.rank, self.world_size = rank, world_size  # torchrun's processes: each keeps its batches of every round
+        self.shard, self.num_shards = 0, 1  # the documents' shards: one per DataLoader worker, set in __iter__
         self.text_field, self.max_documents = text_field, max_documents
         self.tokenize_batch_size, self.assistant_only_loss = tokenize_batch_size, assistant_only_loss
         self.one_document_per_row = one_document_per_row
@@ -144,6 +145,7 @@ class TokenBlockStream(IterableDataset):
         self.buffer: list[tuple[np.ndarray, np.ndarray]] = []  # the shuffle buffer of blocks
         self.rng = random.Random(self.seed)
         self.blocks_this_pass = 0  # a finite stream that ends with none is empty: an error, not zero batches
+        self.learnable_documents = 0  # this pass's documents with a target (assistant-only: an assistant turn)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly here, as tensors and plain values."""
@@ -172,9 +174,8 @@ class TokenBlockStream(IterableDataset):
 
     def __iter__(self) -> "TokenBlockStream":
         worker = get_worker_info()
-        if worker is not None:  # inside a DataLoader worker: this worker's share of this rank's share
-            self.shard = self.rank * worker.num_workers + worker.id
-            self.num_shards = self.world_size * worker.num_workers
+        if worker is not None:  # inside a DataLoader worker: this worker's share of the documents
+            self.shard, self.num_shards = worker.id, worker.num_workers
         if not self.loop:
             self._reset()
             self.reader.warn = self.passes == 0
@@ -182,6 +183,26 @@ class TokenBlockStream(IterableDataset):
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's next batch. Under torchrun every process reads the same rows in the same
+        order (the same documents, packing and shuffle) and keeps one batch of every world_size,
+        the rank-th: together the processes' batches of a round are the rows one process reads in
+        world_size micro-batches, so N processes train on exactly what one process with N times
+        the gradient accumulation trains on. (Each process tokenizes every document for that;
+        a token cache makes it a read.)"""
+        for _ in range(self.rank):
+            self._skip_batch()
+        batch = self._next_batch()
+        for _ in range(self.world_size - 1 - self.rank):
+            self._skip_batch()
+        return batch
+
+    def _skip_batch(self) -> None:
+        """Read past another process's batch of this round."""
+        for _ in range(self.batch_size):
+            if self._next_block() is None:
+                return
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         blocks = []
         while len(blocks) < self.batch_size:
             block = self._next_block()
@@ -206,31 +227,30 @@ class TokenBlockStream(IterableDataset):
         """Read (on a fresh copy, leaving this stream untouched) until one block exists; raise
         UserInputError if none can, so a run fails at its start rather than at its first evaluation.
 
-        Every shard is checked, not only this one: under torchrun every process then reaches the
-        same verdict, and the error is the same sentence everywhere (rank 0 prints it once)."""
-        for shard in range(self.num_shards):
-            probe = self._finite_copy(shard, self.num_shards, tokenize_batch_size=8)
-            if probe._next_block() is None:
-                raise probe._empty_error()
-            probe.reader.close()
+        Under torchrun every process reads the same data, so every one reaches the same verdict,
+        and the error is the same sentence everywhere (rank 0 prints it once)."""
+        probe = self._finite_copy(tokenize_batch_size=8)
+        if probe._next_block() is None:
+            raise probe._empty_error()
+        probe.reader.close()
 
     def sequences_per_pass(self) -> int:
         """The rows (packed blocks, or one-document rows) one pass over the data gives, every
         shard's together: a counting pass on a fresh, unshuffled copy, leaving this stream where
         it is. It reads (and, without a token cache, tokenizes) all of this split's data once."""
-        counter = self._finite_copy(0, 1)
+        counter = self._finite_copy()
         rows = 0
         while counter._next_packed_block() is not None:
             rows += 1
         counter.reader.close()
         return rows
 
-    def _finite_copy(self, rank: int, world_size: int, tokenize_batch_size: int = 64) -> "TokenBlockStream":
-        """A new stream over the same data, split and rows as this one, read once, in order, as
-        shard `rank` of `world_size`. Its reader reports no bad lines: this stream does, when it reads them."""
+    def _finite_copy(self, tokenize_batch_size: int = 64) -> "TokenBlockStream":
+        """A new stream over the same data, split and rows as this one, read once, in order, whole
+        (every process's rows). Its reader reports no bad lines: this stream does, when it reads them."""
         copy = TokenBlockStream(
             self.sources, self.tokenizer, self.block_size, 1, split=self.split, val_fraction=self.val_fraction,
-            loop=False, rank=rank, world_size=world_size, text_field=self.text_field, max_documents=self.max_documents,
+            loop=False, text_field=self.text_field, max_documents=self.max_documents,
             tokenize_batch_size=tokenize_batch_size, assistant_only_loss=self.assistant_only_loss,
             one_document_per_row=self.one_document_per_row,
         )
@@ -241,6 +261,11 @@ class TokenBlockStream(IterableDataset):
         where = ", ".join(str(source) for source in self.sources)
         shard = f" for shard {self.shard} of {self.num_shards}" if self.num_shards > 1 else ""
         block = f"one block of {self.block_size + 1} tokens"
+        if self.report.no_assistant and not self.learnable_documents:
+            return UserInputError(
+                f"No conversation in {where}{shard} has an assistant turn: chat fine-tuning learns the assistant's replies, "
+                "so give each record at least one turn with the role 'assistant'."
+            )
         if self.split == "val":
             return UserInputError(
                 f"No validation data{shard}: the {self.val_fraction:.1%} hold-out of {where} does not fill {block}; "
@@ -292,7 +317,12 @@ class TokenBlockStream(IterableDataset):
         if not documents:
             return False
         token_chunks, mask_chunks = [self.pending_tokens], [self.pending_mask]
-        for ids, assistant in encode_documents(documents, self.tokenizer):
+        for document, (ids, assistant) in zip(documents, encode_documents(documents, self.tokenizer)):
+            if self.assistant_only_loss and not assistant[:-1 if document.ends_document else None].any():
+                # The assistant never speaks: its <|endoftext|> alone would be the only target.
+                self.report.no_assistant += 1
+                continue
+            self.learnable_documents += 1
             mask = assistant if self.assistant_only_loss else np.ones(len(ids), dtype=bool)
             if self.one_document_per_row:
                 ids, mask = self._fill_row(ids, mask)
@@ -300,8 +330,9 @@ class TokenBlockStream(IterableDataset):
                     continue
             token_chunks.append(ids)
             mask_chunks.append(mask)
-        self.pending_tokens = np.concatenate(token_chunks)
-        self.pending_mask = np.concatenate(mask_chunks)
+        # One chunk alone (a long document after the previous ones were packed) is kept, not copied.
+        self.pending_tokens = token_chunks[-1] if len(token_chunks) == 2 and not len(token_chunks[0]) else np.concatenate(token_chunks)
+        self.pending_mask = mask_chunks[-1] if len(mask_chunks) == 2 and not len(mask_chunks[0]) else np.concatenate(mask_chunks)
         return True
 
     def _fill_row(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -322,26 +353,27 @@ class TokenBlockStream(IterableDataset):
     def _read_documents(self) -> list[Document]:
         """Up to tokenize_batch_size documents of this split and shard; [] when a finite stream ends."""
         documents: list[Document] = []
-        while len(documents) < self.tokenize_batch_size:
+        characters = 0  # a batch also ends at TOKENIZE_BATCH_CHARACTERS: long documents are not gathered by the dozen
+        while len(documents) < self.tokenize_batch_size and characters < TOKENIZE_BATCH_CHARACTERS:
             capped = self.max_documents and self.epoch.position >= self.max_documents
             document = None if capped else self.reader.next_document()
             if document is None:  # the end of the data, or of the cap
-                if not self.loop:
-                    break
+                if not self.loop or documents:  # a looping stream starts the next epoch on the next call, not
+                    break  # within this batch (a file of one huge document would be read over and over)
                 if self.shard_documents == 0:  # a whole epoch gave nothing: another would not either
                     raise self._empty_error()
                 self._start_next_epoch()
                 continue
             if self.split != "all" and (document_hash_fraction(document) < self.val_fraction) != (self.split == "val"):
                 continue
-            # Shard by the position among this split's documents: shard s of n takes documents
-            # s, s + n, s + 2n, ... so n processes with one micro-batch each see the documents
-            # that one process sees in n micro-batches (what makes their gradients equal).
+            # DataLoader workers shard by the position among this split's documents: worker s of
+            # n takes documents s, s + n, s + 2n, ...
             index = self.epoch.position
             self.epoch.position += 1
             if index % self.num_shards == self.shard:
                 self.shard_documents += 1
                 documents.append(document)
+                characters += len(document.text) if document.text is not None else 0
         return documents
 
     def _start_next_epoch(self) -> None:

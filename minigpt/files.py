@@ -183,12 +183,21 @@ def _fsync_directory(directory: Path) -> None:
         os.close(descriptor)
 
 
+def _umask() -> int:
+    """The process's umask (os.umask reads it only by setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old content or the new, never a mix."""
+    """Write `data` to `path` so that readers see the old content or the new, never a mix.
+    The file gets the permissions any new file gets (the umask's), not the temporary file's 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=path.parent)
     try:
+        os.fchmod(descriptor, 0o666 & ~_umask())
         with os.fdopen(descriptor, "wb") as file:
             file.write(data)
             file.flush()
@@ -217,6 +226,7 @@ def write_directory_atomically(path: str | Path, fill: Callable[[Path], None], m
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{path.name}-", dir=path.parent))
     try:
+        temporary.chmod(0o777 & ~_umask())  # as any new folder, not mkdtemp's 0700: others may need to read an export
         fill(temporary)
         if manifest:
             write_manifest(temporary)
@@ -324,22 +334,29 @@ def lock_run_directory(run_dir: str | Path) -> None:
     """Take `run_dir`'s lock file, holding this process's pid, or refuse in one sentence.
 
     Two trainers writing the same checkpoints and metrics would corrupt each other's state, so
-    the second is refused. The file is created with O_EXCL, which the operating system makes
-    atomic: of two processes creating it at once, exactly one succeeds. A lock left by a process
+    the second is refused. The pid is written into a claim file of this process's own first and
+    the claim is then hard-linked to the lock's name: the link fails where the name exists (the
+    operating system makes that atomic: of two processes linking at once, exactly one succeeds),
+    and a lock is never seen without its owner. (Created empty and written after, a lock caught
+    between the two looked like a dead trainer's and was taken over.) A lock left by a process
     that no longer exists (it was killed) is stale and taken over with a notice. The lock is
     released by `unlock_run_directory`, and at the latest when this process exits normally.
     """
     path = Path(run_dir) / LOCK_NAME
-    for _ in range(2):  # a second try after removing a stale lock
-        try:
-            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            _clear_stale_lock(path)
-            continue
-        with os.fdopen(descriptor, "w") as file:
-            file.write(f"{os.getpid()}\n")
-        atexit.register(unlock_run_directory, run_dir)
-        return
+    claim = path.with_name(f".{LOCK_NAME}.claim-{os.getpid()}")
+    with open(claim, "w") as file:
+        file.write(f"{os.getpid()}\n")
+    try:
+        for _ in range(2):  # a second try after removing a stale lock
+            try:
+                os.link(claim, path)
+            except FileExistsError:
+                _clear_stale_lock(path)
+                continue
+            atexit.register(unlock_run_directory, run_dir)
+            return
+    finally:
+        claim.unlink(missing_ok=True)
     raise UserInputError(f"Could not take the lock {path}: another trainer is starting in the same run directory.")
 
 
@@ -347,7 +364,7 @@ def _lock_owner(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())
     except (OSError, ValueError):
-        return None  # absent, empty or garbled (its writer died between creating and filling it)
+        return None  # absent, empty or garbled (damaged, or left by a version that filled it after creating it)
 
 
 def _clear_stale_lock(path: Path) -> None:

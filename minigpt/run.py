@@ -122,16 +122,30 @@ def resolve_run_paths(config: RunConfig) -> RunPaths:
                 raise UserInputError(f"--resume found no run under {output_dir}; name one with --run-name.")
             run_dir = max(runs, key=lambda path: path.stat().st_mtime).parent
         checkpoint = latest_intact_checkpoint(run_dir)
+        if checkpoint is None and latest_checkpoint(run_dir) is not None:
+            raise only_damaged_checkpoints(run_dir)
         if checkpoint is None:
             raise UserInputError(f"--resume: run {run_dir} has no checkpoint yet; start it again without --resume.")
         return RunPaths(run_dir, checkpoint)
     name = train.run_name or f"{config.preset or 'custom'}-{datetime.now():%Y%m%d-%H%M%S}"
     run_dir = output_dir / name
+    if latest_checkpoint(run_dir) is not None and not (run_dir / "final_model").exists() and latest_intact_checkpoint(run_dir) is None:
+        raise only_damaged_checkpoints(run_dir)
     if latest_checkpoint(run_dir) is not None or (run_dir / "final_model").exists():
         raise UserInputError(
             f"Run directory {run_dir} already holds a run; continue it with --resume or choose another --run-name."
         )
     return RunPaths(run_dir, None)
+
+
+def only_damaged_checkpoints(run_dir: Path) -> UserInputError:
+    """The one way out of a run whose checkpoints are all damaged, said alike whether or not
+    --resume was asked: nothing there can be continued, and the directory is not deleted for the user."""
+    return UserInputError(
+        f"Run {run_dir} holds only damaged checkpoints (files that differ from their manifest.json, newest "
+        f"{latest_checkpoint(run_dir).name}), so it cannot be continued: "
+        f"start the run again under another --run-name (delete {run_dir} yourself if you no longer need it)."
+    )
 
 
 def _tokenizer_key(sources: list, config: RunConfig) -> str:
@@ -239,6 +253,11 @@ def configure(base: RunConfig, overrides: Mapping[str, Any], given: Mapping[str,
     that model's shape; model settings given too still apply, and prepare_run refuses any that
     contradict it."""
     init_from = overrides.get("train.init_from", base.train.init_from)
+    if resumed and overrides.get("train.dtype") == "auto":
+        # --dtype auto was decided when the run started and recorded; measuring again could choose
+        # the other precision, and the resumed run would no longer compute as the interrupted one.
+        overrides = {key: value for key, value in overrides.items() if key != "train.dtype"}
+        log.info("--dtype auto on a resumed run: keeping the %s the run chose when it started.", base.train.dtype)
     if init_from and not resumed:
         base = dataclasses.replace(base, model=initial_model_config(init_from))
     config = apply_overrides(base, overrides, source=source)

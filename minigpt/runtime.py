@@ -3,10 +3,11 @@
     device  "auto" picks CUDA, then Apple's MPS, then the CPU.
     dtype   "auto" picks bfloat16 autocast on a CUDA GPU that supports it, float16 (with a
             gradient scaler) on one that does not, and float32 on MPS (its autocast is not yet
-            reliable for training). On a CPU it is measured: CPUs with bfloat16 matrix units
-            (Intel AMX, AVX512-BF16) run a large model's step about twice as fast in bfloat16,
-            while on CPUs without them a bfloat16 multiply can be hundreds of times slower, and
-            on small models autocast's conversions cost more than they save.
+            reliable for training). On a CPU: float32 where the CPU has no bfloat16 matrix
+            instructions (a bfloat16 multiply is emulated there, hundreds of times slower);
+            where it has them (Intel AMX, AVX512-BF16) a large model's step can run about twice
+            as fast in bfloat16 while on small models autocast's conversions cost more than they
+            save, so the step is measured, robustly to the machine's load (`fastest_cpu_dtype`).
 Autocast keeps the weights in float32 and runs matrix multiplies in the low-precision type, so
 the optimizer's updates keep full precision.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
-import functools
 import logging
 import os
 import platform
@@ -71,26 +71,30 @@ def select_dtype(name: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_has_fast_bfloat16(size: int = 512, margin: float = 0.8) -> bool:
-    """Whether this CPU multiplies bfloat16 matrices faster than float32 ones (it has matrix units
-    for them). A quick check before any real measurement: where bfloat16 is emulated, one
-    multiply of a training step's size would take minutes."""
-    timings = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.ones(size, size, dtype=dtype), torch.ones(size, size, dtype=dtype)
-        a @ b
-        start = time.perf_counter()
-        a @ b
-        timings[dtype] = time.perf_counter() - start
-    return timings[torch.bfloat16] < margin * timings[torch.float32]
+def cpu_bfloat16_units() -> str | None:
+    """The bfloat16 matrix instructions this CPU has ("AMX" or "AVX512-BF16"), or None where a
+    bfloat16 multiply is emulated (a multiply of a training step's size would then take minutes).
+    Asked of the CPU, not timed: the answer is the same however busy the machine is."""
+    for name, supported in (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported")):
+        check = getattr(torch.cpu, supported, None)
+        if check is not None and check():
+            return name
+    return None
+
+
+def cpu_has_fast_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 matrix instructions (`cpu_bfloat16_units`)."""
+    return cpu_bfloat16_units() is not None
 
 
 PROBE_TOKENS = 1024  # enough for realistic matrix shapes, few enough for a probe of seconds
+PROBE_ROUNDS = (4, 20)  # timed steps per precision, alternating (after one warm-up step each): at least, at most
+REPEATED_WITHIN = 1.1  # a fastest time counts once two more steps come within 10% of it
+BFLOAT16_MARGIN = 0.75  # bfloat16 must take under this share of float32's time: a clear win, not noise
 
 
 def fastest_cpu_dtype(
-    model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.Tensor], margin: float = 0.8
+    model: torch.nn.Module, loss_of: Callable[[torch.nn.Module], torch.Tensor], margin: float = BFLOAT16_MARGIN
 ) -> torch.dtype:
     """bfloat16 if a forward and backward pass of this model runs in under `margin` of its
     float32 time on this CPU, else float32. `loss_of(model)` computes the loss of an example
@@ -99,26 +103,43 @@ def fastest_cpu_dtype(
     The example batch should be the training batch's shape, capped at about PROBE_TOKENS tokens:
     which precision wins depends on the matrix shapes (small ones lose to the cost of
     converting), so they must be the real ones.
+
+    The same command must get the same precision on a busy machine as on an idle one (else the
+    same seed gives other weights), so the timing is made robust to load: the two precisions
+    alternate step by step (a load that starts or ends during the probe slows both alike), each
+    counts its fastest step (other processes only ever add time) once two more steps have come
+    within 10% of it (a burst of load could otherwise slow every step of a short probe), and bfloat16 must
+    win by a clear margin. The run records the choice in config.json; --resume keeps it.
     """
-    if not cpu_has_fast_bfloat16():
-        log.info("CPU precision: this CPU has no fast bfloat16 multiply; using float32.")
+    units = cpu_bfloat16_units()
+    if units is None:
+        log.info("CPU precision: float32 (this CPU has no bfloat16 matrix instructions, AMX or AVX512-BF16).")
         return torch.float32
     probe = copy.deepcopy(model).train(False)
 
-    def seconds(dtype: torch.dtype) -> float:
-        times = []
-        for _ in range(3):  # the first warms up; the faster of the other two counts
-            start = time.perf_counter()
-            with autocast(torch.device("cpu"), dtype):
-                loss = loss_of(probe)
-            loss.backward()
-            times.append(time.perf_counter() - start)
-        return min(times[1:])
+    def step_seconds(dtype: torch.dtype) -> float:
+        start = time.perf_counter()
+        with autocast(torch.device("cpu"), dtype):
+            loss = loss_of(probe)
+        loss.backward()
+        return time.perf_counter() - start
 
-    float32, bfloat16 = seconds(torch.float32), seconds(torch.bfloat16)
+    step_seconds(torch.float32), step_seconds(torch.bfloat16)  # warm-up: first calls allocate and pick kernels
+    times: dict[torch.dtype, list[float]] = {torch.float32: [], torch.bfloat16: []}
+
+    def repeated(steps: list[float]) -> bool:
+        fastest, _, third = sorted(steps)[:3]
+        return third <= REPEATED_WITHIN * fastest
+
+    least, most = PROBE_ROUNDS
+    while len(times[torch.float32]) < most and not (len(times[torch.float32]) >= least and all(map(repeated, times.values()))):
+        for dtype in times:
+            times[dtype].append(step_seconds(dtype))
+    float32, bfloat16 = min(times[torch.float32]), min(times[torch.bfloat16])
     choice = torch.bfloat16 if bfloat16 < margin * float32 else torch.float32
-    log.info("CPU precision: a step takes %.0f ms in float32, %.0f ms in bfloat16 autocast: using %s.",
-             1000 * float32, 1000 * bfloat16, str(choice).replace("torch.", ""))
+    log.info("CPU precision: %s (this CPU has %s; the fastest of %d alternating steps took %.0f ms in float32 and %.0f ms in bfloat16 "
+             "autocast, and bfloat16 is chosen only under %.0f%% of float32's time). Recorded in config.json; --resume keeps it.",
+             str(choice).replace("torch.", ""), units, len(times[torch.float32]), 1000 * float32, 1000 * bfloat16, 100 * margin)
     return choice
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import logging
 from dataclasses import dataclass, field
@@ -111,6 +112,7 @@ class DataReport:
     examples: list[str] = field(default_factory=list)
     truncated: int = 0  # one-document-per-row streams: documents cut at the end to fit a row
     dropped: int = 0  # ... and documents left with no target to learn from after the cut
+    no_assistant: int = 0  # assistant-only streams: conversations the assistant never speaks in (nothing to learn)
 
 
 @dataclass
@@ -536,6 +538,48 @@ def _whole_characters(chunk: bytes) -> int:
     return len(chunk)  # not UTF-8 at all: the decoder will say so
 
 
+LONG_TEXT_CHARACTERS = 1 << 16  # a longer text is tokenized in pieces of about this many characters
+PIECES_PER_CALL = 16  # ... this many pieces to one (parallel) call of the tokenizer: about 1M characters
+
+
+def text_pieces(text: str, size: int) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `size` characters (at least half that, but the
+    last), each cut before a space that stands between two non-spaces. The byte-level BPE
+    pre-tokenizer splits there anyway (" word" starts a token), so the pieces' tokens are the
+    whole text's; a stretch of `size` with no such space (one endless word) is cut at `size`."""
+    start = 0
+    while len(text) - start > size:
+        cut = text.rfind(" ", start + size // 2, start + size)
+        while cut > start and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+            cut = text.rfind(" ", start + size // 2, cut)
+        if cut <= start:
+            cut = start + size
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def encode_long_text(text: str, tokenizer: Tokenizer, end_id: int | None) -> np.ndarray:
+    """The token ids of a text too long to tokenize in one call (then `end_id`, if given).
+
+    One tokenizer call holds an object per token (its string, offsets, ids), a hundred times the
+    text's size, so the text goes in pieces (`text_pieces`), and their ids are written straight
+    into one array. It is allocated for the most tokens the text can have (one per UTF-8 byte);
+    only the pages written become memory, so the ids cost what they hold.
+    """
+    size = sum(len(text[start:start + LONG_TEXT_CHARACTERS].encode("utf-8")) for start in range(0, len(text), LONG_TEXT_CHARACTERS))
+    ids = np.empty(size + 1, dtype=np.int64)
+    filled, pieces = 0, text_pieces(text, LONG_TEXT_CHARACTERS)
+    while batch := list(itertools.islice(pieces, PIECES_PER_CALL)):
+        for piece_ids in tokenizer.encode_batch(batch):
+            ids[filled:filled + len(piece_ids)] = piece_ids
+            filled += len(piece_ids)
+    if end_id is not None:
+        ids[filled] = end_id
+        filled += 1
+    return ids[:filled]
+
+
 def encode_documents(documents: Sequence[Document], tokenizer: Tokenizer) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each document as (token ids, assistant mask): the one path from a document to tokens,
     shared by training streams and token caches.
@@ -547,12 +591,19 @@ def encode_documents(documents: Sequence[Document], tokenizer: Tokenizer) -> lis
     folder's tokenizer puts before it; a conversation ends as its chat template ends it (ChatML
     with <|endoftext|>; a pretrained template's rendering is the whole document).
     """
-    texts = [document.text for document in documents if document.text is not None]
+    def is_long(document: Document) -> bool:
+        return document.text is not None and len(document.text) > LONG_TEXT_CHARACTERS
+
+    texts = [document.text for document in documents if document.text is not None and not is_long(document)]
     encoded = iter(tokenizer.encode_batch(texts)) if texts else iter(())
     results = []
     for document in documents:
         if document.tokens is not None:
             ids, mask = document.tokens, document.assistant_mask
+        elif is_long(document):  # its end-of-text is written in place: appending would copy every id
+            ids = encode_long_text(document.text, tokenizer, tokenizer.eos_id if document.ends_document else None)
+            results.append((ids, np.ones(len(ids), dtype=bool)))
+            continue
         elif document.text is not None:
             ids = np.asarray([*(tokenizer.bos_ids if document.starts_document else ()), *next(encoded)], dtype=np.int64)
             mask = np.ones(len(ids), dtype=bool)

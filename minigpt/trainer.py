@@ -798,9 +798,11 @@ class Trainer:
         if report is None:
             return None
         log.info("Data: %s documents read, %s bad lines skipped%s", f"{report.documents:,}", f"{report.bad_lines:,}",
-                 f", {report.truncated:,} cut to fit one row, {report.dropped:,} dropped (nothing to learn left after the cut)"
+                 f", {report.truncated:,} cut to fit one row, {report.dropped:,} dropped (nothing to learn left after the cut), "
+                 f"{report.no_assistant:,} left out (no assistant turn)"
                  if getattr(self.train_batches, "one_document_per_row", False) else "")
-        return {"documents": report.documents, "bad_lines": report.bad_lines, "truncated": report.truncated, "dropped": report.dropped}
+        return {"documents": report.documents, "bad_lines": report.bad_lines, "truncated": report.truncated, "dropped": report.dropped,
+                "no_assistant": report.no_assistant}
 
     def stop_message(self) -> str:
         """One sentence on why the run ended and what to do next."""

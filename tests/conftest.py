@@ -1,14 +1,75 @@
-"""Shared fixtures: a small JSONL corpus and a tokenizer trained on it once per test session."""
+"""Shared fixtures: a small JSONL corpus and a tokenizer trained on it once per test session.
+
+Optional packages. The core must be tested without the optional packages that the export tests
+compare against (transformers, peft, gguf): with MINIGPT_HIDE_OPTIONAL=1 this file hides them from
+every import, so a bug that only those comparisons would see shows up as a missed bug (CI runs
+the core tests once so). A test that needs an optional package asks for it with `require(name)`
+(or `optional(name)`, a module whose first use asks): where it is missing the test is skipped,
+that test alone; under CI=true, where every optional package is installed, a missing one fails
+the test instead, so a broken install cannot pass as a row of skips. A package hidden on purpose
+is skipped under CI too.
+"""
 
 import contextlib
+import importlib
+import importlib.abc
 import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
+
+HIDDEN_PACKAGES = ("transformers", "peft", "gguf") if os.environ.get("MINIGPT_HIDE_OPTIONAL") == "1" else ()
+
+
+class HideOptionalPackages(importlib.abc.MetaPathFinder):
+    """An import finder that answers "not installed" for HIDDEN_PACKAGES and their submodules."""
+
+    def find_spec(self, name, path=None, target=None):  # noqa: ANN001, ANN201 - importlib's protocol
+        if name.partition(".")[0] in HIDDEN_PACKAGES:
+            raise ModuleNotFoundError(f"No module named {name!r} (hidden by MINIGPT_HIDE_OPTIONAL=1)", name=name)
+        return None
+
+
+if HIDDEN_PACKAGES:
+    assert not any(name.partition(".")[0] in HIDDEN_PACKAGES for name in sys.modules), "imported before conftest hid it"
+    sys.meta_path.insert(0, HideOptionalPackages())
+
+
+def require(name: str) -> ModuleType:
+    """The optional package `name`; the test is skipped where it is missing, and fails under CI=true."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        if name.partition(".")[0] in HIDDEN_PACKAGES:
+            pytest.skip(f"{name} is hidden (MINIGPT_HIDE_OPTIONAL=1)")
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{name} is not installed ({error}); CI installs every optional package (pip install -e '.[test]').")
+        pytest.skip(f"needs {name} (pip install -e '.[test]')")
+
+
+class optional:  # noqa: N801 - reads like the module it stands for
+    """A module-level stand-in for an optional package: `transformers = optional("transformers")`
+    imports nothing until a test uses it, and then `require`s it, so only the tests that use it skip."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __getattr__(self, attribute: str):  # noqa: ANN204
+        if attribute.startswith("_"):  # what pytest's collection asks of every module-level name
+            raise AttributeError(attribute)
+        return getattr(require(self.name), attribute)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """`@pytest.mark.requires("gguf")`: for tests that need a package only through MiniGPT's code."""
+    for marker in item.iter_markers("requires"):
+        for name in marker.args:
+            require(name)
 
 from minigpt.cli.common import run_subcommand
 from minigpt.corpus import builtin_documents

@@ -82,3 +82,50 @@ def test_atomic_write_replaces_whole_files(tmp_path):
     atomic_write_bytes(target, b"second")
     assert target.read_bytes() == b"second"
     assert [entry.name for entry in tmp_path.iterdir()] == ["status.json"]
+
+
+def test_a_run_whose_only_checkpoint_is_damaged_names_one_way_out_both_ways(tmp_path):
+    """--resume cannot continue a damaged checkpoint, and starting the run again without --resume
+    is refused because the directory holds a run: both sentences name the same way out, a new
+    --run-name, which leaves the damaged run where it is."""
+    from minigpt.config import apply_overrides, preset_config
+    from minigpt.files import write_manifest
+    from minigpt.run import resolve_run_paths
+
+    checkpoint = tmp_path / "runs" / "broken" / "checkpoint_step_10"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    write_manifest(checkpoint)
+    (checkpoint / "model.safetensors").write_bytes(b"weigh")  # truncated
+    (tmp_path / "runs" / "broken" / "config.json").write_text("{}")
+    messages = []
+    for resume in ("latest", ""):
+        config = apply_overrides(preset_config("tiny"), {"train.output_dir": str(tmp_path / "runs"), "train.run_name": "broken",
+                                                         "train.resume": resume})
+        with pytest.raises(UserInputError) as refused:
+            resolve_run_paths(config)
+        messages.append(str(refused.value))
+    for message in messages:
+        assert "damaged" in message and "under another --run-name" in message and "with --resume" not in message, message
+    assert checkpoint.is_dir()  # nothing is deleted
+
+
+def test_saved_files_and_folders_follow_the_umask(tmp_path):
+    """Files and folders written atomically get the permissions of any other file the user makes
+    (0644 and 0755 under the usual umask 022), not the temporary files' 0600 and 0700: a service
+    user (Ollama's, a web server's) must be able to read an export."""
+    import os
+    import stat
+
+    from minigpt.files import write_directory_atomically
+
+    previous = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.json", b"{}")
+        folder = write_directory_atomically(tmp_path / "folder", lambda directory: atomic_write_bytes(directory / "b.bin", b"x"))
+        os.umask(0o077)  # a private umask is kept private
+        atomic_write_bytes(tmp_path / "private.json", b"{}")
+    finally:
+        os.umask(previous)
+    assert [stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "a.json", folder, folder / "b.bin", tmp_path / "private.json")] \
+        == [0o644, 0o755, 0o644, 0o600]

@@ -416,3 +416,17 @@ def test_bad_input_is_one_sentence_and_writes_nothing(tmp_path, capsys):
         error = capsys.readouterr().err
         assert status == 2 and error.strip() == f"error: Data file {tmp_path / 'missing.jsonl'} does not exist; check the path.", error
         assert not (tmp_path / "runs" / "missing").exists()
+
+
+def test_labels_true_one_and_one_point_zero_are_not_merged_into_one_class(tmp_path, caplog):
+    """Python counts True == 1 == 1.0 as one set element: a class map built from them would merge
+    three spellings into one class. A label is an integer or a string; the others are bad lines."""
+    path = write_jsonl(tmp_path / "train.jsonl", [
+        {"text": "a", "labels": 1}, {"text": "b", "labels": True}, {"text": "c", "labels": 1.0}, {"text": "d", "labels": 0},
+    ])
+    with caplog.at_level(logging.WARNING):
+        records = read_labelled_records([path])
+    assert [record.text for record in records] == ["a", "d"]
+    assert f"{path}:2: field 'labels': label True is a bool where a class" in caplog.text
+    assert f"{path}:3: field 'labels': label 1.0 is a float where a class" in caplog.text
+    assert build_label_maps(records, ["labels"]) == {"labels": [0, 1]}

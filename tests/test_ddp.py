@@ -55,7 +55,7 @@ def run_arguments(data: Path, tokenizer_file: Path, name: str, *extra: str) -> l
     return ["--config", "tiny", "--stage", "sft", "--data-files", str(data), "--tokenizer", str(tokenizer_file),
             "--output-dir", "runs", "--run-name", name, "--max-steps", str(STEPS), "--batch-size", "2", "--log-steps", "1",
             "--eval-steps", "3", "--save-steps", "2", "--dtype", "float32", "--sample-tokens", "0", "--disable-monitoring",
-            "--set", "train.shuffle_buffer=0", *extra]
+            "--set", "train.shuffle_buffer=0", "--grad-clip", "0", *extra]
 
 
 def torchrun_command(*arguments: str) -> list[str]:
@@ -120,6 +120,10 @@ def test_two_processes_reach_the_weights_of_one_with_the_same_global_batch(works
     losses = [[(row["type"], row["step"], row.get("loss", row.get("val_loss"))) for row in metric_rows(run)] for run in (one, two)]
     assert [key[:2] for key in losses[0]] == [key[:2] for key in losses[1]]
     assert all(abs(a[2] - b[2]) < 1e-5 for a, b in zip(*losses))  # train losses and the (split, reduced) validation loss
+    # The gradient itself, unclipped (--grad-clip 0): AdamW hardly notices gradients all halved or doubled
+    # (a loss scaled by the wrong power of the process count), the norm does.
+    norms = [[row["grad_norm"] for row in metric_rows(run) if row["type"] == "train"] for run in (one, two)]
+    assert len(norms[0]) == STEPS and all(abs(a - b) <= 1e-4 * a for a, b in zip(*norms)), norms
 
 
 def test_only_rank_zero_writes_and_the_log_states_the_global_batch(two_process_run):
@@ -429,3 +433,25 @@ def test_a_compiled_two_process_run_matches_the_eager_one(workspace, tokenizer_f
     largest = largest_difference(weights(workspace / "runs" / "compiled"), weights(two_process_run[0]))
     print(f"largest weight difference, compiled vs eager: {largest:.3g}")
     assert largest < 1e-5
+
+
+@pytest.mark.slow  # two torchrun runs and one single-process run of the tiny preset
+def test_pretraining_on_two_processes_reaches_the_weights_of_one(workspace, tokenizer_file, corpus_jsonl):
+    """Packed pretraining on a file of many documents, shuffled: two processes with one micro-batch
+    each must train on the rows one process sees in two micro-batches (issue #33: sharded by
+    document, each process packed other blocks, and 2 processes reached another validation loss)."""
+    def arguments(name: str, *extra: str) -> list[str]:
+        return ["--config", "tiny", "--data-files", str(corpus_jsonl), "--tokenizer", str(tokenizer_file), "--output-dir", "runs",
+                "--run-name", name, "--max-steps", "4", "--batch-size", "2", "--log-steps", "1", "--eval-steps", "4",
+                "--save-steps", "4", "--dtype", "float32", "--sample-tokens", "0", "--disable-monitoring", "--val-fraction", "0.1",
+                "--set", "train.shuffle_buffer=16", *extra]
+
+    two = torchrun(*arguments("pretrain-two"), cwd=workspace)
+    assert two.returncode == 0, two.stdout + two.stderr
+    one = one_process(*arguments("pretrain-one", "--gradient-accumulation-steps", "2"), cwd=workspace)
+    assert one.returncode == 0, one.stderr
+    largest = largest_difference(weights(workspace / "runs" / "pretrain-one"), weights(workspace / "runs" / "pretrain-two"))
+    print(f"largest weight difference, 2 processes vs 1 (pretraining): {largest:.3g}")
+    assert largest < 1e-5
+    losses = [[row.get("loss", row.get("val_loss")) for row in metric_rows(workspace / "runs" / run)] for run in ("pretrain-one", "pretrain-two")]
+    assert all(abs(a - b) < 1e-5 for a, b in zip(*losses))

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_script
+from conftest import optional, run_script
 from minigpt.checkpoint import write_model_files
 from minigpt.cli.export import main as export_main
 from minigpt.config import ModelConfig, RunConfig
@@ -27,9 +27,9 @@ from minigpt.model import GPT, apply_rotary, rotary_tables
 from minigpt.model_folder import AdapterRun, load, save_model_directory
 from minigpt.tokenizer import PretrainedTokenizer, load_tokenizer, train_char_tokenizer
 
-transformers = pytest.importorskip("transformers")
-gguf = pytest.importorskip("gguf")
-peft = pytest.importorskip("peft")
+transformers = optional("transformers")  # each test that uses one skips without it (fails under CI=true)
+gguf = optional("gguf")
+peft = optional("peft")
 
 TRICKY_TEXTS = [
     "Hello, world!",
@@ -135,6 +135,7 @@ def test_hf_chat_template_renders_like_minigpt(hf_dir, tokenizer):
     assert json.loads((hf_dir / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
 
 
+@pytest.mark.requires("gguf")  # through MiniGPT's GGUF export
 def test_character_tokenizer_model_exports_to_hf_and_is_refused_by_gguf(tmp_path, capsys):
     texts = ["To be, or not to be: that is the question.\r\n", "Whether 'tis nobler in the mind"]
     char_tokenizer = train_char_tokenizer(texts, show_progress=False)
@@ -192,6 +193,7 @@ def gguf_tensors_as_minigpt(reader, config):
     return result
 
 
+@pytest.mark.requires("gguf")  # through MiniGPT's GGUF export
 def test_gguf_f32_holds_every_llama_key_and_the_exact_weights(model_dir, trained, tokenizer, tmp_path):
     output, reader = read_gguf(model_dir, tmp_path, "f32")
     config = trained.config
@@ -217,6 +219,7 @@ def test_gguf_f32_holds_every_llama_key_and_the_exact_weights(model_dir, trained
     assert f"FROM ./{GGUF_FILE_NAME}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile and "<|im_start|>assistant" in modelfile
 
 
+@pytest.mark.requires("gguf")  # through MiniGPT's GGUF export
 @pytest.mark.parametrize("outtype", ["f16", "q8_0"])
 def test_gguf_f16_and_q8_0_stay_within_the_format_error(model_dir, trained, tmp_path, outtype):
     _, reader = read_gguf(model_dir, tmp_path, outtype)
@@ -305,6 +308,7 @@ def test_import_reads_a_tokenizer_without_minigpt_special_tokens_as_the_folders_
     assert tokenizer.chat_prompt([{"role": "user", "content": "hi"}])[0] == size - 2  # <|im_start|>, by the exported template
 
 
+@pytest.mark.requires("gguf")  # through MiniGPT's GGUF export
 def test_existing_output_is_refused_without_force(model_dir, tmp_path, capsys):
     output = tmp_path / "out"
     assert export_main([str(model_dir), "--format", "hf", "--output", str(output)]) == 0
@@ -427,6 +431,7 @@ def test_peft_export_of_a_lora_on_an_imported_hf_folder_records_that_folder(hf_d
 
 
 @pytest.mark.parametrize("outtype", ["f32", "q8_0"])
+@pytest.mark.requires("gguf")  # through MiniGPT's GGUF export
 def test_merge_exports_base_plus_adapter_as_one_model(adapter_dir, tokenizer, tmp_path, outtype):
     hf_output, gguf_output = tmp_path / "merged-hf", tmp_path / "merged-gguf"
     if outtype == "f32":

@@ -191,3 +191,23 @@ def test_sft_from_the_command_line_then_chat(tmp_path, pretrained):
     reply = run_script("chat.py", str(final), "--prompt", "What does len do?", "--max-new-tokens", "8", "--seed", "0", cwd=tmp_path)
     assert reply.returncode == 0, reply.stderr
     assert "never chat-tuned" not in reply.stderr
+
+
+def test_conversations_with_no_assistant_turn_are_left_out_and_counted(tmp_path, tokenizer_file):
+    """A conversation the assistant never speaks in has nothing to learn: it is not trained on
+    (its <|endoftext|> alone would be the row's only target) but counted in the data report; data
+    made only of such conversations is refused in one sentence."""
+    tokenizer = load_tokenizer(tokenizer_file)
+    question = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is two times two?"}]
+    answered = question + [{"role": "assistant", "content": "Four."}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"conversations": turns}) + "\n" for turns in [question, answered, question[1:]]))
+    stream = TokenBlockStream([path], tokenizer, block_size=64, batch_size=4, assistant_only_loss=True, one_document_per_row=True, loop=False)
+    (inputs, _), = list(stream)
+    assert len(inputs) == 1 and "Four." in tokenizer.decode(inputs[0].tolist())
+    assert stream.report.no_assistant == 2
+    unanswered = tmp_path / "unanswered.jsonl"
+    unanswered.write_text(json.dumps({"conversations": question}) + "\n")
+    empty = TokenBlockStream([unanswered], tokenizer, block_size=64, batch_size=4, assistant_only_loss=True, one_document_per_row=True)
+    with pytest.raises(UserInputError, match=r"^No conversation in .*unanswered.jsonl has an assistant turn[^\n]*$"):
+        empty.check_not_empty()

@@ -217,3 +217,18 @@ def test_merge_lora_script_writes_an_ordinary_model_with_the_adapters_logits(tmp
     assert merge_lora_cli.main([str(base_directory), "--output", str(tmp_path / "other")]) == 2
     assert merge_lora_cli.main([str(adapter), "--output", str(adapter)]) == 2
     assert "not a LoRA adapter" in capsys.readouterr().err and not (tmp_path / "other").exists()
+
+
+def test_lora_output_matches_a_hand_computation():
+    """base(x) + (alpha / r) B A x with numbers checkable by hand: r 2, alpha 8 (scale 4), W the
+    identity, A and B of ones: for x = (1, 2), A x = (3, 3), B A x = (6, 6), so (1, 2) + 4 (6, 6) =
+    (25, 26). Scaled by alpha instead of alpha / r it would be (49, 50)."""
+    base = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        base.weight.copy_(torch.eye(2))
+    layer = LoRALinear(base, rank=2, alpha=8.0, dropout=0.0)
+    with torch.no_grad():
+        layer.lora_A.weight.fill_(1.0)
+        layer.lora_B.weight.fill_(1.0)
+    torch.testing.assert_close(layer(torch.tensor([[1.0, 2.0]])), torch.tensor([[25.0, 26.0]]))
+    torch.testing.assert_close(layer.merged().weight, torch.tensor([[9.0, 8.0], [8.0, 9.0]]))  # W + 4 B A

@@ -169,7 +169,7 @@ RUN_PEAK_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("preset, batch", [("tiny", 8), ("small", 4)])
+@pytest.mark.parametrize("preset, batch", [("tiny", 8), pytest.param("small", 4, marks=pytest.mark.slow)])  # small: CI's slow stage
 def test_the_dry_run_estimate_is_within_30_percent_of_a_real_runs_peak(preset, batch, tmp_path, corpus_jsonl, tokenizer_file):
     """A fresh process (its peak resident memory is its own) works out the dry-run's estimate, then
     trains three steps through prepare_run and reads the peak the run logs. The model has the

@@ -222,3 +222,33 @@ def test_chunked_loss_equals_the_whole_loss_and_keeps_no_logits(monkeypatch, red
     assert torch.allclose(chunked, whole, atol=1e-6, rtol=1e-5)
     assert all(torch.allclose(mine, theirs, atol=1e-6) for mine, theirs in zip(gradients, whole_gradients))
     assert whole_widest == 500 and widest < 500  # the whole loss keeps logits as wide as the vocabulary; the chunked one none
+
+
+def test_rms_norm_matches_a_hand_computation():
+    """x / sqrt(mean(x^2) + eps) * weight, with numbers small enough to check by hand: for x = (3, 4),
+    mean(x^2) = 12.5, and an eps of 0.5 makes the root sqrt(13). (A norm without eps, or by mean |x|,
+    gives other numbers.)"""
+    norm = minigpt.model.RMSNorm(2, eps=0.5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0]))
+    expected = torch.tensor([[3.0, 8.0], [-3.0, -8.0]]) / 13**0.5
+    torch.testing.assert_close(norm(torch.tensor([[3.0, 4.0], [-3.0, -4.0]])), expected)
+
+
+def test_rotary_embedding_matches_a_hand_computation():
+    """Rotate-half RoPE (Llama's layout) on a head of 4 channels: channel pairs (0, 2) and (1, 3)
+    turn at theta^0 = 1 and theta^(-1/2) = 0.01 radians per position for theta 10^4. At position 2,
+    (1, 0) in pair (0, 2) becomes (cos 2, sin 2), counter-clockwise; position 0 is left alone."""
+    import math
+
+    cos, sin = minigpt.model.rotary_tables(4, 3, 10_000.0)
+    x = torch.zeros(1, 1, 3, 4)
+    x[..., 0] = 1.0  # first channel of pair (0, 2), at every position
+    x[0, 0, 2, 3] = 1.0  # second channel of pair (1, 3), at position 2 only
+    rotated = minigpt.model.apply_rotary(x, cos, sin)[0, 0]
+    expected = torch.tensor([
+        [1.0, 0.0, 0.0, 0.0],
+        [math.cos(1), 0.0, math.sin(1), 0.0],
+        [math.cos(2), -math.sin(0.02), math.sin(2), math.cos(0.02)],
+    ])
+    torch.testing.assert_close(rotated, expected)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import require, run_script
 from minigpt.config import apply_overrides, preset_config
 from minigpt.errors import UserInputError
 from minigpt.metrics import read_metrics
@@ -129,7 +129,7 @@ def test_a_missing_sink_package_is_one_clear_sentence(tmp_path, corpus_jsonl, to
 
 
 def test_wandb_logs_offline_with_no_network(tmp_path, corpus_jsonl, tokenizer_file, monkeypatch):
-    pytest.importorskip("wandb")
+    require("wandb")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     config = tiny_config(tmp_path, corpus_jsonl, tokenizer_file, **{"train.max_steps": 10, "train.wandb": True})
     trainer = prepare_run(config, show_progress=False)

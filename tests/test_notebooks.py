@@ -18,6 +18,7 @@ from ipykernel.kernelspec import install as install_kernel_spec
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from nbclient import NotebookClient
 
+from conftest import require
 from minigpt.cli.train import build_parser, config_from_arguments
 from minigpt.config import apply_overrides, load_config, preset_config
 from minigpt import stages
@@ -184,7 +185,7 @@ def test_the_settings_give_the_cli_validation_messages():
 
 
 def test_the_settings_form_shows_the_error_or_ok():
-    widgets = pytest.importorskip("ipywidgets")
+    widgets = require("ipywidgets")
     from minigpt.notebook import SettingsForm
 
     form = SettingsForm(NotebookSettings(max_steps=40))
@@ -228,7 +229,7 @@ def test_analysis_of_chat_data(tmp_path, tokenizer_file):
 
 
 def test_the_chat_box_is_the_terminal_chat_session_with_the_sliders_settings(base_model, capsys):
-    pytest.importorskip("ipywidgets")
+    require("ipywidgets")
     from minigpt.notebook import ChatBox
 
     loaded = load(base_model)

@@ -17,23 +17,37 @@ from minigpt.objective import LanguageModelObjective
 from minigpt.optim import learning_rate_at
 from minigpt.run import prepare_run
 from minigpt.tokenizer import load_tokenizer
+from minigpt.trainer import Callback
 
 
-def tiny(tmp_path, corpus_jsonl, tokenizer_file, name, **overrides):
+def tiny(tmp_path, corpus_jsonl, tokenizer_file, name, callbacks=None, **overrides):
     settings = {
         "train.data_files": [str(corpus_jsonl)], "train.tokenizer_path": str(tokenizer_file), "train.val_fraction": 0.1,
         "train.output_dir": str(tmp_path / "runs"), "train.run_name": name, "train.sample_tokens": 0, "train.eval_batches": 1,
         "train.shuffle_buffer": 0, "train.disable_monitoring": True, "train.dtype": "float32", **overrides,
     }
-    return prepare_run(apply_overrides(preset_config("tiny"), settings), show_progress=False)
+    return prepare_run(apply_overrides(preset_config("tiny"), settings), show_progress=False, callbacks=callbacks)
+
+
+class KeepGradients(Callback):
+    """The gradients of the last timed step, as the optimizer is about to apply them."""
+
+    def on_gradients(self, trainer) -> None:
+        self.gradients = {name: parameter.grad.clone() for name, parameter in trainer.model.named_parameters()}
 
 
 def test_accumulating_micro_batches_equals_one_large_batch(tmp_path, corpus_jsonl, tokenizer_file):
-    one = tiny(tmp_path, corpus_jsonl, tokenizer_file, "one", **{"train.batch_size": 8, "train.max_steps": 1})
-    accumulated = tiny(tmp_path, corpus_jsonl, tokenizer_file, "two",
-                       **{"train.batch_size": 4, "train.gradient_accumulation_steps": 2, "train.max_steps": 1})
+    """The gradient itself is compared, with clipping off: AdamW's update barely changes when every
+    gradient is doubled (an accumulated loss left unscaled), so equal weights alone would not show it."""
+    kept = {"one": KeepGradients(), "two": KeepGradients()}
+    common = {"train.max_steps": 1, "train.grad_clip": 0.0, "train.log_steps": 1}
+    one = tiny(tmp_path, corpus_jsonl, tokenizer_file, "one", [kept["one"]], **{"train.batch_size": 8, **common})
+    accumulated = tiny(tmp_path, corpus_jsonl, tokenizer_file, "two", [kept["two"]],
+                       **{"train.batch_size": 4, "train.gradient_accumulation_steps": 2, **common})
     one.train()
     accumulated.train()
+    for name, expected in kept["one"].gradients.items():
+        torch.testing.assert_close(kept["two"].gradients[name], expected, rtol=1e-4, atol=1e-7, msg=name)
     for (name, expected), actual in zip(one.model.state_dict().items(), accumulated.model.state_dict().values()):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)
 

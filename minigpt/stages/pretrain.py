@@ -101,8 +101,8 @@ class PretrainStage(Stage):
         """The endless, shuffled training stream (or its first batch, repeated) and the finite
         validation stream (None with val_fraction 0 and no validation files: no evaluations).
 
-        Under torchrun the training stream reads only this process's share of the documents (every
-        world_size-th, from its rank on); the validation stream is read whole by every process, and
+        Under torchrun every process reads the whole training stream and keeps its batch of each
+        round of world_size batches (`TokenBlockStream.__next__`); the validation stream is read whole by every process, and
         evaluation splits its batches (see `minigpt.evaluation`). With train.dataloader_workers above
         0, that many worker processes read the training stream."""
         train = config.train

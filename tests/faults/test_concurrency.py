@@ -1,9 +1,11 @@
 """Two trainers, one run directory: the second is refused; a lock left by a killed trainer is taken over."""
 
 import logging
+import multiprocessing
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -80,3 +82,48 @@ def test_the_lock_is_held_while_training_and_released_at_the_end(tmp_path, corpu
     assert (tmp_path / "locked" / LOCK_NAME).read_text().strip() == str(os.getpid())
     trainer.train()
     assert not (tmp_path / "locked" / LOCK_NAME).exists()
+
+
+def race_for_the_lock(run_dir, start, winners) -> None:
+    """One of several trainers starting at once: take the lock, say so, hold it a moment."""
+    import minigpt.files
+
+    real_fdopen = os.fdopen
+
+    def slow_fdopen(*arguments, **keywords):  # a busy machine: this process is descheduled while it writes
+        time.sleep(0.3)
+        return real_fdopen(*arguments, **keywords)
+
+    minigpt.files.os.fdopen = slow_fdopen
+    original_open = open
+
+    def slow_open(file, mode="r", *arguments, **keywords):
+        if "w" in mode:
+            time.sleep(0.3)
+        return original_open(file, mode, *arguments, **keywords)
+
+    minigpt.files.open = slow_open  # whichever way the owner's pid is written
+    start.wait()
+    try:
+        lock_run_directory(run_dir)
+    except UserInputError:
+        return
+    winners.put(os.getpid())
+    time.sleep(2)  # holding it while the others try
+
+
+def test_of_trainers_starting_at_once_exactly_one_takes_the_lock(tmp_path):
+    """The lock's owner is written into it, and a busy machine can stop a process between creating
+    the lock and writing its pid: another trainer must not take that empty lock for a stale one."""
+    context = multiprocessing.get_context("fork")
+    start, winners = context.Event(), context.Queue()
+    racers = [context.Process(target=race_for_the_lock, args=(tmp_path, start, winners)) for _ in range(6)]
+    for racer in racers:
+        racer.start()
+    start.set()
+    for racer in racers:
+        racer.join(timeout=60)
+    won = []
+    while not winners.empty():
+        won.append(winners.get())
+    assert len(won) == 1, f"{len(won)} trainers hold the lock at once"
