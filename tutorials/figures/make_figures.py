@@ -11,6 +11,7 @@ The runs go in a temporary directory; only the PNGs are kept. About a minute on 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import sys
@@ -24,7 +25,7 @@ from matplotlib.patches import FancyBboxPatch
 
 from minigpt.config import ModelConfig, TrainConfig, apply_overrides, preset_config
 from minigpt.generation import SamplingConfig, next_token_distribution
-from minigpt.model import apply_rotary
+from minigpt.model import GPT, apply_rotary
 from minigpt.optim import learning_rate_at
 from minigpt.run import prepare_run
 
@@ -175,7 +176,53 @@ def block_shapes(workdir: Path) -> None:
     save(figure, "block_shapes")
 
 
-FIGURES = {"lr_schedule": lr_schedule, "loss_curves": loss_curves, "writer": writer_figures, "block_shapes": block_shapes}
+def qk_norm_layers(workdir: Path) -> None:
+    """Chapter 17's tiny Qwen3 (weights drawn afresh, as there), loaded by minigpt.families: the largest
+    difference from transformers after each layer, as loaded and with the qk_norm switch off."""
+    import transformers  # the export extra, as in chapter 17; the other figures need only the core
+
+    from minigpt.families import load_model
+
+    torch.manual_seed(0)
+    qwen = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, max_position_embeddings=128, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})).eval()
+    with torch.no_grad():
+        for parameter in qwen.parameters():
+            parameter.normal_(1.0, 0.3) if parameter.dim() == 1 else parameter.normal_(0.0, 0.1)
+    qwen.save_pretrained(workdir / "qwen3-tiny")
+    loaded = load_model(workdir / "qwen3-tiny")
+    no_qk_norm = GPT(dataclasses.replace(loaded.config, qk_norm=False)).eval()
+    no_qk_norm.load_state_dict({name: tensor for name, tensor in loaded.state_dict().items() if name in no_qk_norm.state_dict()})
+    ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(1))
+
+    def layer_outputs(model, blocks) -> list[torch.Tensor]:
+        outputs = []
+        hooks = [block.register_forward_hook(lambda module, args, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+                 for block in blocks]
+        with torch.no_grad():
+            model(ids)
+        for hook in hooks:
+            hook.remove()
+        return outputs
+
+    reference = layer_outputs(qwen, qwen.model.layers)
+    figure = Figure(figsize=(7, 3.4))
+    axes = figure.add_subplot()
+    for label, model, color in (("as loaded", loaded, "tab:blue"), ("qk_norm off", no_qk_norm, "tab:red")):
+        errors = [float((ours - theirs).abs().max()) for ours, theirs in zip(layer_outputs(model, model.blocks), reference)]
+        axes.plot(range(len(errors)), errors, marker="o", color=color, label=label)
+    axes.set_yscale("log")
+    axes.set_xticks(range(len(reference)))
+    axes.set(xlabel="layer", ylabel="largest |MiniGPT - transformers|", title="A tiny Qwen3 in MiniGPT's model, layer by layer")
+    axes.legend()
+    figure.tight_layout()
+    save(figure, "qk_norm_layers")
+
+
+FIGURES = {"lr_schedule": lr_schedule, "loss_curves": loss_curves, "writer": writer_figures, "block_shapes": block_shapes,
+           "qk_norm_layers": qk_norm_layers}
 
 
 def main(names: list[str]) -> None:
