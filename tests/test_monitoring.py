@@ -24,6 +24,7 @@ def tiny_config(tmp_path, corpus_jsonl, tokenizer_file, **overrides):
     return apply_overrides(preset_config("tiny"), settings)
 
 
+@pytest.mark.slow  # 400 float32 steps in a subprocess: about 30 s alone, far more on a loaded machine
 def test_overfit_batch_drives_the_loss_to_zero_and_reports_everything(tmp_path, corpus_jsonl, tokenizer_file):
     result = run_script(
         "train.py", "--config", "tiny", "--data-files", str(corpus_jsonl), "--tokenizer", str(tokenizer_file),
