@@ -113,11 +113,11 @@ class NoChatTemplate(ChatTemplate):
 
     document_end = ()
 
-    def __init__(self, source: str, stop_ids: Sequence[int]):
-        self.source, self.stop_ids = source, tuple(stop_ids)
+    def __init__(self, folder: str, stop_ids: Sequence[int]):
+        self.folder, self.stop_ids = folder, tuple(stop_ids)
 
     def render(self, conversation: Sequence[dict]) -> tuple[list[int], list[bool]]:
-        raise UserInputError(f"{self.source} has no chat template (no chat_template.jinja, no 'chat_template' in "
+        raise UserInputError(f"{self.folder} has no chat template (no chat_template.jinja, no 'chat_template' in "
                              "tokenizer_config.json): it is a base model; train it on plain text, or copy its instruct model's template in.")
 
     def prompt(self, conversation: Sequence[dict]) -> list[int]:

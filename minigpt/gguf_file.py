@@ -56,6 +56,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from minigpt.chat_template import JinjaTemplate
 from minigpt.config import ModelConfig
 from minigpt.errors import UserInputError
 from minigpt.export import CHAT_TEMPLATE, OLLAMA_TEMPLATE, _check_output, _minigpt_tensors, _write_export_marker
@@ -197,8 +198,9 @@ def special_tokens_of(tokenizer: Tokenizer) -> SpecialTokens:
     named_bos = tokenizer.special_tokens.get("bos_token")
     bos = tokenizer.bos_ids[0] if tokenizer.bos_ids else (tokenizer.backend.token_to_id(named_bos) if named_bos else None)
     turn_ends = [index for index in tokenizer.stop_ids(chat=True) if index != tokenizer.eos_id]
+    template = tokenizer.chat_template.source if isinstance(tokenizer.chat_template, JinjaTemplate) else None  # a base model has none
     return SpecialTokens(bos=bos, eos=tokenizer.eos_id, eot=turn_ends[0] if turn_ends else None, pad=tokenizer.pad_id,
-                         add_bos=bool(tokenizer.bos_ids), chat_template=getattr(tokenizer.chat_template, "source", None))
+                         add_bos=bool(tokenizer.bos_ids), chat_template=template)
 
 
 @dataclass

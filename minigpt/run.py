@@ -85,6 +85,23 @@ def initial_model_config(path: str) -> ModelConfig:
     return load_language_model(path).config.model
 
 
+# The sequence length a run started from a pretrained folder trains on unless --block-size says
+# otherwise: its max_position_embeddings (32k-128k) is the longest text it can read, not a length
+# to fine-tune at (a batch of 32k-token rows would not fit a laptop, and chat data is far shorter).
+FINE_TUNING_BLOCK_SIZE = 512
+
+
+def fine_tuning_model_config(initial: ModelConfig, block_size_given: bool) -> ModelConfig:
+    """The model settings of a run started from `initial`: its shape, and for a pretrained folder
+    (not a MiniGPT model, whose block size its own run chose) sequences of at most
+    FINE_TUNING_BLOCK_SIZE tokens unless the user gave --block-size."""
+    if block_size_given or initial.family == "minigpt" or initial.block_size <= FINE_TUNING_BLOCK_SIZE:
+        return initial
+    log.info("Training on sequences of %d tokens (the model reads up to %d); --block-size changes it.",
+             FINE_TUNING_BLOCK_SIZE, initial.block_size)
+    return dataclasses.replace(initial, block_size=FINE_TUNING_BLOCK_SIZE)
+
+
 def check_initial_model(config: RunConfig, initial: ModelConfig) -> None:
     """Refuse, in one sentence, a configuration whose network differs from the initial model's."""
     for name in ARCHITECTURE:
@@ -259,7 +276,7 @@ def configure(base: RunConfig, overrides: Mapping[str, Any], given: Mapping[str,
         overrides = {key: value for key, value in overrides.items() if key != "train.dtype"}
         log.info("--dtype auto on a resumed run: keeping the %s the run chose when it started.", base.train.dtype)
     if init_from and not resumed:
-        base = dataclasses.replace(base, model=initial_model_config(init_from))
+        base = dataclasses.replace(base, model=fine_tuning_model_config(initial_model_config(init_from), "model.block_size" in overrides))
     config = apply_overrides(base, overrides, source=source)
     check_config(config, given, source)
     return config

@@ -276,37 +276,37 @@ FAMILY_CONFIGS = {
 }
 
 
+# The tokenizer each model family's fixture folder carries (a key of FAMILIES above).
+FAMILY_TOKENIZERS = {"llama": "llama3", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
+
+
 @pytest.fixture(scope="session")
-def family_folders(tokenizer_file, tmp_path_factory) -> dict[str, Path]:
+def family_folders(tmp_path_factory) -> dict[str, Path]:
     """{family: a Hugging Face folder holding a tiny random model of it (float32 safetensors,
-    config.json as transformers writes it) and the session's MiniGPT tokenizer.json}.
-
-    The tokenizer is MiniGPT's byte-level BPE with its specials at ids 0-3, which MiniGPT's loader
-    reads today; the families' own tokenizers (specials at the end, Metaspace for Gemma) and chat
-    templates come with the chat-templates work on issue #27, which extends this fixture.
-    """
-    import shutil
-
+    config.json as transformers writes it) with its family's own tokenizer, chat template and
+    generation_config.json (build_tokenizer_folder): the vocabulary size and the bos/eos/pad ids
+    of config.json are that tokenizer's."""
     import torch
     import transformers
 
-    from minigpt.tokenizer import load_tokenizer
+    from minigpt.tokenizer import load_folder_tokenizer
 
-    vocab_size = load_tokenizer(tokenizer_file).vocab_size
     folders = {}
     for family, (config_class, settings) in FAMILY_CONFIGS.items():
+        folder = tmp_path_factory.mktemp(family)
+        tokenizer = load_folder_tokenizer(build_tokenizer_folder(FAMILY_TOKENIZERS[family], folder))
         torch.manual_seed(0)
         config = getattr(transformers, config_class)(**{
-            "vocab_size": vocab_size, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "rms_norm_eps": 1e-6, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 3, **settings,
+            "vocab_size": tokenizer.vocab_size, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "rms_norm_eps": 1e-6, "bos_token_id": tokenizer.bos_ids[0] if tokenizer.bos_ids else None,
+            "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id, **settings,
         })
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         with torch.no_grad():
             for name, parameter in model.named_parameters():
                 if parameter.dim() == 1:
                     parameter.add_(torch.randn_like(parameter) * 0.2)
-        folder = tmp_path_factory.mktemp(family)
         model.save_pretrained(folder)
-        shutil.copyfile(tokenizer_file, folder / "tokenizer.json")
+        build_tokenizer_folder(FAMILY_TOKENIZERS[family], folder)  # again: save_pretrained wrote its own generation_config.json
         folders[family] = folder
     return folders

@@ -84,19 +84,19 @@ def test_a_sharded_folder_loads_like_one_file(family_folders, tmp_path):
     assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("model-*.safetensors"))) > 2
     sharded, whole = load_model(folder).state_dict(), load_model(family_folders["llama"]).state_dict()
     assert sharded.keys() == whole.keys() and all(torch.equal(sharded[name], whole[name]) for name in whole)
-    shutil.copyfile(family_folders["llama"] / "tokenizer.json", folder / "tokenizer.json")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        shutil.copyfile(family_folders["llama"] / name, folder / name)
     assert load(folder).kind is FolderKind.HUGGING_FACE
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
 def test_hf_export_round_trip_keeps_the_class_the_files_and_the_logits(family_folders, family, tmp_path):
     source = family_folders[family]
-    (source / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
     assert export_main([str(source), "--format", "hf", "--output", str(tmp_path / "out")]) == 0
     out = tmp_path / "out"
     written, original = json.loads((out / "config.json").read_text()), json.loads((source / "config.json").read_text())
     assert written["architectures"] == original["architectures"] and written["model_type"] == original["model_type"]
-    for name in ("tokenizer.json", "chat_template.jinja", "generation_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         assert (out / name).read_bytes() == (source / name).read_bytes(), name
     assert read_config(out) == read_config(source)  # the transformers 4 spelling export writes reads back the same
     exported = transformers_model(out)

@@ -14,7 +14,7 @@ from minigpt.cli.export import main as export_main
 from minigpt.errors import UserInputError
 from minigpt.families import tensor_table
 from minigpt.gguf_file import (
-    ARCHITECTURES, GGUF_FILE_NAME, LLAMA3_SPLIT, QWEN2_SPLIT, SpecialTokens, export_gguf, gguf_vocabulary, special_tokens_of,
+    ARCHITECTURES, GGUF_FILE_NAME, LLAMA3_SPLIT, QWEN2_SPLIT, export_gguf, gguf_vocabulary, special_tokens_of,
     unpermute_from_gguf,
 )
 from minigpt.model import GPT
@@ -98,8 +98,32 @@ def test_each_family_is_written_as_its_llama_cpp_architecture(family_gguf, famil
         assert field(reader, "gemma3.attention.sliding_window") == config.sliding_window
         assert field(reader, "gemma3.rope.freq_base_swa") == config.rope_local_theta
         assert field(reader, "gemma3.rope.scaling.type") == "linear" and field(reader, "gemma3.rope.scaling.factor") == 2.0
-    assert field(reader, "tokenizer.ggml.model") == "gpt2" and field(reader, "tokenizer.ggml.pre") == "gpt-2"
-    assert field(reader, "tokenizer.ggml.eot_token_id") == 2  # <|im_end|>: a chat reply stops there
+
+
+# family: (llama.cpp's tokenizer model, its pre-tokenizer name, {GGUF key: the token it names}, add_bos)
+GGUF_TOKENIZERS = {
+    "llama": ("gpt2", "llama-bpe", {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "eot": "<|end_of_text|>", "padding": "<|eot_id|>"}, True),
+    "qwen2": ("gpt2", "qwen2", {"eos": "<|im_end|>", "eot": "<|endoftext|>", "padding": "<|endoftext|>"}, False),
+    "qwen3": ("gpt2", "qwen2", {"eos": "<|im_end|>", "eot": "<|endoftext|>", "padding": "<|endoftext|>"}, False),
+    "gemma3": ("llama", "default", {"bos": "<bos>", "eos": "<eos>", "eot": "<end_of_turn>", "padding": "<pad>", "unknown": "<unk>"}, True),
+}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_each_familys_own_tokenizer_is_written_with_its_model_and_special_ids(family_gguf, family_folders, family):
+    """The folder's real tokenizer (byte-level BPE for Llama 3 and Qwen, SentencePiece-style for
+    Gemma): llama.cpp's tokenizer model and pre-tokenizer, every token at its id, the special ids
+    the folder gives, whether BOS is added, and the folder's chat template."""
+    _, reader = family_gguf[family]
+    tokenizer = load(family_folders[family]).tokenizer
+    model, pre, specials, add_bos = GGUF_TOKENIZERS[family]
+    assert field(reader, "tokenizer.ggml.model") == model and field(reader, "tokenizer.ggml.pre") == pre
+    assert field(reader, "tokenizer.ggml.tokens") == [tokenizer.backend.id_to_token(index) for index in range(tokenizer.vocab_size)]
+    written = {key: field(reader, f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "eot", "padding", "unknown")
+               if f"tokenizer.ggml.{key}_token_id" in reader.fields}
+    assert written == {key: tokenizer.backend.token_to_id(token) for key, token in specials.items()}
+    assert field(reader, "tokenizer.ggml.add_bos_token") is add_bos
+    assert field(reader, "tokenizer.chat_template") == (family_folders[family] / "chat_template.jinja").read_text()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3"])
@@ -225,21 +249,14 @@ def test_a_sentencepiece_style_tokenizer_becomes_llama_cpps_llama_model_with_mer
         assert spm_tokenize(text, vocabulary, prefix=False) == backend.encode(text).ids, text
 
 
-def test_a_pretrained_tokenizers_special_tokens_are_its_own():
-    """BOS where the folder's tokenizer adds one (Gemma) or only names one, the end of a turn from
-    generation_config's stop ids, and the folder's own template (none for a base model)."""
-    from tokenizers import Tokenizer, models
+def test_a_base_model_folder_without_a_template_writes_no_chat_template(family_folders, tmp_path):
+    """A base model's folder (no chat template): no tokenizer.chat_template, BOS still the folder's."""
+    import shutil
 
-    backend = Tokenizer(models.BPE(vocab={"<bos>": 0, "<eos>": 1, "<end_of_turn>": 2, "<pad>": 3, "a": 4}, merges=[]))
-
-    def pretrained(bos_ids, named, stops, template):
-        return SimpleNamespace(kind="pretrained", backend=backend, bos_ids=bos_ids, eos_id=1, pad_id=3, special_tokens=named,
-                               stop_ids=lambda chat: stops, chat_template=template)
-
-    gemma = pretrained((0,), {"bos_token": "<bos>"}, (1, 2), SimpleNamespace(source="{{ messages }}"))
-    assert special_tokens_of(gemma) == SpecialTokens(bos=0, eos=1, eot=2, pad=3, add_bos=True, chat_template="{{ messages }}")
-    base = pretrained((), {"bos_token": "<bos>"}, (1,), SimpleNamespace())  # a base model: no template, BOS named but not added
-    assert special_tokens_of(base) == SpecialTokens(bos=0, eos=1, eot=None, pad=3, add_bos=False, chat_template=None)
+    folder = shutil.copytree(family_folders["gemma3"], tmp_path / "base")
+    (folder / "chat_template.jinja").unlink()
+    special = special_tokens_of(load(folder).tokenizer)
+    assert special.chat_template is None and special.bos == 2 and special.add_bos
 
 
 # ----------------------------------------------------------------------------- PEFT adapters on pretrained bases

@@ -69,7 +69,7 @@ FLAGS: dict[str, list[Flag]] = {
         Flag(("--retrain-tokenizer",), "train.retrain_tokenizer", "train a new tokenizer even if one is cached"),
     ],
     "model": [
-        Flag(("--block-size",), "model.block_size", "context length in tokens"),
+        Flag(("--block-size",), "model.block_size", "context length in tokens (from a pretrained folder: 512, or its context if shorter)"),
     ],
     "optimisation": [
         Flag(("--learning-rate", "--lr"), "train.learning_rate", "peak learning rate"),
