@@ -15,7 +15,6 @@ the optimizer's updates keep full precision.
 from __future__ import annotations
 
 import contextlib
-import copy
 import ctypes
 import logging
 import os
@@ -91,6 +90,8 @@ PROBE_TOKENS = 1024  # enough for realistic matrix shapes, few enough for a prob
 PROBE_ROUNDS = (4, 20)  # timed steps per precision, alternating (after one warm-up step each): at least, at most
 REPEATED_WITHIN = 1.1  # a fastest time counts once two more steps come within 10% of it
 BFLOAT16_MARGIN = 0.75  # bfloat16 must take under this share of float32's time: a clear win, not noise
+PROBE_SECONDS = 10.0  # past this, a probe stops as soon as the answer is far from the margin (a big model's steps take seconds)
+CLEAR_RATIOS = (0.5, 1.0)  # bfloat16 under half of float32's time, or slower than it: far from the margin, whatever the load
 
 
 def fastest_cpu_dtype(
@@ -98,7 +99,7 @@ def fastest_cpu_dtype(
 ) -> torch.dtype:
     """bfloat16 if a forward and backward pass of this model runs in under `margin` of its
     float32 time on this CPU, else float32. `loss_of(model)` computes the loss of an example
-    batch; it runs on a copy of the model, so the model itself (and its gradients) is untouched.
+    batch; the model leaves the probe as it came (its mode, no gradients).
 
     The example batch should be the training batch's shape, capped at about PROBE_TOKENS tokens:
     which precision wins depends on the matrix shapes (small ones lose to the cost of
@@ -109,32 +110,48 @@ def fastest_cpu_dtype(
     alternate step by step (a load that starts or ends during the probe slows both alike), each
     counts its fastest step (other processes only ever add time) once two more steps have come
     within 10% of it (a burst of load could otherwise slow every step of a short probe), and bfloat16 must
-    win by a clear margin. The run records the choice in config.json; --resume keeps it.
+    win by a clear margin. A probe of a big model, whose steps take seconds, stops after about
+    PROBE_SECONDS once bfloat16 takes under half of float32's time or more than all of it: no load
+    moves a ratio that far. The run records the choice in config.json; --resume keeps it.
     """
     units = cpu_bfloat16_units()
     if units is None:
         log.info("CPU precision: float32 (this CPU has no bfloat16 matrix instructions, AMX or AVX512-BF16).")
         return torch.float32
-    probe = copy.deepcopy(model).train(False)
+    was_training = model.training
+    model.train(False)  # no dropout: the probe draws no random numbers
 
     def step_seconds(dtype: torch.dtype) -> float:
         start = time.perf_counter()
         with autocast(torch.device("cpu"), dtype):
-            loss = loss_of(probe)
+            loss = loss_of(model)
         loss.backward()
         return time.perf_counter() - start
 
-    step_seconds(torch.float32), step_seconds(torch.bfloat16)  # warm-up: first calls allocate and pick kernels
-    times: dict[torch.dtype, list[float]] = {torch.float32: [], torch.bfloat16: []}
+    try:
+        warm_float32, warm_bfloat16 = step_seconds(torch.float32), step_seconds(torch.bfloat16)  # first calls allocate and pick kernels
+        times: dict[torch.dtype, list[float]] = {torch.float32: [], torch.bfloat16: []}
+        if warm_float32 > PROBE_SECONDS and warm_bfloat16 < CLEAR_RATIOS[0] * warm_float32:
+            # A step of many seconds: bfloat16 won by 2x even with its own first-call costs. More rounds would say the same.
+            times = {torch.float32: [warm_float32], torch.bfloat16: [warm_bfloat16]}
 
-    def repeated(steps: list[float]) -> bool:
-        fastest, _, third = sorted(steps)[:3]
-        return third <= REPEATED_WITHIN * fastest
+        def repeated(steps: list[float]) -> bool:
+            fastest, _, third = sorted(steps)[:3]
+            return third <= REPEATED_WITHIN * fastest
 
-    least, most = PROBE_ROUNDS
-    while len(times[torch.float32]) < most and not (len(times[torch.float32]) >= least and all(map(repeated, times.values()))):
-        for dtype in times:
-            times[dtype].append(step_seconds(dtype))
+        def clear() -> bool:  # a long probe may stop once the ratio is far from the margin: noise cannot move it that far
+            ratio = min(times[torch.bfloat16]) / min(times[torch.float32])
+            return sum(map(sum, times.values())) > PROBE_SECONDS and not CLEAR_RATIOS[0] <= ratio <= CLEAR_RATIOS[1]
+
+        least, most = PROBE_ROUNDS
+        while not (times[torch.float32] and clear()) and len(times[torch.float32]) < most and not (
+                len(times[torch.float32]) >= least and all(map(repeated, times.values()))):
+            for dtype in times:
+                times[dtype].append(step_seconds(dtype))
+    finally:  # the model leaves the probe as it came: its mode, and no gradients (the copy the probe once made cost a whole model)
+        model.train(was_training)
+        for parameter in model.parameters():
+            parameter.grad = None
     float32, bfloat16 = min(times[torch.float32]), min(times[torch.bfloat16])
     choice = torch.bfloat16 if bfloat16 < margin * float32 else torch.float32
     log.info("CPU precision: %s (this CPU has %s; the fastest of %d alternating steps took %.0f ms in float32 and %.0f ms in bfloat16 "

@@ -183,6 +183,31 @@ def test_auto_cpu_precision_does_not_follow_timing_noise(monkeypatch, caplog, fl
     assert f"{float32_ms:.0f} ms in float32" in caplog.text  # the log says what was measured
 
 
+def test_a_probe_of_big_steps_stops_early_when_the_answer_is_clear_and_leaves_the_model_as_it_came(monkeypatch):
+    """A 135M model's float32 step takes seconds (34 s on a 2-core EPYC): the probe stops after
+    about PROBE_SECONDS once bfloat16 is under half of float32's time, instead of the 4 to 20 rounds
+    a millisecond step gets; and it runs on the model itself, so it must leave no gradients behind."""
+    from minigpt import runtime
+
+    model = torch.nn.Linear(2, 1)
+    model.train(True)
+    monkeypatch.setattr(runtime, "cpu_bfloat16_units", lambda: "AMX")
+    clock = NoisyClock(6_000, 2_000, lambda step: 1.0)
+    monkeypatch.setattr(runtime, "time", clock)
+
+    def loss_of(probe):
+        assert not probe.training  # no dropout while timing
+        clock.step()
+        return probe.weight.sum()
+
+    assert runtime.fastest_cpu_dtype(model, loss_of) == torch.bfloat16
+    assert clock.steps == 2 + 2 * 2  # the warm-up pair, then two rounds: 16 s of timed steps passed the 10 s budget
+    assert model.training and all(parameter.grad is None for parameter in model.parameters())
+    clock = NoisyClock(34_000, 3_300, lambda step: 1.0)  # steps longer than the budget: the warm-up pair says it already
+    monkeypatch.setattr(runtime, "time", clock)
+    assert runtime.fastest_cpu_dtype(model, loss_of) == torch.bfloat16 and clock.steps == 2
+
+
 def test_malloc_tuning_applies_on_glibc_and_is_skipped_elsewhere(monkeypatch):
     from minigpt import runtime
 
