@@ -157,12 +157,17 @@ def create_app(loaded: LoadedModel, settings: ServeSettings) -> FastAPI:
         check_model_name(name, settings.model_name, required=True)
         return model_card()
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
+    async def generation_request(request: Request, route: str) -> tuple[dict, Batcher]:
+        """What every generating route checks first: the key, the body, the model's name, and that
+        this server holds a language model; the body and the generator that will run the job."""
         check_access(request)
         body = await read_body(request, settings.max_body_bytes)
         check_model_name(body.get("model"), settings.model_name, required=True)
-        generator = language_model(batcher, "/v1/chat/completions")
+        return body, language_model(batcher, route)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        body, generator = await generation_request(request, "/v1/chat/completions")
         messages = read_messages(body)
         refuse_unsupported(body, chat=True)
         prompt_ids = loaded.tokenizer.chat_prompt(messages)
@@ -178,10 +183,7 @@ def create_app(loaded: LoadedModel, settings: ServeSettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        check_access(request)
-        body = await read_body(request, settings.max_body_bytes)
-        check_model_name(body.get("model"), settings.model_name, required=True)
-        generator = language_model(batcher, "/v1/completions")
+        body, generator = await generation_request(request, "/v1/completions")
         prompt_ids = read_prompt(body, loaded)
         refuse_unsupported(body, chat=False)
         echo, top = body.get("echo") is True, read_logprobs(body)
