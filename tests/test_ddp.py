@@ -432,7 +432,11 @@ def test_a_compiled_two_process_run_matches_the_eager_one(workspace, tokenizer_f
     assert result.returncode == 0, result.stdout + result.stderr
     largest = largest_difference(weights(workspace / "runs" / "compiled"), weights(two_process_run[0]))
     print(f"largest weight difference, compiled vs eager: {largest:.3g}")
-    assert largest < 1e-5
+    # Not bit-identical: inductor fuses reductions in another order and computes the rotary cos/sin
+    # with its own vector kernels (the model computes them per pass since issue #27), so float32
+    # rounding differs and compounds over the steps (3.7e-5 seen). A wrong no_sync or a missed
+    # all-reduce moves weights by 1e-2 or more.
+    assert largest < 1e-4
 
 
 @pytest.mark.slow  # two torchrun runs and one single-process run of the tiny preset
