@@ -82,7 +82,7 @@ class ChatML(ChatTemplate):
 
     def __init__(self, backend: HuggingFaceTokenizer, im_start_id: int, im_end_id: int, eos_id: int):
         self.backend, self.im_start_id, self.im_end_id = backend, im_start_id, im_end_id
-        self.text_backend = _reading_specials_as_text(json.loads(backend.to_str()))  # for what a message says
+        self.text_backend = reading_specials_as_text(json.loads(backend.to_str()))  # for what a message says
         # A reply ends at <|im_end|> (the turn is over), or at <|endoftext|> should the model write that instead.
         self.stop_ids = (im_end_id, eos_id)
         self.document_end = (eos_id,)
@@ -182,8 +182,8 @@ class JinjaTemplate(ChatTemplate):
         # Copies that read special tokens in text as text: what a message's content is encoded with,
         # at the start of the text and further on (where a Metaspace tokenizer that puts "▁" before
         # the first word, as Llama 2's does, must not put one).
-        self.text_backend = _reading_specials_as_text(json.loads(backend.to_str()))
-        self.continuation_backend = _reading_specials_as_text(_without_first_word_prefix(json.loads(backend.to_str())))
+        self.text_backend = reading_specials_as_text(json.loads(backend.to_str()))
+        self.continuation_backend = reading_specials_as_text(_without_first_word_prefix(json.loads(backend.to_str())))
         # A template that ignores add_generation_prompt (a base model's) has no reply header of its own.
         self.writes_reply_header = "add_generation_prompt" in source
 
@@ -306,7 +306,9 @@ class JinjaTemplate(ChatTemplate):
         return len(header) if text.startswith(header) and len(header) <= content_start else content_start
 
 
-def _reading_specials_as_text(description: dict) -> HuggingFaceTokenizer:
+def reading_specials_as_text(description: dict) -> HuggingFaceTokenizer:
+    """A tokenizer built from tokenizer.json's `description` that encodes a special token written in
+    a text as its characters: for what a user types (message contents, a completions prompt)."""
     backend = HuggingFaceTokenizer.from_str(json.dumps(description))
     backend.encode_special_tokens = True
     return backend

@@ -40,7 +40,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HuggingFaceTokenizer
 from tqdm.auto import tqdm  # a widget in Jupyter, text in a terminal
 
-from minigpt.chat_template import ChatML, ChatTemplate, JinjaTemplate, NoChatTemplate
+from minigpt.chat_template import ChatML, ChatTemplate, JinjaTemplate, NoChatTemplate, reading_specials_as_text
 from minigpt.errors import UserInputError
 from minigpt.files import atomic_write_bytes
 
@@ -91,8 +91,7 @@ class Tokenizer:
         say) is encoded as its characters, never as the special token (the server's completions
         prompt; chat templates do the same for message contents)."""
         if not hasattr(self, "_text_backend"):  # a second backend: the switch is not flipped under other threads
-            self._text_backend = HuggingFaceTokenizer.from_str(self.backend.to_str())
-            self._text_backend.encode_special_tokens = True
+            self._text_backend = reading_specials_as_text(json.loads(self.backend.to_str()))
         return self._text_backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
