@@ -232,5 +232,175 @@ def main(names: list[str]) -> None:
             FIGURES[name](Path(workdir))
 
 
+# ------------------------------------------------------------------------------------------------
+# Chapters 18-21 (backpropagation, initialisation, memory, LoRA): each figure recomputes what its
+# chapter computes, on the same tiny tensors, from the library's own modules.
+
+
+def finite_differences(workdir: Path) -> None:
+    """Chapter 18: the largest gap between autograd's gradient of RMSNorm and a central finite
+    difference, against the step h, in float32 and float64."""
+    from minigpt.model import RMSNorm
+
+    steps = [10.0 ** -(power / 2) for power in range(2, 25)]
+    figure = Figure(figsize=(7, 3.4))
+    axes = figure.add_subplot()
+    for dtype, color in ((torch.float32, "tab:red"), (torch.float64, "tab:blue")):
+        generator = torch.Generator().manual_seed(0)
+        x, gain, upstream = (torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype) for shape in ((3, 8), (8,), (3, 8)))
+        norm = RMSNorm(8, eps=1e-5).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(gain)
+        x.requires_grad_(True)
+        (norm(x) * upstream).sum().backward()
+        errors = []
+        for h in steps:
+            nudges = torch.eye(x.numel(), dtype=dtype).view(-1, 3, 8) * h
+            with torch.no_grad():
+                slopes = ((norm(x + nudges) - norm(x - nudges)) * upstream).sum((-2, -1)) / (2 * h)
+            errors.append(float((slopes.view_as(x) - x.grad).abs().max()))
+        axes.loglog(steps, errors, marker="o", markersize=3, color=color, label=str(dtype).replace("torch.", ""))
+    axes.invert_xaxis()
+    axes.set(xlabel="step h (smaller to the right)", ylabel="largest |finite difference - autograd|",
+             title="Checking RMSNorm's gradient by finite differences (chapter 18)")
+    axes.legend()
+    figure.tight_layout()
+    save(figure, "finite_differences")
+
+
+def initialisation_statistics(workdir: Path) -> None:
+    """Chapter 19: per layer of a 4-layer, width-64 GPT, the residual stream's root mean square, the
+    mean largest attention weight (rows from position 8 on) and the SwiGLU gate input's root mean
+    square, for the library's initialisation and for every matrix drawn with a spread of 1."""
+    tokens = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(1))
+    panels = {"residual stream (RMS)": {}, "largest attention weight": {}, "gate input (RMS)": {}}
+    for init in ("library", "std 1"):
+        torch.manual_seed(0)
+        model = GPT(ModelConfig(vocab_size=512, block_size=32, n_layer=4, n_head=4, n_kv_head=2, n_embd=64))
+        if init == "std 1":
+            with torch.no_grad():
+                for parameter in model.parameters():
+                    if parameter.dim() == 2:
+                        parameter.normal_(0.0, 1.0)
+        streams, received, gates = [], [], []
+        for block in model.blocks:
+            block.register_forward_hook(lambda module, args, out: streams.append(out))
+            block.attention.register_forward_hook(lambda module, args, out: received.append(args))
+            block.mlp.gate_proj.register_forward_hook(lambda module, args, out: gates.append(out))
+        peaks = []
+        with torch.no_grad():
+            model(tokens)
+            for block, (x, cos, sin) in zip(model.blocks, (args[:3] for args in received)):
+                attention, (batch, time, _) = block.attention, x.shape
+                q = attention.q_proj(x).view(batch, time, attention.n_head, attention.head_dim).transpose(1, 2)
+                k = attention.k_proj(x).view(batch, time, attention.n_kv_head, attention.head_dim).transpose(1, 2)
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin).repeat_interleave(attention.n_head // attention.n_kv_head, 1)
+                scores = (q @ k.transpose(-2, -1) / math.sqrt(attention.head_dim)).masked_fill(
+                    ~torch.ones(time, time).tril().bool(), float("-inf"))
+                peaks.append(float(torch.softmax(scores, -1).amax(-1)[..., 8:].mean()))
+        panels["residual stream (RMS)"][init] = [float(s.pow(2).mean().sqrt()) for s in streams]
+        panels["largest attention weight"][init] = peaks
+        panels["gate input (RMS)"][init] = [float(g.pow(2).mean().sqrt()) for g in gates]
+    figure = Figure(figsize=(9, 3.2))
+    for index, (title, lines) in enumerate(panels.items(), start=1):
+        axes = figure.add_subplot(1, 3, index)
+        for init, color in (("library", "tab:blue"), ("std 1", "tab:red")):
+            axes.plot(range(1, 5), lines[init], marker="o", color=color, label=init)
+        if "RMS" in title:
+            axes.set_yscale("log")
+        else:
+            axes.set_ylim(0, 1.05)
+        axes.set(xlabel="layer", title=title)
+        axes.set_xticks(range(1, 5))
+    axes.legend()
+    figure.suptitle("A GPT at birth: the library's initialisation against a spread of 1 (chapter 19)", fontsize=10)
+    figure.tight_layout()
+    save(figure, "initialisation_statistics")
+
+
+def memory_breakdown(workdir: Path) -> None:
+    """Chapter 20: minigpt.memory's estimate for tiny, small and medium at their preset
+    micro-batches (float32, CPU), term by term, with and without gradient checkpointing."""
+    from minigpt.memory import estimate_memory
+
+    figure = Figure(figsize=(9, 3.6))
+    terms = (("weights", "tab:blue"), ("gradients", "tab:cyan"), ("optimizer state", "tab:green"), ("activations", "tab:orange"),
+             ("loss backward", "tab:red"))
+    for index, preset in enumerate(("tiny", "small", "medium"), start=1):
+        config = preset_config(preset)
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=config.train.tokenizer_vocab_size))
+        with torch.device("meta"):
+            model = GPT(config.model)
+        estimate = estimate_memory(model, config, config.train.batch_size, torch.float32, torch.device("cpu"))
+        axes = figure.add_subplot(1, 3, index)
+        for column, checkpointing in enumerate((False, True)):
+            values = {"weights": estimate.weights, "gradients": estimate.gradients, "optimizer state": estimate.optimizer_state,
+                      "activations": estimate.activations_checkpointed if checkpointing else estimate.activations,
+                      "loss backward": estimate.loss_gradients}
+            bottom = 0.0
+            for name, color in terms:
+                axes.bar(column, values[name] / 1e6, bottom=bottom, color=color, label=name if column == 0 else None)
+                bottom += values[name] / 1e6
+        axes.set_xticks([0, 1], ["as is", "checkpointing"])
+        axes.set(ylabel="MB" if index == 1 else None,
+                 title=f"{preset}: {config.train.batch_size} x {config.model.block_size} tokens", )
+    axes.legend(fontsize=8)
+    figure.suptitle("What a training step holds, float32 (chapter 20; the process and the heap's slack left out)", fontsize=10)
+    figure.tight_layout()
+    save(figure, "memory_breakdown")
+
+
+def lora_decomposition(workdir: Path) -> None:
+    """Chapter 21: the shapes of a LoRA layer, and the size of the output's change after one AdamW
+    step against the rank, for the scales alpha, alpha / r and alpha / sqrt(r)."""
+    import torch.nn as nn
+
+    from minigpt.lora import LoRALinear
+
+    figure = Figure(figsize=(10, 3.8))
+    axes = figure.add_subplot(1, 2, 1)
+    axes.set_xlim(0, 10)
+    axes.set_ylim(0, 6)
+    axes.axis("off")
+    rank = 4
+    for x, y, width, height, color, name, shape in ((0.3, 1.2, 4.0, 4.0, "#dddddd", "W", "64 x 64, frozen: 4,096"),
+                                                    (5.4, 1.2, 0.6, 4.0, "#f6c89f", "B", "64 x 4: 256"),
+                                                    (6.6, 4.7, 3.2, 0.5, "#9fc5f6", "A", "4 x 64: 256")):
+        axes.add_patch(FancyBboxPatch((x, y), width, height, boxstyle="square,pad=0", facecolor=color, edgecolor="black"))
+        axes.text(x + width / 2, y + height / 2, name, ha="center", va="center", fontsize=11, weight="bold")
+        axes.text(x + width / 2, y - 0.3, shape, ha="center", va="center", fontsize=8)
+    axes.text(4.85, 3.2, "+", fontsize=16, ha="center", va="center")
+    axes.text(6.3, 4.95, "x", fontsize=12, ha="center", va="center")
+    axes.text(5, 0.3, f"y = W x + (alpha / r) B (A x): {rank * (64 + 64):,} trainable at r = {rank}", ha="center", fontsize=9)
+    axes.set_title("A LoRA layer (B starts at zero)", fontsize=10)
+
+    def first_step_change(rank: int, scale: float) -> float:  # as chapter 21 measures it
+        torch.manual_seed(0)
+        adapter = LoRALinear(nn.Linear(64, 64, bias=False), rank=rank, alpha=16.0, dropout=0.0)
+        adapter.scale = scale
+        inputs, targets = torch.randn(32, 64), torch.randn(32, 64)
+        with torch.no_grad():
+            before = adapter(inputs)
+        optimizer = torch.optim.AdamW([adapter.lora_A.weight, adapter.lora_B.weight], lr=1e-3, weight_decay=0.0)
+        ((adapter(inputs) - targets) ** 2).mean().backward()
+        optimizer.step()
+        with torch.no_grad():
+            return float((adapter(inputs) - before).pow(2).mean().sqrt())
+
+    ranks = [1, 2, 4, 8, 16, 32, 64]
+    axes = figure.add_subplot(1, 2, 2)
+    for name, scale, color in (("alpha", lambda r: 16.0, "tab:red"), ("alpha / r", lambda r: 16.0 / r, "tab:blue"),
+                               ("alpha / sqrt(r)", lambda r: 16.0 / math.sqrt(r), "tab:green")):
+        axes.loglog(ranks, [first_step_change(r, scale(r)) for r in ranks], marker="o", color=color, label=f"scale = {name}")
+    axes.set(xlabel="rank r", ylabel="RMS change of the output", title="After one AdamW step (alpha 16, lr 1e-3)")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    save(figure, "lora_decomposition")
+
+
+FIGURES.update({"finite_differences": finite_differences, "initialisation_statistics": initialisation_statistics,
+                "memory_breakdown": memory_breakdown, "lora_decomposition": lora_decomposition})
+
+
 if __name__ == "__main__":
     main(sys.argv[1:])
