@@ -20,7 +20,9 @@ output directory (`../../etc`) are refused.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -339,8 +341,9 @@ def lock_run_directory(run_dir: str | Path) -> None:
     operating system makes that atomic: of two processes linking at once, exactly one succeeds),
     and a lock is never seen without its owner. (Created empty and written after, a lock caught
     between the two looked like a dead trainer's and was taken over.) A lock left by a process
-    that no longer exists (it was killed) is stale and taken over with a notice. The lock is
-    released by `unlock_run_directory`, and at the latest when this process exits normally.
+    that no longer exists (it was killed) is stale and taken over with a notice; taking over is
+    one step too (`_clear_stale_lock`). The lock is released by `unlock_run_directory`, and at
+    the latest when this process exits normally.
     """
     path = Path(run_dir) / LOCK_NAME
     claim = path.with_name(f".{LOCK_NAME}.claim-{os.getpid()}")
@@ -367,17 +370,39 @@ def _lock_owner(path: Path) -> int | None:
         return None  # absent, empty or garbled (damaged, or left by a version that filled it after creating it)
 
 
+@contextlib.contextmanager
+def _takeovers_excluded(directory: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `directory` itself: one process at a time takes over its lock.
+    The operating system releases it when the process ends, however it ends, so it is never stale."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the flock
+
+
 def _clear_stale_lock(path: Path) -> None:
-    """Remove a lock whose owner is gone (or is this very process); refuse if its owner lives."""
-    owner = _lock_owner(path)
-    if owner is not None and owner != os.getpid() and psutil.pid_exists(owner):
-        raise UserInputError(
-            f"Run directory {path.parent} is in use by another trainer (pid {owner}); wait for it to finish, "
-            f"choose another --run-name, or delete {path} if no such trainer is running."
-        )
-    if owner != os.getpid():  # this process taking it again (a notebook preparing the run twice) is no news
-        log.warning("Taking over the lock %s left by process %s, which is no longer running.", path, owner)
-    path.unlink(missing_ok=True)
+    """Remove a lock whose owner is gone (or is this very process); refuse if its owner lives.
+
+    Two trainers may find the same stale lock. Checked and removed in two steps, the second to act
+    would remove the lock the first had just taken (both then train in one directory), so the check
+    and the removal are one step: under `_takeovers_excluded`, and the second to get there finds the
+    first one's lock, alive. (Nothing else removes a lock whose owner is gone, and a new lock can
+    only be linked where there is none, so the lock checked is the lock removed.)
+    """
+    with _takeovers_excluded(path.parent):
+        if not path.exists():  # taken over and released while this process waited: nothing to take over
+            return
+        owner = _lock_owner(path)
+        if owner is not None and owner != os.getpid() and psutil.pid_exists(owner):
+            raise UserInputError(
+                f"Run directory {path.parent} is in use by another trainer (pid {owner}); wait for it to finish, "
+                f"choose another --run-name, or delete {path} if no such trainer is running."
+            )
+        if owner != os.getpid():  # this process taking it again (a notebook preparing the run twice) is no news
+            log.warning("Taking over the lock %s left by process %s, which is no longer running.", path, owner)
+        path.unlink(missing_ok=True)
 
 
 def unlock_run_directory(run_dir: str | Path) -> None:
