@@ -23,6 +23,7 @@ import atexit
 import contextlib
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import logging
@@ -220,12 +221,17 @@ def atomic_write_json(path: str | Path, value: Any) -> None:
 def write_directory_atomically(path: str | Path, fill: Callable[[Path], None], manifest: bool = False) -> Path:
     """Create directory `path` by letting `fill` write into a temporary sibling, then renaming it.
 
-    If `path` already exists it is replaced; at every instant one complete version exists.
+    If `path` already exists it is replaced in two renames: the old version to a retired name
+    (`retired_name`), the new one into place. Between them no folder has the name; a kill there
+    leaves the old version under its retired name and the new one under its temporary name, and
+    `restore_retired` (called by the next write of `path`, and by `remove_temporary_files` at a
+    run's next start) puts the old one back. So at every instant one complete version exists.
     With `manifest`, a manifest.json of the files' sizes and SHA-256 sums is written last, so
     that `verify_manifest` can later tell a complete directory from a damaged one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    restore_retired(path)
     temporary = Path(tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{path.name}-", dir=path.parent))
     try:
         temporary.chmod(0o777 & ~_umask())  # as any new folder, not mkdtemp's 0700: others may need to read an export
@@ -238,8 +244,9 @@ def write_directory_atomically(path: str | Path, fill: Callable[[Path], None], m
         _fsync_directory(temporary)
         fault_point("before_rename")
         if path.exists():
-            retired = path.parent / f"{TEMPORARY_PREFIX}old-{path.name}-{os.getpid()}"
+            retired = retired_name(path, os.getpid())
             os.replace(path, retired)
+            fault_point("between_renames")
             os.replace(temporary, path)
             shutil.rmtree(retired, ignore_errors=True)
         else:
@@ -253,8 +260,33 @@ def write_directory_atomically(path: str | Path, fill: Callable[[Path], None], m
     return path
 
 
+def retired_name(path: Path, pid: int) -> Path:
+    """Where process `pid` puts the old version of folder `path` while it renames a new one into place."""
+    return path.parent / f"{TEMPORARY_PREFIX}old-{path.name}-{pid}"
+
+
+def restore_retired(path: Path) -> None:
+    """Put back the old version of folder `path` if a replacement was killed between its two renames
+    (the name is free, and a retired version of it waits under `retired_name`, its process gone)."""
+    if path.exists():
+        return
+    prefix = retired_name(path, 0).name[:-1]  # the name without the pid
+    for retired in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = retired.name[len(prefix):]
+        if retired.is_dir() and pid.isdigit() and not psutil.pid_exists(int(pid)):  # its writer was killed, not still at work
+            log.warning("Restoring %s: its replacement was interrupted after the old version was set aside.", path)
+            os.replace(retired, path)
+            return
+
+
 def remove_temporary_files(run_dir: str | Path) -> None:
-    """Clear what an interrupted write left behind (it never has a final name, so nothing reads it)."""
+    """Clear what an interrupted write left behind (it never has a final name, so nothing reads it),
+    after putting back any folder whose replacement was interrupted between its two renames."""
+    prefix = f"{TEMPORARY_PREFIX}old-"
+    for retired in Path(run_dir).glob(f"{prefix}*"):
+        name = retired.name[len(prefix):].rpartition("-")[0]
+        if name:
+            restore_retired(retired.parent / name)
     for leftover in Path(run_dir).glob(f"{TEMPORARY_PREFIX}*"):
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
