@@ -63,7 +63,9 @@ def fault_point(name: str) -> None:
     `before_rename@3` at the third. The fault drill (benchmarks/fault_drill.py) crashes training
     at the instants where a crash does most harm: `after_weights` (a checkpoint half written),
     `before_rename` (written but not yet in place), `after_rename_before_prune` (in place, old
-    ones not yet pruned) and `during_prune` (an old checkpoint renamed away but not yet deleted).
+    ones not yet pruned) and `during_prune` (an old checkpoint renamed away but not yet deleted);
+    `between_renames` kills a folder's replacement after the old version is set aside and before
+    the new one is in place (tests/faults/test_file_system.py).
     The trainer passes `training_step` after each micro-batch's forward pass.
 
     Two more variables shape the fault, for drills of one process failing among several under
