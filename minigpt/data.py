@@ -15,10 +15,14 @@ With a row per conversation (padding is never a target) neither can happen. The 
 padding's compute, kept small by cutting each batch after its longest conversation (attention
 is causal, so the padding after a row's last target never changes its loss).
 
-The stream's position (which file, which byte, the tokens waiting to be packed, the shuffle
-buffer, the random generator, and its `EpochState`: passes completed and how far into this one)
-is all in `state_dict()`, so a resumed run sees exactly the batches the interrupted run would
-have seen.
+A document longer than a tokenizing batch (TOKENIZE_BATCH_CHARACTERS: a whole book on one JSONL
+line, say) is tokenized a run of about a million characters at a time, as blocks are needed
+(`LongDocument`), so the tokens waiting to be packed stay a few megabytes whatever its length.
+
+The stream's position (which file, which byte, how far into a long document, the tokens waiting
+to be packed, the shuffle buffer, the random generator, and its `EpochState`: passes completed
+and how far into this one) is all in `state_dict()`, so a resumed run sees exactly the batches
+the interrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from minigpt.errors import UserInputError
 from minigpt.loss import IGNORE_INDEX
-from minigpt.sources import DataReport, Document, DocumentReader, document_hash_fraction, encode_documents
+from minigpt.sources import DataReport, Document, DocumentReader, document_hash_fraction, encode_documents, long_text_runs
 from minigpt.tokenizer import Tokenizer
 
 # A batch of one-conversation rows is cut after its last target, rounded up to a multiple of this,
@@ -70,6 +74,33 @@ class EpochState:
         if isinstance(saved, dict):
             return cls(**{name: int(value) for name, value in saved.items()})
         return cls(passes=int(saved), position=int(position))
+
+
+@dataclass
+class LongDocument:
+    """A document whose text alone fills a tokenizing batch, being tokenized a run at a time
+    (`minigpt.sources.long_text_runs`). Its place is saved as the reader's position before it and
+    how many of its characters are tokenized: a resumed stream reads it again and goes on from there."""
+
+    document: Document
+    reader_position: list[int]
+    characters: int = 0  # tokenized so far
+    runs: Iterator[tuple[np.ndarray, int]] | None = None  # the rest, started on first use
+
+    def next_run(self, tokenizer: Tokenizer) -> tuple[np.ndarray, bool]:
+        """The ids of the next run (BOS before the first, EOS after the last, as for any document)
+        and whether it was the last."""
+        text = self.document.text
+        if self.runs is None:
+            self.runs = long_text_runs(text, tokenizer, self.characters)
+        start = self.characters
+        ids, self.characters = next(self.runs)
+        last = self.characters >= len(text)
+        before = tokenizer.bos_ids if start == 0 and self.document.starts_document else ()
+        after = (tokenizer.eos_id,) if last and self.document.ends_document else ()
+        if before or after:
+            ids = np.concatenate([np.asarray(before, dtype=np.int64), ids, np.asarray(after, dtype=np.int64)])
+        return ids, last
 
 
 def rounded_width(columns: int, limit: int) -> int:
@@ -142,6 +173,8 @@ class TokenBlockStream(IterableDataset):
         self.shard_documents = 0  # of those, documents of this shard
         self.pending_tokens = np.zeros(0, dtype=np.int64)  # tokenized, not yet packed into a block
         self.pending_mask = np.zeros(0, dtype=bool)  # True where the token is a training target
+        self.long_document: LongDocument | None = None  # a document too long to tokenize at once, begun
+        self.reader_position_before_last = self.reader.position()  # of the last document _read_documents kept
         self.buffer: list[tuple[np.ndarray, np.ndarray]] = []  # the shuffle buffer of blocks
         self.rng = random.Random(self.seed)
         self.blocks_this_pass = 0  # a finite stream that ends with none is empty: an error, not zero batches
@@ -153,6 +186,8 @@ class TokenBlockStream(IterableDataset):
             "reader": self.reader.position(), "epoch": self.epoch.as_dict(), "shard_documents": self.shard_documents,
             "pending_tokens": torch.from_numpy(self.pending_tokens.copy()),
             "pending_mask": torch.from_numpy(self.pending_mask.copy()),
+            "long_document": None if self.long_document is None else {
+                "reader": self.long_document.reader_position, "characters": self.long_document.characters},
             "buffer_tokens": [torch.from_numpy(tokens.copy()) for tokens, _ in self.buffer],
             "buffer_mask": [torch.from_numpy(mask.copy()) for _, mask in self.buffer],
             "rng": self.rng.getstate(),
@@ -167,6 +202,10 @@ class TokenBlockStream(IterableDataset):
         self.shard_documents = state["shard_documents"]
         self.pending_tokens = state["pending_tokens"].numpy().copy()
         self.pending_mask = state["pending_mask"].numpy().copy()
+        self.long_document = None
+        if long := state.get("long_document"):  # read it again from its start: the reader ends where it was saved
+            self.reader.seek(long["reader"])
+            self.long_document = LongDocument(self.reader.next_document(), long["reader"], long["characters"])
         self.buffer = [(tokens.numpy().copy(), mask.numpy().copy()) for tokens, mask in zip(state["buffer_tokens"], state["buffer_mask"])]
         self.rng.setstate(state["rng"])
 
@@ -312,10 +351,16 @@ class TokenBlockStream(IterableDataset):
         return block
 
     def _tokenize_more(self) -> bool:
-        """Read and tokenize the next batch of documents; False when a finite stream has ended."""
+        """Read and tokenize the next batch of documents, or the next run of a long document;
+        False when a finite stream has ended."""
+        if self.long_document is not None:
+            return self._tokenize_long_document()
         documents = self._read_documents()
         if not documents:
             return False
+        last = documents[-1]  # only the last of a batch can be this long: its text alone ends the batch
+        if last.text is not None and len(last.text) > TOKENIZE_BATCH_CHARACTERS:
+            self.long_document = LongDocument(documents.pop(), self.reader_position_before_last)
         token_chunks, mask_chunks = [self.pending_tokens], [self.pending_mask]
         for document, (ids, assistant) in zip(documents, encode_documents(documents, self.tokenizer)):
             if self.assistant_only_loss and not assistant[:-1 if document.ends_document else None].any():
@@ -330,9 +375,24 @@ class TokenBlockStream(IterableDataset):
                     continue
             token_chunks.append(ids)
             mask_chunks.append(mask)
-        # One chunk alone (a long document after the previous ones were packed) is kept, not copied.
-        self.pending_tokens = token_chunks[-1] if len(token_chunks) == 2 and not len(token_chunks[0]) else np.concatenate(token_chunks)
-        self.pending_mask = mask_chunks[-1] if len(mask_chunks) == 2 and not len(mask_chunks[0]) else np.concatenate(mask_chunks)
+        self.pending_tokens, self.pending_mask = np.concatenate(token_chunks), np.concatenate(mask_chunks)
+        if self.long_document is not None:
+            self.learnable_documents += 1  # plain text: every token is a target
+            self._tokenize_long_document()
+        return True
+
+    def _tokenize_long_document(self) -> bool:
+        """Add the long document's next run to the pending tokens. One document per row, its row
+        is its start, cut to the block (its first run is far longer), and the rest is never read."""
+        ids, last = self.long_document.next_run(self.tokenizer)
+        mask = np.ones(len(ids), dtype=bool)
+        if self.one_document_per_row:
+            ids, mask = self._fill_row(ids, mask)
+            last = True
+        if last:
+            self.long_document = None
+        self.pending_tokens = np.concatenate([self.pending_tokens, ids])
+        self.pending_mask = np.concatenate([self.pending_mask, mask])
         return True
 
     def _fill_row(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -356,6 +416,7 @@ class TokenBlockStream(IterableDataset):
         characters = 0  # a batch also ends at TOKENIZE_BATCH_CHARACTERS: long documents are not gathered by the dozen
         while len(documents) < self.tokenize_batch_size and characters < TOKENIZE_BATCH_CHARACTERS:
             capped = self.max_documents and self.epoch.position >= self.max_documents
+            before = self.reader.position()
             document = None if capped else self.reader.next_document()
             if document is None:  # the end of the data, or of the cap
                 if not self.loop or documents:  # a looping stream starts the next epoch on the next call, not
@@ -373,6 +434,7 @@ class TokenBlockStream(IterableDataset):
             if index % self.num_shards == self.shard:
                 self.shard_documents += 1
                 documents.append(document)
+                self.reader_position_before_last = before
                 characters += len(document.text) if document.text is not None else 0
         return documents
 

@@ -20,7 +20,10 @@ output directory (`../../etc`) are refused.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
+import fcntl
+import glob
 import hashlib
 import json
 import logging
@@ -60,7 +63,9 @@ def fault_point(name: str) -> None:
     `before_rename@3` at the third. The fault drill (benchmarks/fault_drill.py) crashes training
     at the instants where a crash does most harm: `after_weights` (a checkpoint half written),
     `before_rename` (written but not yet in place), `after_rename_before_prune` (in place, old
-    ones not yet pruned) and `during_prune` (an old checkpoint renamed away but not yet deleted).
+    ones not yet pruned) and `during_prune` (an old checkpoint renamed away but not yet deleted);
+    `between_renames` kills a folder's replacement after the old version is set aside and before
+    the new one is in place (tests/faults/test_file_system.py).
     The trainer passes `training_step` after each micro-batch's forward pass.
 
     Two more variables shape the fault, for drills of one process failing among several under
@@ -156,6 +161,15 @@ def _is_disk_full(error: BaseException, directory: Path) -> bool:
     return False
 
 
+NOT_WRITABLE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)  # no permission; a read-only file system
+
+
+def not_writable(error: OSError, target: Path) -> UserInputError:
+    """A write refused by the file system (no permission, a read-only mount), as one sentence naming
+    what was to be written, not the temporary name the refusal came from."""
+    return UserInputError(f"Cannot write {target}: {error.strerror.lower()}; choose a location you can write to.")
+
+
 def _disk_full(target: Path, partial: Path) -> DiskFullError:
     """Remove the partial write `partial` and describe the failure in one sentence."""
     freed = _size_of(partial)
@@ -194,8 +208,13 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old content or the new, never a mix.
     The file gets the permissions any new file gets (the umask's), not the temporary file's 0600."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=path.parent)
+    except OSError as error:
+        if error.errno in NOT_WRITABLE_ERRNOS:
+            raise not_writable(error, path) from None
+        raise
     try:
         os.fchmod(descriptor, 0o666 & ~_umask())
         with os.fdopen(descriptor, "wb") as file:
@@ -218,13 +237,23 @@ def atomic_write_json(path: str | Path, value: Any) -> None:
 def write_directory_atomically(path: str | Path, fill: Callable[[Path], None], manifest: bool = False) -> Path:
     """Create directory `path` by letting `fill` write into a temporary sibling, then renaming it.
 
-    If `path` already exists it is replaced; at every instant one complete version exists.
+    If `path` already exists it is replaced in two renames: the old version to a retired name
+    (`retired_name`), the new one into place. Between them no folder has the name; a kill there
+    leaves the old version under its retired name and the new one under its temporary name, and
+    `restore_retired` (called by the next write of `path`, and by `remove_temporary_files` at a
+    run's next start) puts the old one back. So at every instant one complete version exists.
     With `manifest`, a manifest.json of the files' sizes and SHA-256 sums is written last, so
     that `verify_manifest` can later tell a complete directory from a damaged one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{path.name}-", dir=path.parent))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        restore_retired(path)
+        temporary = Path(tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{path.name}-", dir=path.parent))
+    except OSError as error:
+        if error.errno in NOT_WRITABLE_ERRNOS:
+            raise not_writable(error, path) from None
+        raise
     try:
         temporary.chmod(0o777 & ~_umask())  # as any new folder, not mkdtemp's 0700: others may need to read an export
         fill(temporary)
@@ -236,8 +265,9 @@ def write_directory_atomically(path: str | Path, fill: Callable[[Path], None], m
         _fsync_directory(temporary)
         fault_point("before_rename")
         if path.exists():
-            retired = path.parent / f"{TEMPORARY_PREFIX}old-{path.name}-{os.getpid()}"
+            retired = retired_name(path, os.getpid())
             os.replace(path, retired)
+            fault_point("between_renames")
             os.replace(temporary, path)
             shutil.rmtree(retired, ignore_errors=True)
         else:
@@ -251,8 +281,33 @@ def write_directory_atomically(path: str | Path, fill: Callable[[Path], None], m
     return path
 
 
+def retired_name(path: Path, pid: int) -> Path:
+    """Where process `pid` puts the old version of folder `path` while it renames a new one into place."""
+    return path.parent / f"{TEMPORARY_PREFIX}old-{path.name}-{pid}"
+
+
+def restore_retired(path: Path) -> None:
+    """Put back the old version of folder `path` if a replacement was killed between its two renames
+    (the name is free, and a retired version of it waits under `retired_name`, its process gone)."""
+    if path.exists():
+        return
+    prefix = retired_name(path, 0).name[:-1]  # the name without the pid
+    for retired in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = retired.name[len(prefix):]
+        if retired.is_dir() and pid.isdigit() and not psutil.pid_exists(int(pid)):  # its writer was killed, not still at work
+            log.warning("Restoring %s: its replacement was interrupted after the old version was set aside.", path)
+            os.replace(retired, path)
+            return
+
+
 def remove_temporary_files(run_dir: str | Path) -> None:
-    """Clear what an interrupted write left behind (it never has a final name, so nothing reads it)."""
+    """Clear what an interrupted write left behind (it never has a final name, so nothing reads it),
+    after putting back any folder whose replacement was interrupted between its two renames."""
+    prefix = f"{TEMPORARY_PREFIX}old-"
+    for retired in Path(run_dir).glob(f"{prefix}*"):
+        name = retired.name[len(prefix):].rpartition("-")[0]
+        if name:
+            restore_retired(retired.parent / name)
     for leftover in Path(run_dir).glob(f"{TEMPORARY_PREFIX}*"):
         if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
@@ -339,8 +394,9 @@ def lock_run_directory(run_dir: str | Path) -> None:
     operating system makes that atomic: of two processes linking at once, exactly one succeeds),
     and a lock is never seen without its owner. (Created empty and written after, a lock caught
     between the two looked like a dead trainer's and was taken over.) A lock left by a process
-    that no longer exists (it was killed) is stale and taken over with a notice. The lock is
-    released by `unlock_run_directory`, and at the latest when this process exits normally.
+    that no longer exists (it was killed) is stale and taken over with a notice; taking over is
+    one step too (`_clear_stale_lock`). The lock is released by `unlock_run_directory`, and at
+    the latest when this process exits normally.
     """
     path = Path(run_dir) / LOCK_NAME
     claim = path.with_name(f".{LOCK_NAME}.claim-{os.getpid()}")
@@ -367,17 +423,39 @@ def _lock_owner(path: Path) -> int | None:
         return None  # absent, empty or garbled (damaged, or left by a version that filled it after creating it)
 
 
+@contextlib.contextmanager
+def _takeovers_excluded(directory: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `directory` itself: one process at a time takes over its lock.
+    The operating system releases it when the process ends, however it ends, so it is never stale."""
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # releases the flock
+
+
 def _clear_stale_lock(path: Path) -> None:
-    """Remove a lock whose owner is gone (or is this very process); refuse if its owner lives."""
-    owner = _lock_owner(path)
-    if owner is not None and owner != os.getpid() and psutil.pid_exists(owner):
-        raise UserInputError(
-            f"Run directory {path.parent} is in use by another trainer (pid {owner}); wait for it to finish, "
-            f"choose another --run-name, or delete {path} if no such trainer is running."
-        )
-    if owner != os.getpid():  # this process taking it again (a notebook preparing the run twice) is no news
-        log.warning("Taking over the lock %s left by process %s, which is no longer running.", path, owner)
-    path.unlink(missing_ok=True)
+    """Remove a lock whose owner is gone (or is this very process); refuse if its owner lives.
+
+    Two trainers may find the same stale lock. Checked and removed in two steps, the second to act
+    would remove the lock the first had just taken (both then train in one directory), so the check
+    and the removal are one step: under `_takeovers_excluded`, and the second to get there finds the
+    first one's lock, alive. (Nothing else removes a lock whose owner is gone, and a new lock can
+    only be linked where there is none, so the lock checked is the lock removed.)
+    """
+    with _takeovers_excluded(path.parent):
+        if not path.exists():  # taken over and released while this process waited: nothing to take over
+            return
+        owner = _lock_owner(path)
+        if owner is not None and owner != os.getpid() and psutil.pid_exists(owner):
+            raise UserInputError(
+                f"Run directory {path.parent} is in use by another trainer (pid {owner}); wait for it to finish, "
+                f"choose another --run-name, or delete {path} if no such trainer is running."
+            )
+        if owner != os.getpid():  # this process taking it again (a notebook preparing the run twice) is no news
+            log.warning("Taking over the lock %s left by process %s, which is no longer running.", path, owner)
+        path.unlink(missing_ok=True)
 
 
 def unlock_run_directory(run_dir: str | Path) -> None:

@@ -29,7 +29,7 @@ STALE_SECONDS = 600  # a live process that has not updated its status for this l
 @dataclass
 class RunReport:
     run_dir: Path
-    state: str  # running / finished / stopped / failed / crashed / stalled / starting
+    state: str  # running / finished / stopped / failed / crashed / stalled / starting / unknown (status.json damaged)
     step: int = 0
     max_steps: int = 0
     config: dict[str, Any] = field(default_factory=dict)
@@ -77,11 +77,18 @@ def read_run(run_dir: str | Path, now: float | None = None) -> RunReport:
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").is_file():
         raise UserInputError(f"{run_dir} is not a run directory (it has no config.json).")
-    config = json.loads((run_dir / "config.json").read_text())
     try:
-        status = json.loads((run_dir / "status.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except ValueError:  # not JSON, or not UTF-8
+        raise UserInputError(f"{run_dir / 'config.json'} is damaged (not readable JSON); this run cannot be shown.") from None
+    try:
+        status = json.loads((run_dir / "status.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
         status = {"state": "starting"}
+    except (OSError, ValueError):  # torn (a copy cut short, a disk error): written atomically, it is never half-written
+        status = {"state": "unknown"}
+    if not isinstance(status, dict):
+        status = {"state": "unknown"}
     rows = read_metrics(run_dir / "metrics.jsonl")
     state = status.get("state", "starting")
     if state == "running":
@@ -122,6 +129,7 @@ STATE_NOTES = {
     "crashed": "its process is gone without a final status; resume it with --resume",
     "stalled": f"no update for over {STALE_SECONDS // 60} minutes; is it stuck or paused?",
     "starting": "no status yet",
+    "unknown": "its status.json is damaged (cut short?); what follows comes from metrics.jsonl",
 }
 
 

@@ -71,11 +71,16 @@ class RunRecord:
         return self.config.train.stage
 
 
-def _json_file(path: Path) -> Any:
+def _json_file(path: Path) -> dict | None:
+    """The JSON object in `path` (a run's summary, status or evaluation results), None if there is
+    no such file; a damaged one (cut short, or not an object) is refused in one sentence."""
     try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        value = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
     except (OSError, ValueError) as error:
         raise UserInputError(f"{path} cannot be read as JSON ({error}).") from None
+    if value is not None and not isinstance(value, dict):
+        raise UserInputError(f"{path} is damaged: it holds a JSON {type(value).__name__}, not an object.")
+    return value
 
 
 def read_run(directory: str | Path) -> RunRecord:

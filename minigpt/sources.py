@@ -54,6 +54,7 @@ BAD_LINE_GRACE = 20
 WARNINGS_PER_FILE = 10  # report this many bad lines of a file one by one, then only count them
 REPORT_EXAMPLES = 10  # DataReport keeps this many "file:line: reason" examples
 UTF8_BOM = b"\xef\xbb\xbf"
+LINE_CHUNK_BYTES = 1 << 20  # a longer line is read, checked and hashed a chunk at a time (never copied whole)
 
 
 def resolve_data_files(patterns: Sequence[str], builtin: bool = True) -> list[Path | str]:
@@ -159,12 +160,21 @@ class TokenCache:
         return f"token cache {self.directory}"
 
 
-def _parse_jsonl_line(raw: bytes, text_field: str) -> Document | str:
+def _read_line(file: BinaryIO) -> bytes | bytearray:
+    """The next line of `file` (empty at its end). A line longer than LINE_CHUNK_BYTES grows in
+    place, a chunk at a time: `readline()` would gather its pieces and join them, holding a 200 MB
+    line twice."""
+    line = file.readline(LINE_CHUNK_BYTES)
+    if len(line) < LINE_CHUNK_BYTES or line.endswith(b"\n"):
+        return line
+    grown = bytearray(line)
+    while not grown.endswith(b"\n") and (chunk := file.readline(LINE_CHUNK_BYTES)):
+        grown += chunk
+    return grown
+
+
+def _parse_jsonl_line(line: str, text_field: str) -> Document | str:
     """A Document, or the reason the line is bad."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return "not valid UTF-8"
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
@@ -236,9 +246,13 @@ def _parse_conversations(turns: list, key: str = "conversations", first_number: 
 
 def _is_unicode_text(text: str) -> bool:
     """False for a string with a lone surrogate ("\\ud800" is valid JSON but not text): the tokenizer
-    would fail on it with an obscure TypeError in the middle of training."""
+    would fail on it with an obscure TypeError in the middle of training. (Checked a million
+    characters at a time: encoding a 200 MB text at once would hold it twice.)"""
+    if text.isascii():
+        return True
     try:
-        text.encode("utf-8")
+        for start in range(0, len(text), LINE_CHUNK_BYTES):
+            text[start:start + LINE_CHUNK_BYTES].encode("utf-8")
     except UnicodeEncodeError:
         return False
     return True
@@ -249,8 +263,10 @@ def document_hash_fraction(document: Document) -> float:
     if document.hash_fraction is not None:
         return document.hash_fraction
     content = document.text if document.text is not None else json.dumps(document.conversations, sort_keys=True)
-    digest = hashlib.blake2b(content.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
+    digest = hashlib.blake2b(digest_size=8)
+    for start in range(0, len(content), LINE_CHUNK_BYTES):  # the same sum as of the whole, without a copy of it
+        digest.update(content[start:start + LINE_CHUNK_BYTES].encode("utf-8"))
+    return int.from_bytes(digest.digest(), "big") / 2**64
 
 
 def sources_fingerprint(sources: Sequence[Path | str]) -> list:
@@ -371,13 +387,19 @@ class DocumentReader:
 
     def _next_jsonl(self, path: Path) -> Document | None:
         file = self._open(path)
-        while raw := file.readline():
+        while raw := _read_line(file):
             self.offset += len(raw)
             self.line_number += 1
-            if not raw.strip():
+            if raw.isspace():
                 continue
             self.lines_read += 1
-            parsed = _parse_jsonl_line(raw, self.text_field)
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                line = None
+            del raw  # a line may be 200 MB: its bytes go before its text is parsed
+            parsed = _parse_jsonl_line(line, self.text_field) if line is not None else "not valid UTF-8"
+            del line
             if isinstance(parsed, Document):
                 return parsed
             self._bad_line(path, parsed)
@@ -542,12 +564,13 @@ LONG_TEXT_CHARACTERS = 1 << 16  # a longer text is tokenized in pieces of about 
 PIECES_PER_CALL = 16  # ... this many pieces to one (parallel) call of the tokenizer: about 1M characters
 
 
-def text_pieces(text: str, size: int) -> Iterator[str]:
-    """`text` in consecutive pieces of at most `size` characters (at least half that, but the
-    last), each cut before a space that stands between two non-spaces. The byte-level BPE
-    pre-tokenizer splits there anyway (" word" starts a token), so the pieces' tokens are the
-    whole text's; a stretch of `size` with no such space (one endless word) is cut at `size`."""
-    start = 0
+def text_pieces(text: str, size: int, start: int = 0) -> Iterator[str]:
+    """`text` from character `start` on, in consecutive pieces of at most `size` characters (at
+    least half that, but the last), each cut before a space that stands between two non-spaces.
+    The byte-level BPE pre-tokenizer splits there anyway (" word" starts a token), so the pieces'
+    tokens are the whole text's; a stretch of `size` with no such space (one endless word) is cut
+    at `size`. Where a piece ends depends only on where it starts, so the pieces from the end of
+    one are the same wherever the text was first started."""
     while len(text) - start > size:
         cut = text.rfind(" ", start + size // 2, start + size)
         while cut > start and (text[cut - 1].isspace() or text[cut + 1].isspace()):
@@ -559,21 +582,33 @@ def text_pieces(text: str, size: int) -> Iterator[str]:
     yield text[start:]
 
 
-def encode_long_text(text: str, tokenizer: Tokenizer, end_id: int | None) -> np.ndarray:
-    """The token ids of a text too long to tokenize in one call (then `end_id`, if given).
+def long_text_runs(text: str, tokenizer: Tokenizer, start: int = 0) -> Iterator[tuple[np.ndarray, int]]:
+    """The token ids of a text too long to tokenize in one call, from character `start` on: a run
+    of PIECES_PER_CALL pieces (`text_pieces`, about a million characters) at a time, each with the
+    character where the next run starts (len(text) after the last).
 
     One tokenizer call holds an object per token (its string, offsets, ids), a hundred times the
-    text's size, so the text goes in pieces (`text_pieces`), and their ids are written straight
-    into one array. It is allocated for the most tokens the text can have (one per UTF-8 byte);
-    only the pages written become memory, so the ids cost what they hold.
+    text's size, so the text goes in pieces, and a run's ids are one int64 array.
+    """
+    pieces = text_pieces(text, LONG_TEXT_CHARACTERS, start)
+    while batch := list(itertools.islice(pieces, PIECES_PER_CALL)):
+        start += sum(map(len, batch))
+        yield np.fromiter(itertools.chain.from_iterable(tokenizer.encode_batch(batch)), dtype=np.int64), start
+
+
+def encode_long_text(text: str, tokenizer: Tokenizer, start_ids: Sequence[int], end_id: int | None) -> np.ndarray:
+    """The token ids of a text too long to tokenize in one call (`long_text_runs`), after
+    `start_ids` (the tokenizer's BOS, if any) and followed by `end_id`, if given, all in one array.
+    It is allocated for the most tokens the text can have (one per UTF-8 byte); only the pages
+    written become memory, so the ids cost what they hold.
     """
     size = sum(len(text[start:start + LONG_TEXT_CHARACTERS].encode("utf-8")) for start in range(0, len(text), LONG_TEXT_CHARACTERS))
-    ids = np.empty(size + 1, dtype=np.int64)
-    filled, pieces = 0, text_pieces(text, LONG_TEXT_CHARACTERS)
-    while batch := list(itertools.islice(pieces, PIECES_PER_CALL)):
-        for piece_ids in tokenizer.encode_batch(batch):
-            ids[filled:filled + len(piece_ids)] = piece_ids
-            filled += len(piece_ids)
+    ids = np.empty(len(start_ids) + size + 1, dtype=np.int64)
+    ids[:len(start_ids)] = start_ids
+    filled = len(start_ids)
+    for run, _ in long_text_runs(text, tokenizer):
+        ids[filled:filled + len(run)] = run
+        filled += len(run)
     if end_id is not None:
         ids[filled] = end_id
         filled += 1
@@ -601,7 +636,8 @@ def encode_documents(documents: Sequence[Document], tokenizer: Tokenizer) -> lis
         if document.tokens is not None:
             ids, mask = document.tokens, document.assistant_mask
         elif is_long(document):  # its end-of-text is written in place: appending would copy every id
-            ids = encode_long_text(document.text, tokenizer, tokenizer.eos_id if document.ends_document else None)
+            ids = encode_long_text(document.text, tokenizer, tokenizer.bos_ids if document.starts_document else (),
+                                   tokenizer.eos_id if document.ends_document else None)
             results.append((ids, np.ones(len(ids), dtype=bool)))
             continue
         elif document.text is not None:

@@ -16,6 +16,7 @@ from minigpt.cli import ALIASES, COMMANDS
 from minigpt.config import CHOICES
 from minigpt.distributed import is_distributed, lost_another_process, process_place
 from minigpt.errors import RunFailure, UserInputError
+from minigpt.files import NOT_WRITABLE_ERRNOS
 
 USAGE_ERROR = 2  # the conventional exit status for a bad command line or bad input
 
@@ -147,8 +148,9 @@ def print_error(error: UserInputError) -> None:
 
 def run_command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
     """Wrap a command's main: logging goes through the progress bar from the first line on, and
-    user mistakes become one line on stderr and exit status 2. Under torchrun, a process that
-    finds another gone (it failed, with its own message) says so in one line, not a traceback."""
+    user mistakes become one line on stderr and exit status 2, a path the file system refuses (no
+    permission, a read-only mount) among them. Under torchrun, a process that finds another gone
+    (it failed, with its own message) says so in one line, not a traceback."""
 
     def wrapped(argv: list[str] | None = None) -> int:
         setup_logging()
@@ -157,6 +159,12 @@ def run_command(main: Callable[[list[str] | None], int]) -> Callable[[list[str] 
         except UserInputError as error:
             print_error(error)
             return error.exit_status
+        except OSError as error:
+            if error.errno not in NOT_WRITABLE_ERRNOS or not error.filename:
+                raise
+            refused = UserInputError(f"Cannot use {error.filename}: {error.strerror.lower()}; check its permissions or choose another location.")
+            print_error(refused)
+            return refused.exit_status
         except KeyboardInterrupt:
             print("Interrupted.", file=sys.stderr)
             return 130

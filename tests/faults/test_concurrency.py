@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from helpers import assert_one_sentence, tiny_arguments
@@ -121,6 +122,48 @@ def test_of_trainers_starting_at_once_exactly_one_takes_the_lock(tmp_path):
     for racer in racers:
         racer.start()
     start.set()
+    for racer in racers:
+        racer.join(timeout=60)
+    won = []
+    while not winners.empty():
+        won.append(winners.get())
+    assert len(won) == 1, f"{len(won)} trainers hold the lock at once"
+
+
+def take_over_a_stale_lock(run_dir, checked, winners) -> None:
+    """One of two trainers that find the same stale lock: each pauses between seeing that the lock's
+    owner is gone and taking it over until the other has seen it too (or, where takeovers are
+    serialized, until the other cannot: then the pause ends after a second and a half)."""
+    import threading
+
+    real_pid_exists = psutil.pid_exists
+
+    def pid_exists_then_pause(pid):
+        alive = real_pid_exists(pid)
+        try:
+            checked.wait(timeout=1.5)
+        except threading.BrokenBarrierError:
+            pass
+        return alive
+
+    psutil.pid_exists = pid_exists_then_pause
+    try:
+        lock_run_directory(run_dir)
+    except UserInputError:
+        return
+    winners.put(os.getpid())
+    time.sleep(3)  # holding it while the other decides
+
+
+def test_of_two_trainers_taking_over_the_same_stale_lock_exactly_one_wins(tmp_path):
+    """Both see a dead trainer's lock; the first removes it and takes the lock; the second, acting on
+    what it saw, removed the first one's fresh lock and took it too: two trainers in one directory."""
+    (tmp_path / LOCK_NAME).write_text(f"{dead_pid()}\n")
+    context = multiprocessing.get_context("fork")
+    checked, winners = context.Barrier(2), context.Queue()
+    racers = [context.Process(target=take_over_a_stale_lock, args=(tmp_path, checked, winners)) for _ in range(2)]
+    for racer in racers:
+        racer.start()
     for racer in racers:
         racer.join(timeout=60)
     won = []
