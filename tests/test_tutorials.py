@@ -106,10 +106,29 @@ def test_notebooks_are_up_to_date_and_hold_no_outputs():
         path = make_notebooks.notebook_path(chapter)
         assert path.is_file(), f"{path.name} is missing: run python tutorials/make_notebooks.py"
         committed = path.read_text(encoding="utf-8")
-        assert committed == make_notebooks.notebook_json(chapter.read_text(encoding="utf-8")), (
+        assert committed == make_notebooks.notebook_json(chapter.read_text(encoding="utf-8"), chapter.stem), (
             f"{path.name} is out of date with {chapter.name}: run python tutorials/make_notebooks.py"
         )
         cells = json.loads(committed)["cells"]
         assert all(cell.get("outputs", []) == [] and cell.get("execution_count") is None for cell in cells)
-        code = "\n".join("".join(cell["source"]) + "\n" for cell in cells if cell["cell_type"] == "code")
-        assert code.strip() == chapter_code(chapter).strip()  # the notebook runs exactly what the test runs
+        set_up, *code_cells = ["".join(cell["source"]) for cell in cells if cell["cell_type"] == "code"]
+        assert set_up == make_notebooks.set_up_cell(chapter.stem, chapter_code(chapter)).strip("\n")
+        # The notebook runs exactly what the test runs, after its set-up; the empty cells are the exercises' scratch cells.
+        assert "\n".join(code + "\n" for code in code_cells if code).strip() == chapter_code(chapter).strip()
+        texts = ["".join(cell["source"]) for cell in cells]
+        solutions = next(index for index, text in enumerate(texts) if text.startswith("## Solutions"))
+        exercises = [index for index in range(solutions) if re.match(r"\d+\. ", texts[index])]  # one exercise a cell
+        assert exercises, f"{path.name} has no exercises before its solutions"
+        assert all(cells[index + 1]["cell_type"] == "code" and not texts[index + 1] for index in exercises)  # a cell to try it in
+
+
+def test_a_notebooks_set_up_cell_installs_nothing_where_minigpt_imports_and_moves_to_a_temporary_folder(tmp_path):
+    set_up = _make_notebooks().set_up_cell("13_export", "import transformers\n")
+    assert 'f"minigpt[export] @ {source}"' in set_up and "git+https://" in set_up
+    # An install would fail on this source (check=True), so a clean exit means none was tried.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MINIGPT_SOURCE": str(tmp_path / "no-such-source")}
+    result = subprocess.run([sys.executable, "-c", set_up], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    working = Path(result.stdout.split("working in ")[-1].strip())
+    assert working.is_dir() and working != tmp_path and working.name.startswith("minigpt-13_export-")
+    working.rmdir()
