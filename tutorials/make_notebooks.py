@@ -8,9 +8,9 @@ typed in a terminal. The notebooks hold no outputs: run them to see them. The te
 that the committed notebooks are exactly what this script writes from today's chapters.
 
 Two things only a notebook gets, as the Markdown stays a page to read:
-- a set-up cell first: it installs MiniGPT from its git repository where `minigpt` cannot be
-  imported (a fresh Colab or kernel; the `minigpt` on PyPI is another project), and moves into a
-  new temporary folder, so the runs, checkpoints and exports a chapter writes land there and not
+- a set-up cell first: where `minigpt` cannot be imported (a fresh Colab or kernel; the `minigpt`
+  on PyPI is another project) it clones MiniGPT's git repository and installs the clone (chapters 6,
+  10 and 14 run its scripts/), then it moves into a new temporary folder, so the runs, checkpoints and exports a chapter writes land there and not
   beside the notebook (the tests run each chapter in a temporary folder too);
 - each exercise in a cell of its own followed by an empty code cell to try it in, before the
   solutions.
@@ -42,10 +42,13 @@ SET_UP = """\
 import importlib, os, subprocess, sys, tempfile
 
 try:
-    import minigpt.model  # noqa: F401  (installed already, as in a clone or the tests: nothing to install)
-except ModuleNotFoundError:  # a fresh Colab or kernel: MiniGPT from its git repository (PyPI's `minigpt` is another project)
-    source = os.environ.get("MINIGPT_SOURCE", "git+{repository}")
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", f"minigpt{extras} @ {{source}}"{packages}], check=True)
+    import minigpt.model  # noqa: F401  (installed already, as in a clone or the tests: nothing to do)
+except ModuleNotFoundError:  # a fresh Colab or kernel: clone MiniGPT's git repository (PyPI's `minigpt` is another project)
+    clone = os.path.expanduser("~/minigpt")
+    if not os.path.isdir(clone):
+        subprocess.run(["git", "clone", "--depth", "1", os.environ.get("MINIGPT_SOURCE", "{repository}"), clone], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "-e", clone + "{extras}"{packages}], check=True)
+    sys.path.insert(0, clone)  # this kernel started before the install: import from the clone (its scripts/ beside it)
     importlib.invalidate_caches()
 os.chdir(tempfile.mkdtemp(prefix="minigpt-{chapter}-"))
 print("working in", os.getcwd())
