@@ -4,16 +4,16 @@
     python tutorials/figures/make_figures.py lr_schedule block_shapes   # only these
 
 Each figure is computed from MiniGPT itself: the schedule from `learning_rate_at`, the loss
-curves by `minigpt.plots` from a real run, attention, sampling and the loss by position from a
-model trained the way chapter 7 trains it, the tokenizer's compression from `train_bpe_tokenizer`,
-a batch from `TokenBlockStream`, the FLOPs from each preset's matrices, the debugging drills and
+curves by `minigpt.plots` from a real run, attention and sampling from a model trained the way
+chapter 7 trains it, the tokenizer's compression from `train_bpe_tokenizer`, token sizes from
+`token_byte_lengths`, a batch from `TokenBlockStream`, the FLOPs from each preset's matrices, the debugging drills and
 the classifier's confusion matrices from real runs' metrics.jsonl, the chat mask from
 `render_chat`, the export map from `tensor_table` and `permute_for_gguf`, the DDP gradients from
 chapter 14's batch, continuous batching from an `Engine`. So when the library changes, running
 this again keeps the pictures true. The runs go in a temporary directory; only the PNGs are kept.
 Seeds are fixed, so a second run draws the same figures (the drills at learning rate 5 excepted:
-that run is chaotic, and the last bits of rounding differ between CPUs). About five minutes on a
-2-core CPU.
+that run is chaotic, and the last bits of rounding differ between CPUs). Several minutes on a
+2-core CPU, most of them in the training runs; name figures to redraw only those.
 
 The labels are in English: one PNG serves both editions, and each Chinese chapter's caption and
 prose say in Chinese what it shows. Chinese labels would need a CJK font on every machine that
@@ -52,7 +52,7 @@ from minigpt.model import GPT, apply_rotary
 from minigpt.optim import learning_rate_at
 from minigpt.plots import draw_confusion_matrix
 from minigpt.run import prepare_run
-from minigpt.tokenizer import train_bpe_tokenizer
+from minigpt.tokenizer import train_bpe_tokenizer, train_char_tokenizer
 
 HERE = Path(__file__).resolve().parent
 SENTENCE = "The function returns a list of the items in the sequence."
@@ -98,13 +98,11 @@ def loss_curves(workdir: Path) -> None:
 
 
 def writer_figures(workdir: Path) -> None:
-    """Chapter 7's model (`tiny`, 400 steps): its attention weights (chapter 3), its sampling distributions
-    (chapter 7) and its validation loss by position (chapter 8)."""
+    """Chapter 7's model (`tiny`, 400 steps): its attention weights (chapter 3) and its sampling distributions (chapter 7)."""
     trainer = train_tiny(workdir, "writer", **{"train.max_steps": 400, "train.eval_steps": 400, "train.save_steps": 400})
     model, tokenizer = trainer.model.eval(), trainer.tokenizer
     attention_heads(model, tokenizer)
     sampling_temperatures(model, tokenizer)
-    loss_by_position(trainer)
 
 
 def attention_heads(model, tokenizer) -> None:
@@ -306,25 +304,31 @@ def packed_batches(workdir: Path) -> None:
     save(figure, "packed_batches")
 
 
-def loss_by_position(trainer) -> None:
-    """Chapter 8: the writer model's validation loss at each position of its blocks, and the mean the evaluation reports."""
-    model, sums, batches = trainer.model, None, 0
-    with torch.no_grad():
-        for inputs, targets in islice(iter(trainer.val_batches), 8):
-            _, per_token = model(inputs, targets, loss_reduction="none")
-            per_position = per_token.view(targets.shape).sum(0)
-            sums = per_position if sums is None else sums + per_position
-            batches += len(targets)
-    losses = (sums / batches).numpy()
+def token_sizes(workdir: Path) -> None:
+    """Chapter 8's two tokenizers on its validation text: how many bytes of text each token stands for
+    (`token_byte_lengths`), the reason a loss per token does not compare them and bits per byte does."""
+    documents = list(islice(builtin_documents(), 330))
+    validation = "".join(documents[300:])
+    tokenizers = {"BPE, 512 tokens": train_bpe_tokenizer(documents[:300], vocab_size=512, show_progress=False),
+                  "characters": train_char_tokenizer(documents[:300], show_progress=False)}
     figure = Figure(figsize=(7, 3.4))
     axes = figure.add_subplot()
-    axes.plot(range(1, len(losses) + 1), losses, color="tab:blue", label="mean loss at this position")
-    axes.axhline(losses.mean(), color="grey", linestyle="--", linewidth=1, label=f"mean over positions: {losses.mean():.2f} nats")
-    axes.set(xlabel="tokens of context the prediction sees", ylabel="validation loss (nats/token)",
-             title=f"The chapter-7 model on {batches} validation blocks: more context, easier guesses")
-    axes.legend()
+    sizes, widest = {}, 8  # tokens of 8 bytes or more share the last bar
+    for name, tokenizer in tokenizers.items():
+        lengths = np.array(tokenizer.token_byte_lengths())[tokenizer.encode(validation)]
+        assert lengths.sum() == len(validation.encode("utf-8"))  # every byte of the text, once
+        sizes[name] = lengths
+    bins = np.arange(1, widest + 2) - 0.5
+    for (name, lengths), color in zip(sizes.items(), ("tab:blue", "tab:orange")):
+        axes.hist(np.minimum(lengths, widest), bins=bins, weights=np.full(len(lengths), 1 / len(lengths)), color=color, alpha=0.6,
+                  label=f"{name}: {len(lengths):,} tokens, {lengths.mean():.2f} bytes each on average")
+    axes.set_xticks(range(1, widest + 1), [*map(str, range(1, widest)), f"{widest}+"])
+    axes.set(xlabel="bytes of text one token stands for", ylabel="share of the tokens",
+             title=f"The same {len(validation.encode('utf-8')):,} bytes of validation text, two tokenizers (chapter 8)")
+    axes.title.set_fontsize(10)
+    axes.legend(fontsize=8)
     figure.tight_layout()
-    save(figure, "loss_by_position")
+    save(figure, "token_sizes")
 
 
 def flops_per_token(workdir: Path) -> None:
@@ -367,28 +371,32 @@ def flops_per_token(workdir: Path) -> None:
 def learning_rate_drills(workdir: Path) -> None:
     """Chapter 10's drills: the same tiny run at a sane learning rate, at 5 with clipping off, and at 1e-6,
     with the anomalies the monitor wrote into metrics.jsonl."""
-    runs = {"3e-3 (the preset's)": {"train.learning_rate": 3e-3},
-            "5, clipping off": {"train.learning_rate": 5.0, "train.min_learning_rate": 5.0, "train.grad_clip": 0.0},
-            "1e-6": {"train.learning_rate": 1e-6, "train.min_learning_rate": 1e-7}}
+    runs = [("3e-3", " (the preset's)", {"train.learning_rate": 3e-3}),
+            ("5", ", clipping off", {"train.learning_rate": 5.0, "train.min_learning_rate": 5.0, "train.grad_clip": 0.0}),
+            ("1e-6", "", {"train.learning_rate": 1e-6, "train.min_learning_rate": 1e-7})]
     figure = Figure(figsize=(10, 3.8))
     loss_axes, norm_axes = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
-    for (label, settings), color in zip(runs.items(), ("tab:blue", "tab:red", "tab:grey")):
+    findings = []
+    for (rate, note, settings), color in zip(runs, ("tab:blue", "tab:red", "tab:grey")):
         trainer = train_tiny(workdir, f"drill-{color}", **{"train.max_steps": 70, "train.warmup_steps": 0, "train.log_steps": 1,
                                                            "train.eval_steps": 1000, "train.save_steps": 1000, **settings})
         rows = read_metrics(trainer.run_dir / "metrics.jsonl")
         train = [row for row in rows if row["type"] == "train"]
         steps = [row["step"] for row in train]
-        loss_axes.plot(steps, [row["loss"] for row in train], color=color, label=f"learning rate {label}")
+        loss_axes.plot(steps, [row["loss"] for row in train], color=color, label=f"learning rate {rate}{note}")
         norm_axes.plot(steps, [row["grad_norm"] for row in train], color=color)
         loss_at = {row["step"]: row["loss"] for row in train}
-        # throughput_drop left out: it says how busy the machine was, not how the run went
-        anomalies = [row for row in rows if row["type"] == "anomaly" and row["kind"] != "throughput_drop" and row["step"] in loss_at]
+        # throughput_drop and memory_pressure left out: they say how busy the machine was, not how the run went
+        anomalies = [row for row in rows if row["type"] == "anomaly" and row["step"] in loss_at
+                     and row["kind"] not in ("throughput_drop", "memory_pressure")]
         loss_axes.plot([row["step"] for row in anomalies], [loss_at[row["step"]] for row in anomalies], "x", color="black")
-        first = {}
+        found = {}
         for anomaly in anomalies:
-            first.setdefault(anomaly["kind"], anomaly["step"])
-        for kind, step in first.items():
-            loss_axes.annotate(kind, (step, loss_at[step]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            found.setdefault(anomaly["kind"], []).append(str(anomaly["step"]))
+        if found:
+            findings.append((f"learning rate {rate}: " + "; ".join(f"{kind} at step {', '.join(at)}" for kind, at in found.items()), color))
+    for line, (text, color) in enumerate(findings):  # in the empty band between the runs' losses
+        loss_axes.text(0.03, 0.45 - 0.07 * line, text, transform=loss_axes.transAxes, fontsize=7, color=color)
     loss_axes.set_yscale("log")
     loss_axes.set(xlabel="step", ylabel="training loss (log scale)", title="Loss; × = an anomaly the monitor reported")
     loss_axes.legend(fontsize=8)
@@ -585,7 +593,7 @@ def continuous_batching(workdir: Path) -> None:
 
 FIGURES = {"lr_schedule": lr_schedule, "loss_curves": loss_curves, "writer": writer_figures, "block_shapes": block_shapes,
            "qk_norm_layers": qk_norm_layers, "tokenizer_compression": tokenizer_compression, "packed_batches": packed_batches,
-           "flops_per_token": flops_per_token, "learning_rate_drills": learning_rate_drills, "conversation_mask": conversation_mask,
+           "token_sizes": token_sizes, "flops_per_token": flops_per_token, "learning_rate_drills": learning_rate_drills, "conversation_mask": conversation_mask,
            "classifier_confusion": classifier_confusion, "export_tensor_map": export_tensor_map, "ddp_gradients": ddp_gradients,
            "continuous_batching": continuous_batching}
 
