@@ -52,7 +52,7 @@ IMAGE = re.compile(r"!\[[^\]]*\]\((?P<path>[^)]+)\)")
 FIGURES = REPO / "tutorials" / "figures"
 # The PNGs make_figures.py writes: `save(figure, "name")`, or a plot the library drew copied to `HERE / "name.png"`.
 # Read from its source, as running it trains models for minutes.
-WRITTEN = re.compile(r'save\(figure, "(?P<save>[\w-]+)"\)|HERE / "(?P<copy>[\w-]+)\.png"')
+WRITTEN = re.compile(r'\bsave\(\w+, "(?P<save>[\w-]+)"\)|HERE / "(?P<copy>[\w-]+)\.png"')
 # Figures drawn by another script, with the command that draws them.
 DRAWN_ELSEWHERE = {"preference_curves": "python benchmarks/dpo_builtin.py CHAT_MODEL --rpo-alpha 0 (a DPO run's --plot-loss figure)"}
 
