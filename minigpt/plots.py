@@ -281,17 +281,13 @@ def preference_curves_figure(rows: Sequence[dict], title: str = "") -> Figure:
     return figure
 
 
-def confusion_matrix_figure(matrix: Sequence[Sequence[int]], labels: Sequence[str], title: str = "") -> Figure:
-    """A confusion matrix: row = the true class, column = the predicted one, each cell its count,
-    shaded by the share of its row (so a rare class's mistakes show as clearly as a common one's)."""
+def draw_confusion_matrix(axes, matrix: Sequence[Sequence[int]], labels: Sequence[str], title: str = ""):
+    """Draw a confusion matrix on `axes`: row = the true class, column = the predicted one, each cell
+    its count, shaded by the share of its row (so a rare class's mistakes show as clearly as a common
+    one's). Returns the image, for a colour bar."""
     counts = np.asarray(matrix, dtype=np.int64)
     shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    size = 2.5 + 0.6 * len(labels)
-    figure = Figure(figsize=(size + 1, size), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.subplots()
     image = axes.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
-    figure.colorbar(image, ax=axes, label="share of the true class")
     axes.set_xticks(range(len(labels)), [str(label) for label in labels], rotation=45, ha="right")
     axes.set_yticks(range(len(labels)), [str(label) for label in labels])
     axes.set_xlabel("predicted")
@@ -301,6 +297,16 @@ def confusion_matrix_figure(matrix: Sequence[Sequence[int]], labels: Sequence[st
             axes.text(column, row, str(counts[row, column]), ha="center", va="center",
                       color="white" if shares[row, column] > 0.5 else "black", fontsize=9)
     axes.set_title(title or "confusion matrix")
+    return image
+
+
+def confusion_matrix_figure(matrix: Sequence[Sequence[int]], labels: Sequence[str], title: str = "") -> Figure:
+    """`draw_confusion_matrix` as a figure of its own, with a colour bar."""
+    size = 2.5 + 0.6 * len(labels)
+    figure = Figure(figsize=(size + 1, size), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    figure.colorbar(draw_confusion_matrix(axes, matrix, labels, title), ax=axes, label="share of the true class")
     with warnings.catch_warnings():  # a label in a script the font lacks (Chinese, say) is drawn as boxes: fine for a plot
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
         figure.tight_layout()

@@ -49,13 +49,42 @@ def test_chapter_runs(chapter, tmp_path):
 
 
 IMAGE = re.compile(r"!\[[^\]]*\]\((?P<path>[^)]+)\)")
+FIGURES = REPO / "tutorials" / "figures"
+# The PNGs make_figures.py writes: `save(figure, "name")`, or a plot the library drew copied to `HERE / "name.png"`.
+# Read from its source, as running it trains models for minutes.
+WRITTEN = re.compile(r'\bsave\(\w+, "(?P<save>[\w-]+)"\)|HERE / "(?P<copy>[\w-]+)\.png"')
+# Figures drawn by another script, with the command that draws them.
+DRAWN_ELSEWHERE = {"preference_curves": "python benchmarks/dpo_builtin.py CHAT_MODEL --rpo-alpha 0 (a DPO run's --plot-loss figure)"}
+
+
+def figures_shown(chapter: Path) -> list[Path]:
+    return [(chapter.parent / match["path"]).resolve() for match in IMAGE.finditer(chapter.read_text(encoding="utf-8"))]
+
+
+def figures_drawn() -> set[str]:
+    source = (FIGURES / "make_figures.py").read_text(encoding="utf-8")
+    return {match["save"] or match["copy"] for match in WRITTEN.finditer(source)}
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS + CHINESE_CHAPTERS, ids=[
     f"{chapter.parent.name}/{chapter.stem}" for chapter in CHAPTERS + CHINESE_CHAPTERS])
-def test_chapter_figures_exist(chapter):
-    for match in IMAGE.finditer(chapter.read_text(encoding="utf-8")):
-        assert (chapter.parent / match["path"]).is_file(), f"{chapter.name} shows {match['path']}, which is missing"
+def test_chapter_shows_a_figure_that_exists_and_the_figures_script_draws(chapter):
+    shown = figures_shown(chapter)
+    assert any(path.parent == FIGURES for path in shown), f"{chapter.name} shows no figure of tutorials/figures/"
+    drawn = figures_drawn() | set(DRAWN_ELSEWHERE)
+    for path in shown:
+        assert path.is_file(), f"{chapter.name} shows {path.name}, which is missing"
+        assert path.parent == FIGURES and path.suffix == ".png" and path.stem in drawn, (
+            f"{chapter.name} shows {path.name}, which tutorials/figures/make_figures.py does not draw")
+
+
+def test_both_editions_show_the_same_figures_and_every_figure_is_shown():
+    for chapter in CHAPTERS:
+        chinese = REPO / "tutorials" / "zh" / chapter.name
+        assert sorted(figures_shown(chinese)) == sorted(figures_shown(chapter)), f"zh/{chapter.name} shows other figures"
+    shown = {path.stem for chapter in CHAPTERS for path in figures_shown(chapter)}
+    assert {path.stem for path in FIGURES.glob("*.png")} == shown, "a figure no chapter shows, or one shown but not committed"
+    assert figures_drawn() | set(DRAWN_ELSEWHERE) == shown, "make_figures.py draws a figure no chapter shows"
 
 
 FENCED = re.compile(r"^```[^\n]*\n.*?^```[ \t]*$", re.MULTILINE | re.DOTALL)  # every fenced block, any language
@@ -106,10 +135,30 @@ def test_notebooks_are_up_to_date_and_hold_no_outputs():
         path = make_notebooks.notebook_path(chapter)
         assert path.is_file(), f"{path.name} is missing: run python tutorials/make_notebooks.py"
         committed = path.read_text(encoding="utf-8")
-        assert committed == make_notebooks.notebook_json(chapter.read_text(encoding="utf-8")), (
+        assert committed == make_notebooks.notebook_json(chapter.read_text(encoding="utf-8"), chapter.stem), (
             f"{path.name} is out of date with {chapter.name}: run python tutorials/make_notebooks.py"
         )
         cells = json.loads(committed)["cells"]
         assert all(cell.get("outputs", []) == [] and cell.get("execution_count") is None for cell in cells)
-        code = "\n".join("".join(cell["source"]) + "\n" for cell in cells if cell["cell_type"] == "code")
-        assert code.strip() == chapter_code(chapter).strip()  # the notebook runs exactly what the test runs
+        set_up, *code_cells = ["".join(cell["source"]) for cell in cells if cell["cell_type"] == "code"]
+        assert set_up == make_notebooks.set_up_cell(chapter.stem, chapter_code(chapter)).strip("\n")
+        # The notebook runs exactly what the test runs, after its set-up; the empty cells are the exercises' scratch cells.
+        assert "\n".join(code + "\n" for code in code_cells if code).strip() == chapter_code(chapter).strip()
+        texts = ["".join(cell["source"]) for cell in cells]
+        solutions = next(index for index, text in enumerate(texts) if text.startswith("## Solutions"))
+        exercises = [index for index in range(solutions) if re.match(r"\d+\. ", texts[index])]  # one exercise a cell
+        assert exercises, f"{path.name} has no exercises before its solutions"
+        assert all(cells[index + 1]["cell_type"] == "code" and not texts[index + 1] for index in exercises)  # a cell to try it in
+
+
+def test_a_notebooks_set_up_cell_installs_nothing_where_minigpt_imports_and_moves_to_a_temporary_folder(tmp_path):
+    make_notebooks = _make_notebooks()
+    set_up = make_notebooks.set_up_cell("13_export", "import transformers\n")
+    assert 'clone + "[export]"' in set_up and make_notebooks.REPOSITORY.startswith("https://") and make_notebooks.REPOSITORY in set_up
+    # Cloning this source would fail (check=True), so a clean exit means no install was tried.
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MINIGPT_SOURCE": str(tmp_path / "no-such-source"), "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", set_up], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    working = Path(result.stdout.split("working in ")[-1].strip())
+    assert working.is_dir() and working != tmp_path and working.name.startswith("minigpt-13_export-")
+    working.rmdir()

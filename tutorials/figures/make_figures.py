@@ -3,31 +3,56 @@
     python tutorials/figures/make_figures.py            # all figures, into tutorials/figures/
     python tutorials/figures/make_figures.py lr_schedule block_shapes   # only these
 
-Each figure is computed from MiniGPT itself (the schedule from `learning_rate_at`, the loss
+Each figure is computed from MiniGPT itself: the schedule from `learning_rate_at`, the loss
 curves by `minigpt.plots` from a real run, attention and sampling from a model trained the way
-chapter 7 trains it), so when the library changes, running this again keeps the pictures true.
-The runs go in a temporary directory; only the PNGs are kept. About a minute on a 2-core CPU.
+chapter 7 trains it, the tokenizer's compression from `train_bpe_tokenizer`, token sizes from
+`token_byte_lengths`, a batch from `TokenBlockStream`, the FLOPs from each preset's matrices, the debugging drills and
+the classifier's confusion matrices from real runs' metrics.jsonl, the chat mask from
+`render_chat`, the export map from `tensor_table` and `permute_for_gguf`, the DDP gradients from
+chapter 14's batch, continuous batching from an `Engine`. So when the library changes, running
+this again keeps the pictures true. The runs go in a temporary directory; only the PNGs are kept.
+Seeds are fixed, so a second run draws the same figures (the drills at learning rate 5 excepted:
+that run is chaotic, and the last bits of rounding differ between CPUs). Several minutes on a
+2-core CPU, most of them in the training runs; name figures to redraw only those.
+
+The labels are in English: one PNG serves both editions, and each Chinese chapter's caption and
+prose say in Chinese what it shows. Chinese labels would need a CJK font on every machine that
+redraws them (the figures would silently change with the fonts installed) and a second set of PNGs.
+The tests read this file to check that every figure a chapter shows is drawn here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import random
 import shutil
 import sys
 import tempfile
+from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import FancyBboxPatch
 
 from minigpt.config import ModelConfig, TrainConfig, apply_overrides, preset_config
+from minigpt.corpus import builtin_documents
+from minigpt.data import TokenBlockStream
+from minigpt.engine import Engine, Request
+from minigpt.families import tensor_table
 from minigpt.generation import SamplingConfig, next_token_distribution
+from minigpt.gguf_file import permute_for_gguf
+from minigpt.loss import IGNORE_INDEX
+from minigpt.metrics import read_metrics
 from minigpt.model import GPT, apply_rotary
 from minigpt.optim import learning_rate_at
+from minigpt.plots import draw_confusion_matrix
 from minigpt.run import prepare_run
+from minigpt.tokenizer import train_bpe_tokenizer, train_char_tokenizer
 
 HERE = Path(__file__).resolve().parent
 SENTENCE = "The function returns a list of the items in the sequence."
@@ -72,15 +97,10 @@ def loss_curves(workdir: Path) -> None:
     print(f"wrote {HERE / 'loss_curve.png'}")
 
 
-def writer(workdir: Path):
-    """Chapter 7's model: `tiny`, 400 steps."""
-    trainer = train_tiny(workdir, "writer", **{"train.max_steps": 400, "train.eval_steps": 400, "train.save_steps": 400})
-    return trainer.model.eval(), trainer.tokenizer
-
-
 def writer_figures(workdir: Path) -> None:
-    """Chapter 7's model: its attention weights (chapter 3) and its sampling distributions (chapter 7)."""
-    model, tokenizer = writer(workdir)
+    """Chapter 7's model (`tiny`, 400 steps): its attention weights (chapter 3) and its sampling distributions (chapter 7)."""
+    trainer = train_tiny(workdir, "writer", **{"train.max_steps": 400, "train.eval_steps": 400, "train.save_steps": 400})
+    model, tokenizer = trainer.model.eval(), trainer.tokenizer
     attention_heads(model, tokenizer)
     sampling_temperatures(model, tokenizer)
 
@@ -221,8 +241,361 @@ def qk_norm_layers(workdir: Path) -> None:
     save(figure, "qk_norm_layers")
 
 
+def tokenizer_compression(workdir: Path) -> None:
+    """Chapter 1: bytes of text per token as BPE learns more merges, on English it was trained on
+    and on the chapter's Chinese sentence, which no merge covers."""
+    documents = list(islice(builtin_documents(), 500))
+    training, held_out = documents[:400], "".join(documents[400:])
+    chinese = "循环按照元素在序列中出现的顺序依次遍历序列中的每一项。"
+    sizes = [300, 500, 1000, 2000, 4000]
+    rates = {"English, held-out documents": [], "Chinese, the chapter's sentence": []}
+    for size in sizes:
+        bpe = train_bpe_tokenizer(training, vocab_size=size, show_progress=False)
+        for (name, values), text in zip(rates.items(), (held_out, chinese)):
+            values.append(len(text.encode("utf-8")) / len(bpe.encode(text)))
+    assert all(rate == 1.0 for rate in rates["Chinese, the chapter's sentence"])  # three raw bytes a character, always
+    figure = Figure(figsize=(7, 3.4))
+    axes = figure.add_subplot()
+    for (name, values), color in zip(rates.items(), ("tab:blue", "tab:red")):
+        axes.plot(sizes, values, marker="o", color=color, label=name)
+    axes.set_xscale("log")
+    axes.minorticks_off()
+    axes.set_xticks(sizes, [f"{size:,}" for size in sizes])
+    axes.set(xlabel="vocabulary size (256 bytes + 4 special tokens + the merges)", ylabel="bytes of text per token",
+             title="BPE trained on 400 English documents: what each token carries (chapter 1)")
+    axes.legend()
+    figure.tight_layout()
+    save(figure, "tokenizer_compression")
+
+
+def packed_batches(workdir: Path) -> None:
+    """Chapter 2's corpus packed into blocks by TokenBlockStream, in file order and through a shuffle buffer:
+    each cell is a token, coloured by the document it comes from, black where an end-of-text token sits."""
+    rng = random.Random(0)  # chapter 2's corpus, written the same way
+    words = "model token attention layer batch loss gradient step learn predict sequence data".split()
+    texts = [f"Note {index}: " + " ".join(rng.choice(words) for _ in range(rng.randint(5, 40))) + "." for index in range(2000)]
+    corpus = workdir / "notes.jsonl"
+    corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts), encoding="utf-8")
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=300, show_progress=False)
+    block_size, rows = 32, 8
+    stream, documents = [], []  # every token of the corpus in file order, and the document each belongs to
+    for number, text in enumerate(texts):
+        ids = tokenizer.encode(text) + [tokenizer.eos_id]
+        stream += ids
+        documents += [number] * len(ids)
+    starts = {tuple(stream[start : start + block_size]): start for start in range(0, len(stream) - block_size, block_size)}
+    figure = Figure(figsize=(10, 5.2))
+    panels = (("in file order", {}), ("through a shuffle buffer of 256 blocks (seed 1)", {"shuffle_buffer": 256, "seed": 1}))
+    for panel, (title, options) in enumerate(panels):
+        inputs, _ = next(iter(TokenBlockStream([str(corpus)], tokenizer, block_size=block_size, batch_size=rows, loop=False, **options)))
+        origin = [starts[tuple(row.tolist())] for row in inputs]  # where in the stream each block was cut (asserts it was)
+        owner = np.array([documents[start : start + block_size] for start in origin], dtype=float)
+        eos = inputs.numpy() == tokenizer.eos_id
+        axes = figure.add_subplot(1, 2, panel + 1)
+        axes.imshow(np.ma.masked_where(eos, owner % 10), cmap="tab10", vmin=0, vmax=9, aspect="auto")
+        axes.imshow(np.ma.masked_where(~eos, eos), cmap="gray_r", vmin=0, vmax=1, aspect="auto")
+        for row in range(rows):
+            axes.text(-0.8, row, f"doc {int(owner[row, 0])}", ha="right", va="center", fontsize=8)
+        axes.set_yticks([])
+        axes.set_xlabel("position in the block (32 tokens)")
+        axes.set_title(title, fontsize=10)
+    figure.suptitle("One batch of 8 blocks: colour = the document a token comes from, black = the end-of-text token", fontsize=10)
+    figure.tight_layout()
+    save(figure, "packed_batches")
+
+
+def token_sizes(workdir: Path) -> None:
+    """Chapter 8's two tokenizers on its validation text: how many bytes of text each token stands for
+    (`token_byte_lengths`), the reason a loss per token does not compare them and bits per byte does."""
+    documents = list(islice(builtin_documents(), 330))
+    validation = "".join(documents[300:])
+    tokenizers = {"BPE, 512 tokens": train_bpe_tokenizer(documents[:300], vocab_size=512, show_progress=False),
+                  "characters": train_char_tokenizer(documents[:300], show_progress=False)}
+    figure = Figure(figsize=(7, 3.4))
+    axes = figure.add_subplot()
+    sizes, widest = {}, 8  # tokens of 8 bytes or more share the last bar
+    for name, tokenizer in tokenizers.items():
+        lengths = np.array(tokenizer.token_byte_lengths())[tokenizer.encode(validation)]
+        assert lengths.sum() == len(validation.encode("utf-8"))  # every byte of the text, once
+        sizes[name] = lengths
+    bins = np.arange(1, widest + 2) - 0.5
+    for (name, lengths), color in zip(sizes.items(), ("tab:blue", "tab:orange")):
+        axes.hist(np.minimum(lengths, widest), bins=bins, weights=np.full(len(lengths), 1 / len(lengths)), color=color, alpha=0.6,
+                  label=f"{name}: {len(lengths):,} tokens, {lengths.mean():.2f} bytes each on average")
+    axes.set_xticks(range(1, widest + 1), [*map(str, range(1, widest)), f"{widest}+"])
+    axes.set(xlabel="bytes of text one token stands for", ylabel="share of the tokens",
+             title=f"The same {len(validation.encode('utf-8')):,} bytes of validation text, two tokenizers (chapter 8)")
+    axes.title.set_fontsize(10)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    save(figure, "token_sizes")
+
+
+def flops_per_token(workdir: Path) -> None:
+    """Chapter 9: where a training step's multiplies go, per preset, from each model's own matrices."""
+    names, parts = ["tiny", "small", "medium", "large"], {}
+    for name in names:
+        preset = preset_config(name)
+        with torch.device("meta"):  # shapes only, no memory
+            model = GPT(dataclasses.replace(preset.model, vocab_size=preset.train.tokenizer_vocab_size))
+        config = model.config
+        linear = {module_name: module.weight.numel() for module_name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+        shares = {
+            "attention projections (q, k, v, o)": 6 * sum(n for key, n in linear.items() if ".attention." in key),
+            "attention scores (q·k, weights·v)": 12 * config.n_layer * config.block_size * config.n_head * config.head_dim,
+            "feed-forward (SwiGLU)": 6 * sum(n for key, n in linear.items() if ".mlp." in key),
+            "output head": 6 * sum(n for key, n in linear.items() if not key.startswith("blocks.")),
+        }
+        assert sum(shares.values()) == model.flops_per_token()  # the parts add up to the library's count
+        parts[name] = (shares, model.flops_per_token())
+    figure = Figure(figsize=(8, 4.4))
+    axes = figure.add_subplot()
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:grey"]
+    for row, name in enumerate(names):
+        shares, total = parts[name]
+        left = 0.0
+        for (part, flops), color in zip(shares.items(), colors):
+            axes.barh(row, flops / total, left=left, color=color, label=part if row == 0 else None)
+            left += flops / total
+        axes.text(1.01, row, f"{total / 1e6:,.1f} MFLOPs/token", va="center", fontsize=8)
+    axes.set_yticks(range(len(names)), names)
+    axes.invert_yaxis()
+    axes.set_xlim(0, 1.25)
+    axes.set(xlabel="share of the training FLOPs of one token (forward + backward)",
+             title="Where a step's multiplies go, preset by preset (chapter 9)")
+    axes.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.45, -0.2), ncol=2)
+    figure.tight_layout()
+    save(figure, "flops_per_token")
+
+
+def learning_rate_drills(workdir: Path) -> None:
+    """Chapter 10's drills: the same tiny run at a sane learning rate, at 5 with clipping off, and at 1e-6,
+    with the anomalies the monitor wrote into metrics.jsonl."""
+    runs = [("3e-3", " (the preset's)", {"train.learning_rate": 3e-3}),
+            ("5", ", clipping off", {"train.learning_rate": 5.0, "train.min_learning_rate": 5.0, "train.grad_clip": 0.0}),
+            ("1e-6", "", {"train.learning_rate": 1e-6, "train.min_learning_rate": 1e-7})]
+    figure = Figure(figsize=(10, 3.8))
+    loss_axes, norm_axes = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    findings = []
+    for (rate, note, settings), color in zip(runs, ("tab:blue", "tab:red", "tab:grey")):
+        trainer = train_tiny(workdir, f"drill-{color}", **{"train.max_steps": 70, "train.warmup_steps": 0, "train.log_steps": 1,
+                                                           "train.eval_steps": 1000, "train.save_steps": 1000, **settings})
+        rows = read_metrics(trainer.run_dir / "metrics.jsonl")
+        train = [row for row in rows if row["type"] == "train"]
+        steps = [row["step"] for row in train]
+        loss_axes.plot(steps, [row["loss"] for row in train], color=color, label=f"learning rate {rate}{note}")
+        norm_axes.plot(steps, [row["grad_norm"] for row in train], color=color)
+        loss_at = {row["step"]: row["loss"] for row in train}
+        # throughput_drop and memory_pressure left out: they say how busy the machine was, not how the run went
+        anomalies = [row for row in rows if row["type"] == "anomaly" and row["step"] in loss_at
+                     and row["kind"] not in ("throughput_drop", "memory_pressure")]
+        loss_axes.plot([row["step"] for row in anomalies], [loss_at[row["step"]] for row in anomalies], "x", color="black")
+        found = {}
+        for anomaly in anomalies:
+            found.setdefault(anomaly["kind"], []).append(str(anomaly["step"]))
+        if found:
+            findings.append((f"learning rate {rate}: " + "; ".join(f"{kind} at step {', '.join(at)}" for kind, at in found.items()), color))
+    for line, (text, color) in enumerate(findings):  # in the empty band between the runs' losses
+        loss_axes.text(0.03, 0.45 - 0.07 * line, text, transform=loss_axes.transAxes, fontsize=7, color=color)
+    loss_axes.set_yscale("log")
+    loss_axes.set(xlabel="step", ylabel="training loss (log scale)", title="Loss; × = an anomaly the monitor reported")
+    loss_axes.legend(fontsize=8)
+    norm_axes.set_yscale("log")
+    norm_axes.set(xlabel="step", ylabel="gradient norm (log scale)", title="Gradient norm")
+    figure.tight_layout()
+    save(figure, "learning_rate_drills")
+
+
+def conversation_mask(workdir: Path) -> None:
+    """Chapter 11: the tokens of one ChatML conversation, and which of them the model learns to predict."""
+    tokenizer = train_bpe_tokenizer(islice(builtin_documents(), 300), vocab_size=512, show_progress=False)
+    conversation = [{"role": "system", "content": "You answer in one sentence."},
+                    {"role": "user", "content": "What does len do?"},
+                    {"role": "assistant", "content": "It returns the number of items."}]
+    ids, mask = tokenizer.render_chat(conversation)
+    pieces = [tokenizer.decode([token]) for token in ids]
+    figure = Figure(figsize=(8, 3.6))
+    axes = figure.add_subplot()
+    axes.axis("off")
+    x, y, line_height = 0.0, 0.0, 1.0
+    for piece, learned in zip(pieces, mask):
+        shown = piece.replace("\n", "\\n")
+        width = 0.12 * len(shown) + 0.15
+        if x + width > 12:
+            x, y = 0.0, y - line_height
+        axes.add_patch(FancyBboxPatch((x, y - 0.3), width - 0.05, 0.6, boxstyle="round,pad=0.02",
+                                      facecolor="#9ecae1" if learned else "#eeeeee", edgecolor="grey", linewidth=0.5))
+        axes.text(x + (width - 0.05) / 2, y, shown, ha="center", va="center", fontsize=8, family="monospace")
+        x += width
+        if piece.endswith("\n"):
+            x, y = 0.0, y - line_height
+    axes.set_xlim(-0.2, 12.2)
+    axes.set_ylim(y - 1.8, 0.6)
+    axes.add_patch(FancyBboxPatch((0, y - 1.0), 0.4, 0.4, facecolor="#9ecae1", edgecolor="grey", boxstyle="round,pad=0.02"))
+    axes.text(0.55, y - 0.8, f"mask True: a target the loss counts ({sum(mask)} of {len(ids)} tokens)", va="center", fontsize=9)
+    axes.add_patch(FancyBboxPatch((0, y - 1.6), 0.4, 0.4, facecolor="#eeeeee", edgecolor="grey", boxstyle="round,pad=0.02"))
+    axes.text(0.55, y - 1.4, "mask False: context only, its label becomes -100", va="center", fontsize=9)
+    axes.set_title("A conversation rendered by Tokenizer.render_chat: one box per token (chapter 11)", fontsize=10)
+    figure.tight_layout()
+    save(figure, "conversation_mask")
+
+
+def classifier_confusion(workdir: Path) -> None:
+    """Chapter 12's exercise 1: the skewed sentiment set trained without and with balanced class weights,
+    the confusion matrices of each run's first and last evaluation, from its metrics.jsonl."""
+    from minigpt.cli import train_classifier
+
+    nouns = ["soup", "match", "hotel", "trip", "bread", "team", "beach", "train", "dinner", "goal", "room", "view"]
+    records = []
+    for number in range(300):
+        positive = number % 10 != 0
+        topic_words = " ".join(nouns[(number * k + k) % 12] for k in (1, 3, 5, 7))
+        records.append({"text": f"{topic_words} {'good' if positive else 'bad'} {number}",
+                        "sentiment_labels": "positive" if positive else "negative"})
+    data = workdir / "skewed.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    figure = Figure(figsize=(8, 7))
+    for run, weights in enumerate(("none", "balanced")):
+        assert train_classifier.main([
+            "--data-files", str(data), "--val-fraction", "0.3", "--run-name", f"skewed-{weights}", "--max-steps", "60",
+            "--eval-steps", "10", "--save-steps", "60", "--learning-rate", "0.003", "--class-weights", weights, "--pooling", "mean",
+            "--block-size", "32", "--set", "model.n_layer=1", "--set", "model.n_embd=32", "--set", "model.n_head=2",
+            "--vocab-size", "300", "--batch-size", "16", "--lm-loss-weight", "0", "--max-time", "0", "--dtype", "float32",
+            "--disable-monitoring", "--output-dir", str(workdir)]) == 0
+        evaluations = [row for row in read_metrics(workdir / f"skewed-{weights}" / "metrics.jsonl") if row["type"] == "eval"]
+        for column, row in enumerate((evaluations[0], evaluations[-1])):
+            axes = figure.add_subplot(2, 2, 2 * run + column + 1)
+            draw_confusion_matrix(axes, row["tasks"]["sentiment"]["confusion"], ["negative", "positive"],
+                                  f"class weights {weights}, step {row['step']}:\naccuracy {row['sentiment_accuracy']:.2f}, "
+                                  f"macro-F1 {row['sentiment_f1_macro']:.2f}")
+            axes.title.set_fontsize(9)
+    figure.suptitle("90% positive reviews, the first and last evaluation of each run\n(row = the truth, shade = share of the row)",
+                    fontsize=10)
+    figure.tight_layout()
+    save(figure, "classifier_confusion")
+
+
+def export_tensor_map(workdir: Path) -> None:
+    """Chapter 13: one layer's tensors under MiniGPT's, Hugging Face's and GGUF's names (minigpt.families.tensor_table),
+    and the row order permute_for_gguf gives q (one head of 16 rows shown)."""
+    config = ModelConfig(vocab_size=512, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+    rows = [row for row in tensor_table(config) if not row.minigpt.startswith("blocks.1.")]
+    figure = Figure(figsize=(12, 3.8))
+    axes = figure.add_axes((0.01, 0.02, 0.72, 0.9))
+    axes.axis("off")
+    cells = [[row.minigpt, row.hf, row.gguf + ("  (rows permuted)" if row.gguf.endswith(("attn_q.weight", "attn_k.weight")) else ""),
+              " × ".join(map(str, row.shape))] for row in rows]
+    table = axes.table(cellText=cells, colLabels=["MiniGPT", "Hugging Face (safetensors)", "GGUF (llama.cpp)", "shape"],
+                       loc="upper center", cellLoc="left", colLoc="left", colWidths=[0.3, 0.36, 0.26, 0.08])
+    table.auto_set_font_size(False)
+    table.set_fontsize(7.5)
+    table.scale(1, 1.5)
+    for (row, column), cell in table.get_celld().items():
+        if row == 0:
+            cell.set_facecolor("#dddddd")
+        elif "permuted" in cells[row - 1][2]:
+            cell.set_facecolor("#fde0c5")
+    axes.set_title(f"Every tensor of the chapter-13 model but layer 1's ({config.n_layer} layers, {config.n_head} query heads, "
+                   f"{config.kv_heads} key/value heads of {config.head_dim})", fontsize=9)
+    order = permute_for_gguf(torch.arange(config.n_embd, dtype=torch.float32).view(-1, 1), heads=config.n_head).flatten()
+    head = config.head_dim
+    permutation_axes = figure.add_axes((0.79, 0.14, 0.19, 0.74))
+    permutation_axes.plot(order[:head].numpy(), range(head), marker="o", markersize=3, color="tab:orange")
+    permutation_axes.set(xlabel="row in MiniGPT / Hugging Face", ylabel="row in GGUF", title="q's rows, head 0")
+    permutation_axes.invert_yaxis()
+    permutation_axes.title.set_fontsize(9)
+    save(figure, "export_tensor_map")
+
+
+def ddp_gradients(workdir: Path) -> None:
+    """Chapter 14: its batch split over two processes. What all_reduce adds up, against one process on the whole
+    batch, when each process divides by the whole batch's count and when it takes its own mean (the mean of means)."""
+    shape = ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32)
+    tokens = torch.randint(0, 64, (4, 17), generator=torch.Generator().manual_seed(1))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:].clone()
+    targets[:2, :2] = IGNORE_INDEX
+    targets[2:, :14] = IGNORE_INDEX
+    torch.manual_seed(0)
+    model = GPT(shape)
+
+    def gradient(loss: torch.Tensor) -> torch.Tensor:
+        model.zero_grad()
+        loss.backward()
+        return torch.cat([parameter.grad.flatten() for parameter in model.parameters()])
+
+    alone = gradient(model(inputs, targets)[1])
+    shards = list(zip(inputs.chunk(2), targets.chunk(2)))
+    counts = [int((shard_targets != IGNORE_INDEX).sum()) for _, shard_targets in shards]
+    total = sum(counts)
+    right = sum(gradient(model(x, y, loss_reduction="sum")[1] / total) for x, y in shards)  # what all_reduce sums
+    mean_of_means = sum(gradient(model(x, y, loss_reduction="sum")[1] / count / 2) for (x, y), count in zip(shards, counts))
+    assert torch.allclose(right, alone, atol=1e-6) and counts == [28, 4]
+    figure = Figure(figsize=(10, 4))
+    weights_axes, gradient_axes = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    positions = np.arange(total)
+    rank = np.array([0] * counts[0] + [1] * counts[1])
+    weights_axes.bar(positions, np.full(total, 1 / total), color="tab:blue", alpha=0.5, label="divided by the whole count: 1/32 each")
+    weights_axes.step(positions, np.where(rank == 0, 1 / (2 * counts[0]), 1 / (2 * counts[1])), where="mid", color="tab:red",
+                      label="mean of the two means: 1/56 and 1/8")
+    weights_axes.axvline(counts[0] - 0.5, color="grey", linestyle=":")
+    weights_axes.text(counts[0] / 2, 0.115, f"rank 0: {counts[0]} targets", ha="center", fontsize=8)
+    weights_axes.text(counts[0] + counts[1] / 2, 0.13, f"rank 1:\n{counts[1]}", ha="center", fontsize=8)
+    weights_axes.set(xlabel="the batch's 32 counted targets", ylabel="weight in the step's loss", ylim=(0, 0.15),
+                     title="What each target weighs")
+    weights_axes.legend(fontsize=8, loc="center left")
+    limit = float(alone.abs().max()) * 1.1
+    gradient_axes.plot([-limit, limit], [-limit, limit], color="grey", linewidth=0.8)
+    gradient_axes.scatter(alone, mean_of_means, s=4, color="tab:red", label="mean of means")
+    gradient_axes.scatter(alone, right, s=4, color="tab:blue", label="divided by the whole count")
+    gradient_axes.set(xlabel="gradient entry, one process on the whole batch", ylabel="sum of the two processes' gradients",
+                      title=f"All {len(alone):,} gradient entries after all_reduce")
+    gradient_axes.legend(fontsize=8)
+    figure.suptitle("Chapter 14's batch over two processes: 28 counted targets on rank 0, 4 on rank 1", fontsize=10)
+    figure.tight_layout()
+    save(figure, "ddp_gradients")
+
+
+def continuous_batching(workdir: Path) -> None:
+    """Chapter 15: six requests arriving over time on one Engine, admitted between steps up to 3 rows, as the Batcher does.
+    Greedy decoding and no stop ids, so each request makes exactly its max_new_tokens."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, block_size=64, n_layer=1, n_head=2, n_embd=32)).eval()
+    engine, max_rows = Engine(model), 3
+    arrivals = [(0, 14), (0, 6), (2, 9), (4, 12), (5, 4), (9, 8)]  # (step it arrives at, tokens it asks for)
+    queue, started, running, done, steps = [], {}, {}, {}, 0
+    while len(done) < len(arrivals):
+        queue += [request for request, (arrival, _) in enumerate(arrivals) if arrival == steps]
+        while queue and len(engine.rows) + len(engine.pending) < max_rows:  # between two steps: let the queue in
+            request = queue.pop(0)
+            row = engine.add(Request([0], SamplingConfig(max_new_tokens=arrivals[request][1], temperature=0)))
+            running[row], started[request] = request, steps
+        for event in engine.step():
+            if event.finish:
+                done[running.pop(event.row)] = steps + 1
+        steps += 1
+    figure = Figure(figsize=(9, 3.6))
+    axes = figure.add_subplot()
+    for request, (arrival, tokens) in enumerate(arrivals):
+        if started[request] > arrival:
+            axes.barh(request, started[request] - arrival, left=arrival, color="#eeeeee", edgecolor="grey", hatch="//")
+        axes.barh(request, done[request] - started[request], left=started[request], color="tab:blue")
+        assert done[request] - started[request] == tokens  # one token a step, never paused
+        axes.text(done[request] + 0.2, request, f"{tokens} tokens", va="center", fontsize=8)
+    axes.set_yticks(range(len(arrivals)), [f"request {request} (arrives at step {arrival})" for request, (arrival, _) in enumerate(arrivals)],
+                    fontsize=8)
+    axes.invert_yaxis()
+    axes.set_xlim(0, steps + 4)
+    axes.set(xlabel="engine step", title=f"Continuous batching, at most {max_rows} rows: blue = decoding, hatched = waiting in the queue")
+    axes.title.set_fontsize(10)
+    figure.tight_layout()
+    save(figure, "continuous_batching")
+
+
 FIGURES = {"lr_schedule": lr_schedule, "loss_curves": loss_curves, "writer": writer_figures, "block_shapes": block_shapes,
-           "qk_norm_layers": qk_norm_layers}
+           "qk_norm_layers": qk_norm_layers, "tokenizer_compression": tokenizer_compression, "packed_batches": packed_batches,
+           "token_sizes": token_sizes, "flops_per_token": flops_per_token, "learning_rate_drills": learning_rate_drills, "conversation_mask": conversation_mask,
+           "classifier_confusion": classifier_confusion, "export_tensor_map": export_tensor_map, "ddp_gradients": ddp_gradients,
+           "continuous_batching": continuous_batching}
 
 
 def main(names: list[str]) -> None:
