@@ -591,20 +591,6 @@ def continuous_batching(workdir: Path) -> None:
     save(figure, "continuous_batching")
 
 
-FIGURES = {"lr_schedule": lr_schedule, "loss_curves": loss_curves, "writer": writer_figures, "block_shapes": block_shapes,
-           "qk_norm_layers": qk_norm_layers, "tokenizer_compression": tokenizer_compression, "packed_batches": packed_batches,
-           "token_sizes": token_sizes, "flops_per_token": flops_per_token, "learning_rate_drills": learning_rate_drills, "conversation_mask": conversation_mask,
-           "classifier_confusion": classifier_confusion, "export_tensor_map": export_tensor_map, "ddp_gradients": ddp_gradients,
-           "continuous_batching": continuous_batching}
-
-
-def main(names: list[str]) -> None:
-    torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as workdir:
-        for name in names or FIGURES:
-            FIGURES[name](Path(workdir))
-
-
 # ------------------------------------------------------------------------------------------------
 # Chapters 18-21 (backpropagation, initialisation, memory, LoRA): each figure recomputes what its
 # chapter computes, on the same tiny tensors, from the library's own modules.
@@ -771,8 +757,20 @@ def lora_decomposition(workdir: Path) -> None:
     save(figure, "lora_decomposition")
 
 
-FIGURES.update({"finite_differences": finite_differences, "initialisation_statistics": initialisation_statistics,
-                "memory_breakdown": memory_breakdown, "lora_decomposition": lora_decomposition})
+FIGURES = {"lr_schedule": lr_schedule, "loss_curves": loss_curves, "writer": writer_figures, "block_shapes": block_shapes,
+           "qk_norm_layers": qk_norm_layers, "tokenizer_compression": tokenizer_compression, "packed_batches": packed_batches,
+           "token_sizes": token_sizes, "flops_per_token": flops_per_token, "learning_rate_drills": learning_rate_drills, "conversation_mask": conversation_mask,
+           "classifier_confusion": classifier_confusion, "export_tensor_map": export_tensor_map, "ddp_gradients": ddp_gradients,
+           "continuous_batching": continuous_batching,
+           "finite_differences": finite_differences, "initialisation_statistics": initialisation_statistics,
+           "memory_breakdown": memory_breakdown, "lora_decomposition": lora_decomposition}
+
+
+def main(names: list[str]) -> None:
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in names or FIGURES:
+            FIGURES[name](Path(workdir))
 
 
 if __name__ == "__main__":
