@@ -137,7 +137,10 @@ class KVCache:
     otherwise cost 32k slots per row and layer for a 200-token reply.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, capacity: int, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self, config: ModelConfig, batch_size: int, capacity: int, device: torch.device, dtype: torch.dtype,
+        static_shapes: bool = False,
+    ):
         if not 0 < capacity <= config.block_size:
             raise ValueError(f"A KV cache holds 1 to block_size ({config.block_size}) positions per row, not {capacity}.")
         shape = (batch_size, config.kv_heads, capacity, config.head_dim)
@@ -155,6 +158,10 @@ class KVCache:
         # size); a ring buffer of `sliding_window` slots would be smaller on contexts past the window.
         self.sliding_window = config.sliding_window
         self.window_key_mask: torch.Tensor | None = None
+        # static_shapes: attention reads all `capacity` slots, under a mask, at every step, so each
+        # step has the same shapes and a compiled step (Engine(compile=True)) runs without
+        # recompiling; without it, attention reads the slots up to the longest row's end only.
+        self.static_shapes = static_shapes
 
     @property
     def batch_size(self) -> int:
@@ -179,13 +186,13 @@ class KVCache:
         # Attention reads the slots up to the longest row's end, not the whole capacity. Key slot
         # j is visible to a query at position p when j <= p: causal, and per row. A single row
         # adding a single token sees every slot read, so it needs no mask (the fastest attention).
-        self.visible = longest
-        if self.batch_size == 1 and time == 1:
+        self.visible = self.capacity if self.static_shapes else longest
+        if self.batch_size == 1 and time == 1 and not self.static_shapes:
             self.key_mask = None
         else:
-            self.key_mask = attention_mask(self.positions, longest).unsqueeze(1)  # (batch, 1, time, longest)
+            self.key_mask = attention_mask(self.positions, self.visible).unsqueeze(1)  # (batch, 1, time, visible)
         if self.sliding_window:
-            self.window_key_mask = attention_mask(self.positions, longest, self.sliding_window).unsqueeze(1)
+            self.window_key_mask = attention_mask(self.positions, self.visible, self.sliding_window).unsqueeze(1)
         return self.positions
 
     def store(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -400,9 +407,16 @@ class GPT(nn.Module):
         if cache is None:  # training, or a whole sequence at once: positions 0..time-1, the same for every row
             if time > self.config.block_size:
                 raise ValueError(f"Sequence of {time} tokens is longer than block_size {self.config.block_size}.")
-            positions = torch.arange(time, device=idx.device)  # cos, sin: (time, head_dim)
-        else:  # decoding: each row continues from its own position in the cache
-            positions = cache.begin(time).unsqueeze(1)  # (batch, 1, time): cos, sin (batch, 1, time, head_dim)
+            return self.trunk(idx, torch.arange(time, device=idx.device))  # cos, sin: (time, head_dim)
+        # Decoding: each row continues from its own position in the cache. The cache's host-side
+        # bookkeeping (begin, end) stays outside `trunk`, the tensor work a compiled step runs.
+        positions = cache.begin(time)
+        hidden = self.trunk(idx, positions.unsqueeze(1), cache)  # (batch, 1, time): cos, sin (batch, 1, time, head_dim)
+        cache.end(time)
+        return hidden
+
+    def trunk(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """`hidden_states` for tokens at `positions`, with the cache (if any) already told of the pass (KVCache.begin)."""
         x = self.token_embedding(idx)
         # In the weights' dtype, as transformers does: a bfloat16 model rotates in bfloat16 (float32 ones are unchanged).
         rotations = {kind: tuple(table.to(x.dtype) for table in self.rotary(positions, kind)) for kind in set(self.layer_types)}
@@ -416,8 +430,6 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin, cache, layer)
-        if cache is not None:
-            cache.end(time)
         return self.final_norm(x)
 
     def forward(
