@@ -125,6 +125,11 @@ class LlamaCpp:
                                      n_threads_batch=threads, verbose=False,
                                      type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
 
+    def last_logits(self) -> np.ndarray:
+        """The logits llama.cpp computed for the last token fed (llama_get_logits; `Llama.scores` holds
+        them only with logits_all, which would also compute every prompt position's)."""
+        return np.ctypeslib.as_array(self.model._ctx.get_logits(), shape=(self.model.n_vocab(),))
+
     def decode(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
         produced = []
         start = time.perf_counter()
@@ -133,10 +138,13 @@ class LlamaCpp:
             self.model.eval(prompt)
             tokens = []
             for _ in range(new_tokens):
-                tokens.append(int(np.argmax(self.model.scores[self.model.n_tokens - 1])))
+                tokens.append(int(np.argmax(self.last_logits())))
                 self.model.eval([tokens[-1]])
             produced.append(tokens)
         return time.perf_counter() - start, produced
+
+    def close(self) -> None:
+        self.model.close()
 
 
 # ---------------------------------------------------------------- the models
@@ -259,8 +267,7 @@ def main() -> int:
                                     "tokens_per_second": median, "eager_over": ratios, "token_agreement": agreement,
                                     "first_run_seconds": warm_up})
             for contestant in contestants.values():
-                if isinstance(contestant, Worker):
-                    contestant.close()
+                contestant.close()
     if arguments.json:
         Path(arguments.json).write_text(json.dumps({"cpu": cpu_description(), "threads": arguments.threads, "results": results}, indent=2))
     return 0

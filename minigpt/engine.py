@@ -18,9 +18,11 @@ One step:
     1. Rows added since the last step are prefilled: their prompts, right-padded to the longest,
        go through the model in one forward pass that fills a fresh KV cache, which is then
        joined to the running batch's cache (KVCache.extend).
-    2. Rows already decoding feed their newest token, one per row, each at its own position.
+    2. Rows already decoding feed their newest token, one per row, each at its own position,
+       its keys and values written in place into the cache (no tensor grows per token).
     3. The next-token distribution of every row is computed at once on the device
-       (`next_token_probabilities`), and one token per row is drawn from it.
+       (`next_token_probabilities`), and one token per row is drawn from it; when every row is
+       greedy, each simply takes its most likely token (no distribution, no random numbers).
     4. Stops are checked for all rows at once, and the new tokens and stop flags come to the host
        in one transfer: one wait for the device per step, whatever the number of rows.
     5. Finished rows leave the batch (their cache rows are dropped).
@@ -33,6 +35,9 @@ the window is cut there and finishes with "length", like a row that used up max_
 `Engine(model, use_kv_cache=False)` recomputes every row's whole context at every step: slower
 (each token costs the whole prefix), the same tokens. It is kept as the reference the cache is
 measured and checked against (`--no-kv-cache`, tutorial 7, benchmarks/generate_throughput.py).
+
+`Engine(model, compile=True)` runs step 2 through torch.compile (see `Engine.__init__`); the
+tokens are the eager engine's. benchmarks/decode_vs_llama_cpp.py measures both against llama.cpp.
 """
 
 from __future__ import annotations
@@ -412,8 +417,8 @@ class Engine:
         self.lengths = self.lengths.index_select(0, index)
         if self.seen is not None:
             self.seen = self.seen.index_select(0, index)
-        if self.cache is not None:
-            self.cache.keep_rows(indices, capacity)
+        if self.cache is not None:  # a compiled step keeps the cache's size: a new size would be a new compilation
+            self.cache.keep_rows(indices, None if self.compile else capacity)
         self._rows_changed()
 
     def _rows_changed(self, joined: Sequence[_Row] = ()) -> None:

@@ -151,6 +151,8 @@ class KVCache:
         # Set by `begin` for the forward pass under way: where it writes (batch, time), how many slots
         # attention reads, and the mask over them (batch, 1, time, visible): True where a query sees a key.
         self.positions: torch.Tensor | None = None
+        self.start: int | None = None  # the rows' one position, when they share it (see `begin`)
+        self.rows: torch.Tensor | None = None  # (batch, 1) row numbers, to index the slots of rows at different positions
         self.visible = 0
         self.key_mask: torch.Tensor | None = None
         # Gemma 3's sliding-window layers see only the latest `sliding_window` keys: a mask of their own.
@@ -183,6 +185,12 @@ class KVCache:
             raise ValueError(f"The KV cache holds {self.capacity} positions per row; {time} more do not fit.")
         device = self.lengths.device
         self.positions = self.lengths[:, None] + torch.arange(time, device=device)
+        # Where every row is at the same position (a single row, or prompts of one length), the new
+        # keys and values go into one slice of slots; else each row's go to its own (see `store`).
+        # A compiled step always takes the general way, whose shapes do not depend on the positions.
+        same = not self.static_shapes and len(set(self.host_lengths)) == 1
+        self.start = self.host_lengths[0] if same else None
+        self.rows = None if same else torch.arange(self.batch_size, device=device)[:, None]
         # Attention reads the slots up to the longest row's end, not the whole capacity. Key slot
         # j is visible to a query at position p when j <= p: causal, and per row. A single row
         # adding a single token sees every slot read, so it needs no mask (the fastest attention).
@@ -198,17 +206,19 @@ class KVCache:
     def store(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys/values (batch, kv_heads, time, head_dim) of `layer` at each row's
         positions; return the layer's keys and values up to the longest row's end."""
-        rows = torch.arange(self.batch_size, device=key.device)[:, None]
-        # Indexing [rows, :, positions] addresses (batch, time, kv_heads, head_dim) elements.
-        self.keys[layer][rows, :, self.positions] = key.transpose(1, 2).to(self.keys[layer].dtype)
-        self.values[layer][rows, :, self.positions] = value.transpose(1, 2).to(self.values[layer].dtype)
+        if self.start is not None:
+            self.keys[layer][:, :, self.start : self.start + key.size(2)] = key
+            self.values[layer][:, :, self.start : self.start + value.size(2)] = value
+        else:  # indexing [rows, :, positions] addresses (batch, time, kv_heads, head_dim) elements
+            self.keys[layer][self.rows, :, self.positions] = key.transpose(1, 2).to(self.keys[layer].dtype)
+            self.values[layer][self.rows, :, self.positions] = value.transpose(1, 2).to(self.values[layer].dtype)
         return self.keys[layer][:, :, : self.visible], self.values[layer][:, :, : self.visible]
 
     def end(self, time: int) -> None:
         """The forward pass is done: every row is `time` positions longer."""
         self.lengths = self.lengths + time
         self.host_lengths = [length + time for length in self.host_lengths]
-        self.positions = self.key_mask = self.window_key_mask = None
+        self.positions = self.key_mask = self.window_key_mask = self.rows = self.start = None
 
     def keep_rows(self, rows: list[int], capacity: int | None = None) -> None:
         """Keep only `rows` (in that order), optionally shrunk to `capacity` positions per row."""
