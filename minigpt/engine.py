@@ -18,9 +18,11 @@ One step:
     1. Rows added since the last step are prefilled: their prompts, right-padded to the longest,
        go through the model in one forward pass that fills a fresh KV cache, which is then
        joined to the running batch's cache (KVCache.extend).
-    2. Rows already decoding feed their newest token, one per row, each at its own position.
+    2. Rows already decoding feed their newest token, one per row, each at its own position,
+       its keys and values written in place into the cache (no tensor grows per token).
     3. The next-token distribution of every row is computed at once on the device
-       (`next_token_probabilities`), and one token per row is drawn from it.
+       (`next_token_probabilities`), and one token per row is drawn from it; when every row is
+       greedy, each simply takes its most likely token (no distribution, no random numbers).
     4. Stops are checked for all rows at once, and the new tokens and stop flags come to the host
        in one transfer: one wait for the device per step, whatever the number of rows.
     5. Finished rows leave the batch (their cache rows are dropped).
@@ -33,6 +35,9 @@ the window is cut there and finishes with "length", like a row that used up max_
 `Engine(model, use_kv_cache=False)` recomputes every row's whole context at every step: slower
 (each token costs the whole prefix), the same tokens. It is kept as the reference the cache is
 measured and checked against (`--no-kv-cache`, tutorial 7, benchmarks/generate_throughput.py).
+
+`Engine(model, compile=True)` runs step 2 through torch.compile (see `Engine.__init__`); the
+tokens are the eager engine's. benchmarks/decode_vs_llama_cpp.py measures both against llama.cpp.
 """
 
 from __future__ import annotations
@@ -129,21 +134,29 @@ class BatchSampling:
         self.uses_top_p = any(s.top_p < 1.0 for s in settings)
         self.uses_penalty = any(s.repetition_penalty != 1.0 for s in settings)
         self.uses_greedy = any(s.temperature == 0 for s in settings)
+        self.all_greedy = bool(settings) and all(s.temperature == 0 for s in settings)  # then no row needs a distribution
         # Stop ids as a (rows, most stop ids) table, padded with -1 (never a token), to test all rows at once.
         widest = max((len(s.stop_ids) for s in settings), default=0)
         table = [list(s.stop_ids) + [-1] * (widest - len(s.stop_ids)) for s in settings]
         self.stop_ids = torch.tensor(table, dtype=torch.long, device=device).view(len(settings), widest)
 
 
-def next_token_probabilities(logits: torch.Tensor, seen: torch.Tensor | None, sampling: BatchSampling) -> torch.Tensor:
-    """Next-token probabilities (rows, vocab) from the logits (rows, vocab) of a batch of rows, each
-    row with its own settings. `seen` (rows, vocab, bool) marks the tokens already in each row's
-    context, for the repetition penalty (None when no row uses one)."""
+def penalised(logits: torch.Tensor, seen: torch.Tensor | None, sampling: BatchSampling) -> torch.Tensor:
+    """The logits (rows, vocab) in float32, with each row's repetition penalty applied to the tokens
+    `seen` (rows, vocab, bool) marks as already in its context (None when no row uses a penalty)."""
     logits = logits.float()
     if sampling.uses_penalty and seen is not None:
         # CTRL-style: shrink positive logits and push negative ones further down for seen tokens.
         penalty = sampling.repetition_penalty
         logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    return logits
+
+
+def next_token_probabilities(logits: torch.Tensor, seen: torch.Tensor | None, sampling: BatchSampling) -> torch.Tensor:
+    """Next-token probabilities (rows, vocab) from the logits (rows, vocab) of a batch of rows, each
+    row with its own settings. `seen` (rows, vocab, bool) marks the tokens already in each row's
+    context, for the repetition penalty (None when no row uses one)."""
+    logits = penalised(logits, seen, sampling)
     greedy = sampling.temperature == 0
     scaled = logits / torch.where(greedy, 1.0, sampling.temperature)
     if sampling.largest_top_k:
@@ -188,6 +201,13 @@ def draw(probabilities: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cumulative, points).squeeze(-1).clamp(max=probabilities.size(-1) - 1)
 
 
+def decode_logits(model: GPT, newest: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """The tensor work of one decoding step: logits (rows, vocab) for each row's newest token
+    (rows, 1) at `positions` (rows, 1), its keys and values written into `cache` (already begun).
+    A function of its own so that Engine(compile=True) can compile exactly this."""
+    return model.lm_head(model.trunk(newest, positions.unsqueeze(1), cache)[:, -1])
+
+
 class Engine:
     """Decodes a changing batch of rows with one model: `add`, `cancel`, `step`, or `generate`.
 
@@ -195,9 +215,19 @@ class Engine:
     tokens, the sampling settings) hold the decoding rows in the order of `self.rows`.
     """
 
-    def __init__(self, model: GPT, use_kv_cache: bool = True):
+    def __init__(self, model: GPT, use_kv_cache: bool = True, compile: bool = False):
         self.model = model
         self.use_kv_cache = use_kv_cache
+        # compile=True: the decoding step (the model's trunk and head for one token per row) runs
+        # through torch.compile, over a cache whose shapes stay fixed while the rows do (static_shapes).
+        # It pays the compilation first (a minute or more on a small CPU; again when the rows or the
+        # cache size change, after which the sizes are compiled as symbolic) to save Python and kernel
+        # overhead at every token: worth it for long or many generations, measured in
+        # benchmarks/decode_vs_llama_cpp.py. Opt-in.
+        if compile and not use_kv_cache:
+            raise ValueError("Engine(compile=True) compiles the KV-cache decoding step; it needs use_kv_cache=True.")
+        self.compile = compile
+        self._decode_logits = torch.compile(decode_logits, fullgraph=True) if compile else decode_logits
         self.device = next(model.parameters()).device
         self.pending: list[_Row] = []  # added, prefilled at the next step
         self._mode_to_restore: bool | None = None  # the model's training flag, while the engine holds it in eval mode
@@ -286,8 +316,10 @@ class Engine:
     def _decode_with_cache(self) -> torch.Tensor:
         """Logits (rows, vocab) after feeding each decoding row's newest token at its own position."""
         newest = self.tokens.gather(1, (self.lengths - 1)[:, None])  # (rows, 1)
-        hidden = self.model.hidden_states(newest, self.cache)
-        return self.model.lm_head(hidden[:, -1])
+        positions = self.cache.begin(1)  # the host-side bookkeeping stays out of a compiled step
+        logits = self._decode_logits(self.model, newest, positions, self.cache)
+        self.cache.end(1)
+        return logits
 
     def _prefill_pending(self) -> torch.Tensor:
         """Run the waiting rows' prompts, right-padded, through the model into a cache of their own,
@@ -295,7 +327,7 @@ class Engine:
         rows, self.pending = self.pending, []
         prompts = self._padded([row.prompt_ids for row in rows], max(len(row.prompt_ids) for row in rows))
         cache = KVCache(self.model.config, len(rows), max(row.capacity for row in rows), self.device,
-                        self.model.token_embedding.weight.dtype)
+                        self.model.token_embedding.weight.dtype, static_shapes=self.compile)
         hidden = self.model.hidden_states(prompts, cache)
         # The cache counted the padding as filled: each row's length is its prompt, so the padding's
         # slots are masked, then overwritten by the row's own next tokens.
@@ -325,10 +357,13 @@ class Engine:
     def _sample_and_finish(self, logits: torch.Tensor) -> list[TokenEvent]:
         """Draw one token per row, check stops for all rows at once, wait for the device once,
         then turn the results into events and drop the rows that finished."""
-        probabilities = next_token_probabilities(logits, self.seen, self.sampling)
-        # One uniform number per row from the row's own generator: (0, 1], see `draw`.
-        uniforms = torch.cat([1.0 - torch.rand(1, generator=row.generator, device=self.device) for row in self.rows])
-        next_ids = draw(probabilities, uniforms)
+        if self.sampling.all_greedy:  # every row takes its most likely token: no distribution, no random numbers
+            next_ids = penalised(logits, self.seen, self.sampling).argmax(dim=-1)
+        else:
+            probabilities = next_token_probabilities(logits, self.seen, self.sampling)
+            # One uniform number per row from the row's own generator: (0, 1], see `draw`.
+            uniforms = torch.cat([1.0 - torch.rand(1, generator=row.generator, device=self.device) for row in self.rows])
+            next_ids = draw(probabilities, uniforms)
         stopped = (next_ids[:, None] == self.sampling.stop_ids).any(dim=-1)
         # Append the new tokens on the device (harmless for the rows about to finish).
         self.tokens.scatter_(1, self.lengths[:, None], next_ids[:, None])
@@ -382,8 +417,8 @@ class Engine:
         self.lengths = self.lengths.index_select(0, index)
         if self.seen is not None:
             self.seen = self.seen.index_select(0, index)
-        if self.cache is not None:
-            self.cache.keep_rows(indices, capacity)
+        if self.cache is not None:  # a compiled step keeps the cache's size: a new size would be a new compilation
+            self.cache.keep_rows(indices, None if self.compile else capacity)
         self._rows_changed()
 
     def _rows_changed(self, joined: Sequence[_Row] = ()) -> None:

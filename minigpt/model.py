@@ -137,7 +137,10 @@ class KVCache:
     otherwise cost 32k slots per row and layer for a 200-token reply.
     """
 
-    def __init__(self, config: ModelConfig, batch_size: int, capacity: int, device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self, config: ModelConfig, batch_size: int, capacity: int, device: torch.device, dtype: torch.dtype,
+        static_shapes: bool = False,
+    ):
         if not 0 < capacity <= config.block_size:
             raise ValueError(f"A KV cache holds 1 to block_size ({config.block_size}) positions per row, not {capacity}.")
         shape = (batch_size, config.kv_heads, capacity, config.head_dim)
@@ -148,6 +151,8 @@ class KVCache:
         # Set by `begin` for the forward pass under way: where it writes (batch, time), how many slots
         # attention reads, and the mask over them (batch, 1, time, visible): True where a query sees a key.
         self.positions: torch.Tensor | None = None
+        self.start: int | None = None  # the rows' one position, when they share it (see `begin`)
+        self.rows: torch.Tensor | None = None  # (batch, 1) row numbers, to index the slots of rows at different positions
         self.visible = 0
         self.key_mask: torch.Tensor | None = None
         # Gemma 3's sliding-window layers see only the latest `sliding_window` keys: a mask of their own.
@@ -155,6 +160,10 @@ class KVCache:
         # size); a ring buffer of `sliding_window` slots would be smaller on contexts past the window.
         self.sliding_window = config.sliding_window
         self.window_key_mask: torch.Tensor | None = None
+        # static_shapes: attention reads all `capacity` slots, under a mask, at every step, so each
+        # step has the same shapes and a compiled step (Engine(compile=True)) runs without
+        # recompiling; without it, attention reads the slots up to the longest row's end only.
+        self.static_shapes = static_shapes
 
     @property
     def batch_size(self) -> int:
@@ -176,32 +185,40 @@ class KVCache:
             raise ValueError(f"The KV cache holds {self.capacity} positions per row; {time} more do not fit.")
         device = self.lengths.device
         self.positions = self.lengths[:, None] + torch.arange(time, device=device)
+        # Where every row is at the same position (a single row, or prompts of one length), the new
+        # keys and values go into one slice of slots; else each row's go to its own (see `store`).
+        # A compiled step always takes the general way, whose shapes do not depend on the positions.
+        same = not self.static_shapes and len(set(self.host_lengths)) == 1
+        self.start = self.host_lengths[0] if same else None
+        self.rows = None if same else torch.arange(self.batch_size, device=device)[:, None]
         # Attention reads the slots up to the longest row's end, not the whole capacity. Key slot
         # j is visible to a query at position p when j <= p: causal, and per row. A single row
         # adding a single token sees every slot read, so it needs no mask (the fastest attention).
-        self.visible = longest
-        if self.batch_size == 1 and time == 1:
+        self.visible = self.capacity if self.static_shapes else longest
+        if self.batch_size == 1 and time == 1 and not self.static_shapes:
             self.key_mask = None
         else:
-            self.key_mask = attention_mask(self.positions, longest).unsqueeze(1)  # (batch, 1, time, longest)
+            self.key_mask = attention_mask(self.positions, self.visible).unsqueeze(1)  # (batch, 1, time, visible)
         if self.sliding_window:
-            self.window_key_mask = attention_mask(self.positions, longest, self.sliding_window).unsqueeze(1)
+            self.window_key_mask = attention_mask(self.positions, self.visible, self.sliding_window).unsqueeze(1)
         return self.positions
 
     def store(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys/values (batch, kv_heads, time, head_dim) of `layer` at each row's
         positions; return the layer's keys and values up to the longest row's end."""
-        rows = torch.arange(self.batch_size, device=key.device)[:, None]
-        # Indexing [rows, :, positions] addresses (batch, time, kv_heads, head_dim) elements.
-        self.keys[layer][rows, :, self.positions] = key.transpose(1, 2).to(self.keys[layer].dtype)
-        self.values[layer][rows, :, self.positions] = value.transpose(1, 2).to(self.values[layer].dtype)
+        if self.start is not None:
+            self.keys[layer][:, :, self.start : self.start + key.size(2)] = key
+            self.values[layer][:, :, self.start : self.start + value.size(2)] = value
+        else:  # indexing [rows, :, positions] addresses (batch, time, kv_heads, head_dim) elements
+            self.keys[layer][self.rows, :, self.positions] = key.transpose(1, 2).to(self.keys[layer].dtype)
+            self.values[layer][self.rows, :, self.positions] = value.transpose(1, 2).to(self.values[layer].dtype)
         return self.keys[layer][:, :, : self.visible], self.values[layer][:, :, : self.visible]
 
     def end(self, time: int) -> None:
         """The forward pass is done: every row is `time` positions longer."""
         self.lengths = self.lengths + time
         self.host_lengths = [length + time for length in self.host_lengths]
-        self.positions = self.key_mask = self.window_key_mask = None
+        self.positions = self.key_mask = self.window_key_mask = self.rows = self.start = None
 
     def keep_rows(self, rows: list[int], capacity: int | None = None) -> None:
         """Keep only `rows` (in that order), optionally shrunk to `capacity` positions per row."""
@@ -400,9 +417,16 @@ class GPT(nn.Module):
         if cache is None:  # training, or a whole sequence at once: positions 0..time-1, the same for every row
             if time > self.config.block_size:
                 raise ValueError(f"Sequence of {time} tokens is longer than block_size {self.config.block_size}.")
-            positions = torch.arange(time, device=idx.device)  # cos, sin: (time, head_dim)
-        else:  # decoding: each row continues from its own position in the cache
-            positions = cache.begin(time).unsqueeze(1)  # (batch, 1, time): cos, sin (batch, 1, time, head_dim)
+            return self.trunk(idx, torch.arange(time, device=idx.device))  # cos, sin: (time, head_dim)
+        # Decoding: each row continues from its own position in the cache. The cache's host-side
+        # bookkeeping (begin, end) stays outside `trunk`, the tensor work a compiled step runs.
+        positions = cache.begin(time)
+        hidden = self.trunk(idx, positions.unsqueeze(1), cache)  # (batch, 1, time): cos, sin (batch, 1, time, head_dim)
+        cache.end(time)
+        return hidden
+
+    def trunk(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """`hidden_states` for tokens at `positions`, with the cache (if any) already told of the pass (KVCache.begin)."""
         x = self.token_embedding(idx)
         # In the weights' dtype, as transformers does: a bfloat16 model rotates in bfloat16 (float32 ones are unchanged).
         rotations = {kind: tuple(table.to(x.dtype) for table in self.rotary(positions, kind)) for kind in set(self.layer_types)}
@@ -416,8 +440,6 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
                 x = block(x, cos, sin, cache, layer)
-        if cache is not None:
-            cache.end(time)
         return self.final_norm(x)
 
     def forward(

@@ -97,6 +97,48 @@ def test_seeded_rows_sample_the_same_alone_and_in_a_batch(model):
     assert alone(model, unseeded) == first  # no seed: drawn from torch's global generator
 
 
+def test_an_all_greedy_batch_takes_the_argmax_the_sampling_path_takes(model):
+    """With every row greedy the engine skips the distribution and takes the (penalised) argmax;
+    beside a sampled row the same greedy rows go through the distribution: the same tokens."""
+    greedy = [Request(prompt, dataclasses.replace(GREEDY, repetition_penalty=penalty))
+              for prompt, penalty in zip(prompts(6, 2), (1.8, 1.0))]
+    all_greedy, _ = run(Engine(model), greedy)
+    with_a_sampled_row, _ = run(Engine(model), greedy + [Request(prompts(4)[0], SAMPLED)])
+    assert all_greedy == with_a_sampled_row[:2]
+    assert all_greedy[0] != alone(model, Request(greedy[0].prompt_ids, GREEDY))  # the penalty counts
+
+
+@pytest.mark.slow  # compiles the decoding step (a minute or more on 2 cores)
+def test_the_compiled_step_decodes_the_eager_tokens():
+    """Engine(compile=True) against the eager engine: rows of different lengths, rows that stop or
+    run out while others go on, a row joining mid-way, and a Gemma 3-style sliding-window layer."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=96, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, sliding_window=4,
+                            layer_types=["sliding_attention", "full_attention"]))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0.0, 0.25)
+    model.eval()
+    requests = [Request(prompt, dataclasses.replace(GREEDY, max_new_tokens=new))
+                for prompt, new in zip(prompts(3, 17, 8), (12, 5, 20))]
+    stop = alone(model, requests[0])[6]
+    requests.append(Request(requests[0].prompt_ids, dataclasses.replace(SAMPLED, stop_ids=(stop,))))
+
+    def staggered(engine: Engine) -> dict[int, list[int | None]]:
+        got: dict[int, list[int | None]] = {}
+        for request in requests[:3]:
+            engine.add(request)
+        for step in range(40):
+            if step == 2:
+                engine.add(requests[3])  # joins a running batch
+            for event in engine.step():
+                got.setdefault(event.row, []).append(event.token)
+        return got
+
+    assert staggered(Engine(model, compile=True)) == staggered(Engine(model))
+
+
 def test_stop_ids_and_max_tokens_per_row(model):
     prompt_a, prompt_b = prompts(6, 3)
     free_a = alone(model, Request(prompt_a, GREEDY))

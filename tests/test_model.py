@@ -67,11 +67,12 @@ def test_grouped_query_attention_equals_multi_head_with_shared_key_value_weights
         torch.testing.assert_close(grouped(idx)[0], full(idx)[0])
 
 
-def test_kv_cache_logits_match_full_forward():
+@pytest.mark.parametrize("static_shapes", [False, True])  # True: attention reads every slot under a mask (Engine(compile=True))
+def test_kv_cache_logits_match_full_forward(static_shapes):
     torch.manual_seed(0)
     model = GPT(tiny_config()).eval()
     idx = torch.randint(0, 96, (1, 24))
-    cache = KVCache(model.config, 1, 24, torch.device("cpu"), torch.float32)
+    cache = KVCache(model.config, 1, 24, torch.device("cpu"), torch.float32, static_shapes)
     with torch.no_grad():
         full, _ = model(idx)
         prefix, _ = model(idx[:, :10], cache=cache)  # prefill
@@ -83,13 +84,14 @@ def test_kv_cache_logits_match_full_forward():
         model(idx[:, :1], cache=cache)
 
 
-def test_kv_cache_rows_at_different_positions_match_their_own_full_forward():
+@pytest.mark.parametrize("static_shapes", [False, True])
+def test_kv_cache_rows_at_different_positions_match_their_own_full_forward(static_shapes):
     """Two rows of different lengths share a cache: a right-padded prefill, then one token per row
     per step, each at its own position; the padding never reaches a row's real positions."""
     torch.manual_seed(0)
     model = GPT(tiny_config()).eval()
     long, short = torch.randint(0, 96, (1, 20)), torch.randint(0, 96, (1, 12))
-    cache = KVCache(model.config, 2, 20, torch.device("cpu"), torch.float32)
+    cache = KVCache(model.config, 2, 20, torch.device("cpu"), torch.float32, static_shapes)
     prompts = torch.zeros(2, 10, dtype=torch.long)  # row 1's prompt is 7 tokens, padded to 10
     prompts[0], prompts[1, :7] = long[0, :10], short[0, :7]
     with torch.no_grad():
