@@ -23,9 +23,11 @@ a whole optimizer step, data included). The table shows the median over the roun
 second (batch x block / time), the ratio to nanoGPT (above 1: faster than nanoGPT) and the model
 FLOPs utilisation: each program's training FLOPs per token (6 per matrix weight, plus attention's
 scores, as GPT.flops_per_token counts them; nanoGPT's model counted the same way) times its tokens
-per second, over this CPU's float32 peak. The peak is a 2048 x 2048 float32 matrix multiply timed
-in this process with the same threads before each round; the table uses the fastest round's (other
-work on the machine only ever slows a measurement down).
+per second, over this CPU's float32 peak: the fastest of a second's worth of 1024 x 1024 float32
+matrix multiplies, timed one by one in this process with the same threads before each round, and
+the fastest round's in the table (other work on the machine only ever slows a multiply down, and
+a short one often runs between interruptions; an average over a busy second would understate the
+peak and overstate the MFU).
 
 nanoGPT runs as its README says for a CPU: --device=cpu --compile=False, in float32 (it has no
 CPU autocast). The MiniGPT variants: eager-float32 and compiled-float32 (the same precision as
@@ -46,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +61,7 @@ sys.path.insert(0, str(REPO))
 from minigpt.config import ModelConfig  # noqa: E402
 from minigpt.metrics import read_metrics  # noqa: E402
 from minigpt.model import GPT  # noqa: E402
-from minigpt.runtime import available_cpu_cores, measure_matmul_peak  # noqa: E402
+from minigpt.runtime import available_cpu_cores  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ MINIGPT_VARIANTS = {  # name: (--dtype, --enable-compile)
     "compiled-auto": ("auto", True),
 }
 DEFAULT_VARIANTS = ["eager-float32", "compiled-float32", "compiled-auto"]
-PEAK_MATRIX_SIZE = 2048  # float32: 17 GFLOP a multiply, large enough that the cores run at their peak
+PEAK_MATRIX_SIZE = 1024  # float32: 2.1 GFLOP a multiply, large enough for the cores' peak, short enough to run uninterrupted
 NANOGPT_ITERATION = re.compile(r"^iter (\d+): loss [-\d.naif]+, time ([\d.]+)ms", re.MULTILINE)
 
 
@@ -112,6 +115,18 @@ def write_minigpt_data(text: str, directory: Path) -> tuple[Path, Path]:
 def nanogpt_iteration_ms(log: str, warmup: int) -> list[float]:
     """The per-iteration times nanoGPT's train.py printed ("iter N: loss L, time Tms, ..."), from iteration `warmup` on."""
     return [float(milliseconds) for iteration, milliseconds in NANOGPT_ITERATION.findall(log) if int(iteration) >= warmup]
+
+
+def float32_peak_flops(size: int = PEAK_MATRIX_SIZE, seconds: float = 1.0) -> float:
+    """FLOP/s of the fastest of `seconds`' worth of size x size float32 matrix multiplies (2 size^3 FLOPs each)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm up
+    fastest, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        began = time.perf_counter()
+        a @ b
+        fastest = min(fastest, time.perf_counter() - began)
+    return 2 * size**3 / fastest
 
 
 def minigpt_flops_per_token(shape: Shape, vocabulary: int) -> int:
@@ -227,7 +242,7 @@ def main() -> int:
             medians: dict[str, list[float]] = {program: [] for program in programs}
             peaks: list[float] = []
             for round_number in range(1, arguments.rounds + 1):
-                peaks.append(measure_matmul_peak(torch.device("cpu"), torch.float32, PEAK_MATRIX_SIZE, seconds=1.0))
+                peaks.append(float32_peak_flops())
                 times = nanogpt_iteration_ms(run_nanogpt(checkout, workdir, shape, arguments.iters, threads), arguments.warmup)
                 medians["nanoGPT"].append(statistics.median(times))
                 for variant in arguments.minigpt:
