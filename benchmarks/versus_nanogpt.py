@@ -1,7 +1,7 @@
 """MiniGPT against nanoGPT on the same CPU, at the same shapes, the two programs taking turns.
 
     python benchmarks/versus_nanogpt.py --nanogpt PATH --data tinyshakespeare.txt [--shapes baby nanogpt-10.7M]
-        [--minigpt eager-float32 compiled-auto] [--rounds 3] [--iters 30] [--warmup 5] [--num-threads N]
+        [--minigpt eager-float32 compiled-float32 compiled-auto] [--rounds 3] [--iters 30] [--warmup 5] [--num-threads N]
 
 PATH is your own checkout of https://github.com/karpathy/nanoGPT; it is run in place and never
 copied, and nothing is written into it. Both programs train on Tiny Shakespeare (--data), in
@@ -20,12 +20,21 @@ Each round runs nanoGPT once and then each --minigpt variant once, for --iters i
 a program's figure for the round is the median time per iteration after --warmup iterations
 (nanoGPT's own "time ...ms" log lines; MiniGPT's step_ms in metrics.jsonl, both the wall time of
 a whole optimizer step, data included). The table shows the median over the rounds, tokens per
-second (batch x block / time) and the ratio to nanoGPT (above 1: faster than nanoGPT).
+second (batch x block / time), the ratio to nanoGPT (above 1: faster than nanoGPT) and the model
+FLOPs utilisation: each program's training FLOPs per token (6 per matrix weight, plus attention's
+scores, as GPT.flops_per_token counts them; nanoGPT's model counted the same way) times its tokens
+per second, over this CPU's float32 peak: the fastest of a second's worth of 1024 x 1024 float32
+matrix multiplies, timed one by one in this process with the same threads before each round, and
+the fastest round's in the table (other work on the machine only ever slows a multiply down, and
+a short one often runs between interruptions; an average over a busy second would understate the
+peak and overstate the MFU).
 
 nanoGPT runs as its README says for a CPU: --device=cpu --compile=False, in float32 (it has no
-CPU autocast). The MiniGPT variants: eager-float32 (the same precision, no compilation),
-eager-auto and compiled-auto (--dtype auto: bfloat16 autocast where this CPU multiplies it fast;
-compiled: --enable-compile). Both get the same --num-threads (default: the physical cores).
+CPU autocast). The MiniGPT variants: eager-float32 and compiled-float32 (the same precision as
+nanoGPT, without and with --enable-compile), eager-auto and compiled-auto (--dtype auto: bfloat16
+autocast where this CPU multiplies it fast, float32 elsewhere). By default every CPU runs the
+float32 ones, so the float32 path is measured even where auto picks bfloat16. Both programs get
+the same --num-threads (default: the physical cores).
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +58,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from minigpt.config import ModelConfig  # noqa: E402
 from minigpt.metrics import read_metrics  # noqa: E402
+from minigpt.model import GPT  # noqa: E402
 from minigpt.runtime import available_cpu_cores  # noqa: E402
 
 
@@ -68,9 +80,12 @@ SHAPES = {
 }
 MINIGPT_VARIANTS = {  # name: (--dtype, --enable-compile)
     "eager-float32": ("float32", False),
+    "compiled-float32": ("float32", True),
     "eager-auto": ("auto", False),
     "compiled-auto": ("auto", True),
 }
+DEFAULT_VARIANTS = ["eager-float32", "compiled-float32", "compiled-auto"]
+PEAK_MATRIX_SIZE = 1024  # float32: 2.1 GFLOP a multiply, large enough for the cores' peak, short enough to run uninterrupted
 NANOGPT_ITERATION = re.compile(r"^iter (\d+): loss [-\d.naif]+, time ([\d.]+)ms", re.MULTILINE)
 
 
@@ -100,6 +115,36 @@ def write_minigpt_data(text: str, directory: Path) -> tuple[Path, Path]:
 def nanogpt_iteration_ms(log: str, warmup: int) -> list[float]:
     """The per-iteration times nanoGPT's train.py printed ("iter N: loss L, time Tms, ..."), from iteration `warmup` on."""
     return [float(milliseconds) for iteration, milliseconds in NANOGPT_ITERATION.findall(log) if int(iteration) >= warmup]
+
+
+def float32_peak_flops(size: int = PEAK_MATRIX_SIZE, seconds: float = 1.0) -> float:
+    """FLOP/s of the fastest of `seconds`' worth of size x size float32 matrix multiplies (2 size^3 FLOPs each)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm up
+    fastest, start = float("inf"), time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        began = time.perf_counter()
+        a @ b
+        fastest = min(fastest, time.perf_counter() - began)
+    return 2 * size**3 / fastest
+
+
+def minigpt_flops_per_token(shape: Shape, vocabulary: int) -> int:
+    """Training FLOPs per token of MiniGPT at `shape` (GPT.flops_per_token), its vocabulary being
+    the characters plus its 4 special tokens. Laid out on the meta device: counted, never allocated."""
+    config = ModelConfig(n_layer=shape.n_layer, n_head=shape.n_head, n_kv_head=shape.n_head, n_embd=shape.n_embd,
+                         block_size=shape.block_size, vocab_size=vocabulary + 4, dropout=0.0)
+    with torch.device("meta"):
+        return GPT(config).flops_per_token()
+
+
+def nanogpt_flops_per_token(shape: Shape, vocabulary: int) -> int:
+    """The same count for nanoGPT's model: per layer 4 n_embd^2 attention weights (q, k, v and the
+    output projection) and 8 n_embd^2 MLP weights (4x wide), the output head (vocabulary x n_embd),
+    6 FLOPs per weight, plus attention's scores, 12 x layers x block x n_embd."""
+    width = shape.n_embd
+    matrix_weights = shape.n_layer * 12 * width * width + vocabulary * width
+    return 6 * matrix_weights + 12 * shape.n_layer * shape.block_size * width
 
 
 def run_nanogpt(checkout: Path, workdir: Path, shape: Shape, iterations: int, threads: int) -> str:
@@ -163,8 +208,8 @@ def main() -> int:
     parser.add_argument("--nanogpt", type=Path, required=True, help="your local nanoGPT checkout (holding train.py)")
     parser.add_argument("--data", type=Path, required=True, help="Tiny Shakespeare as one text file (tinyshakespeare.txt)")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    parser.add_argument("--minigpt", nargs="+", choices=list(MINIGPT_VARIANTS), default=["eager-float32", "compiled-auto"],
-                        help="MiniGPT variants to run (default: eager-float32 compiled-auto)")
+    parser.add_argument("--minigpt", nargs="+", choices=list(MINIGPT_VARIANTS), default=DEFAULT_VARIANTS,
+                        help=f"MiniGPT variants to run (default: {' '.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--rounds", type=int, default=3, help="times each program runs, taking turns (default: 3)")
     parser.add_argument("--iters", type=int, default=30, help="iterations per run (default: 30)")
     parser.add_argument("--warmup", type=int, default=5, help="first iterations of each run left out of its median (default: 5)")
@@ -179,6 +224,7 @@ def main() -> int:
     if arguments.iters <= arguments.warmup or arguments.rounds < 1:
         parser.error("--iters must be above --warmup, and --rounds at least 1")
     threads = arguments.num_threads or available_cpu_cores()
+    torch.set_num_threads(threads)  # for the peak's matrix multiply, as the programs run
     text = arguments.data.read_text(encoding="utf-8")
 
     print(f"CPU: {cpu_model()}; {threads} threads; torch {torch.__version__}; nanoGPT {checkout} ({checkout_version(checkout)})")
@@ -194,22 +240,30 @@ def main() -> int:
             shape = SHAPES[shape_name]
             programs = ["nanoGPT"] + [f"MiniGPT {variant}" for variant in arguments.minigpt]
             medians: dict[str, list[float]] = {program: [] for program in programs}
+            peaks: list[float] = []
             for round_number in range(1, arguments.rounds + 1):
+                peaks.append(float32_peak_flops())
                 times = nanogpt_iteration_ms(run_nanogpt(checkout, workdir, shape, arguments.iters, threads), arguments.warmup)
                 medians["nanoGPT"].append(statistics.median(times))
                 for variant in arguments.minigpt:
                     steps = run_minigpt(workdir, train, val, shape, variant, arguments.iters, threads, round_number)
                     medians[f"MiniGPT {variant}"].append(statistics.median(steps[arguments.warmup:]))
-                print(f"  {shape_name} round {round_number}: " + ", ".join(f"{program} {values[-1]:.1f} ms" for program, values in medians.items()),
-                      flush=True)
-            tokens = shape.batch_size * shape.block_size
+                print(f"  {shape_name} round {round_number}: float32 peak {peaks[-1] / 1e9:.1f} GFLOP/s, "
+                      + ", ".join(f"{program} {values[-1]:.1f} ms" for program, values in medians.items())
+                      + f"; load average {os.getloadavg()[0]:.1f}", flush=True)
+            tokens, peak = shape.batch_size * shape.block_size, max(peaks)
+            flops = {"nanoGPT": nanogpt_flops_per_token(shape, vocabulary)}
+            flops.update(dict.fromkeys(programs[1:], minigpt_flops_per_token(shape, vocabulary)))
             print(f"\n{shape_name}: {shape.description} ({shape.n_layer} layers, {shape.n_head} heads, width {shape.n_embd}, "
-                  f"block {shape.block_size}, batch {shape.batch_size}: {tokens:,} tokens per iteration)")
-            print(f"  {'program':<24} {'ms/iter':>9} {'tokens/s':>10} {'vs nanoGPT':>11}")
+                  f"block {shape.block_size}, batch {shape.batch_size}: {tokens:,} tokens per iteration); "
+                  f"float32 peak {peak / 1e9:.1f} GFLOP/s")
+            print(f"  {'program':<26} {'ms/iter':>9} {'tokens/s':>10} {'vs nanoGPT':>11} {'MFU':>6}")
             reference = statistics.median(medians["nanoGPT"])
             for program in programs:
                 milliseconds = statistics.median(medians[program])
-                print(f"  {program:<24} {milliseconds:>9.1f} {1000 * tokens / milliseconds:>10,.0f} {reference / milliseconds:>10.2f}x")
+                tokens_per_second = 1000 * tokens / milliseconds
+                print(f"  {program:<26} {milliseconds:>9.1f} {tokens_per_second:>10,.0f} {reference / milliseconds:>10.2f}x "
+                      f"{flops[program] * tokens_per_second / peak:>6.1%}")
             print()
     return 0
 

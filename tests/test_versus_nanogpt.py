@@ -1,10 +1,13 @@
-"""benchmarks/versus_nanogpt.py without nanoGPT: the data it writes for nanoGPT, and how it reads nanoGPT's log."""
+"""benchmarks/versus_nanogpt.py without nanoGPT: the data it writes for nanoGPT, how it reads nanoGPT's log, and the FLOPs it counts for MFU."""
 
 import importlib.util
 import pickle
 import sys
 
 import numpy as np
+
+from minigpt.config import ModelConfig
+from minigpt.model import GPT
 
 from conftest import REPO
 
@@ -37,3 +40,13 @@ def test_nanogpts_iteration_times_are_read_after_the_warmup():
            "iter 1: loss 4.0500, time 25.50ms, mfu -100.00%\n"
            "iter 2: loss nan, time 26.25ms, mfu 1.02%\n")
     assert load_benchmark().nanogpt_iteration_ms(log, warmup=1) == [25.5, 26.25]
+
+
+def test_flops_per_token_count_each_programs_own_matrices():
+    versus = load_benchmark()
+    shape = versus.SHAPES["nanogpt-10.7M"]
+    attention = 12 * shape.n_layer * shape.block_size * shape.n_embd
+    # nanoGPT prints "number of parameters: 10.65M" for this model: these matrices plus 9,600 LayerNorm weights.
+    assert (versus.nanogpt_flops_per_token(shape, 65) - attention) / 6 == 10_651_392 - 9_600
+    config = ModelConfig(n_layer=6, n_head=6, n_kv_head=6, n_embd=384, block_size=256, vocab_size=65 + 4, dropout=0.0)
+    assert versus.minigpt_flops_per_token(shape, 65) == GPT(config).flops_per_token()  # counted on the meta device, the same
