@@ -173,25 +173,29 @@ def test_a_client_that_hangs_up_mid_generation_frees_its_row_while_others_are_se
     assert id(job) in cancelled and cancelled[id(job)] - left < 1.0 and len(job.token_ids) < 120
 
 
-def run_burst(server, count: int) -> list[httpx.Response | str]:
-    """`count` clients at once, a third streaming; each result is the response, or what went wrong."""
+def run_burst(server, count: int) -> list[tuple[str, httpx.Response] | str]:
+    """`count` clients at once (one connection each, a third of them streaming); each result is
+    the message and its response, or what went wrong."""
     results: list = [None] * count
+    limits = httpx.Limits(max_connections=count, max_keepalive_connections=0)
 
     def client(index: int) -> None:
         message = list(REPLIES)[index % len(REPLIES)]
         body = chat_body(temperature=0, messages=[{"role": "user", "content": message}], stream=index % 3 == 0)
         try:
-            with httpx.stream("POST", server.url + C, json=body, timeout=60) as response:
+            with session.stream("POST", server.url + C, json=body) as response:
                 response.read()
                 results[index] = (message, response)
         except httpx.HTTPError as error:
             results[index] = f"{type(error).__name__}: {error}"
 
-    threads = [threading.Thread(target=client, args=(index,)) for index in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    # One client object shared by the threads: a client each would measure httpx's own memory.
+    with httpx.Client(limits=limits, timeout=120) as session:
+        threads = [threading.Thread(target=client, args=(index,)) for index in range(count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(180)
     assert not any(thread.is_alive() for thread in threads), "a request hung"
     return results
 
