@@ -227,6 +227,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", merge_adapter: bo
     source = str(folder.files / "config.json")
     try:
         validate_model(config.model)  # a damaged or hostile config.json is refused before anything is allocated
+        if config.model.vocab_size < 1:
+            raise UserInputError("it records no model.vocab_size, so it is not a saved model's configuration.")
     except UserInputError as error:
         raise UserInputError(f"{source} describes a model MiniGPT cannot build: {error}") from None
     check_fits_in_memory(config.model, source, bytes_per_weight=4)  # built in float32, then the weights are read
