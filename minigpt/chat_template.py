@@ -28,7 +28,9 @@ MiniGPT's ids differ from apply_chat_template's exactly on such text.
 
 Templates are code from the internet: they run in Jinja2's `ImmutableSandboxedEnvironment`, never
 a plain `Environment`, so a template cannot reach Python's internals (`__class__`, `__globals__`,
-...), call unsafe methods, or change the conversation it is given.
+...), call unsafe methods, or change the conversation it is given; `*` and `**` are bounded, so
+`{{ 'a' * 10**10 }}` is refused instead of taking the machine's memory. (A sandbox bounds no
+loop's time: a template of nested loops can still run long; Jinja caps each `range` at 100000.)
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from typing import Callable, Sequence
 import jinja2
 import jinja2.ext
 import jinja2.nodes
+import jinja2.runtime
 from jinja2.exceptions import SecurityError, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HuggingFaceTokenizer
@@ -152,11 +155,37 @@ def _tojson(value: object, ensure_ascii: bool = False, indent: int | None = None
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
+MAX_REPEATED_LENGTH = 1_000_000  # the longest text or list a template may make with `*` (a prompt is far shorter)
+MAX_EXPONENT = 1_000  # the largest power `**` may raise a number to
+
+
+class _ChatTemplateSandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox, which keeps a template from Python's internals (and says so, where
+    Jinja's prints nothing), with `*` and `**` bounded too: `{{ 'a' * 10**10 }}` would otherwise ask
+    for 10 GB before anything could stop it."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def unsafe_undefined(self, obj: object, attribute: str) -> jinja2.Undefined:
+        # Jinja's sandbox answers `''.__class__` with an empty Undefined, which prints as nothing:
+        # a template reaching for Python's internals is stopped with the reason instead.
+        raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+    def call_binop(self, context: jinja2.runtime.Context, operator: str, left: object, right: object) -> object:
+        if operator == "*":
+            sequence, count = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
+            if isinstance(sequence, (str, list, tuple)) and isinstance(count, int) and len(sequence) * count > MAX_REPEATED_LENGTH:
+                raise SecurityError(f"repeating a text or list {count} times makes more than {MAX_REPEATED_LENGTH} items")
+        elif isinstance(right, (int, float)) and abs(right) > MAX_EXPONENT:
+            raise SecurityError(f"a power of {right} is past {MAX_EXPONENT}")
+        return super().call_binop(context, operator, left, right)
+
+
 def compile_template(source: str) -> jinja2.Template:
     """A chat template compiled as transformers compiles it: in the immutable sandbox, blocks'
     newlines and indentation trimmed, `{% break %}`/`{% continue %}` allowed, with the helpers
     real templates call (raise_exception, strftime_now, a plain-JSON tojson)."""
-    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+    environment = _ChatTemplateSandbox(trim_blocks=True, lstrip_blocks=True,
                                                 extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     environment.filters["tojson"] = _tojson
     environment.globals["raise_exception"] = _raise_exception

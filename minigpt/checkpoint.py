@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from minigpt.config import RunConfig
@@ -118,6 +119,8 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
         trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
         if unexpected or set(missing) & trainable:
             raise RuntimeError(f"missing {sorted(set(missing) & trainable)[:3]}, unexpected {unexpected[:3]}")
+    except SafetensorError as error:  # cut short, or its header damaged (a folder without a manifest to tell)
+        raise UserInputError(f"The weights file {path} is damaged ({error}); save or train the model again.") from None
     except RuntimeError as error:
         raise UserInputError(f"The weights in {path} do not fit this model's configuration ({str(error).splitlines()[0]}).") from None
 

@@ -383,6 +383,10 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 ROPE_SCALING_KEYS = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def validate_family_switches(model: ModelConfig) -> None:
     """Refuse, in one sentence, pretrained-family switches the model could not honour (a value no
     code reads would otherwise be silently ignored)."""
@@ -398,39 +402,25 @@ def validate_family_switches(model: ModelConfig) -> None:
     if model.rope_scaling:
         rope_type = model.rope_scaling.get("rope_type")
         missing = [key for key in ROPE_SCALING_KEYS.get(rope_type, ()) if key not in model.rope_scaling]
-        if rope_type not in ROPE_SCALING_KEYS or missing:
-            raise UserInputError(f"model.rope_scaling must be {{}} or a linear or llama3 scaling with its settings "
+        numbers = [model.rope_scaling.get(key) for key in ROPE_SCALING_KEYS.get(rope_type, ())]
+        if rope_type not in ROPE_SCALING_KEYS or missing or not all(_positive_number(value) for value in numbers):
+            raise UserInputError(f"model.rope_scaling must be {{}} or a linear or llama3 scaling with its settings as positive numbers "
                                  f"({', '.join(f'{name}: {keys}' for name, keys in ROPE_SCALING_KEYS.items())}), got {model.rope_scaling}.")
+        if rope_type == "llama3" and not model.rope_scaling["high_freq_factor"] > model.rope_scaling["low_freq_factor"]:
+            raise UserInputError(f"model.rope_scaling's high_freq_factor must be above its low_freq_factor, got {model.rope_scaling}.")
     if min(model.head_size, model.sliding_window, model.query_pre_attn_scalar, model.rope_local_theta) < 0:
         raise UserInputError("model.head_size, sliding_window, query_pre_attn_scalar and rope_local_theta must not be negative.")
 
 
-def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None:
-    """Raise a `UserInputError` with one sentence if the configuration cannot work."""
-    model, train = config.model, config.train
-    positive = {
-        "model.block_size": model.block_size, "model.n_layer": model.n_layer, "model.n_head": model.n_head,
-        "model.n_embd": model.n_embd, "train.batch_size": train.batch_size,
-        "train.gradient_accumulation_steps": train.gradient_accumulation_steps, "train.eval_steps": train.eval_steps,
-        "train.eval_batches": train.eval_batches, "train.save_steps": train.save_steps,
-        "train.keep_checkpoints": train.keep_checkpoints, "train.log_steps": train.log_steps,
-        "train.learning_rate": train.learning_rate, "train.dpo_beta": train.dpo_beta,
-    }
+def validate_model(model: ModelConfig) -> None:
+    """Raise a `UserInputError` with one sentence if the model's shape cannot be built: checked
+    before training, and before a saved model's config.json allocates anything when it loads."""
+    positive = {"model.block_size": model.block_size, "model.n_layer": model.n_layer, "model.n_head": model.n_head,
+                "model.n_embd": model.n_embd, "model.rope_theta": model.rope_theta, "model.norm_eps": model.norm_eps}
     for key, value in positive.items():
         if value < 1 if isinstance(value, int) else value <= 0:
             raise UserInputError(f"{key} must be positive, got {value}.")
-    non_negative = {
-        "model.vocab_size": model.vocab_size, "model.n_kv_head": model.n_kv_head, "model.ffn_hidden": model.ffn_hidden,
-        "train.max_data_size": train.max_data_size, "train.shuffle_buffer": train.shuffle_buffer,
-        "train.tokenizer_samples": train.tokenizer_samples, "train.min_learning_rate": train.min_learning_rate,
-        "train.warmup_steps": train.warmup_steps, "train.weight_decay": train.weight_decay,
-        "train.grad_clip": train.grad_clip, "train.max_steps": train.max_steps, "train.max_time": train.max_time,
-        "train.early_stopping_patience": train.early_stopping_patience, "train.sample_tokens": train.sample_tokens,
-        "train.max_cpu": train.max_cpu, "train.max_memory": train.max_memory, "train.num_threads": train.num_threads,
-        "train.lora_rank": train.lora_rank, "train.lm_loss_weight": train.lm_loss_weight,
-        "train.num_epochs": train.num_epochs, "train.epoch_steps": train.epoch_steps, "train.rpo_alpha": train.rpo_alpha,
-    }
-    for key, value in non_negative.items():
+    for key, value in {"model.vocab_size": model.vocab_size, "model.n_kv_head": model.n_kv_head, "model.ffn_hidden": model.ffn_hidden}.items():
         if value < 0:
             raise UserInputError(f"{key} must not be negative, got {value}.")
     if model.n_embd % model.n_head and not model.head_size:
@@ -448,6 +438,35 @@ def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None
     if not 0.0 <= model.dropout < 1.0:
         raise UserInputError(f"model.dropout must be in [0, 1), got {model.dropout}.")
     validate_family_switches(model)
+
+
+def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None:
+    """Raise a `UserInputError` with one sentence if the configuration cannot work."""
+    model, train = config.model, config.train
+    validate_model(model)
+    positive = {
+        "train.batch_size": train.batch_size,
+        "train.gradient_accumulation_steps": train.gradient_accumulation_steps, "train.eval_steps": train.eval_steps,
+        "train.eval_batches": train.eval_batches, "train.save_steps": train.save_steps,
+        "train.keep_checkpoints": train.keep_checkpoints, "train.log_steps": train.log_steps,
+        "train.learning_rate": train.learning_rate, "train.dpo_beta": train.dpo_beta,
+    }
+    for key, value in positive.items():
+        if value < 1 if isinstance(value, int) else value <= 0:
+            raise UserInputError(f"{key} must be positive, got {value}.")
+    non_negative = {
+        "train.max_data_size": train.max_data_size, "train.shuffle_buffer": train.shuffle_buffer,
+        "train.tokenizer_samples": train.tokenizer_samples, "train.min_learning_rate": train.min_learning_rate,
+        "train.warmup_steps": train.warmup_steps, "train.weight_decay": train.weight_decay,
+        "train.grad_clip": train.grad_clip, "train.max_steps": train.max_steps, "train.max_time": train.max_time,
+        "train.early_stopping_patience": train.early_stopping_patience, "train.sample_tokens": train.sample_tokens,
+        "train.max_cpu": train.max_cpu, "train.max_memory": train.max_memory, "train.num_threads": train.num_threads,
+        "train.lora_rank": train.lora_rank, "train.lm_loss_weight": train.lm_loss_weight,
+        "train.num_epochs": train.num_epochs, "train.epoch_steps": train.epoch_steps, "train.rpo_alpha": train.rpo_alpha,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise UserInputError(f"{key} must not be negative, got {value}.")
     if not 0.0 <= train.val_fraction < 1.0:
         raise UserInputError(f"train.val_fraction must be in [0, 1), got {train.val_fraction}.")
     if train.min_learning_rate > train.learning_rate:

@@ -34,6 +34,7 @@ machine's memory (checked before anything is allocated).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,7 +42,7 @@ import psutil
 import torch
 from safetensors import SafetensorError, safe_open
 
-from minigpt.config import ModelConfig
+from minigpt.config import ModelConfig, validate_model
 from minigpt.errors import UserInputError
 from minigpt.model import GPT
 
@@ -95,12 +96,15 @@ def model_config(hf: dict, source: str) -> ModelConfig:
     if hf.get("mlp_bias") or (hf.get("attention_bias") and family.name != "qwen2"):
         raise _refuse(source, "has biases on its attention output or MLP layers, which MiniGPT's model does not have")
     theta, scaling, local_theta = _rope(hf, family, source)
+    tied = hf.get("tie_word_embeddings", family.tied_by_default)
+    if not isinstance(tied, bool):
+        raise UserInputError(f"{source} gives tie_word_embeddings = {tied!r}, where true or false is needed; the file is damaged.")
     config = ModelConfig(
         vocab_size=_size(hf, "vocab_size", source), block_size=_size(hf, "max_position_embeddings", source),
         n_layer=layers, n_head=heads, n_kv_head=_size(hf, "num_key_value_heads", source) if hf.get("num_key_value_heads") else heads,
         n_embd=width, ffn_hidden=_size(hf, "intermediate_size", source), rope_theta=theta,
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", family.tied_by_default)),
+        norm_eps=_number(hf, "rms_norm_eps", 1e-6, source),
+        tie_embeddings=tied,
         family=family.name,
         head_size=head_dim,
         attention_bias=family.name == "qwen2",  # Qwen2's q, k and v always have biases
@@ -110,7 +114,7 @@ def model_config(hf: dict, source: str) -> ModelConfig:
     if family.name == "gemma3":
         config.norm_unit_offset = config.sandwich_norms = config.scale_embeddings = True
         config.mlp_activation = "gelu_tanh"
-        config.query_pre_attn_scalar = float(hf.get("query_pre_attn_scalar", 256))
+        config.query_pre_attn_scalar = _number(hf, "query_pre_attn_scalar", 256, source)
         config.rope_local_theta = local_theta
         config.sliding_window, config.layer_types = _gemma_layers(hf, layers, source)
     else:
@@ -118,7 +122,11 @@ def model_config(hf: dict, source: str) -> ModelConfig:
     if heads % config.kv_heads or head_dim % 2:
         raise _refuse(source, f"has {heads} query heads, {config.kv_heads} key/value heads and head_dim {head_dim}, "
                               "which grouped-query attention with rotary embeddings cannot split")
-    _check_fits_in_memory(config, source)
+    try:
+        validate_model(config)  # what every model must satisfy (rope scaling settings as positive numbers, ...)
+    except UserInputError as error:
+        raise UserInputError(f"{source} describes a model MiniGPT cannot build: {error}") from None
+    check_fits_in_memory(config, source)
     return config
 
 
@@ -127,6 +135,8 @@ def _family(hf: dict, source: str) -> Family:
     if hf.get("auto_map"):
         raise _refuse(source, "ships its own modelling code (auto_map, trust_remote_code), which MiniGPT never runs")
     model_type = hf.get("model_type")
+    if not isinstance(model_type, str):
+        raise _refuse(source, f"gives model_type = {model_type!r}, not a name")
     if model_type == "gemma3" or "vision_config" in hf:
         raise _refuse(source, "is a vision-language model (Gemma3ForConditionalGeneration has a vision tower); "
                               "give the text model (model_type gemma3_text) instead")
@@ -136,6 +146,8 @@ def _family(hf: dict, source: str) -> Family:
     if family is None:
         raise _refuse(source, f"is a '{model_type}' model")
     architectures = hf.get("architectures") or [family.architecture]
+    if not isinstance(architectures, list):
+        raise _refuse(source, f"gives architectures = {architectures!r}, not a list of names")
     if architectures != [family.architecture]:
         raise _refuse(source, f"is a {', '.join(map(str, architectures))}, not a {family.architecture}")
     return family
@@ -151,22 +163,44 @@ def _size(hf: dict, key: str, source: str) -> int:
 def _rope(hf: dict, family: Family, source: str) -> tuple[float, dict, float]:
     """(rope_theta, rope_scaling of the global layers or {}, the local layers' theta or 0), from
     transformers 4's keys or transformers 5's `rope_parameters`."""
-    parameters = hf.get("rope_parameters") or {}
+    parameters = _table(hf, "rope_parameters", source)
     if family.name == "gemma3":
         if "full_attention" in parameters or "sliding_attention" in parameters:  # transformers 5: one entry per layer type
-            full, local = parameters.get("full_attention") or {}, parameters.get("sliding_attention") or {}
+            full = _table(parameters, "full_attention", source)
+            local = _table(parameters, "sliding_attention", source)
         else:  # transformers 4: rope_theta and rope_scaling for the global layers, rope_local_base_freq for the local ones
-            full = {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta", 1_000_000.0)}
+            full = {**_table(hf, "rope_scaling", source), "rope_theta": hf.get("rope_theta", 1_000_000.0)}
             local = {"rope_theta": hf.get("rope_local_base_freq", 10_000.0)}
         if _rope_type(local) != "default":
             raise _refuse(source, f"scales the rotary embeddings of its local layers ({_rope_type(local)})")
-        return float(full.get("rope_theta", 1_000_000.0)), _scaling(full, source), float(local.get("rope_theta", 10_000.0))
-    settings = parameters or {**(hf.get("rope_scaling") or {}), "rope_theta": hf.get("rope_theta", 10_000.0)}
-    return float(settings.get("rope_theta", 10_000.0)), _scaling(settings, source), 0.0
+        return _number(full, "rope_theta", 1_000_000.0, source), _scaling(full, source), _number(local, "rope_theta", 10_000.0, source)
+    settings = parameters or {**_table(hf, "rope_scaling", source), "rope_theta": hf.get("rope_theta", 10_000.0)}
+    return _number(settings, "rope_theta", 10_000.0, source), _scaling(settings, source), 0.0
+
+
+def _table(settings: dict, key: str, source: str) -> dict:
+    """settings[key], an object (or {} when absent or null), refused in one sentence when it is something else."""
+    value = settings.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UserInputError(f"{source} gives {key} = {value!r}, where an object of settings is needed; the file is damaged.")
+    return value
+
+
+def _number(settings: dict, key: str, default: float, source: str) -> float:
+    """settings[key] (`default` when absent or null) as a float, refused unless a positive finite number."""
+    value = settings.get(key)
+    if value is None:
+        return float(default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise UserInputError(f"{source} gives {key} = {value!r}, where a positive number is needed; the file is damaged.")
+    return float(value)
 
 
 def _rope_type(settings: dict) -> str:
-    return settings.get("rope_type") or settings.get("type") or "default"  # "type": the oldest configs' spelling
+    rope_type = settings.get("rope_type") or settings.get("type") or "default"  # "type": the oldest configs' spelling
+    return rope_type if isinstance(rope_type, str) else repr(rope_type)
 
 
 def _scaling(settings: dict, source: str) -> dict:
@@ -196,7 +230,7 @@ def _gemma_layers(hf: dict, layers: int, source: str) -> tuple[int, list[str]]:
         raise _refuse(source, "uses bidirectional attention (an embedding model), not a causal language model")
     pattern = _size(hf, "sliding_window_pattern", source) if "sliding_window_pattern" in hf else 6
     types = hf.get("layer_types") or _window_pattern(pattern, layers)
-    if len(types) != layers or set(types) - {"full_attention", "sliding_attention"}:
+    if not isinstance(types, list) or len(types) != layers or not set(map(str, types)) <= {"full_attention", "sliding_attention"}:
         raise UserInputError(f"{source} lists layer_types {types}, not full_attention/sliding_attention for each of its {layers} layers.")
     window = _size(hf, "sliding_window", source) if "sliding_attention" in types else 0
     return window, list(types)
@@ -208,7 +242,10 @@ def _window_pattern(pattern: int, layers: int) -> list[str]:
 
 
 def _refuse_sliding_window(hf: dict, family: Family, source: str) -> None:
-    if hf.get("use_sliding_window") or "sliding_attention" in (hf.get("layer_types") or []):
+    layer_types = hf.get("layer_types") or []
+    if not isinstance(layer_types, list):
+        raise UserInputError(f"{source} gives layer_types = {layer_types!r}, where a list is needed; the file is damaged.")
+    if hf.get("use_sliding_window") or "sliding_attention" in layer_types:
         raise _refuse(source, f"turns on sliding-window attention, which MiniGPT implements for Gemma 3 only, not for {family.architecture}")
 
 
@@ -219,7 +256,7 @@ def parameter_count(config: ModelConfig) -> int:
     return config.vocab_size * width * (1 if config.tie_embeddings else 2) + config.n_layer * per_layer
 
 
-def _check_fits_in_memory(config: ModelConfig, source: str, bytes_per_weight: int = 2) -> None:
+def check_fits_in_memory(config: ModelConfig, source: str, bytes_per_weight: int = 2) -> None:
     """Refuse a configuration whose weights could not fit in this machine's memory at
     `bytes_per_weight` (16 bits unless told), before anything is allocated (a damaged or hostile
     config.json could ask for terabytes)."""
@@ -390,7 +427,7 @@ def load_model(folder: str | Path, dtype: torch.dtype | None = torch.float32) ->
     """
     folder = Path(folder)
     config = read_config(folder)
-    _check_fits_in_memory(config, str(folder / "config.json"), torch.empty((), dtype=dtype or torch.bfloat16).element_size())
+    check_fits_in_memory(config, str(folder / "config.json"), torch.empty((), dtype=dtype or torch.bfloat16).element_size())
     table = tensor_table(config)
     files = weight_files(folder)
     with torch.device("meta"):

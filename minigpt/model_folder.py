@@ -53,10 +53,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
 
 from minigpt.checkpoint import SAFETENSORS_METADATA, latest_checkpoint, load_weights, write_model_files
-from minigpt.config import RunConfig, load_config
+from minigpt.config import RunConfig, load_config, validate_model
 from minigpt.errors import UserInputError
 from minigpt.export import PEFT_CONFIG, PEFT_WEIGHTS, lora_config_from_peft, lora_weights_from_peft
-from minigpt.families import load_model as load_hugging_face_model, weight_files
+from minigpt.families import check_fits_in_memory, load_model as load_hugging_face_model, weight_files
 from minigpt.files import file_sha256, verify_manifest, write_directory_atomically
 from minigpt.heads import GPTClassifier
 from minigpt.lora import LoRAConfig, apply_lora, load_lora_state_dict, lora_state_dict, merge_lora
@@ -224,6 +224,14 @@ def load(path: str | Path, device: str | torch.device = "cpu", merge_adapter: bo
         return LoadedModel(model.to(device), tokenizer, config, folder.kind, folder.path)
     verify_manifest(folder.path)  # final_model/ and checkpoints; folders written before manifests existed have none
     config = load_config(str(folder.files / "config.json"))
+    source = str(folder.files / "config.json")
+    try:
+        validate_model(config.model)  # a damaged or hostile config.json is refused before anything is allocated
+        if config.model.vocab_size < 1:
+            raise UserInputError("it records no model.vocab_size, so it is not a saved model's configuration.")
+    except UserInputError as error:
+        raise UserInputError(f"{source} describes a model MiniGPT cannot build: {error}") from None
+    check_fits_in_memory(config.model, source, bytes_per_weight=4)  # built in float32, then the weights are read
     model = (GPTClassifier(config) if folder.kind is FolderKind.CLASSIFIER else GPT(config.model)).to(device)
     load_weights(model, folder.path / WEIGHTS_FILE)
     return LoadedModel(model.eval(), load_tokenizer(folder.files / "tokenizer.json"), config, folder.kind, folder.path)

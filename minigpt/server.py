@@ -56,6 +56,7 @@ from minigpt.labelled_data import LabelledRecord
 from minigpt.model_folder import LoadedModel
 from minigpt.tokenizer import Tokenizer
 
+DISCONNECT_CHECK_SECONDS = 0.5  # how often a request waiting for a whole answer checks that its client is still there
 
 @dataclass
 class ServeSettings:
@@ -273,8 +274,15 @@ async def read_body(request: Request, limit: int) -> dict:
         body = json.loads(data)
     except (ValueError, UnicodeDecodeError) as error:
         raise APIError(400, f"The request body is not valid JSON ({error}).", code="invalid_json") from None
+    except RecursionError:  # [[[[...]]]] deeper than Python's recursion limit
+        raise APIError(400, "The request body's JSON is nested too deeply to read.", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    try:  # JSON may escape half of a UTF-16 pair ("\\ud800"), which is no character: no tokenizer can read it
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(400, "The request body holds a lone surrogate escape (such as \\ud800), which is no character; "
+                            "send valid Unicode text.", code="invalid_json") from None
     return body
 
 
@@ -531,17 +539,21 @@ def stream_response(batcher: Batcher, job: Job, queue: asyncio.Queue, reply: Rep
 
 
 async def gathered(request: Request, batcher: Batcher, job: Job, queue: asyncio.Queue) -> tuple[str, str]:
-    """The job's whole text and finish reason; every half second without a piece, check that the
-    client is still there (one that left cancels the job)."""
-    text = []
+    """The job's whole text and finish reason. Every half second, pieces coming or not, check
+    that the client is still there: one that left cancels the job, freeing its row."""
+    text, checked = [], time.monotonic()
     try:
         while True:
             try:
-                piece: Piece = await asyncio.wait_for(queue.get(), timeout=0.5)
+                piece: Piece | None = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_CHECK_SECONDS)
             except asyncio.TimeoutError:
+                piece = None
+            if time.monotonic() - checked >= DISCONNECT_CHECK_SECONDS:
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     batcher.cancel(job)
-                    raise APIError(499, "The client closed the connection.", code="client_closed") from None
+                    raise APIError(499, "The client closed the connection.", code="client_closed")
+            if piece is None:
                 continue
             if piece.error is not None:
                 raise APIError(500, piece.error, kind="server_error")

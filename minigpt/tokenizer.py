@@ -474,8 +474,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise UserInputError(f"Tokenizer file {path} could not be read ({reason}); train it again.") from None
     minigpt_made = [backend.token_to_id(token) for token in SPECIAL_TOKENS] == [0, 1, 2, 3]
     if not minigpt_made and (path.parent / TOKENIZER_CONFIG).is_file():
-        files = {name: (path.parent / name).read_text(encoding="utf-8")
-                 for name in (TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE, GENERATION_CONFIG) if (path.parent / name).is_file()}
+        try:
+            files = {name: (path.parent / name).read_text(encoding="utf-8")
+                     for name in (TOKENIZER_CONFIG, CHAT_TEMPLATE_FILE, GENERATION_CONFIG) if (path.parent / name).is_file()}
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserInputError(f"The tokenizer files beside {path} cannot be read as UTF-8 text ({error}); restore them.") from None
         return PretrainedTokenizer(backend, files, str(path.parent))
     model_type = json.loads(backend.to_str())["model"]["type"]
     kinds = {"BPE": BPETokenizer, "WordLevel": CharTokenizer}
