@@ -28,14 +28,16 @@ MiniGPT's ids differ from apply_chat_template's exactly on such text.
 
 Templates are code from the internet: they run in Jinja2's `ImmutableSandboxedEnvironment`, never
 a plain `Environment`, so a template cannot reach Python's internals (`__class__`, `__globals__`,
-...), call unsafe methods, or change the conversation it is given; `*` and `**` are bounded, so
-`{{ 'a' * 10**10 }}` is refused instead of taking the machine's memory. (A sandbox bounds no
-loop's time: a template of nested loops can still run long; Jinja caps each `range` at 100000.)
+...), call unsafe methods, or change the conversation it is given; `*` and `**` are bounded, and so
+are the widths a template pads or formats to, so `{{ 'a' * 10**10 }}` or `{{ 'a'|center(10**10) }}`
+is refused instead of taking the machine's memory. (A sandbox bounds no loop's time: a template of
+nested loops can still run long; Jinja caps each `range` at 100000.)
 """
 
 from __future__ import annotations
 
 import json
+import re
 from abc import ABC, abstractmethod
 from datetime import datetime
 from typing import Callable, Sequence
@@ -157,14 +159,42 @@ def _tojson(value: object, ensure_ascii: bool = False, indent: int | None = None
 
 MAX_REPEATED_LENGTH = 1_000_000  # the longest text or list a template may make with `*` (a prompt is far shorter)
 MAX_EXPONENT = 1_000  # the largest power `**` may raise a number to
+# A width of seven digits or more in a %-format or str.format spec ('%10000000000s', '{:>10000000000}')
+LARGE_FORMAT_WIDTH = re.compile(r"\d{%d,}" % len(str(MAX_REPEATED_LENGTH)))
+
+
+def _check_count(value: object) -> None:
+    """Refuse a width or count that would pad a result past MAX_REPEATED_LENGTH."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > MAX_REPEATED_LENGTH:
+        raise SecurityError(f"a width or count of {value} is past {MAX_REPEATED_LENGTH}")
+
+
+def _check_format(text: object) -> None:
+    """Refuse a format text (a template formats with its own texts) with a width past
+    MAX_REPEATED_LENGTH."""
+    if isinstance(text, str) and LARGE_FORMAT_WIDTH.search(text):
+        raise SecurityError(f"a format with a width past {MAX_REPEATED_LENGTH} characters")
+
+
+def _bounded_filter(filter_function: Callable, checks_format: bool = False) -> Callable:
+    """A padding filter (center, indent) with its widths checked first, or the format filter with
+    its format text checked too."""
+    def bounded(value: object, *args: object, **kwargs: object) -> object:
+        if checks_format:
+            _check_format(value)
+        for argument in (*args, *kwargs.values()):
+            _check_count(argument)
+        return filter_function(value, *args, **kwargs)
+    return bounded
 
 
 class _ChatTemplateSandbox(ImmutableSandboxedEnvironment):
     """Jinja's immutable sandbox, which keeps a template from Python's internals (and says so, where
-    Jinja's prints nothing), with `*` and `**` bounded too: `{{ 'a' * 10**10 }}` would otherwise ask
-    for 10 GB before anything could stop it."""
+    Jinja's prints nothing), with `*`, `**` and the widths of padding and formatting bounded too:
+    `{{ 'a' * 10**10 }}` or `{{ 'a'|center(10**10) }}` would otherwise ask for 10 GB before anything
+    could stop it."""
 
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "%"})
 
     def unsafe_undefined(self, obj: object, attribute: str) -> jinja2.Undefined:
         # Jinja's sandbox answers `''.__class__` with an empty Undefined, which prints as nothing:
@@ -176,9 +206,23 @@ class _ChatTemplateSandbox(ImmutableSandboxedEnvironment):
             sequence, count = (left, right) if isinstance(left, (str, list, tuple)) else (right, left)
             if isinstance(sequence, (str, list, tuple)) and isinstance(count, int) and len(sequence) * count > MAX_REPEATED_LENGTH:
                 raise SecurityError(f"repeating a text or list {count} times makes more than {MAX_REPEATED_LENGTH} items")
-        elif isinstance(right, (int, float)) and abs(right) > MAX_EXPONENT:
+        elif operator == "**" and isinstance(right, (int, float)) and abs(right) > MAX_EXPONENT:
             raise SecurityError(f"a power of {right} is past {MAX_EXPONENT}")
+        elif operator == "%":
+            _check_format(left)
         return super().call_binop(context, operator, left, right)
+
+    def wrap_str_format(self, value: object) -> Callable[..., str] | None:
+        # '{:>10000000000}'.format(x): Jinja wraps a text's format method when the template reads it
+        if isinstance(getattr(value, "__self__", None), str) and getattr(value, "__name__", "") in ("format", "format_map"):
+            _check_format(value.__self__)
+        return super().wrap_str_format(value)
+
+    def call(__self, __context: jinja2.runtime.Context, __obj: object, *args: object, **kwargs: object) -> object:
+        # Every call a template makes with a width or count: 'a'.ljust(10**10), 'a'.zfill(...)
+        for argument in (*args, *kwargs.values()):
+            _check_count(argument)
+        return super().call(__context, __obj, *args, **kwargs)
 
 
 def compile_template(source: str) -> jinja2.Template:
@@ -188,6 +232,8 @@ def compile_template(source: str) -> jinja2.Template:
     environment = _ChatTemplateSandbox(trim_blocks=True, lstrip_blocks=True,
                                                 extensions=[_GenerationTag, jinja2.ext.loopcontrols])
     environment.filters["tojson"] = _tojson
+    for name in ("center", "indent", "format"):
+        environment.filters[name] = _bounded_filter(environment.filters[name], checks_format=name == "format")
     environment.globals["raise_exception"] = _raise_exception
     environment.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
     try:

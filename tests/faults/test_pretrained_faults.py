@@ -132,6 +132,12 @@ def test_a_hostile_minigpt_config_is_refused_before_anything_is_allocated(folder
     ("{{ messages.append({'role': 'user', 'content': 'x'}) }}", "'append' of 'list' object is unsafe"),
     ("{{ ('a' * 5 * 10**8) | length }}", "more than 1000000 items"),  # 500 MB before a limit
     ("{{ (2 ** 100000000) % 7 }}", "a power of 100000000"),
+    ("{{ ('a' | center(10**10)) | length }}", "a width or count of 10000000000"),
+    ("{{ ('a\\nb' | indent(10**9)) | length }}", "a width or count of 1000000000"),
+    ("{{ ('a'.ljust(10**10)) | length }}", "a width or count of 10000000000"),
+    ("{{ ('%10000000000s' % 'a') | length }}", "a format with a width past 1000000"),
+    ("{{ ('%10000000000s' | format('a')) | length }}", "a format with a width past 1000000"),
+    ("{{ ('{:>10000000000}'.format('a')) | length }}", "a format with a width past 1000000"),
 ])
 def test_a_chat_template_reaching_for_python_internals_is_stopped_by_the_sandbox(tokenizer_folders, tmp_path, template, words):
     folder = shutil.copytree(tokenizer_folders["qwen2"], tmp_path / "qwen2")
