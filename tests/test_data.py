@@ -127,18 +127,22 @@ def test_worker_shards_partition_the_documents(tmp_path, tokenizer, monkeypatch)
     assert all(33 <= len(shard) <= 34 for shard in seen)  # and even
 
 
-@pytest.mark.parametrize("one_document_per_row", [False, True])
-def test_each_process_takes_its_batch_of_every_round_of_one_process_batches(tmp_path, tokenizer, one_document_per_row):
+@pytest.mark.parametrize("layout", [{"block_size": 24}, {"block_size": 24, "one_document_per_row": True},
+                                    {"block_size": 600, "pack_documents": True}],  # rows of 2 to 4 documents
+                         ids=["running", "one per row", "packed"])
+def test_each_process_takes_its_batch_of_every_round_of_one_process_batches(tmp_path, tokenizer, layout):
     """Under torchrun, process r of n keeps batches r, r + n, r + 2n, ... of what one process reads
-    (packed and shuffled, or one document per row): n processes with one micro-batch each train on
-    the rows one process trains on in n micro-batches."""
+    (documents run on into each other and shuffled, one document per row, or whole documents
+    packed with their positions): n processes with one micro-batch each train on the rows one
+    process trains on in n micro-batches."""
     path = write_jsonl(tmp_path / "a.jsonl", 40)
-    options = dict(block_size=24, batch_size=2, shuffle_buffer=8, seed=3, one_document_per_row=one_document_per_row)
+    options = dict(batch_size=2, shuffle_buffer=8, seed=3, **layout)
     single = batches(TokenBlockStream([path], tokenizer, **options), 12)
     for rank in range(3):
         own = batches(TokenBlockStream([path], tokenizer, rank=rank, world_size=3, **options), 4)
         for expected, actual in zip(single[rank::3], own):
-            assert torch.equal(expected[0], actual[0]) and torch.equal(expected[1], actual[1])
+            assert len(expected) == len(actual) == (3 if layout.get("pack_documents") else 2)
+            assert all(torch.equal(mine, theirs) for mine, theirs in zip(expected, actual))
 
 
 def test_dataloader_workers_split_the_stream(tmp_path, tokenizer):
