@@ -212,7 +212,9 @@ class TokenBlockStream(IterableDataset):
 
     def __next__(self) -> tuple[torch.Tensor, ...]:
         """This process's next batch: (inputs, targets), and with pack_documents each input
-        token's position in its document (the model restarts positions and attention there). Under torchrun every process reads the same rows in the same
+        token's position in its document (the model restarts positions and attention there).
+
+        Under torchrun every process reads the same rows in the same
         order (the same documents, packing and shuffle) and keeps one batch of every world_size,
         the rank-th: together the processes' batches of a round are the rows one process reads in
         world_size micro-batches, so N processes train on exactly what one process with N times

@@ -425,17 +425,18 @@ class GPT(nn.Module):
         in its own sequence, 0 where one starts. Attention then stays inside each sequence and
         the rotary angles restart with it, so every sequence is computed as if it had a row of its own."""
         time = idx.size(1)
-        masks: dict[str, torch.Tensor | None] = {kind: None for kind in self.layer_types}
-        if cache is None and time > self.config.block_size:
-            raise ValueError(f"Sequence of {time} tokens is longer than block_size {self.config.block_size}.")
-        if cache is not None:  # decoding: each row continues from its own position in the cache
+        masks: dict[str, torch.Tensor | None] = dict.fromkeys(self.layer_types)  # None: causal (or the cache's masks)
+        if cache is None:  # training, or a whole sequence at once: positions 0..time-1, the same for every row
+            if time > self.config.block_size:
+                raise ValueError(f"Sequence of {time} tokens is longer than block_size {self.config.block_size}.")
+            if positions is None:
+                positions = torch.arange(time, device=idx.device)  # cos, sin: (time, head_dim)
+            else:  # packed rows: a position per token, and one mask per kind of layer
+                masks = {kind: packed_attention_mask(positions, self.config.sliding_window if kind == "sliding_attention" else 0)
+                         for kind in masks}
+                positions = positions.unsqueeze(1)  # (batch, 1, time): cos, sin (batch, 1, time, head_dim)
+        else:  # decoding: each row continues from its own position in the cache
             positions = cache.begin(time).unsqueeze(1)  # (batch, 1, time): cos, sin (batch, 1, time, head_dim)
-        elif positions is not None:  # packed rows: a position per token, and a mask per kind of layer
-            masks = {kind: packed_attention_mask(positions, self.config.sliding_window if kind == "sliding_attention" else 0)
-                     for kind in masks}
-            positions = positions.unsqueeze(1)  # (batch, 1, time): cos, sin (batch, 1, time, head_dim)
-        else:  # training, or a whole sequence at once: positions 0..time-1, the same for every row
-            positions = torch.arange(time, device=idx.device)  # cos, sin: (time, head_dim)
         x = self.token_embedding(idx)
         # In the weights' dtype, as transformers does: a bfloat16 model rotates in bfloat16 (float32 ones are unchanged).
         rotations = {kind: tuple(table.to(x.dtype) for table in self.rotary(positions, kind)) for kind in set(self.layer_types)}
