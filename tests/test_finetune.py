@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from conftest import chat_file, run_script
 from minigpt.config import apply_overrides, preset_config
-from minigpt.data import TokenBlockStream
+from minigpt.data import ParallelBatches, TokenBlockStream
 from minigpt.errors import UserInputError
 from minigpt.generation import SamplingConfig, generate
 from minigpt.metrics import read_metrics
@@ -177,6 +177,8 @@ def test_resuming_with_the_other_packing_is_refused(tmp_path, tokenizer_file):
     older = {key: value for key, value in own_rows.state_dict().items() if key != "pack_documents"}  # saved before packing existed
     with pytest.raises(UserInputError, match="resume with --packing off"):
         stream(True).load_state_dict(older)
+    with pytest.raises(UserInputError, match="resume with --packing on"):  # read by data-loader workers: the same refusal
+        ParallelBatches(stream(False), 2).load_state_dict(ParallelBatches(stream(True), 2).state_dict())
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
