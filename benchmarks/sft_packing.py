@@ -1,8 +1,10 @@
 """Packed chat fine-tuning against one conversation per row, on the built-in chat set.
 
-    python benchmarks/sft_packing.py [--segment-seconds 20] [--rounds 4] [--block-size 512] [--batch-size 8] [--dtype float32]
+    python benchmarks/sft_packing.py [--segment-seconds 15] [--rounds 8] [--block-size 512] [--batch-size 8]
+                                     [--layers 2] [--width 128] [--dtype float32]
 
-Two copies of the same small model (the same random start, the same seed) train on the built-in
+Two copies of the same small model (the same random start, the same seed; 2 layers of width 128
+by default, so that a few minutes hold enough steps on a shared CPU) train on the built-in
 chat set (`minigpt.sft_corpus`, assistant tokens only as targets) through the trainer's own
 optimizer step, one on packed rows (several whole conversations per row, attention and positions
 kept inside each: `--packing on`, the default) and one on one conversation per row (`--packing
@@ -87,10 +89,12 @@ class Contender:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--segment-seconds", type=float, default=20.0, help="training seconds of each layout per round")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--segment-seconds", type=float, default=15.0, help="training seconds of each layout per round")
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=512, help="the row length (the medium preset's, the sft default)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per step")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--width", type=int, default=128, help="n_embd (4 heads, 2 key/value heads)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = the physical cores)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: under autocast, weights float32")
     arguments = parser.parse_args()
@@ -101,7 +105,8 @@ def main() -> None:
     conversations = builtin_sft_conversations()
     texts = (turn["content"] for record in conversations for turn in record["conversations"])
     tokenizer = train_bpe_tokenizer(texts, vocab_size=2048, show_progress=False)
-    model = ModelConfig(vocab_size=tokenizer.vocab_size, block_size=arguments.block_size, n_layer=4, n_head=4, n_kv_head=2, n_embd=256)
+    model = ModelConfig(vocab_size=tokenizer.vocab_size, block_size=arguments.block_size, n_layer=arguments.layers, n_head=4,
+                        n_kv_head=2, n_embd=arguments.width)
     config = RunConfig(model=model, train=TrainConfig(batch_size=arguments.batch_size, learning_rate=1e-3, warmup_steps=20,
                                                       max_steps=10_000, disable_monitoring=True, stage="sft"))
     contenders = [Contender(name, config, tokenizer, device, dtype) for name in LAYOUTS]

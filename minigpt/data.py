@@ -174,9 +174,9 @@ class TokenBlockStream(IterableDataset):
             "buffer_tokens": [torch.from_numpy(block[0].copy()) for block in self.buffer],
             "buffer_mask": [torch.from_numpy(block[1].copy()) for block in self.buffer],
             "rng": self.rng.getstate(),
-            "pack_documents": self.pack_documents,
         }
-        if self.pack_documents:
+        if self.pack_documents:  # the layout is recorded (a position without it is one of unpacked rows), and the positions
+            state["pack_documents"] = True
             state["pending_positions"] = torch.from_numpy(self.pending_positions.copy())
             state["buffer_positions"] = [torch.from_numpy(block[2].copy()) for block in self.buffer]
         return state
@@ -537,7 +537,10 @@ class ParallelBatches:
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"consumed_batches": self.consumed, "workers": self.workers, "pack_documents": self.stream.pack_documents}
+        state = {"consumed_batches": self.consumed, "workers": self.workers}
+        if self.stream.pack_documents:  # the layout of the rows replayed (check_packing_unchanged)
+            state["pack_documents"] = True
+        return state
 
     def sequences_per_pass(self) -> int:
         return self.stream.sequences_per_pass()
