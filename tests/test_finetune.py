@@ -122,7 +122,8 @@ def test_packed_rows_hold_several_whole_conversations_each_numbered_from_zero(tm
 def test_packed_rows_give_each_conversation_the_loss_and_gradient_of_a_row_of_its_own(tmp_path, tokenizer_file, family):
     """The same conversations, one per row and packed: the same loss per conversation and the same
     gradient of their sum. The Gemma 3-like model has sliding-window layers (a window shorter
-    than a conversation) with a rotary base of their own, so both masks and both rotary paths are checked."""
+    than a conversation) with a rotary base of their own, so both masks and both rotary paths are checked,
+    and its packed pass runs with gradient checkpointing."""
     tokenizer = load_tokenizer(tokenizer_file)
     data = varied_chat_file(tmp_path / "chat.jsonl")
 
@@ -148,6 +149,9 @@ def test_packed_rows_give_each_conversation_the_loss_and_gradient_of_a_row_of_it
     own.sum().backward()
     own_gradients = {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
     model.zero_grad()
+    # The Gemma 3-like packed pass recomputes its blocks in the backward pass (--gradient-checkpointing):
+    # that path must hand each block its mask too.
+    model.gradient_checkpointing = family == "gemma3-like"
     _, packed_losses = model(inputs, targets, loss_reduction="none", positions=positions)
     starts = (positions == 0) & (inputs != tokenizer.pad_id)  # the padding after a row's conversations carries no loss
     conversation_ids = (starts.flatten().cumsum(0) - 1).view_as(positions)  # in reading order, as the rows above
