@@ -8,16 +8,17 @@ by default, so that a few minutes hold enough steps on a shared CPU) train on th
 chat set (`minigpt.sft_corpus`, assistant tokens only as targets) through the trainer's own
 optimizer step, one on packed rows (several whole conversations per row, attention and positions
 kept inside each: `--packing on`, the default) and one on one conversation per row (`--packing
-off`). They take turns, --segment-seconds of training each per round, so both see the same
-machine load and the same training time. After each segment the model is evaluated on the same
-held-out conversations (one per row; the loss per conversation is the same either way).
+off`). They take turns, --segment-seconds of training each per round (a segment ends with the
+step that passes them), so both see the same machine load and about the same training time.
+After each segment the model is evaluated on the same held-out conversations (one per row; the
+loss per conversation is the same either way).
 
-Printed: how the rows are laid out (conversations per row, the share of each row that is
-conversation and of the computed columns that carry a loss), then per round and layout the
-training seconds so far, the assistant (loss-carrying) tokens per second of the segment, the
-mean training loss of its steps and the validation loss; last the ratio of assistant tokens per
-second, packed over one per row, and the validation loss of both at equal training time, with
-the CPU and the load average.
+Printed: the CPU and the load average, then per round and layout the training seconds so far,
+the assistant (loss-carrying) tokens per second of the segment, the mean training loss of its
+steps and the validation loss: the loss curve against time. Last, how the rows were laid out
+(conversations per row, the share of each row that is conversation and of the computed columns
+that carry a loss), the ratio of assistant tokens per second, packed over one per row, and each
+layout's last validation loss with its training seconds.
 """
 
 from __future__ import annotations
