@@ -801,8 +801,8 @@ class Trainer:
         rows = ""
         if report.rows:  # whole conversations in rows: how many share a row, and how much of a row they fill
             fill = report.row_tokens / (report.rows * (self.model.config.block_size + 1))
-            rows = (f"; {report.row_documents:,} conversations laid out in {report.rows:,} rows, "
-                    f"{report.row_documents / report.rows:.2f} per row, filling {fill:.0%} of their tokens")
+            rows = (f"; {report.row_documents:,} conversations laid out in {report.rows:,} rows "
+                    f"({report.row_documents / report.rows:.2f} per row, {fill:.0%} of the rows' tokens)")
         log.info("Data: %s documents read, %s bad lines skipped%s%s", f"{report.documents:,}", f"{report.bad_lines:,}",
                  f", {report.truncated:,} cut to fit one row, {report.dropped:,} dropped (nothing to learn left after the cut), "
                  f"{report.no_assistant:,} left out (no assistant turn)" if whole_documents else "", rows)

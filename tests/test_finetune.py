@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import shutil
 
 import pytest
@@ -288,6 +289,8 @@ def test_sft_from_the_command_line_then_chat(tmp_path, pretrained):
     final = tmp_path / "runs" / "chat" / "final_model"
     assert (final / LORA_ADAPTER_WEIGHTS).is_file() and not (final / "model.safetensors").exists()
     assert json.loads((final / "config.json").read_text())["train"]["stage"] == "sft"
+    assert json.loads((final / "config.json").read_text())["train"]["packing"] == "on"  # recorded: a resume keeps it
+    assert re.search(r"conversations laid out in [\d,]+ rows \([\d.]+ per row", result.stdout + result.stderr)  # the data report
     reply = run_script("chat.py", str(final), "--prompt", "What does len do?", "--max-new-tokens", "8", "--seed", "0", cwd=tmp_path)
     assert reply.returncode == 0, reply.stderr
     assert "never chat-tuned" not in reply.stderr
