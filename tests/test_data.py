@@ -81,6 +81,25 @@ def test_resume_from_state_gives_identical_batches(tmp_path, tokenizer, shuffle_
     assert first.epoch.passes == 0 and resumed.epoch.passes >= 1  # the resume crossed an epoch boundary
 
 
+def test_a_packed_stream_resumes_exactly(tmp_path, tokenizer):
+    """Whole documents packed in rows: the documents waiting for a row, their positions and the
+    shuffle buffer's rows are all in the saved position."""
+    path = write_jsonl(tmp_path / "a.jsonl", 40)
+
+    def make():
+        return TokenBlockStream([path], tokenizer, block_size=400, batch_size=3, split="train", val_fraction=0.2,
+                                shuffle_buffer=8, seed=5, tokenize_batch_size=4, pack_documents=True)
+
+    uninterrupted = batches(make(), 40)  # several epochs
+    first = make()
+    head = batches(first, 13)
+    resumed = make()
+    resumed.load_state_dict(torch.load(save(first.state_dict(), tmp_path), weights_only=True))
+    for expected, actual in zip(uninterrupted, head + batches(resumed, 27)):
+        assert len(expected) == len(actual) == 3 and all(torch.equal(mine, theirs) for mine, theirs in zip(expected, actual))
+    assert len(first.pending_positions) and (first.pending_positions == 0).sum() >= 1  # it stopped with documents waiting
+
+
 def test_a_position_saved_before_the_epoch_record_still_resumes(tmp_path, tokenizer):
     """Checkpoints from before EpochState held the pass number alone and accepted_documents beside it."""
 
