@@ -101,6 +101,9 @@ class TrainConfig:
     text_field: str = "text"
     shuffle_buffer: int = 1000  # blocks held for shuffling; 0 = read in order
     token_cache: bool = False  # tokenize the sources once into <output_dir>/token_cache/ and train from it
+    # sft: "on" lays several whole conversations in a row, each seeing only itself (minigpt.data);
+    # "off", one conversation per row. Kept by --resume: a checkpoint's data position belongs to one layout.
+    packing: str = "on"
     # tokenizer
     tokenizer_path: str = ""  # an existing tokenizer.json to use; empty = train one (or reuse the cached one)
     tokenizer_type: str = "bpe"
@@ -259,6 +262,7 @@ CHOICES = {
     "train.class_weights": ("none", "balanced"),
     "train.pooling": ("last", "mean", "max"),
     "train.eval_strategy": ("steps", "epoch"),
+    "train.packing": ("on", "off"),
     "train.save_strategy": ("steps", "epoch"),
 }
 

@@ -4,16 +4,23 @@
       -> documents, read lazily                     (memory does not grow with the file)
       -> tokenized in batches, <|endoftext|> after each document
       -> packed into blocks of block_size + 1 tokens (no padding: documents run on into each other)
-         or, for chat fine-tuning, one conversation per row, cut at the end or padded
+         or, for chat fine-tuning, whole conversations: as many as fit in a row (packed, the
+         default), or one per row; either way cut at the end if longer than a row, then padded
       -> a shuffle buffer of blocks                  (so neighbouring blocks are not always batched together)
-      -> (x, y) batches: y is x shifted left by one  (each position predicts the next token)
+      -> (x, y) batches: y is x shifted left by one  (each position predicts the next token);
+         packed conversations add each token's position in its conversation: (x, y, positions)
 
-Why one conversation per row for chat fine-tuning: packed, a row would hold the end of one
-conversation and the start of the next, and attention would let an answer look at another
-conversation, or a block would start with an answer whose question is in the block before.
-With a row per conversation (padding is never a target) neither can happen. The price is the
-padding's compute, kept small by cutting each batch after its longest conversation (attention
-is causal, so the padding after a row's last target never changes its loss).
+Why chat fine-tuning keeps conversations whole: run on into each other as in pretraining, a row
+would hold the end of one conversation and the start of the next, and attention would let an
+answer look at another conversation, or a block would start with an answer whose question is in
+the block before. So a conversation never straddles two rows, and several in one row are kept
+apart by the model: each token's position restarts at 0 where its conversation starts, and
+attention lets a token see only the earlier tokens of its own conversation
+(`minigpt.model.packed_attention_mask`), so each conversation's loss is the one it would have
+on a row of its own. One per row (--packing off) needs no mask but pays for the padding: on
+the built-in chat set a row is about a quarter conversation. Padding is never a target, and
+each batch is cut after its last target (attention is causal, so what follows a row's last
+target never changes its loss).
 
 A document longer than a tokenizing batch (TOKENIZE_BATCH_CHARACTERS: a whole book on one JSONL
 line, say) is tokenized a run of about a million characters at a time, as blocks are needed
@@ -108,6 +115,12 @@ def rounded_width(columns: int, limit: int) -> int:
     return min(limit, -(-columns // ROW_WIDTH_STEP) * ROW_WIDTH_STEP)
 
 
+def padded_row(tokens: np.ndarray, mask: np.ndarray, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """tokens and target mask padded to `length` with pad_id, never a target."""
+    padding = length - len(tokens)
+    return (np.concatenate([tokens, np.full(padding, pad_id, dtype=np.int64)]), np.concatenate([mask, np.zeros(padding, dtype=bool)]))
+
+
 def trimmed_width(target_mask: torch.Tensor, block_size: int) -> int:
     """How many columns of a padded batch matter: up to its last target, rounded up to
     ROW_WIDTH_STEP (never past the block). Later columns are padding or text after the last answer,
@@ -147,11 +160,14 @@ class TokenBlockStream(IterableDataset):
         tokenize_batch_size: int = 64,
         assistant_only_loss: bool = False,
         one_document_per_row: bool = False,
+        pack_documents: bool = False,
         report: DataReport | None = None,
     ):
         super().__init__()
         if split not in ("train", "val", "all"):
             raise ValueError(f"split must be train, val or all, got {split!r}")
+        if one_document_per_row and pack_documents:
+            raise ValueError("one_document_per_row and pack_documents are two ways of laying out whole documents: choose one")
         self.sources, self.tokenizer = list(sources), tokenizer
         self.block_size, self.batch_size = block_size, batch_size
         self.split, self.val_fraction = split, val_fraction
@@ -160,7 +176,8 @@ class TokenBlockStream(IterableDataset):
         self.shard, self.num_shards = 0, 1  # the documents' shards: one per DataLoader worker, set in __iter__
         self.text_field, self.max_documents = text_field, max_documents
         self.tokenize_batch_size, self.assistant_only_loss = tokenize_batch_size, assistant_only_loss
-        self.one_document_per_row = one_document_per_row
+        # Whole documents (chat fine-tuning): one per row, or as many as fit (each with positions of its own).
+        self.one_document_per_row, self.pack_documents = one_document_per_row, pack_documents
         self.report = report if report is not None else DataReport()
         self.passes = 0  # of a finite stream: bad lines are reported on the first pass only
         self._reset()
@@ -173,29 +190,36 @@ class TokenBlockStream(IterableDataset):
         self.shard_documents = 0  # of those, documents of this shard
         self.pending_tokens = np.zeros(0, dtype=np.int64)  # tokenized, not yet packed into a block
         self.pending_mask = np.zeros(0, dtype=bool)  # True where the token is a training target
+        self.pending_positions = np.zeros(0, dtype=np.int64)  # pack_documents: each token's position in its document
         self.long_document: LongDocument | None = None  # a document too long to tokenize at once, begun
         self.reader_position_before_last = self.reader.position()  # of the last document _read_documents kept
-        self.buffer: list[tuple[np.ndarray, np.ndarray]] = []  # the shuffle buffer of blocks
+        self.buffer: list[tuple[np.ndarray, ...]] = []  # the shuffle buffer of blocks: (tokens, mask[, positions])
         self.rng = random.Random(self.seed)
         self.blocks_this_pass = 0  # a finite stream that ends with none is empty: an error, not zero batches
         self.learnable_documents = 0  # this pass's documents with a target (assistant-only: an assistant turn)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly here, as tensors and plain values."""
-        return {
+        state = {
             "reader": self.reader.position(), "epoch": self.epoch.as_dict(), "shard_documents": self.shard_documents,
             "pending_tokens": torch.from_numpy(self.pending_tokens.copy()),
             "pending_mask": torch.from_numpy(self.pending_mask.copy()),
             "long_document": None if self.long_document is None else {
                 "reader": self.long_document.reader_position, "characters": self.long_document.characters},
-            "buffer_tokens": [torch.from_numpy(tokens.copy()) for tokens, _ in self.buffer],
-            "buffer_mask": [torch.from_numpy(mask.copy()) for _, mask in self.buffer],
+            "buffer_tokens": [torch.from_numpy(block[0].copy()) for block in self.buffer],
+            "buffer_mask": [torch.from_numpy(block[1].copy()) for block in self.buffer],
             "rng": self.rng.getstate(),
         }
+        if self.pack_documents:  # the layout is recorded (a position without it is one of unpacked rows), and the positions
+            state["pack_documents"] = True
+            state["pending_positions"] = torch.from_numpy(self.pending_positions.copy())
+            state["buffer_positions"] = [torch.from_numpy(block[2].copy()) for block in self.buffer]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if "consumed_batches" in state:  # saved by ParallelBatches: read by worker processes, in another order
             raise worker_count_changed(state.get("workers"), 0)
+        check_packing_unchanged(state, self.pack_documents)
         self.reader.seek(state["reader"])
         self.epoch = EpochState.from_saved(state["epoch"], state.get("accepted_documents", 0))
         self.reader.warn = self.epoch.passes == 0
@@ -206,7 +230,11 @@ class TokenBlockStream(IterableDataset):
         if long := state.get("long_document"):  # read it again from its start: the reader ends where it was saved
             self.reader.seek(long["reader"])
             self.long_document = LongDocument(self.reader.next_document(), long["reader"], long["characters"])
-        self.buffer = [(tokens.numpy().copy(), mask.numpy().copy()) for tokens, mask in zip(state["buffer_tokens"], state["buffer_mask"])]
+        columns = [state["buffer_tokens"], state["buffer_mask"]]
+        if self.pack_documents:
+            self.pending_positions = state["pending_positions"].numpy().copy()
+            columns.append(state["buffer_positions"])
+        self.buffer = [tuple(tensor.numpy().copy() for tensor in block) for block in zip(*columns)]
         self.rng.setstate(state["rng"])
 
     # -- iteration -----------------------------------------------------------------------------
@@ -221,8 +249,11 @@ class TokenBlockStream(IterableDataset):
             self.passes += 1
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This process's next batch. Under torchrun every process reads the same rows in the same
+    def __next__(self) -> tuple[torch.Tensor, ...]:
+        """This process's next batch: (inputs, targets), and with pack_documents each input
+        token's position in its document (the model restarts positions and attention there).
+
+        Under torchrun every process reads the same rows in the same
         order (the same documents, packing and shuffle) and keeps one batch of every world_size,
         the rank-th: together the processes' batches of a round are the rows one process reads in
         world_size micro-batches, so N processes train on exactly what one process with N times
@@ -241,7 +272,7 @@ class TokenBlockStream(IterableDataset):
             if self._next_block() is None:
                 return
 
-    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _next_batch(self) -> tuple[torch.Tensor, ...]:
         blocks = []
         while len(blocks) < self.batch_size:
             block = self._next_block()
@@ -253,14 +284,12 @@ class TokenBlockStream(IterableDataset):
                 raise self._empty_error()
             raise StopIteration
         self.blocks_this_pass += len(blocks)
-        tokens = torch.from_numpy(np.stack([tokens for tokens, _ in blocks]))
-        mask = torch.from_numpy(np.stack([mask for _, mask in blocks]))
-        inputs = tokens[:, :-1]
-        targets = tokens[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX)
-        if self.one_document_per_row:
+        tokens, mask, *positions = (torch.from_numpy(np.stack(column)) for column in zip(*blocks))
+        batch = (tokens[:, :-1], tokens[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX), *(column[:, :-1] for column in positions))
+        if self.one_document_per_row or self.pack_documents:
             width = trimmed_width(mask[:, 1:], self.block_size)
-            inputs, targets = inputs[:, :width].contiguous(), targets[:, :width].contiguous()  # .view() needs them whole
-        return inputs, targets
+            batch = tuple(tensor[:, :width].contiguous() for tensor in batch)  # .view() needs them whole
+        return batch
 
     def check_not_empty(self) -> None:
         """Read (on a fresh copy, leaving this stream untouched) until one block exists; raise
@@ -291,7 +320,7 @@ class TokenBlockStream(IterableDataset):
             self.sources, self.tokenizer, self.block_size, 1, split=self.split, val_fraction=self.val_fraction,
             loop=False, text_field=self.text_field, max_documents=self.max_documents,
             tokenize_batch_size=tokenize_batch_size, assistant_only_loss=self.assistant_only_loss,
-            one_document_per_row=self.one_document_per_row,
+            one_document_per_row=self.one_document_per_row, pack_documents=self.pack_documents,
         )
         copy.reader.warn = False
         return copy
@@ -317,8 +346,8 @@ class TokenBlockStream(IterableDataset):
             )
         return UserInputError(f"No data{shard}: {where} does not fill {block}; add data or lower --block-size.")
 
-    def _next_block(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """The next block (tokens, target mask) of block_size + 1, through the shuffle buffer."""
+    def _next_block(self) -> tuple[np.ndarray, ...] | None:
+        """The next block (tokens, target mask[, positions]) of block_size + 1, through the shuffle buffer."""
         while True:
             if self.shuffle_buffer and len(self.buffer) >= self.shuffle_buffer:
                 # Reservoir-style: emit a random block and put the new one in its place.
@@ -337,7 +366,9 @@ class TokenBlockStream(IterableDataset):
                 return fresh
             self.buffer.append(fresh)
 
-    def _next_packed_block(self) -> tuple[np.ndarray, np.ndarray] | None:
+    def _next_packed_block(self) -> tuple[np.ndarray, ...] | None:
+        if self.pack_documents:
+            return self._next_row_of_documents()
         length = self.block_size + 1
         while len(self.pending_tokens) < length:
             if not self._tokenize_more():
@@ -350,6 +381,30 @@ class TokenBlockStream(IterableDataset):
         self.pending_mask = self.pending_mask[advance:]
         return block
 
+    def _next_row_of_documents(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """The next row of whole documents (tokens, target mask, positions), padded to block_size + 1.
+
+        Documents go in in the order they were read while the next one still fits (first fit in
+        reading order: the stream never looks ahead past the row being filled, so its position
+        stays a few arrays); each is at most a row long, cut when it was tokenized. The padding
+        is a sequence of its own (positions from 0) that is never a target."""
+        length = self.block_size + 1
+        while len(self.pending_tokens) <= length:  # past the row's end: where the document crossing it starts is known
+            if not self._tokenize_more():
+                break
+        if not len(self.pending_tokens):
+            return None
+        end = len(self.pending_tokens)
+        if end > length:  # the last document that starts within the row, or right at its end, ends the row
+            end = int(np.flatnonzero(self.pending_positions[1 : length + 1] == 0)[-1]) + 1
+        positions = self.pending_positions[:end]
+        self._count_row(documents=int((positions == 0).sum()), tokens=end)
+        row = padded_row(self.pending_tokens[:end], self.pending_mask[:end], length, self.tokenizer.pad_id)
+        padding = np.arange(length - end, dtype=np.int64)
+        self.pending_tokens, self.pending_mask = self.pending_tokens[end:], self.pending_mask[end:]
+        self.pending_positions = self.pending_positions[end:]
+        return (*row, np.concatenate([positions, padding]))
+
     def _tokenize_more(self) -> bool:
         """Read and tokenize the next batch of documents, or the next run of a long document;
         False when a finite stream has ended."""
@@ -361,7 +416,7 @@ class TokenBlockStream(IterableDataset):
         last = documents[-1]  # only the last of a batch can be this long: its text alone ends the batch
         if last.text is not None and len(last.text) > TOKENIZE_BATCH_CHARACTERS:
             self.long_document = LongDocument(documents.pop(), self.reader_position_before_last)
-        token_chunks, mask_chunks = [self.pending_tokens], [self.pending_mask]
+        token_chunks, mask_chunks, position_chunks = [self.pending_tokens], [self.pending_mask], [self.pending_positions]
         for document, (ids, assistant) in zip(documents, encode_documents(documents, self.tokenizer)):
             if self.assistant_only_loss and not assistant[:-1 if document.ends_document else None].any():
                 # The assistant never speaks: its <|endoftext|> alone would be the only target.
@@ -369,46 +424,77 @@ class TokenBlockStream(IterableDataset):
                 continue
             self.learnable_documents += 1
             mask = assistant if self.assistant_only_loss else np.ones(len(ids), dtype=bool)
-            if self.one_document_per_row:
-                ids, mask = self._fill_row(ids, mask)
-                if ids is None:
-                    continue
-            token_chunks.append(ids)
-            mask_chunks.append(mask)
-        self.pending_tokens, self.pending_mask = np.concatenate(token_chunks), np.concatenate(mask_chunks)
+            laid_out = self._laid_out(ids, mask)
+            if laid_out is None:
+                continue
+            token_chunks.append(laid_out[0])
+            mask_chunks.append(laid_out[1])
+            position_chunks.append(laid_out[2])
+
+        def joined(chunks: list[np.ndarray]) -> np.ndarray:
+            # One chunk alone (the previous ones all packed) is kept, not copied.
+            return chunks[-1] if len(chunks) == 2 and not len(chunks[0]) else np.concatenate(chunks)
+
+        self.pending_tokens, self.pending_mask = joined(token_chunks), joined(mask_chunks)
+        if self.pack_documents:
+            self.pending_positions = joined(position_chunks)
         if self.long_document is not None:
             self.learnable_documents += 1  # plain text: every token is a target
             self._tokenize_long_document()
         return True
 
     def _tokenize_long_document(self) -> bool:
-        """Add the long document's next run to the pending tokens. One document per row, its row
-        is its start, cut to the block (its first run is far longer), and the rest is never read."""
+        """Add the long document's next run to the pending tokens. In chat rows (one per row or
+        packed) its row is its start, cut to the block (its first run is far longer), and the
+        rest is never read."""
         ids, last = self.long_document.next_run(self.tokenizer)
-        mask = np.ones(len(ids), dtype=bool)
-        if self.one_document_per_row:
-            ids, mask = self._fill_row(ids, mask)
+        if self.one_document_per_row or self.pack_documents:
             last = True
         if last:
             self.long_document = None
-        self.pending_tokens = np.concatenate([self.pending_tokens, ids])
-        self.pending_mask = np.concatenate([self.pending_mask, mask])
+        laid_out = self._laid_out(ids, np.ones(len(ids), dtype=bool))
+        if laid_out is not None:
+            self.pending_tokens = np.concatenate([self.pending_tokens, laid_out[0]])
+            self.pending_mask = np.concatenate([self.pending_mask, laid_out[1]])
+            self.pending_positions = np.concatenate([self.pending_positions, laid_out[2]])
         return True
 
-    def _fill_row(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
-        """One document as one row of block_size + 1 tokens: cut at the end if longer (a chat's
-        question always stays with its answer, since only the end is lost), padded with <|pad|>
-        (never a target) if shorter. None for a document left with no target after the cut."""
+    def _laid_out(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """A tokenized document ready to wait for packing: (tokens, target mask, positions in the
+        document; positions are kept only when conversations are packed, else empty). Chat rows
+        take it whole (`_whole_document`), one per row also padded; None when nothing is left to learn."""
+        if self.one_document_per_row or self.pack_documents:
+            ids, mask = self._whole_document(ids, mask)
+            if ids is None:
+                return None
+        if self.one_document_per_row:
+            self._count_row(documents=1, tokens=len(ids))
+            ids, mask = padded_row(ids, mask, self.block_size + 1, self.tokenizer.pad_id)
+        positions = np.arange(len(ids) if self.pack_documents else 0, dtype=np.int64)
+        return ids, mask, positions
+
+    def _count_row(self, documents: int, tokens: int) -> None:
+        """For the data report: a row laid out with `documents` whole documents of `tokens` tokens in all."""
+        self.report.rows += 1
+        self.report.row_documents += documents
+        self.report.row_tokens += tokens
+
+    def _whole_document(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """A document for a row of its own or a share of a packed row: cut at the end if longer
+        than block_size + 1 tokens (a chat's question always stays with its answer, since only
+        the end is lost), its first token never a target (a row's first token is not, and in a
+        packed row it would be the previous document's prediction). None for a document left
+        with no target after the cut."""
         length = self.block_size + 1
         if len(ids) > length:
             ids, mask = ids[:length], mask[:length]
             self.report.truncated += 1
-        if not mask[1:].any():  # position 0 is never a target
+        if not mask[1:].any():
             self.report.dropped += 1
             return None, None
-        padding = length - len(ids)
-        return (np.concatenate([ids, np.full(padding, self.tokenizer.pad_id, dtype=np.int64)]),
-                np.concatenate([mask, np.zeros(padding, dtype=bool)]))
+        mask = mask.copy()
+        mask[0] = False
+        return ids, mask
 
     def _read_documents(self) -> list[Document]:
         """Up to tokenize_batch_size documents of this split and shard; [] when a finite stream ends."""
@@ -478,20 +564,22 @@ class RepeatedBatch:
     A model that cannot drive the loss on one batch to about zero has a bug, not a data problem.
     """
 
+    NAMES = ("inputs", "targets", "positions")  # the batch's tensors, as the stream gives them (positions: packed rows)
+
     def __init__(self, stream: TokenBlockStream):
-        self.inputs, self.targets = next(iter(stream))
+        self.batch = next(iter(stream))
 
     def __iter__(self) -> "RepeatedBatch":
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.inputs, self.targets
+    def __next__(self) -> tuple[torch.Tensor, ...]:
+        return self.batch
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"inputs": self.inputs, "targets": self.targets}
+        return dict(zip(self.NAMES, self.batch))
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.inputs, self.targets = state["inputs"], state["targets"]
+        self.batch = tuple(state[name] for name in self.NAMES if name in state)
 
 
 class ParallelBatches:
@@ -524,7 +612,10 @@ class ParallelBatches:
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        return {"consumed_batches": self.consumed, "workers": self.workers}
+        state = {"consumed_batches": self.consumed, "workers": self.workers}
+        if self.stream.pack_documents:  # the layout of the rows replayed (check_packing_unchanged)
+            state["pack_documents"] = True
+        return state
 
     def sequences_per_pass(self) -> int:
         return self.stream.sequences_per_pass()
@@ -534,6 +625,7 @@ class ParallelBatches:
             raise worker_count_changed(0, self.workers)
         if state.get("workers", self.workers) != self.workers:  # checkpoints before the count was saved: trusted
             raise worker_count_changed(state["workers"], self.workers)
+        check_packing_unchanged(state, self.stream.pack_documents)
         self.consumed = state["consumed_batches"]
 
 
@@ -600,6 +692,20 @@ class RecordBatches:
 
     def _batch(self, chosen: np.ndarray) -> Any:
         raise NotImplementedError
+
+
+def check_packing_unchanged(state: dict[str, Any], pack_documents: bool) -> None:
+    """Refuse, in one sentence, to resume a chat fine-tuning stream in the other row layout than its
+    checkpoint's: the saved position (tokens waiting, the shuffle buffer) and the batch order
+    belong to one layout. A checkpoint from before packing existed laid out one conversation per row."""
+    saved = bool(state.get("pack_documents", False))
+    if saved != pack_documents:
+        setting = "on" if saved else "off"
+        raise UserInputError(
+            f"This checkpoint's data position was saved with --packing {setting} and this run asks for --packing "
+            f"{'on' if pack_documents else 'off'}: resume with --packing {setting}, since the rows and their order "
+            "depend on how conversations are laid out."
+        )
 
 
 def worker_count_changed(saved: int | None, current: int) -> UserInputError:

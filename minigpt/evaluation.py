@@ -51,13 +51,14 @@ class EvaluationResult:
 @torch.no_grad()
 def evaluate(
     model: GPT,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    batches: Iterable[tuple[torch.Tensor, ...]],
     token_byte_lengths: torch.Tensor,
     max_batches: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> EvaluationResult:
-    """Evaluate on up to `max_batches` (0 = all) batches of (inputs, targets). Under torchrun every
-    process must call this, with the same batches: each evaluates its share."""
+    """Evaluate on up to `max_batches` (0 = all) batches of (inputs, targets), or of (inputs,
+    targets, positions) for packed rows (see GPT.hidden_states). Under torchrun every process
+    must call this, with the same batches: each evaluates its share."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -67,10 +68,11 @@ def evaluate(
     total_bytes = torch.zeros((), dtype=torch.long, device=device)
     # Under torchrun each process takes every world_size-th of the same batches and the sums are
     # added up over the processes: the result is the single-process result on the same batches.
-    for inputs, targets in this_process_share(islice(batches, max_batches or None)):
+    for inputs, targets, *positions in this_process_share(islice(batches, max_batches or None)):
         inputs, targets = inputs.to(device), targets.to(device)
+        positions = positions[0].to(device) if positions else None
         with autocast(device, dtype):
-            _, losses = model(inputs, targets, loss_reduction="none")
+            _, losses = model(inputs, targets, loss_reduction="none", positions=positions)
         counted = targets.view(-1) != IGNORE_INDEX
         total_nats += losses.double().sum()  # ignored positions contribute 0
         total_tokens += counted.sum()

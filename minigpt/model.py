@@ -107,11 +107,31 @@ def attention_mask(positions: torch.Tensor, keys: int, window: int = 0) -> torch
     return visible
 
 
+def packed_attention_mask(positions: torch.Tensor, window: int = 0) -> torch.Tensor:
+    """(batch, 1, time, time): True where query slot i of a row may see key slot j, for rows that
+    hold several sequences one after the other (packed chat fine-tuning), each numbered from
+    position 0 (`positions`, (batch, time)).
+
+    A sequence starts at slot i - positions[i], so slot j is visible when it lies in the query's
+    own sequence and not after it: i - positions[i] <= j <= i. The mask is block-diagonal and
+    lower-triangular within each block: no token sees another conversation. Each query sees at
+    least itself, so no row of the softmax is empty. With a `window` (a sliding-window layer),
+    j must also be among the latest `window` slots, as `attention_mask` does for a cache.
+    """
+    slots = torch.arange(positions.size(-1), device=positions.device)
+    queries = slots[:, None]
+    visible = (slots <= queries) & (slots >= (queries - positions[..., None]))
+    if window:
+        visible &= slots > queries - window
+    return visible.unsqueeze(1)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each (x[i], x[i + d/2]) channel pair of x (batch, heads, time, d) by its position's angle.
 
     cos and sin are (time, d) when every row sits at positions 0..time-1 (training), or
-    (batch, 1, time, d) when each row has positions of its own (decoding with a KV cache).
+    (batch, 1, time, d) when each token has a position of its own (decoding with a KV cache, or
+    rows packed with several conversations, each starting at position 0).
 
     Because q and k are both rotated, their dot product depends only on the distance between
     two positions, which is exactly what attention needs to know.
@@ -269,8 +289,11 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`mask` (batch, 1, time, time), for training on packed rows: True where a query may see a
+        key (`packed_attention_mask`, already cut to this layer's window)."""
         batch, time, _ = x.shape
         # Project, then split the channels into heads: (batch, heads, time, head_dim).
         q = self.q_proj(x).view(batch, time, self.n_head, self.head_dim).transpose(1, 2)
@@ -280,14 +303,14 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-        # Training (no cache): the usual lower-triangular mask, is_causal. Decoding with a cache: the
-        # new keys and values go into the cache, and the cache's per-row mask says what each query sees.
-        # A sliding-window layer cuts either mask down to the latest `sliding_window` keys.
-        mask = None
+        # Training (no cache): the usual lower-triangular mask, is_causal, or the packed rows' mask
+        # given. Decoding with a cache: the new keys and values go into the cache, and the cache's
+        # per-row mask says what each query sees. A sliding-window layer cuts each mask down to the
+        # latest `sliding_window` keys.
         if cache is not None:
             k, v = cache.store(layer, k, v)
             mask = cache.window_key_mask if self.sliding_window else cache.key_mask
-        elif self.sliding_window and time > self.sliding_window:
+        elif mask is None and self.sliding_window and time > self.sliding_window:
             mask = attention_mask(torch.arange(time, device=x.device), time, self.sliding_window)
         # PyTorch's CPU attention kernel works on bfloat16 in tiles sized for long sequences, so
         # on short ones it is several times slower than float32 (4x at 64 keys, measured): there a
@@ -337,9 +360,10 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        attended = self.attention(self.attention_norm(x), cos, sin, cache, layer)
+        attended = self.attention(self.attention_norm(x), cos, sin, cache, layer, mask)
         if self.sandwich_norms:
             attended = self.post_attention_norm(attended)
         x = x + self.dropout(attended)
@@ -410,14 +434,23 @@ class GPT(nn.Module):
         local = layer_type == "sliding_attention" and self.config.rope_local_theta
         return rotary_angles(positions, self.local_frequencies if local else self.global_frequencies)
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None) -> torch.Tensor:
         """The trunk: token embeddings -> the blocks -> the final norm, one vector per position
-        (batch, time, n_embd). Heads sit on it: the language-model head here, classification heads elsewhere."""
+        (batch, time, n_embd). Heads sit on it: the language-model head here, classification heads elsewhere.
+
+        `positions` (batch, time), for rows packed with several sequences: each token's position
+        in its own sequence, 0 where one starts. Attention then stays inside each sequence and
+        the rotary angles restart with it, so every sequence is computed as if it had a row of its own."""
         time = idx.size(1)
-        if cache is None:  # training, or a whole sequence at once: positions 0..time-1, the same for every row
+        if cache is None:  # training, or a whole sequence at once
             if time > self.config.block_size:
                 raise ValueError(f"Sequence of {time} tokens is longer than block_size {self.config.block_size}.")
-            return self.trunk(idx, torch.arange(time, device=idx.device))  # cos, sin: (time, head_dim)
+            if positions is None:  # positions 0..time-1, the same for every row: cos, sin (time, head_dim)
+                return self.trunk(idx, torch.arange(time, device=idx.device))
+            # Packed rows: a position per token, and one mask per kind of layer
+            masks = {kind: packed_attention_mask(positions, self.config.sliding_window if kind == "sliding_attention" else 0)
+                     for kind in set(self.layer_types)}
+            return self.trunk(idx, positions.unsqueeze(1), masks=masks)  # (batch, 1, time): cos, sin (batch, 1, time, head_dim)
         # Decoding: each row continues from its own position in the cache. The cache's host-side
         # bookkeeping (begin, end) stays outside `trunk`, the tensor work a compiled step runs.
         positions = cache.begin(time)
@@ -425,8 +458,11 @@ class GPT(nn.Module):
         cache.end(time)
         return hidden
 
-    def trunk(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """`hidden_states` for tokens at `positions`, with the cache (if any) already told of the pass (KVCache.begin)."""
+    def trunk(self, idx: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+              masks: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """`hidden_states` for tokens at `positions`, with the cache (if any) already told of the
+        pass (KVCache.begin); `masks`, per kind of layer, for packed rows (none: causal, or the cache's)."""
+        masks = masks or dict.fromkeys(self.layer_types)
         x = self.token_embedding(idx)
         # In the weights' dtype, as transformers does: a bfloat16 model rotates in bfloat16 (float32 ones are unchanged).
         rotations = {kind: tuple(table.to(x.dtype) for table in self.rotary(positions, kind)) for kind in set(self.layer_types)}
@@ -437,9 +473,9 @@ class GPT(nn.Module):
         for layer, (block, kind) in enumerate(zip(self.blocks, self.layer_types)):
             cos, sin = rotations[kind]
             if recompute:  # the recomputation replays the same dropout masks (the RNG state is saved)
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = checkpoint(block, x, cos, sin, None, layer, masks[kind], use_reentrant=False)
             else:
-                x = block(x, cos, sin, cache, layer)
+                x = block(x, cos, sin, cache, layer, masks[kind])
         return self.final_norm(x)
 
     def forward(
@@ -448,17 +484,19 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         loss_reduction: str = "mean",
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits for every position of idx (batch, time); with targets, also the cross-entropy loss.
 
         Targets equal to IGNORE_INDEX (-100) do not count. `loss_reduction="sum"` returns the
         summed loss so a caller can divide by the number of targets across several micro-batches.
+        `positions`: rows packed with several sequences (see hidden_states).
 
         When the float32 logits of the whole batch would pass LOSS_CHUNK_BYTES (the 150k-262k
         vocabularies of Qwen and Gemma), the loss is computed a slice of positions at a time
         (minigpt.loss.chunked_next_token_loss) and the logits returned are None: no one holds them all.
         """
-        hidden = self.hidden_states(idx, cache)
+        hidden = self.hidden_states(idx, cache, positions)
         if targets is None:
             return self.lm_head(hidden), None
         chunk = loss_chunk_positions(targets.numel(), self.config.vocab_size)

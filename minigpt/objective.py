@@ -42,7 +42,7 @@ from minigpt.loss import IGNORE_INDEX
 from minigpt.runtime import autocast
 from minigpt.tokenizer import Tokenizer
 
-Batch = Any  # whatever the objective's data stream yields; a language model's is (inputs, targets)
+Batch = Any  # whatever the objective's data stream yields; a language model's is (inputs, targets[, positions])
 
 
 @dataclass(frozen=True)
@@ -103,25 +103,31 @@ class LanguageModelObjective(Objective):
 
     At each evaluation: validation loss, perplexity and bits per byte, and a sample, started
     from the start of a new document or, with `sample_chat_prompt`, a reply to that message.
+
+    A batch is (inputs, targets), or with `packed` rows (several conversations in a row, packed
+    chat fine-tuning) (inputs, targets, positions): each token's position in its conversation,
+    which the model restarts its positions and attention at. The loss is summed over the batch's
+    targets and the trainer divides by their number over the step, packed or not: every
+    assistant token weighs the same, so the loss of a set of conversations is the same in
+    packed rows as in rows of their own.
     """
 
-    def __init__(self, tokenizer: Tokenizer, sample_tokens: int = 0, seed: int = 0, sample_chat_prompt: str = ""):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer: Tokenizer, sample_tokens: int = 0, seed: int = 0, sample_chat_prompt: str = "",
+                 packed: bool = False):
+        self.tokenizer, self.packed = tokenizer, packed
         self.token_byte_lengths = torch.tensor(tokenizer.token_byte_lengths(), dtype=torch.long)
         self.sample_tokens, self.seed, self.sample_chat_prompt = sample_tokens, seed, sample_chat_prompt
 
     def weight(self, batch: Batch) -> int:
-        _, targets = batch
-        return int((targets != IGNORE_INDEX).sum())
+        return int((batch[1] != IGNORE_INDEX).sum())
 
     def loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        inputs, targets = batch
-        _, loss = model(inputs, targets, loss_reduction="sum")
+        inputs, targets, *positions = batch
+        _, loss = model(inputs, targets, loss_reduction="sum", positions=positions[0] if positions else None)
         return loss
 
     def tokens(self, batch: Batch) -> int:
-        inputs, _ = batch
-        return inputs.numel()
+        return batch[0].numel()
 
     def evaluate(self, model: torch.nn.Module, batches: Iterable[Batch], max_batches: int, dtype: torch.dtype) -> dict[str, Any]:
         metrics: dict[str, Any] = evaluate(model, batches, self.token_byte_lengths, max_batches, dtype).as_dict()
@@ -145,10 +151,15 @@ class LanguageModelObjective(Objective):
                 f"{metrics['val_bits_per_byte']:.4f} bits/byte")
 
     def example_batch(self, batch_size: int, block_size: int) -> Batch:
-        """Random tokens from a fixed generator, shifted as the data stream shifts them."""
+        """Random tokens from a fixed generator, shifted as the data stream shifts them; packed,
+        each row holds two sequences (the mask and the positions cost what real ones do)."""
         generator = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, self.tokenizer.vocab_size, (batch_size, block_size + 1), generator=generator)
-        return tokens[:, :-1], tokens[:, 1:]
+        if not self.packed:
+            return tokens[:, :-1], tokens[:, 1:]
+        half = block_size // 2
+        positions = torch.cat([torch.arange(half), torch.arange(block_size - half)]).expand(batch_size, -1)
+        return tokens[:, :-1], tokens[:, 1:], positions
 
 
 def reply_log_probs(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -114,6 +114,9 @@ class DataReport:
     truncated: int = 0  # one-document-per-row streams: documents cut at the end to fit a row
     dropped: int = 0  # ... and documents left with no target to learn from after the cut
     no_assistant: int = 0  # assistant-only streams: conversations the assistant never speaks in (nothing to learn)
+    rows: int = 0  # whole-document streams (chat fine-tuning): rows laid out,
+    row_documents: int = 0  # ... documents placed in them (1 per row unpacked),
+    row_tokens: int = 0  # ... and their tokens (the rest of each row of block_size + 1 is padding)
 
 
 @dataclass

@@ -797,12 +797,18 @@ class Trainer:
         report = getattr(self.train_batches, "report", None)
         if report is None:
             return None
-        log.info("Data: %s documents read, %s bad lines skipped%s", f"{report.documents:,}", f"{report.bad_lines:,}",
+        whole_documents = getattr(self.train_batches, "one_document_per_row", False) or getattr(self.train_batches, "pack_documents", False)
+        rows = ""
+        if report.rows:  # whole conversations in rows: how many share a row, and how much of a row they fill
+            fill = report.row_tokens / (report.rows * (self.model.config.block_size + 1))
+            rows = (f"; {report.row_documents:,} conversations laid out in {report.rows:,} rows "
+                    f"({report.row_documents / report.rows:.2f} per row, {fill:.0%} of the rows' tokens)")
+        log.info("Data: %s documents read, %s bad lines skipped%s%s", f"{report.documents:,}", f"{report.bad_lines:,}",
                  f", {report.truncated:,} cut to fit one row, {report.dropped:,} dropped (nothing to learn left after the cut), "
-                 f"{report.no_assistant:,} left out (no assistant turn)"
-                 if getattr(self.train_batches, "one_document_per_row", False) else "")
+                 f"{report.no_assistant:,} left out (no assistant turn)" if whole_documents else "", rows)
         return {"documents": report.documents, "bad_lines": report.bad_lines, "truncated": report.truncated, "dropped": report.dropped,
-                "no_assistant": report.no_assistant}
+                "no_assistant": report.no_assistant, "rows": report.rows, "row_documents": report.row_documents,
+                "row_tokens": report.row_tokens}
 
     def stop_message(self) -> str:
         """One sentence on why the run ended and what to do next."""

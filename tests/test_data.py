@@ -81,6 +81,25 @@ def test_resume_from_state_gives_identical_batches(tmp_path, tokenizer, shuffle_
     assert first.epoch.passes == 0 and resumed.epoch.passes >= 1  # the resume crossed an epoch boundary
 
 
+def test_a_packed_stream_resumes_exactly(tmp_path, tokenizer):
+    """Whole documents packed in rows: the documents waiting for a row, their positions and the
+    shuffle buffer's rows are all in the saved position."""
+    path = write_jsonl(tmp_path / "a.jsonl", 40)
+
+    def make():
+        return TokenBlockStream([path], tokenizer, block_size=400, batch_size=3, split="train", val_fraction=0.2,
+                                shuffle_buffer=8, seed=5, tokenize_batch_size=4, pack_documents=True)
+
+    uninterrupted = batches(make(), 40)  # several epochs
+    first = make()
+    head = batches(first, 13)
+    resumed = make()
+    resumed.load_state_dict(torch.load(save(first.state_dict(), tmp_path), weights_only=True))
+    for expected, actual in zip(uninterrupted, head + batches(resumed, 27)):
+        assert len(expected) == len(actual) == 3 and all(torch.equal(mine, theirs) for mine, theirs in zip(expected, actual))
+    assert len(first.pending_positions) and (first.pending_positions == 0).sum() >= 1  # it stopped with documents waiting
+
+
 def test_a_position_saved_before_the_epoch_record_still_resumes(tmp_path, tokenizer):
     """Checkpoints from before EpochState held the pass number alone and accepted_documents beside it."""
 
@@ -127,18 +146,22 @@ def test_worker_shards_partition_the_documents(tmp_path, tokenizer, monkeypatch)
     assert all(33 <= len(shard) <= 34 for shard in seen)  # and even
 
 
-@pytest.mark.parametrize("one_document_per_row", [False, True])
-def test_each_process_takes_its_batch_of_every_round_of_one_process_batches(tmp_path, tokenizer, one_document_per_row):
+@pytest.mark.parametrize("layout", [{"block_size": 24}, {"block_size": 24, "one_document_per_row": True},
+                                    {"block_size": 600, "pack_documents": True}],  # rows of 2 to 4 documents
+                         ids=["running", "one per row", "packed"])
+def test_each_process_takes_its_batch_of_every_round_of_one_process_batches(tmp_path, tokenizer, layout):
     """Under torchrun, process r of n keeps batches r, r + n, r + 2n, ... of what one process reads
-    (packed and shuffled, or one document per row): n processes with one micro-batch each train on
-    the rows one process trains on in n micro-batches."""
+    (documents run on into each other and shuffled, one document per row, or whole documents
+    packed with their positions): n processes with one micro-batch each train on the rows one
+    process trains on in n micro-batches."""
     path = write_jsonl(tmp_path / "a.jsonl", 40)
-    options = dict(block_size=24, batch_size=2, shuffle_buffer=8, seed=3, one_document_per_row=one_document_per_row)
+    options = dict(batch_size=2, shuffle_buffer=8, seed=3, **layout)
     single = batches(TokenBlockStream([path], tokenizer, **options), 12)
     for rank in range(3):
         own = batches(TokenBlockStream([path], tokenizer, rank=rank, world_size=3, **options), 4)
         for expected, actual in zip(single[rank::3], own):
-            assert torch.equal(expected[0], actual[0]) and torch.equal(expected[1], actual[1])
+            assert len(expected) == len(actual) == (3 if layout.get("pack_documents") else 2)
+            assert all(torch.equal(mine, theirs) for mine, theirs in zip(expected, actual))
 
 
 def test_dataloader_workers_split_the_stream(tmp_path, tokenizer):

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import re
 import shutil
 
 import pytest
@@ -10,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import chat_file, run_script
 from minigpt.config import apply_overrides, preset_config
-from minigpt.data import TokenBlockStream
+from minigpt.data import ParallelBatches, TokenBlockStream
 from minigpt.errors import UserInputError
 from minigpt.generation import SamplingConfig, generate
 from minigpt.metrics import read_metrics
@@ -83,6 +84,106 @@ def test_a_long_conversation_is_cut_at_its_end_and_counted(tmp_path, tokenizer_f
     assert len(batches) == 1 and batches[0][0].shape == (1, 32)
     assert tokenizer.decode(batches[0][0][0].tolist()).startswith("<|im_start|>user\nTell me a story.")  # the question stays
     assert stream.report.truncated == 2 and stream.report.dropped == 1  # the second: only user turns fit
+
+
+def varied_chat_file(path):
+    """Conversations of many lengths (some with a system turn, some with two exchanges), so rows pack unevenly."""
+    with open(path, "w", encoding="utf-8") as file:
+        for number in range(40):
+            turns = [{"role": "system", "content": "Be brief."}] if number % 3 == 0 else []
+            turns += [{"role": "user", "content": f"What is {number} times two?"},
+                      {"role": "assistant", "content": f"{number} times two is {2 * number}." + " Indeed." * (number % 5)}]
+            if number % 4 == 0:
+                turns += [{"role": "user", "content": "And plus one?"}, {"role": "assistant", "content": f"{2 * number + 1}."}]
+            file.write(json.dumps({"conversations": turns}) + "\n")
+    return path
+
+
+def test_packed_rows_hold_several_whole_conversations_each_numbered_from_zero(tmp_path, tokenizer_file):
+    tokenizer = load_tokenizer(tokenizer_file)
+    stream = TokenBlockStream([varied_chat_file(tmp_path / "chat.jsonl")], tokenizer, block_size=256, batch_size=4,
+                              assistant_only_loss=True, pack_documents=True, loop=False)
+    rows = 0
+    for inputs, targets, positions in stream:
+        for row, row_targets, row_positions in zip(inputs.tolist(), targets.tolist(), positions.tolist()):
+            rows += 1
+            starts = [index for index, position in enumerate(row_positions) if position == 0]
+            for start, end in zip(starts, starts[1:] + [len(row)]):
+                assert row_positions[start:end] == list(range(end - start))  # positions restart with each conversation
+                if row[start] != tokenizer.pad_id:  # a conversation (the padding is a sequence of its own)
+                    assert row[start] == tokenizer.im_start_id  # and it ends in this row: its end is read or predicted here
+                    assert tokenizer.eos_id in row[start:end] + [row_targets[end - 1]]
+                    assert row_targets[start - 1] == IGNORE_INDEX if start else True  # a start is nobody's target
+    report = stream.report
+    assert report.row_documents == 40 and report.rows == rows < 40 / 2  # several conversations per row, none lost
+    assert report.row_tokens > 0.7 * rows * 257  # rows are mostly conversation, not padding
+
+
+@pytest.mark.parametrize("family", ["minigpt", "gemma3-like"])
+def test_packed_rows_give_each_conversation_the_loss_and_gradient_of_a_row_of_its_own(tmp_path, tokenizer_file, family):
+    """The same conversations, one per row and packed: the same loss per conversation and the same
+    gradient of their sum. The Gemma 3-like model has sliding-window layers (a window shorter
+    than a conversation) with a rotary base of their own, so both masks and both rotary paths are checked,
+    and its packed pass runs with gradient checkpointing."""
+    tokenizer = load_tokenizer(tokenizer_file)
+    data = varied_chat_file(tmp_path / "chat.jsonl")
+
+    def stream(**layout):
+        return TokenBlockStream([data], tokenizer, block_size=256, batch_size=64, assistant_only_loss=True, loop=False, **layout)
+
+    (own_inputs, own_targets), = list(stream(one_document_per_row=True))
+    (inputs, targets, positions), = list(stream(pack_documents=True))
+    assert own_inputs.size(0) == 40 and inputs.size(0) < 20
+    config = dataclasses.replace(preset_config("tiny").model, vocab_size=tokenizer.vocab_size, block_size=256)
+    if family == "gemma3-like":
+        config = dataclasses.replace(config, qk_norm=True, norm_unit_offset=True, sandwich_norms=True, scale_embeddings=True,
+                                     mlp_activation="gelu_tanh", query_pre_attn_scalar=24.0, sliding_window=8,
+                                     layer_types=["sliding_attention", "full_attention"], rope_local_theta=100.0)
+    torch.manual_seed(0)
+    model = GPT(config)
+
+    def per_conversation(losses, conversation_ids):
+        return torch.zeros(40).index_add(0, conversation_ids.flatten(), losses)
+
+    _, own_losses = model(own_inputs, own_targets, loss_reduction="none")
+    own = per_conversation(own_losses, torch.arange(40)[:, None].expand_as(own_inputs))
+    own.sum().backward()
+    own_gradients = {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+    model.zero_grad()
+    # The Gemma 3-like packed pass recomputes its blocks in the backward pass (--gradient-checkpointing):
+    # that path must hand each block its mask too.
+    model.gradient_checkpointing = family == "gemma3-like"
+    _, packed_losses = model(inputs, targets, loss_reduction="none", positions=positions)
+    starts = (positions == 0) & (inputs != tokenizer.pad_id)  # the padding after a row's conversations carries no loss
+    conversation_ids = (starts.flatten().cumsum(0) - 1).view_as(positions)  # in reading order, as the rows above
+    assert int(conversation_ids.max()) == 39
+    packed = per_conversation(packed_losses, conversation_ids)
+    torch.testing.assert_close(packed, own, rtol=1e-5, atol=1e-5)
+    packed.sum().backward()
+    for name, parameter in model.named_parameters():  # float32 sums in another order: 1e-7 of the largest entry seen
+        expected = own_gradients[name]
+        torch.testing.assert_close(parameter.grad, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()), msg=name)
+
+
+def test_resuming_with_the_other_packing_is_refused(tmp_path, tokenizer_file):
+    tokenizer = load_tokenizer(tokenizer_file)
+    data = chat_file(tmp_path / "chat.jsonl")
+
+    def stream(packed):
+        return TokenBlockStream([data], tokenizer, block_size=64, batch_size=2, assistant_only_loss=True,
+                                one_document_per_row=not packed, pack_documents=packed)
+
+    packed, own_rows = stream(True), stream(False)
+    next(iter(packed)), next(iter(own_rows))
+    with pytest.raises(UserInputError, match="saved with --packing on and this run asks for --packing off: resume with --packing on"):
+        stream(False).load_state_dict(packed.state_dict())
+    with pytest.raises(UserInputError, match="resume with --packing off"):
+        stream(True).load_state_dict(own_rows.state_dict())
+    older = {key: value for key, value in own_rows.state_dict().items() if key != "pack_documents"}  # saved before packing existed
+    with pytest.raises(UserInputError, match="resume with --packing off"):
+        stream(True).load_state_dict(older)
+    with pytest.raises(UserInputError, match="resume with --packing on"):  # read by data-loader workers: the same refusal
+        ParallelBatches(stream(False), 2).load_state_dict(ParallelBatches(stream(True), 2).state_dict())
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
@@ -188,6 +289,8 @@ def test_sft_from_the_command_line_then_chat(tmp_path, pretrained):
     final = tmp_path / "runs" / "chat" / "final_model"
     assert (final / LORA_ADAPTER_WEIGHTS).is_file() and not (final / "model.safetensors").exists()
     assert json.loads((final / "config.json").read_text())["train"]["stage"] == "sft"
+    assert json.loads((final / "config.json").read_text())["train"]["packing"] == "on"  # recorded: a resume keeps it
+    assert re.search(r"conversations laid out in [\d,]+ rows \([\d.]+ per row", result.stdout + result.stderr)  # the data report
     reply = run_script("chat.py", str(final), "--prompt", "What does len do?", "--max-new-tokens", "8", "--seed", "0", cwd=tmp_path)
     assert reply.returncode == 0, reply.stderr
     assert "never chat-tuned" not in reply.stderr

@@ -96,10 +96,15 @@ def test_a_wandb_project_turns_wandb_on(capsys):
 
 @pytest.mark.parametrize("stage, flag", [("pretrain", "--pooling=max"), ("pretrain", "--freeze-trunk"), ("sft", "--tasks=topic"),
                                          ("classify", "--sample-prompt=hi"), ("classify", "--overfit-batch"),
-                                         ("pretrain", "--sample-prompt=hi")])
+                                         ("pretrain", "--sample-prompt=hi"), ("dpo", "--packing=off")])
 def test_a_flag_of_another_stage_is_refused_naming_its_stages(capsys, stage, flag):
     message = refused(capsys, train_cli.main, "--stage", stage, "--config", "tiny", flag, "--print-config")
     assert flag.partition("=")[0] in message and f"not to --stage {stage}" in message
+
+
+def test_sft_packs_conversations_unless_told_otherwise(capsys):
+    assert printed_config(capsys, "--stage", "sft", "--config", "tiny")["packing"] == "on"
+    assert printed_config(capsys, "--stage", "sft", "--config", "tiny", "--packing", "off")["packing"] == "off"
 
 
 def test_a_flag_given_at_its_default_value_is_refused_too(capsys):

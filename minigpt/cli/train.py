@@ -40,6 +40,9 @@ FLAGS: dict[str, list[Flag]] = {
         Flag(("--lora-dropout",), "train.lora_dropout", "dropout on the adapters' input"),
         Flag(("--lora-targets",), "train.lora_targets", "the layers that get adapters: any of q,k,v,o,gate,up,down, or all"),
         Flag(("--sample-prompt",), "train.sample_prompt", "sft: the message the model answers as the sample at each evaluation"),
+        Flag(("--packing",), "train.packing", "sft: on lays several whole conversations in each row, each attending only to itself "
+             "with positions restarting (more assistant tokens per step); off, one conversation per row, padded. "
+             "A resumed run keeps the layout it started with"),
     ],
     "preference tuning (--stage dpo)": [
         Flag(("--dpo-beta",), "train.dpo_beta", "DPO's beta: a reply's reward is beta x log(pi / pi_ref); smaller lets the model move further from the reference"),

@@ -60,9 +60,9 @@ class PretrainStage(Stage):
             config = dataclasses.replace(config, train=dataclasses.replace(config.train, dataloader_workers=workers))
         return (config, *self.build_streams(config, sources, tokenizer, device))
 
-    def block_stream_options(self) -> dict[str, bool]:
-        """How documents become rows: packed together (pretraining), or one conversation per row
-        with only the assistant's tokens as targets (chat fine-tuning overrides this)."""
+    def block_stream_options(self, config: RunConfig) -> dict[str, bool]:
+        """How documents become rows: run on into each other (pretraining), or whole
+        conversations with only the assistant's tokens as targets (chat fine-tuning overrides this)."""
         return dict(assistant_only_loss=False, one_document_per_row=False)
 
     def resolve_validation(self, config: RunConfig, sources: list, tokenizer: Tokenizer) -> RunConfig:
@@ -77,7 +77,7 @@ class PretrainStage(Stage):
         if train.val_data_files or train.val_fraction == 0:
             return config
         held_out = TokenBlockStream(sources, tokenizer, config.model.block_size, 1, split="val", val_fraction=train.val_fraction,
-                                    loop=False, text_field=train.text_field, **self.block_stream_options())
+                                    loop=False, text_field=train.text_field, **self.block_stream_options(config))
         try:
             held_out.check_not_empty()
             return config
@@ -109,7 +109,7 @@ class PretrainStage(Stage):
         place = process_place()
         shard = dict(rank=place.rank, world_size=place.world_size)
         common = dict(tokenizer=tokenizer, block_size=config.model.block_size, batch_size=train.batch_size, text_field=train.text_field,
-                      **self.block_stream_options())
+                      **self.block_stream_options(config))
         val_sources = resolve_data_files(train.val_data_files) if train.val_data_files else []
         if train.token_cache:
             cache_root = Path(train.output_dir) / "token_cache"
