@@ -53,8 +53,6 @@ FIGURES = REPO / "tutorials" / "figures"
 # The PNGs make_figures.py writes: `save(figure, "name")`, or a plot the library drew copied to `HERE / "name.png"`.
 # Read from its source, as running it trains models for minutes.
 WRITTEN = re.compile(r'\bsave\(\w+, "(?P<save>[\w-]+)"\)|HERE / "(?P<copy>[\w-]+)\.png"')
-# Figures drawn by another script, with the command that draws them.
-DRAWN_ELSEWHERE = {"preference_curves": "python benchmarks/dpo_builtin.py CHAT_MODEL --rpo-alpha 0 (a DPO run's --plot-loss figure)"}
 
 
 def figures_shown(chapter: Path) -> list[Path]:
@@ -71,7 +69,7 @@ def figures_drawn() -> set[str]:
 def test_chapter_shows_a_figure_that_exists_and_the_figures_script_draws(chapter):
     shown = figures_shown(chapter)
     assert any(path.parent == FIGURES for path in shown), f"{chapter.name} shows no figure of tutorials/figures/"
-    drawn = figures_drawn() | set(DRAWN_ELSEWHERE)
+    drawn = figures_drawn()
     for path in shown:
         assert path.is_file(), f"{chapter.name} shows {path.name}, which is missing"
         assert path.parent == FIGURES and path.suffix == ".png" and path.stem in drawn, (
@@ -84,7 +82,7 @@ def test_both_editions_show_the_same_figures_and_every_figure_is_shown():
         assert sorted(figures_shown(chinese)) == sorted(figures_shown(chapter)), f"zh/{chapter.name} shows other figures"
     shown = {path.stem for chapter in CHAPTERS for path in figures_shown(chapter)}
     assert {path.stem for path in FIGURES.glob("*.png")} == shown, "a figure no chapter shows, or one shown but not committed"
-    assert figures_drawn() | set(DRAWN_ELSEWHERE) == shown, "make_figures.py draws a figure no chapter shows"
+    assert figures_drawn() == shown, "make_figures.py draws a figure no chapter shows"
 
 
 FENCED = re.compile(r"^```[^\n]*\n.*?^```[ \t]*$", re.MULTILINE | re.DOTALL)  # every fenced block, any language

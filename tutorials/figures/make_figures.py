@@ -7,7 +7,7 @@ Each figure is computed from MiniGPT itself: the schedule from `learning_rate_at
 curves by `minigpt.plots` from a real run, attention and sampling from a model trained the way
 chapter 7 trains it, the tokenizer's compression from `train_bpe_tokenizer`, token sizes from
 `token_byte_lengths`, a batch from `TokenBlockStream`, the FLOPs from each preset's matrices, the debugging drills and
-the classifier's confusion matrices from real runs' metrics.jsonl, the chat mask from
+the classifier's confusion matrices and the DPO curves from real runs' metrics.jsonl, the chat mask from
 `render_chat`, the export map from `tensor_table` and `permute_for_gguf`, the DDP gradients from
 chapter 14's batch, continuous batching from an `Engine`. So when the library changes, running
 this again keeps the pictures true. The runs go in a temporary directory; only the PNGs are kept.
@@ -591,6 +591,21 @@ def continuous_batching(workdir: Path) -> None:
     save(figure, "continuous_batching")
 
 
+def preference_curves(workdir: Path) -> None:
+    """Chapter 16's second failure: pure DPO (--rpo-alpha 0, the stage's recipe otherwise) on the built-in preference set,
+    from a tiny chat model (pretrained, then chat-tuned on the built-in chat set); the run's own --plot-loss figure."""
+    from minigpt.cli import train
+
+    base = train_tiny(workdir, "base", **{"train.max_steps": 300, "train.eval_steps": 1000, "train.save_steps": 1000})
+    common = ["--output-dir", str(workdir), "--dtype", "float32", "--save-steps", "1000", "--max-time", "0"]
+    assert train.main(["--stage", "sft", "--init-from", str(base.run_dir / "final_model"), "--run-name", "chat",
+                       "--max-steps", "300", "--eval-steps", "1000", "--sample-tokens", "0", *common]) == 0
+    assert train.main(["--stage", "dpo", "--init-from", str(workdir / "chat" / "final_model"), "--run-name", "pure-dpo",
+                       "--rpo-alpha", "0", "--max-steps", "150", "--plot-loss", *common]) == 0
+    shutil.copyfile(workdir / "pure-dpo" / "plots" / "preference_curves_latest.png", HERE / "preference_curves.png")
+    print(f"wrote {HERE / 'preference_curves.png'}")
+
+
 # ------------------------------------------------------------------------------------------------
 # Chapters 18-21 (backpropagation, initialisation, memory, LoRA): each figure recomputes what its
 # chapter computes, on the same tiny tensors, from the library's own modules.
@@ -761,7 +776,7 @@ FIGURES = {"lr_schedule": lr_schedule, "loss_curves": loss_curves, "writer": wri
            "qk_norm_layers": qk_norm_layers, "tokenizer_compression": tokenizer_compression, "packed_batches": packed_batches,
            "token_sizes": token_sizes, "flops_per_token": flops_per_token, "learning_rate_drills": learning_rate_drills, "conversation_mask": conversation_mask,
            "classifier_confusion": classifier_confusion, "export_tensor_map": export_tensor_map, "ddp_gradients": ddp_gradients,
-           "continuous_batching": continuous_batching,
+           "continuous_batching": continuous_batching, "preference_curves": preference_curves,
            "finite_differences": finite_differences, "initialisation_statistics": initialisation_statistics,
            "memory_breakdown": memory_breakdown, "lora_decomposition": lora_decomposition}
 
