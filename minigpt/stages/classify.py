@@ -40,7 +40,7 @@ from minigpt.trainer import Callback
 # Evaluated often (the sets are small) and stopped after 8 evaluations without a better macro-F1.
 CPU_RECIPE = {
     "model.block_size": 256, "model.n_layer": 1, "model.n_head": 4, "model.n_kv_head": 2, "model.n_embd": 256,
-    "model.dropout": 0.1, "train.tokenizer_vocab_size": 2048, "train.pooling": "max", "train.lm_loss_weight": 1.0,
+    "model.dropout": 0.1, "train.tokenizer_type": "auto", "train.tokenizer_vocab_size": 2048, "train.pooling": "max", "train.lm_loss_weight": 1.0,
     "train.batch_size": 32, "train.learning_rate": 2e-3, "train.warmup_steps": 30,
     "train.max_steps": 800, "train.max_time": 600.0, "train.eval_steps": 50, "train.eval_batches": 1000, "train.save_steps": 100,
     "train.keep_checkpoints": 2, "train.early_stopping_patience": 8, "train.val_fraction": 0.1, "train.log_steps": 10,
