@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer as HuggingFaceTokenizer
 
+from conftest import run_in_process
 from minigpt.corpus import builtin_documents
 from minigpt.errors import UserInputError
 from minigpt.tokenizer import (
@@ -142,6 +143,16 @@ def test_every_character_of_chinese_text_is_one_token_and_decodes_back():
     # A character training never saw is one <|unk|> token, the others stay themselves.
     assert tokenizer.encode("好书龘") == [*tokenizer.encode("好书"), tokenizer.unknown_id]
     assert tokenizer.decode(tokenizer.encode("好书龘")) == "好书<|unk|>"
+
+
+def test_the_tokenizer_command_chooses_by_script_too(tmp_path):
+    (tmp_path / "reviews.jsonl").write_text("".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in REVIEWS),
+                                            encoding="utf-8")
+    result = run_in_process("tokenizer", "--data-files", "reviews.jsonl", "--tokenizer-type", "auto", "--output", "tok.json",
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "are Chinese, Japanese or Korean: training a char tokenizer" in result.stdout
+    assert load_tokenizer(tmp_path / "tok.json").kind == "char"
 
 
 def test_character_vocabulary_is_sorted_and_deterministic(char):
