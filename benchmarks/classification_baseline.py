@@ -219,7 +219,8 @@ def main() -> None:
     minigpt_f1, minigpt_seconds, run, config = minigpt(train_file, output_dir, arguments.max_time, validation, task)
     summary = json.loads((run / "summary.json").read_text())
     print(f"MiniGPT recipe: {describe_recipe(config)}")
-    print(f"MiniGPT from scratch ({summary['steps']} steps, {summary['tokens']:,} tokens, {summary['training_seconds']:.0f} s of "
+    epochs = summary["steps"] * config.train.batch_size / len(train)
+    print(f"MiniGPT from scratch ({summary['steps']} steps = {epochs:.2f} epochs, {summary['tokens']:,} tokens, {summary['training_seconds']:.0f} s of "
           f"training at {summary['tokens_per_second']:,.0f} tokens/s, stopped by {summary['stop_reason']}): "
           f"macro-F1 {minigpt_f1:.4f} in {minigpt_seconds:.1f} s wall")
     print(f"difference to the tuned baseline: {minigpt_f1 - baseline_f1:+.4f} macro-F1 "
