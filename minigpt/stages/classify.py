@@ -39,8 +39,9 @@ from minigpt.trainer import Callback
 # (benchmarks/classification_baseline.py): one layer beat two (macro-F1 0.91 against 0.89, a model
 # this size over a thousand texts learns more from less depth), max pooling beat mean (one telling
 # word anywhere in a text counts fully), and the auxiliary next-token loss on the same texts
-# (--lm-loss-weight) kept the trunk learning after the labels were memorised. Longer training at this learning rate overfits (the validation
-# loss rises), so the run is 800 steps, about four minutes, well inside its 10-minute bound.
+# (--lm-loss-weight) kept the trunk learning after the labels were memorised. Longer training at
+# this learning rate overfits (the validation loss rises), so the run is 800 steps, about four
+# minutes, well inside its 10-minute bound.
 # Evaluated often (the sets are small) and stopped after 8 evaluations without a better macro-F1.
 CPU_RECIPE = {
     "model.block_size": 256, "model.n_layer": 1, "model.n_head": 4, "model.n_kv_head": 2, "model.n_embd": 256,
