@@ -106,7 +106,7 @@ class TrainConfig:
     packing: str = "on"
     # tokenizer
     tokenizer_path: str = ""  # an existing tokenizer.json to use; empty = train one (or reuse the cached one)
-    tokenizer_type: str = "bpe"
+    tokenizer_type: str = "bpe"  # "auto": characters for Chinese/Japanese/Korean text, else BPE (tokenizer.choose_tokenizer_type)
     tokenizer_vocab_size: int = 6400
     tokenizer_samples: int = 0  # documents used to train the tokenizer; 0 = all
     retrain_tokenizer: bool = False
@@ -254,7 +254,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 CHOICES = {
     "train.lr_scheduler": ("cosine", "linear", "constant"),
-    "train.tokenizer_type": ("bpe", "char"),
+    "train.tokenizer_type": ("bpe", "char", "auto"),
     "train.device": ("auto", "cpu", "cuda", "mps"),
     "train.dtype": ("auto", "float32", "bfloat16", "float16"),
     "train.ddp_backend": ("auto", "nccl", "gloo"),

@@ -45,7 +45,7 @@ from minigpt.run_log import RunLog
 from minigpt.sinks import TensorBoardCallback, WandbCallback
 from minigpt.sources import iter_documents, resolve_data_files, sources_fingerprint
 from minigpt.stages import Stage, check_stage_settings, stage_of
-from minigpt.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
+from minigpt.tokenizer import CJK_SHARE_FOR_CHARACTERS, Tokenizer, choose_tokenizer_type, load_tokenizer, train_tokenizer
 from minigpt.trainer import Callback, LossPlotCallback, Trainer
 
 log = logging.getLogger("minigpt.run")
@@ -170,6 +170,24 @@ def _tokenizer_key(sources: list, config: RunConfig) -> str:
     train = config.train
     key = [sources_fingerprint(sources), train.tokenizer_type, train.tokenizer_vocab_size, train.tokenizer_samples, train.text_field]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:12]
+
+
+def resolve_tokenizer_type(config: RunConfig, sources: list) -> RunConfig:
+    """The configuration with tokenizer type "auto" decided by the training texts' script
+    (tokenizer.choose_tokenizer_type), said in the log with the share measured; config.json then
+    records the type trained."""
+    train = config.train
+    if train.tokenizer_type != "auto" or train.tokenizer_path:
+        return config
+    kind, share = choose_tokenizer_type(iter_documents(sources, text_field=train.text_field))
+    if kind == "char":
+        log.info("Tokenizer: %.0f%% of the training text's characters are Chinese, Japanese or Korean (at least %.0f%%), "
+                 "so each character is a token (tokenizer type auto; --tokenizer-type bpe overrides)", 100 * share,
+                 100 * CJK_SHARE_FOR_CHARACTERS)
+    else:
+        log.info("Tokenizer: %.0f%% of the training text's characters are Chinese, Japanese or Korean (under %.0f%%), "
+                 "so byte-level BPE (tokenizer type auto; --tokenizer-type char overrides)", 100 * share, 100 * CJK_SHARE_FOR_CHARACTERS)
+    return dataclasses.replace(config, train=dataclasses.replace(train, tokenizer_type=kind))
 
 
 def obtain_tokenizer(config: RunConfig, sources: list, show_progress: bool = True) -> Tokenizer:
@@ -351,6 +369,7 @@ def _prepare_run(config: RunConfig, show_progress: bool, callbacks: list[Callbac
     elif initial is not None:
         tokenizer = initial.tokenizer
     else:
+        config = resolve_tokenizer_type(config, sources)
         with main_process_first():  # rank 0 trains (and caches) the tokenizer, the others then load it
             tokenizer = obtain_tokenizer(config, sources, show_progress and is_main_process())
     if not config.model.vocab_size:
@@ -488,6 +507,7 @@ def plan_dry_run(config: RunConfig) -> DryRun:
     elif train.init_from:
         tokenizer = load_language_model(train.init_from).tokenizer
     else:
+        config = resolve_tokenizer_type(config, sources)
         tokenizer = obtain_tokenizer(config, sources, show_progress=False)
     if not config.model.vocab_size:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=tokenizer.vocab_size))

@@ -12,6 +12,10 @@ MiniGPT's own tokenizers, two kinds behind one interface, both stored as a stand
                     not seen in training becomes <|unk|>, so round trips are exact only for
                     text made of seen characters.
 
+Which of the two suits a text depends on its script (`choose_tokenizer_type`, what the
+tokenizer type "auto" does): Chinese, Japanese and Korean text is tokenized by characters, any
+other by BPE.
+
 Ids 0-3 are always MiniGPT's special tokens below, so code can rely on them. Special tokens written
 literally in a text (say "<|endoftext|>" inside a document) are encoded as the special token; in a
 chat message they are text. Their chat template is ChatML (minigpt.chat_template.ChatML).
@@ -32,6 +36,7 @@ keeps its tokenizer, template, stop ids and sampling defaults.
 from __future__ import annotations
 
 import json
+import re
 from itertools import islice
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -50,6 +55,14 @@ IM_END_TOKEN = "<|im_end|>"
 PAD_TOKEN = "<|pad|>"
 SPECIAL_TOKENS = [EOS_TOKEN, IM_START_TOKEN, IM_END_TOKEN, PAD_TOKEN]
 UNKNOWN_TOKEN = "<|unk|>"  # character tokenizer only: a character not seen in training (id 4)
+
+# Chinese, Japanese and Korean characters: Han ideographs (the main block, extensions A-G and the
+# compatibility forms), Japanese kana and Korean Hangul syllables.
+CJK_CHARACTER = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff\U00020000-\U0003134f]")
+# Tokenizer type "auto" tokenizes by characters when at least this share of the text's characters
+# (spaces aside) are CJK: mostly-CJK text, whatever Latin words, digits and punctuation come with it.
+CJK_SHARE_FOR_CHARACTERS = 0.5
+SCRIPT_SAMPLE_TEXTS = 10_000  # the texts "auto" measures (the first ones): enough to know the script
 
 # The files of a pretrained tokenizer besides tokenizer.json (read, and written back by `save`).
 TOKENIZER_CONFIG = "tokenizer_config.json"
@@ -448,6 +461,32 @@ def train_char_tokenizer(texts: Iterable[str], max_samples: int = 0, show_progre
     backend.decoder = decoders.Fuse()  # join the characters back with nothing in between
     backend.add_special_tokens(SPECIAL_TOKENS)  # matched in text before splitting, like BPE's
     return CharTokenizer(backend)
+
+
+def cjk_share(texts: Iterable[str]) -> float:
+    """The share of the texts' characters, spaces aside, that are Chinese, Japanese or Korean
+    (CJK_CHARACTER); 0.0 for texts with no such characters or none at all."""
+    characters = cjk = 0
+    for text in texts:
+        characters += len(text) - sum(map(str.isspace, text))
+        cjk += len(CJK_CHARACTER.findall(text))
+    return cjk / characters if characters else 0.0
+
+
+def choose_tokenizer_type(texts: Iterable[str]) -> tuple[str, float]:
+    """("char" or "bpe", the CJK share measured) for tokenizer type "auto", from the first
+    SCRIPT_SAMPLE_TEXTS texts.
+
+    Why characters for CJK text: a Chinese character is a unit of meaning of its own (好 good,
+    差 poor, 不 not), and a few thousand of them make up nearly all text, so a vocabulary of the
+    characters the data hold is as many tokens as that text needs, with no size to choose. Byte-level
+    BPE starts from UTF-8 bytes, where a CJK character is three of them: a vocabulary sized for
+    English (2,048 tokens) spends its merges rebuilding the commonest characters and leaves the
+    rest as byte fragments that mean nothing alone, and one sized to hold them all (8,192 or more)
+    must be chosen per data set. Text in other scripts keeps BPE: a character of English says
+    little on its own, and words of several letters per token keep sequences short."""
+    share = cjk_share(islice(texts, SCRIPT_SAMPLE_TEXTS))
+    return ("char" if share >= CJK_SHARE_FOR_CHARACTERS else "bpe"), share
 
 
 def train_tokenizer(

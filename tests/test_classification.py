@@ -26,7 +26,7 @@ from minigpt.labelled_data import (
 from minigpt.loss import IGNORE_INDEX
 from minigpt.model import GPT
 from minigpt.model_folder import load_classifier, save_model_directory
-from minigpt.tokenizer import load_tokenizer
+from minigpt.tokenizer import SPECIAL_TOKENS, load_tokenizer
 
 SHORT_RUN = ["--block-size", "32", "--batch-size", "8", "--eval-steps", "10", "--save-steps", "10", "--log-steps", "5",
              "--max-time", "0", "--dtype", "float32", "--disable-monitoring"]
@@ -332,14 +332,19 @@ def test_without_validation_data_the_last_weights_are_the_final_model(tmp_path, 
 
 
 def test_chinese_texts_without_spaces_train_end_to_end(tmp_path, capsys):
-    """Short texts with no spaces between words: byte-level BPE splits them, and ten steps of the
-    smallest model learn the 48 records; predictions come back as the training data's strings."""
+    """Short texts with no spaces between words: the recipe measures that they are Chinese and
+    makes each character a token (said in the log, recorded in config.json), ten steps of the
+    smallest model learn the 48 records, and predictions come back as the training data's strings."""
     good, bad = ["这部电影非常好看", "我很喜欢这本书", "今天天气真好", "服务热情周到"], ["这部电影太难看了", "我讨厌这本书", "今天天气很糟糕", "服务态度很差"]
     records = [{"text": text, "labels": "好评"} for text in good * 6] + [{"text": text, "labels": "差评"} for text in bad * 6]
     train = write_jsonl(tmp_path / "zh.jsonl", records)
     assert train_classifier.main(["--data-files", str(train), "--val-data-files", str(train), "--output-dir", str(tmp_path / "runs"),
                                   "--run-name", "zh", "--max-steps", "10", "--learning-rate", "0.01", *TINY,
                                   "--eval-steps", "10", "--save-steps", "10"]) == 0
+    assert "100% of the training text's characters are Chinese, Japanese or Korean" in "".join(capsys.readouterr())
+    loaded = load_classifier(tmp_path / "runs" / "zh" / "final_model")
+    assert loaded.config.train.tokenizer_type == "char" and loaded.tokenizer.kind == "char"
+    assert loaded.tokenizer.vocab_size == len(SPECIAL_TOKENS) + 1 + len(set("".join(good + bad)))
     capsys.readouterr()
     output = tmp_path / "predictions.jsonl"
     assert classify.main([str(tmp_path / "runs" / "zh" / "final_model"), "--data-files", str(train), "--output", str(output)]) == 0

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer as HuggingFaceTokenizer
 
+from conftest import run_in_process
 from minigpt.corpus import builtin_documents
 from minigpt.errors import UserInputError
 from minigpt.tokenizer import (
-    SPECIAL_TOKENS, BPETokenizer, CharTokenizer, load_tokenizer, train_bpe_tokenizer, train_char_tokenizer,
-    train_tokenizer,
+    SPECIAL_TOKENS, BPETokenizer, CharTokenizer, choose_tokenizer_type, cjk_share, load_tokenizer, train_bpe_tokenizer,
+    train_char_tokenizer, train_tokenizer,
 )
 
 MIXED = [
@@ -118,6 +119,40 @@ def test_saved_file_loads_with_bare_tokenizers_library(tmp_path, bpe, char, kind
 def test_train_tokenizer_dispatches_on_kind():
     assert isinstance(train_tokenizer("bpe", MIXED, 300, show_progress=False), BPETokenizer)
     assert isinstance(train_tokenizer("char", MIXED, 300, show_progress=False), CharTokenizer)
+
+
+REVIEWS = ["这本书写得很好，推荐给大家！", "质量太差，千万别买。", "物流很快, 5星好评 :)", "客服态度一般，不过价格还行"]
+
+
+def test_the_script_decides_the_tokenizer_type():
+    assert cjk_share(["好书 ok"]) == pytest.approx(2 / 4)  # spaces aside: 好 书 o k
+    assert choose_tokenizer_type(REVIEWS) == ("char", pytest.approx(cjk_share(REVIEWS)))
+    assert choose_tokenizer_type(["日本語のテキストです", "한국어 문장입니다", "𠮷野家"])[0] == "char"  # kana, Hangul, extension B
+    assert choose_tokenizer_type(MIXED) == ("bpe", pytest.approx(cjk_share(MIXED)))  # English with one Chinese line
+    assert choose_tokenizer_type(["C++ 和 Python 的 API reference"])[0] == "bpe"  # 2 of 23 characters, spaces aside
+    assert choose_tokenizer_type([]) == ("bpe", 0.0) and choose_tokenizer_type(["   "]) == ("bpe", 0.0)
+
+
+def test_every_character_of_chinese_text_is_one_token_and_decodes_back():
+    tokenizer = train_tokenizer(choose_tokenizer_type(REVIEWS)[0], REVIEWS, 2048, show_progress=False)
+    assert tokenizer.kind == "char"
+    for text in REVIEWS:
+        ids = tokenizer.encode(text)
+        assert len(ids) == len(text) and tokenizer.unknown_id not in ids
+        assert [tokenizer.decode([token]) for token in ids] == list(text) and tokenizer.decode(ids) == text
+    # A character training never saw is one <|unk|> token, the others stay themselves.
+    assert tokenizer.encode("好书龘") == [*tokenizer.encode("好书"), tokenizer.unknown_id]
+    assert tokenizer.decode(tokenizer.encode("好书龘")) == "好书<|unk|>"
+
+
+def test_the_tokenizer_command_chooses_by_script_too(tmp_path):
+    (tmp_path / "reviews.jsonl").write_text("".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in REVIEWS),
+                                            encoding="utf-8")
+    result = run_in_process("tokenizer", "--data-files", "reviews.jsonl", "--tokenizer-type", "auto", "--output", "tok.json",
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "are Chinese, Japanese or Korean: training a char tokenizer" in result.stdout
+    assert load_tokenizer(tmp_path / "tok.json").kind == "char"
 
 
 def test_character_vocabulary_is_sorted_and_deterministic(char):

@@ -66,7 +66,7 @@ FLAGS: dict[str, list[Flag]] = {
         Flag(("--text-field",), "train.text_field"),
         Flag(("--token-cache",), "train.token_cache", "tokenize the data once into <output-dir>/token_cache/ (reused while the files and tokenizer stay the same)"),
         Flag(("--tokenizer",), "train.tokenizer_path", "use this tokenizer.json instead of training one"),
-        Flag(("--tokenizer-type",), "train.tokenizer_type", "the kind of tokenizer to train"),
+        Flag(("--tokenizer-type",), "train.tokenizer_type", "the kind of tokenizer to train (auto: characters for Chinese, Japanese or Korean text, else BPE)"),
         Flag(("--vocab-size", "--tokenizer-vocab-size"), "train.tokenizer_vocab_size", "BPE vocabulary size, special tokens included"),
         Flag(("--tokenizer-samples",), "train.tokenizer_samples", "documents used to train the tokenizer (0 = all)"),
         Flag(("--retrain-tokenizer",), "train.retrain_tokenizer", "train a new tokenizer even if one is cached"),

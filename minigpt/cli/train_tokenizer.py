@@ -11,13 +11,13 @@ from minigpt.config import CHOICES, TrainConfig
 from minigpt.corpus import BUILTIN_CORPUS
 from minigpt.sources import iter_documents, resolve_data_files
 from minigpt.errors import UserInputError
-from minigpt.tokenizer import train_tokenizer
+from minigpt.tokenizer import choose_tokenizer_type, train_tokenizer
 
 DEFAULTS = TrainConfig()
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog=program_name("tokenizer"), description="Train a BPE or character tokenizer and save tokenizer.json.")
+    parser = ArgumentParser(prog=program_name("tokenizer"), description="Train a BPE or character tokenizer (auto: characters for Chinese, Japanese or Korean text) and save tokenizer.json.")
     add_shared_arguments(parser, "data_files", "text_field", data_files={"help": "files, directories or globs (default: the built-in corpus)"})
     # The same names as `minigpt train`'s tokenizer flags, and the same defaults.
     parser.add_argument("--tokenizer-type", default=DEFAULTS.tokenizer_type, choices=CHOICES["train.tokenizer_type"])
@@ -35,8 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         raise UserInputError(f"--tokenizer-samples must not be negative, got {arguments.tokenizer_samples}.")
     sources = resolve_data_files(arguments.data_files) if arguments.data_files else [BUILTIN_CORPUS]
     start = time.perf_counter()
+    kind = arguments.tokenizer_type
+    if kind == "auto":
+        kind, share = choose_tokenizer_type(iter_documents(sources, text_field=arguments.text_field))
+        print(f"{share:.0%} of the text's characters are Chinese, Japanese or Korean: training a {kind} tokenizer.")
     documents = iter_documents(sources, text_field=arguments.text_field)
-    tokenizer = train_tokenizer(arguments.tokenizer_type, documents, arguments.vocab_size, arguments.tokenizer_samples)
+    tokenizer = train_tokenizer(kind, documents, arguments.vocab_size, arguments.tokenizer_samples)
     seconds = time.perf_counter() - start
     output = Path(arguments.output)
     tokenizer.save(output)
