@@ -463,3 +463,29 @@ def test_a_looping_stream_reads_no_further_than_an_epoch_or_a_million_characters
     many = tmp_path / "many.jsonl"
     many.write_text((json.dumps({"text": "word " * 120_000}) + "\n") * 10)  # 600,000 characters each
     assert len(TokenBlockStream([many], tokenizer, block_size=16, batch_size=1)._read_documents()) == 2
+
+
+def test_the_hold_out_fallback_counts_a_long_document_a_run_at_a_time(tmp_path, tokenizer, monkeypatch):
+    """With the default --val-fraction, a one-document file leaves the 1% hold-out empty, and the
+    fallback (`holdout_filling_one_block`) tokenized every document whole and kept all their ids:
+    8 bytes a token, so a 200 MB line would have cost gigabytes before training began (issue #33).
+    It needs only each document's token count, counted a run at a time: the memory it takes stays
+    about the text's own, and the counts (so the fraction) are the whole-text tokenization's.
+    Sizes shrunk: runs of 4 pieces of 500 characters."""
+    import minigpt.sources
+    from minigpt.data import holdout_filling_one_block
+
+    long_text = " ".join(WORDS[number % len(WORDS)] for number in range(100_000))  # about 500,000 characters
+    texts = [f"Document {number}: " + " ".join(WORDS[number % 7:]) for number in range(40)] + [long_text]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    whole = holdout_filling_one_block([path], tokenizer, block_size=32, val_fraction=0.01)  # this long text in runs of 1M: whole
+
+    monkeypatch.setattr(minigpt.sources, "LONG_TEXT_CHARACTERS", 500)
+    monkeypatch.setattr(minigpt.sources, "PIECES_PER_CALL", 4)
+    tracemalloc.start()
+    in_runs = holdout_filling_one_block([path], tokenizer, block_size=32, val_fraction=0.01)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert whole is not None and in_runs == whole
+    assert peak < 4 * len(long_text), (peak, len(long_text))  # the ids alone: 8 bytes a character
