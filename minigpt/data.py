@@ -45,13 +45,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from minigpt.errors import UserInputError
 from minigpt.loss import IGNORE_INDEX
-from minigpt.sources import DataReport, Document, DocumentReader, document_hash_fraction, encode_documents, long_text_runs
+from minigpt.sources import (TOKENIZE_BATCH_CHARACTERS, DataReport, Document, DocumentReader, document_batches,
+                             document_hash_fraction, document_runs, encode_documents, long_document_runs)
 from minigpt.tokenizer import Tokenizer
 
 # A batch of one-conversation rows is cut after its last target, rounded up to a multiple of this,
 # so that a compiled model meets a handful of shapes, not one per batch.
 ROW_WIDTH_STEP = 32
-TOKENIZE_BATCH_CHARACTERS = 1 << 20  # documents are read and tokenized in batches of at most this many characters (or 64 documents)
+HOLDOUT_BATCH_DOCUMENTS = 64  # documents tokenized together to count their tokens (or TOKENIZE_BATCH_CHARACTERS)
 
 
 @dataclass
@@ -86,7 +87,7 @@ class EpochState:
 @dataclass
 class LongDocument:
     """A document whose text alone fills a tokenizing batch, being tokenized a run at a time
-    (`minigpt.sources.long_text_runs`). Its place is saved as the reader's position before it and
+    (`minigpt.sources.long_document_runs`). Its place is saved as the reader's position before it and
     how many of its characters are tokenized: a resumed stream reads it again and goes on from there."""
 
     document: Document
@@ -97,17 +98,10 @@ class LongDocument:
     def next_run(self, tokenizer: Tokenizer) -> tuple[np.ndarray, bool]:
         """The ids of the next run (BOS before the first, EOS after the last, as for any document)
         and whether it was the last."""
-        text = self.document.text
         if self.runs is None:
-            self.runs = long_text_runs(text, tokenizer, self.characters)
-        start = self.characters
+            self.runs = long_document_runs(self.document, tokenizer, self.characters)
         ids, self.characters = next(self.runs)
-        last = self.characters >= len(text)
-        before = tokenizer.bos_ids if start == 0 and self.document.starts_document else ()
-        after = (tokenizer.eos_id,) if last and self.document.ends_document else ()
-        if before or after:
-            ids = np.concatenate([np.asarray(before, dtype=np.int64), ids, np.asarray(after, dtype=np.int64)])
-        return ids, last
+        return ids, self.characters >= len(self.document.text)
 
 
 def rounded_width(columns: int, limit: int) -> int:
@@ -541,12 +535,19 @@ def holdout_filling_one_block(
     The hold-out takes the documents whose stable hash is below the fraction, so raising the
     fraction adds whole documents in hash order: this finds where the held-out tokens first
     reach a block and puts the fraction halfway to the next document's hash. It reads and
-    tokenizes every document once, so it is meant for the small data where a 1% hold-out is empty.
+    tokenizes every document once, so it is meant for the small data where a 1% hold-out is empty
+    (one document, however long: only counts are kept, a long document's counted a run at a time).
     """
     reader = DocumentReader(list(sources), text_field)
     reader.warn = False  # the training stream reports bad lines when it reads them
-    documents = list(iter(reader.next_document, None))
-    sized = sorted((document_hash_fraction(document), len(ids)) for document, (ids, _) in zip(documents, encode_documents(documents, tokenizer)))
+    sized, counted = [], 0  # (hash, tokens) of each document; the tokens so far of the one being counted
+    for documents in document_batches(reader, HOLDOUT_BATCH_DOCUMENTS):
+        for document, ids, _, last in document_runs(documents, tokenizer):
+            counted += len(ids)
+            if last:
+                sized.append((document_hash_fraction(document), counted))
+                counted = 0
+    sized.sort()
     needed, total, held = block_size + 1, sum(tokens for _, tokens in sized), 0
     for index, (fraction, tokens) in enumerate(sized):
         held += tokens

@@ -565,6 +565,7 @@ def _whole_characters(chunk: bytes) -> int:
 
 LONG_TEXT_CHARACTERS = 1 << 16  # a longer text is tokenized in pieces of about this many characters
 PIECES_PER_CALL = 16  # ... this many pieces to one (parallel) call of the tokenizer: about 1M characters
+TOKENIZE_BATCH_CHARACTERS = 1 << 20  # documents are read and tokenized in batches of at most this many characters
 
 
 def text_pieces(text: str, size: int, start: int = 0) -> Iterator[str]:
@@ -599,22 +600,38 @@ def long_text_runs(text: str, tokenizer: Tokenizer, start: int = 0) -> Iterator[
         yield np.fromiter(itertools.chain.from_iterable(tokenizer.encode_batch(batch)), dtype=np.int64), start
 
 
-def encode_long_text(text: str, tokenizer: Tokenizer, start_ids: Sequence[int], end_id: int | None) -> np.ndarray:
-    """The token ids of a text too long to tokenize in one call (`long_text_runs`), after
-    `start_ids` (the tokenizer's BOS, if any) and followed by `end_id`, if given, all in one array.
-    It is allocated for the most tokens the text can have (one per UTF-8 byte); only the pages
-    written become memory, so the ids cost what they hold.
+def is_long_text(document: Document) -> bool:
+    """Whether the document is text too long to tokenize in one call (see `long_text_runs`)."""
+    return document.text is not None and len(document.text) > LONG_TEXT_CHARACTERS
+
+
+def long_document_runs(document: Document, tokenizer: Tokenizer, start: int = 0) -> Iterator[tuple[np.ndarray, int]]:
+    """A long document's ids from character `start` on, a run at a time as `long_text_runs` gives
+    its text's, with the BOS a pretrained folder's tokenizer puts before a document's first run and
+    EOS after its last, as `encode_documents` gives them; each with the character the next run starts at."""
+    text = document.text
+    for ids, end in long_text_runs(text, tokenizer, start):
+        before = tokenizer.bos_ids if start == 0 and document.starts_document else ()
+        after = (tokenizer.eos_id,) if end >= len(text) and document.ends_document else ()
+        if before or after:
+            ids = np.concatenate([np.asarray(before, dtype=np.int64), ids, np.asarray(after, dtype=np.int64)])
+        yield ids, end
+        start = end
+
+
+def encode_long_text(document: Document, tokenizer: Tokenizer) -> np.ndarray:
+    """A long document's ids (`long_document_runs`) in one array. It is allocated for the most
+    tokens the text can have (one per UTF-8 byte); only the pages written become memory, so the
+    ids cost what they hold. (For a document of any length, read its runs as they come instead:
+    `document_runs`.)
     """
+    text = document.text
     size = sum(len(text[start:start + LONG_TEXT_CHARACTERS].encode("utf-8")) for start in range(0, len(text), LONG_TEXT_CHARACTERS))
-    ids = np.empty(len(start_ids) + size + 1, dtype=np.int64)
-    ids[:len(start_ids)] = start_ids
-    filled = len(start_ids)
-    for run, _ in long_text_runs(text, tokenizer):
+    ids = np.empty(len(tokenizer.bos_ids) + size + 1, dtype=np.int64)
+    filled = 0
+    for run, _ in long_document_runs(document, tokenizer):
         ids[filled:filled + len(run)] = run
         filled += len(run)
-    if end_id is not None:
-        ids[filled] = end_id
-        filled += 1
     return ids[:filled]
 
 
@@ -629,18 +646,14 @@ def encode_documents(documents: Sequence[Document], tokenizer: Tokenizer) -> lis
     folder's tokenizer puts before it; a conversation ends as its chat template ends it (ChatML
     with <|endoftext|>; a pretrained template's rendering is the whole document).
     """
-    def is_long(document: Document) -> bool:
-        return document.text is not None and len(document.text) > LONG_TEXT_CHARACTERS
-
-    texts = [document.text for document in documents if document.text is not None and not is_long(document)]
+    texts = [document.text for document in documents if document.text is not None and not is_long_text(document)]
     encoded = iter(tokenizer.encode_batch(texts)) if texts else iter(())
     results = []
     for document in documents:
         if document.tokens is not None:
             ids, mask = document.tokens, document.assistant_mask
-        elif is_long(document):  # its end-of-text is written in place: appending would copy every id
-            ids = encode_long_text(document.text, tokenizer, tokenizer.bos_ids if document.starts_document else (),
-                                   tokenizer.eos_id if document.ends_document else None)
+        elif is_long_text(document):  # its end-of-text is written in place: appending would copy every id
+            ids = encode_long_text(document, tokenizer)
             results.append((ids, np.ones(len(ids), dtype=bool)))
             continue
         elif document.text is not None:
@@ -655,3 +668,31 @@ def encode_documents(documents: Sequence[Document], tokenizer: Tokenizer) -> lis
             ids, mask = np.append(ids, end), np.append(mask, [True] * len(end))
         results.append((ids, mask))
     return results
+
+
+def document_runs(documents: Sequence[Document], tokenizer: Tokenizer) -> Iterator[tuple[Document, np.ndarray, np.ndarray, bool]]:
+    """`encode_documents`' (ids, mask) of each document, a long one's a run at a time
+    (`long_document_runs`, every token a target), each with whether it is its document's last:
+    whatever a document's length, the ids held at once are one run's. For what reads every token
+    once (a token cache, counting a document's tokens); training keeps its place inside a long
+    document instead (`minigpt.data.LongDocument`)."""
+    encoded = iter(encode_documents([document for document in documents if not is_long_text(document)], tokenizer))
+    for document in documents:
+        if is_long_text(document):
+            for ids, end in long_document_runs(document, tokenizer):
+                yield document, ids, np.ones(len(ids), dtype=bool), end >= len(document.text)
+        else:
+            yield document, *next(encoded), True
+
+
+def document_batches(reader: DocumentReader, max_documents: int) -> Iterator[list[Document]]:
+    """The reader's documents in batches of at most `max_documents`, each ended too once it holds
+    TOKENIZE_BATCH_CHARACTERS of text: long documents are not gathered by the hundred."""
+    while True:
+        batch, characters = [], 0
+        while len(batch) < max_documents and characters < TOKENIZE_BATCH_CHARACTERS and (document := reader.next_document()) is not None:
+            batch.append(document)
+            characters += len(document.text) if document.text is not None else 0
+        if not batch:
+            return
+        yield batch

@@ -27,11 +27,11 @@ import numpy as np
 from tqdm.auto import tqdm  # a widget in Jupyter, text in a terminal
 
 from minigpt.files import write_directory_atomically
-from minigpt.sources import Document, DocumentReader, TokenCache, document_hash_fraction, encode_documents, sources_fingerprint
+from minigpt.sources import DocumentReader, TokenCache, document_batches, document_hash_fraction, document_runs, sources_fingerprint
 from minigpt.tokenizer import Tokenizer
 
 CACHE_VERSION = 2  # 2: assistant masks of chat documents are kept
-ENCODE_BATCH = 256  # documents tokenized together
+ENCODE_BATCH = 256  # documents tokenized together (or TOKENIZE_BATCH_CHARACTERS of text)
 
 
 def cache_key(sources: Sequence, tokenizer: Tokenizer, text_field: str) -> str:
@@ -52,21 +52,20 @@ def build_token_cache(
     def fill(temporary: Path) -> None:
         reader = DocumentReader(list(sources), text_field)
         offsets, fractions, has_chat = [0], [], False
+        written = 0  # tokens written, of every document so far
         start = time.perf_counter()
         with open(temporary / "tokens.bin", "wb") as tokens_file, open(temporary / "assistant_mask.bin", "wb") as mask_file, \
                 tqdm(unit="doc", desc="token cache", disable=not show_progress) as bar:
-            while True:
-                batch: list[Document] = []
-                while len(batch) < ENCODE_BATCH and (document := reader.next_document()) is not None:
-                    batch.append(document)
-                if not batch:
-                    break
-                for document, (ids, mask) in zip(batch, encode_documents(batch, tokenizer)):
+            for batch in document_batches(reader, ENCODE_BATCH):
+                # A long document comes a run at a time (a 200 MB line: a million characters' ids at once)
+                for document, ids, mask, last in document_runs(batch, tokenizer):
                     tokens_file.write(ids.astype(dtype).tobytes())
                     mask_file.write(mask.astype(np.bool_).tobytes())
-                    has_chat = has_chat or document.conversations is not None
-                    offsets.append(offsets[-1] + len(ids))
-                    fractions.append(document_hash_fraction(document))
+                    written += len(ids)
+                    if last:
+                        has_chat = has_chat or document.conversations is not None
+                        offsets.append(written)
+                        fractions.append(document_hash_fraction(document))
                 bar.update(len(batch))
         if not has_chat:  # all True: not worth a byte per token
             (temporary / "assistant_mask.bin").unlink()

@@ -456,17 +456,18 @@ with open(f"{directory}/huge.jsonl", "w") as file:  # written a megabyte at a ti
         file.write(" ".join(words[number % len(words)] for number in range(200_000)) + " ")
     file.write('"}\\n')
 status = main(["train", "--config", "tiny", "--data-files", f"{directory}/huge.jsonl", "--tokenizer", tokenizer,
-               "--output-dir", f"{directory}/runs", "--max-steps", "2", "--num-epochs", "1", "--val-fraction", "0",
-               "--dtype", "float32", "--sample-tokens", "0", "--disable-monitoring"])
+               "--output-dir", f"{directory}/runs", "--max-steps", "2", "--num-epochs", "1", "--dtype", "float32", "--sample-tokens", "0", "--disable-monitoring"])
 print(json.dumps({"status": status, "peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
 
 @pytest.mark.slow  # a huge-file test: tokenizing 200 MB takes minutes
 def test_a_200_megabyte_single_line_document_trains_in_under_one_and_a_half_gigabytes(tmp_path, tokenizer_file):
-    """Issue #33: 30 MB of one line took 3.8 GB of memory, 200 MB grew past 18 GB. The line is read
-    three times: to check that it fills a block, to count the epoch's rows (`--num-epochs 1`: the whole
-    line is tokenized) and to train."""
+    """Issue #33: 30 MB of one line took 3.8 GB of memory, 200 MB grew past 18 GB. With the default
+    --val-fraction the line is read five times: to find the 1% hold-out empty, to count its tokens for
+    the fallback (one document cannot be both held out and trained on: no validation), to check that
+    it fills a block, to count the epoch's rows (`--num-epochs 1`) and to train; it is tokenized whole
+    twice. (50 MB of one line: 0.50 GB and 210 s on 2 shared cores.)"""
     result = subprocess.run([sys.executable, "-c", HUGE_LINE_TRAINING, "200", str(tokenizer_file), str(tmp_path)],
                             capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -486,3 +487,29 @@ def test_a_looping_stream_reads_no_further_than_an_epoch_or_a_million_characters
     many = tmp_path / "many.jsonl"
     many.write_text((json.dumps({"text": "word " * 120_000}) + "\n") * 10)  # 600,000 characters each
     assert len(TokenBlockStream([many], tokenizer, block_size=16, batch_size=1)._read_documents()) == 2
+
+
+def test_the_hold_out_fallback_counts_a_long_document_a_run_at_a_time(tmp_path, tokenizer, monkeypatch):
+    """With the default --val-fraction, a one-document file leaves the 1% hold-out empty, and the
+    fallback (`holdout_filling_one_block`) tokenized every document whole and kept all their ids:
+    8 bytes a token, so a 200 MB line would have cost gigabytes before training began (issue #33).
+    It needs only each document's token count, counted a run at a time: the memory it takes stays
+    about the text's own, and the counts (so the fraction) are the whole-text tokenization's.
+    Sizes shrunk: runs of 4 pieces of 500 characters."""
+    import minigpt.sources
+    from minigpt.data import holdout_filling_one_block
+
+    long_text = " ".join(WORDS[number % len(WORDS)] for number in range(100_000))  # about 500,000 characters
+    texts = [f"Document {number}: " + " ".join(WORDS[number % 7:]) for number in range(40)] + [long_text]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    whole = holdout_filling_one_block([path], tokenizer, block_size=32, val_fraction=0.01)  # this long text in runs of 1M: whole
+
+    monkeypatch.setattr(minigpt.sources, "LONG_TEXT_CHARACTERS", 500)
+    monkeypatch.setattr(minigpt.sources, "PIECES_PER_CALL", 4)
+    tracemalloc.start()
+    in_runs = holdout_filling_one_block([path], tokenizer, block_size=32, val_fraction=0.01)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert whole is not None and in_runs == whole
+    assert peak < 4 * len(long_text), (peak, len(long_text))  # the ids alone: 8 bytes a character

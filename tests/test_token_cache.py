@@ -101,3 +101,32 @@ def test_an_unreadable_cache_is_explained(tmp_path):
     (tmp_path / "index.json").write_text("{}")
     with pytest.raises(Exception, match="delete it to have it rebuilt"):
         TokenCache.open(tmp_path)
+
+
+def test_a_long_document_is_cached_a_run_at_a_time_to_the_same_tokens(tmp_path, monkeypatch):
+    """Building a cache (`minigpt prepare-data`, `--token-cache`) tokenized a long document whole
+    and held all its ids (8 bytes a token, then a uint16 copy): a 200 MB line would have cost
+    gigabytes (issue #33). Its runs are written as they come: the memory it takes stays about the
+    text's own, and the cached tokens are the whole text's. Sizes shrunk: runs of 4 pieces of 500
+    characters."""
+    import tracemalloc
+
+    import minigpt.sources
+    from minigpt.tokenizer import train_char_tokenizer
+
+    words = "the model reads text and learns to predict the next token from those before it".split()
+    tokenizer = train_char_tokenizer(["Document 0123456789: " + " ".join(words) + "\n"], show_progress=False)
+    long_text = " ".join(words[number % len(words)] for number in range(100_000))  # about 500,000 characters
+    texts = ["Document 0: before it", long_text, "Document 2: after it"]
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    monkeypatch.setattr(minigpt.sources, "LONG_TEXT_CHARACTERS", 500)
+    monkeypatch.setattr(minigpt.sources, "PIECES_PER_CALL", 4)
+    tracemalloc.start()
+    cache = build_token_cache([path], tokenizer, tmp_path / "cache", show_progress=False)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert cache.documents == 3
+    for number, text in enumerate(texts):
+        assert cache.document(number).tokens.tolist() == tokenizer.encode(text) + [tokenizer.eos_id]
+    assert peak < 4 * len(long_text), (peak, len(long_text))  # the ids alone: 8 bytes a character
