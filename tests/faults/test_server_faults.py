@@ -165,6 +165,10 @@ def test_a_client_that_hangs_up_mid_generation_frees_its_row_while_others_are_se
     batcher = server.server.config.app.state.batcher
     cancel, cancelled = batcher.cancel, {}
     monkeypatch.setattr(batcher, "cancel", lambda job: (cancelled.setdefault(id(job), time.time()), cancel(job)))
+    # 20 ms a step: the 120 tokens take 2.4 s, longer than the check's half second on any machine
+    # (the tiny model alone would finish them before a fast machine's first check).
+    step = batcher.engine.step
+    monkeypatch.setattr(batcher.engine, "step", lambda: (time.sleep(0.02), step())[1])
     long = {"model": "tiny-chat", "prompt": "The", "max_tokens": 120, "temperature": 1.0, "seed": 1, "stream": stream}
     job, left = hang_up_once_decoding(server, batcher, monkeypatch, long)
     stayed = post(server, C, chat_body(temperature=0))
