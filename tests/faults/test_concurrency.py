@@ -113,21 +113,28 @@ def race_for_the_lock(run_dir, start, winners) -> None:
     time.sleep(2)  # holding it while the others try
 
 
-def test_of_trainers_starting_at_once_exactly_one_takes_the_lock(tmp_path):
-    """The lock's owner is written into it, and a busy machine can stop a process between creating
-    the lock and writing its pid: another trainer must not take that empty lock for a stale one."""
-    context = multiprocessing.get_context("fork")
-    start, winners = context.Event(), context.Queue()
-    racers = [context.Process(target=race_for_the_lock, args=(tmp_path, start, winners)) for _ in range(6)]
+def assert_one_winner(racers, winners, start=None) -> None:
+    """Start the racing processes (then `start`, if given, lets them go), wait for them, and check
+    that exactly one of them reported holding the lock."""
     for racer in racers:
         racer.start()
-    start.set()
+    if start is not None:
+        start.set()
     for racer in racers:
         racer.join(timeout=60)
     won = []
     while not winners.empty():
         won.append(winners.get())
     assert len(won) == 1, f"{len(won)} trainers hold the lock at once"
+
+
+def test_of_trainers_starting_at_once_exactly_one_takes_the_lock(tmp_path):
+    """The lock's owner is written into it, and a busy machine can stop a process between creating
+    the lock and writing its pid: another trainer must not take that empty lock for a stale one."""
+    context = multiprocessing.get_context("fork")
+    start, winners = context.Event(), context.Queue()
+    racers = [context.Process(target=race_for_the_lock, args=(tmp_path, start, winners)) for _ in range(6)]
+    assert_one_winner(racers, winners, start)
 
 
 def take_over_a_stale_lock(run_dir, checked, winners) -> None:
@@ -162,11 +169,4 @@ def test_of_two_trainers_taking_over_the_same_stale_lock_exactly_one_wins(tmp_pa
     context = multiprocessing.get_context("fork")
     checked, winners = context.Barrier(2), context.Queue()
     racers = [context.Process(target=take_over_a_stale_lock, args=(tmp_path, checked, winners)) for _ in range(2)]
-    for racer in racers:
-        racer.start()
-    for racer in racers:
-        racer.join(timeout=60)
-    won = []
-    while not winners.empty():
-        won.append(winners.get())
-    assert len(won) == 1, f"{len(won)} trainers hold the lock at once"
+    assert_one_winner(racers, winners)
