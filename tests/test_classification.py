@@ -332,14 +332,14 @@ def test_without_validation_data_the_last_weights_are_the_final_model(tmp_path, 
 
 
 def test_chinese_texts_without_spaces_train_end_to_end(tmp_path, capsys):
-    """Short texts with no spaces between words: the recipe measures that they are Chinese and
-    makes each character a token (said in the log, recorded in config.json), ten steps of the
+    """Short texts with no spaces between words: --tokenizer-type auto measures that they are Chinese
+    and makes each character a token (said in the log, recorded in config.json), ten steps of the
     smallest model learn the 48 records, and predictions come back as the training data's strings."""
     good, bad = ["这部电影非常好看", "我很喜欢这本书", "今天天气真好", "服务热情周到"], ["这部电影太难看了", "我讨厌这本书", "今天天气很糟糕", "服务态度很差"]
     records = [{"text": text, "labels": "好评"} for text in good * 6] + [{"text": text, "labels": "差评"} for text in bad * 6]
     train = write_jsonl(tmp_path / "zh.jsonl", records)
     assert train_classifier.main(["--data-files", str(train), "--val-data-files", str(train), "--output-dir", str(tmp_path / "runs"),
-                                  "--run-name", "zh", "--max-steps", "10", "--learning-rate", "0.01", *TINY,
+                                  "--run-name", "zh", "--max-steps", "10", "--learning-rate", "0.01", "--tokenizer-type", "auto", *TINY,
                                   "--eval-steps", "10", "--save-steps", "10"]) == 0
     assert "100% of the training text's characters are Chinese, Japanese or Korean" in "".join(capsys.readouterr())
     loaded = load_classifier(tmp_path / "runs" / "zh" / "final_model")
