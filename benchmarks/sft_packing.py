@@ -99,6 +99,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = the physical cores)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: under autocast, weights float32")
     arguments = parser.parse_args()
+    sizes = {"--segment-seconds": arguments.segment_seconds, "--rounds": arguments.rounds, "--block-size": arguments.block_size,
+             "--batch-size": arguments.batch_size, "--layers": arguments.layers, "--width": arguments.width}
+    if not_positive := [flag for flag, size in sizes.items() if size <= 0]:
+        parser.error(f"{not_positive[0]} takes a number above 0")
+    if arguments.width % 4:
+        parser.error("--width must be a multiple of 4 (the model has 4 heads)")
 
     threads = configure_threads(arguments.threads)
     device = torch.device("cpu")
