@@ -164,10 +164,16 @@ def _is_disk_full(error: BaseException, directory: Path) -> bool:
 NOT_WRITABLE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS)  # no permission; a read-only file system
 
 
-def not_writable(error: OSError, target: Path) -> UserInputError:
-    """A write refused by the file system (no permission, a read-only mount), as one sentence naming
-    what was to be written, not the temporary name the refusal came from."""
-    return UserInputError(f"Cannot write {target}: {error.strerror.lower()}; choose a location you can write to.")
+@contextlib.contextmanager
+def writes_to(target: Path) -> Iterator[None]:
+    """A write refused by the file system (no permission, a read-only mount) inside the block, as one
+    sentence naming what was to be written, not the temporary name the refusal came from."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in NOT_WRITABLE_ERRNOS:
+            raise
+        raise UserInputError(f"Cannot write {target}: {error.strerror.lower()}; choose a location you can write to.") from None
 
 
 def _disk_full(target: Path, partial: Path) -> DiskFullError:
@@ -208,13 +214,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see the old content or the new, never a mix.
     The file gets the permissions any new file gets (the umask's), not the temporary file's 0600."""
     path = Path(path)
-    try:
+    with writes_to(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor, temporary = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=path.parent)
-    except OSError as error:
-        if error.errno in NOT_WRITABLE_ERRNOS:
-            raise not_writable(error, path) from None
-        raise
     try:
         os.fchmod(descriptor, 0o666 & ~_umask())
         with os.fdopen(descriptor, "wb") as file:
@@ -246,14 +248,10 @@ def write_directory_atomically(path: str | Path, fill: Callable[[Path], None], m
     that `verify_manifest` can later tell a complete directory from a damaged one.
     """
     path = Path(path)
-    try:
+    with writes_to(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         restore_retired(path)
         temporary = Path(tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{path.name}-", dir=path.parent))
-    except OSError as error:
-        if error.errno in NOT_WRITABLE_ERRNOS:
-            raise not_writable(error, path) from None
-        raise
     try:
         temporary.chmod(0o777 & ~_umask())  # as any new folder, not mkdtemp's 0700: others may need to read an export
         fill(temporary)
