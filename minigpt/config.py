@@ -416,17 +416,26 @@ def validate_family_switches(model: ModelConfig) -> None:
         raise UserInputError("model.head_size, sliding_window, query_pre_attn_scalar and rope_local_theta must not be negative.")
 
 
+def _require_positive(values: dict[str, int | float]) -> None:
+    """Refuse, in one sentence, the first setting that is not positive (integers: at least 1)."""
+    for key, value in values.items():
+        if value < 1 if isinstance(value, int) else value <= 0:
+            raise UserInputError(f"{key} must be positive, got {value}.")
+
+
+def _require_non_negative(values: dict[str, int | float]) -> None:
+    """Refuse, in one sentence, the first setting below zero."""
+    for key, value in values.items():
+        if value < 0:
+            raise UserInputError(f"{key} must not be negative, got {value}.")
+
+
 def validate_model(model: ModelConfig) -> None:
     """Raise a `UserInputError` with one sentence if the model's shape cannot be built: checked
     before training, and before a saved model's config.json allocates anything when it loads."""
-    positive = {"model.block_size": model.block_size, "model.n_layer": model.n_layer, "model.n_head": model.n_head,
-                "model.n_embd": model.n_embd, "model.rope_theta": model.rope_theta, "model.norm_eps": model.norm_eps}
-    for key, value in positive.items():
-        if value < 1 if isinstance(value, int) else value <= 0:
-            raise UserInputError(f"{key} must be positive, got {value}.")
-    for key, value in {"model.vocab_size": model.vocab_size, "model.n_kv_head": model.n_kv_head, "model.ffn_hidden": model.ffn_hidden}.items():
-        if value < 0:
-            raise UserInputError(f"{key} must not be negative, got {value}.")
+    _require_positive({"model.block_size": model.block_size, "model.n_layer": model.n_layer, "model.n_head": model.n_head,
+                       "model.n_embd": model.n_embd, "model.rope_theta": model.rope_theta, "model.norm_eps": model.norm_eps})
+    _require_non_negative({"model.vocab_size": model.vocab_size, "model.n_kv_head": model.n_kv_head, "model.ffn_hidden": model.ffn_hidden})
     if model.n_embd % model.n_head and not model.head_size:
         raise UserInputError(
             f"model.n_head ({model.n_head}) must divide model.n_embd ({model.n_embd}); pick a width that is a multiple of the head count."
@@ -455,9 +464,7 @@ def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None
         "train.keep_checkpoints": train.keep_checkpoints, "train.log_steps": train.log_steps,
         "train.learning_rate": train.learning_rate, "train.dpo_beta": train.dpo_beta,
     }
-    for key, value in positive.items():
-        if value < 1 if isinstance(value, int) else value <= 0:
-            raise UserInputError(f"{key} must be positive, got {value}.")
+    _require_positive(positive)
     non_negative = {
         "train.max_data_size": train.max_data_size, "train.shuffle_buffer": train.shuffle_buffer,
         "train.tokenizer_samples": train.tokenizer_samples, "train.min_learning_rate": train.min_learning_rate,
@@ -468,9 +475,7 @@ def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None
         "train.lora_rank": train.lora_rank, "train.lm_loss_weight": train.lm_loss_weight,
         "train.num_epochs": train.num_epochs, "train.epoch_steps": train.epoch_steps, "train.rpo_alpha": train.rpo_alpha,
     }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise UserInputError(f"{key} must not be negative, got {value}.")
+    _require_non_negative(non_negative)
     if not 0.0 <= train.val_fraction < 1.0:
         raise UserInputError(f"train.val_fraction must be in [0, 1), got {train.val_fraction}.")
     if train.min_learning_rate > train.learning_rate:

@@ -223,8 +223,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", merge_adapter: bo
         model, tokenizer, config = _load_hugging_face(folder.path)
         return LoadedModel(model.to(device), tokenizer, config, folder.kind, folder.path)
     verify_manifest(folder.path)  # final_model/ and checkpoints; folders written before manifests existed have none
-    config = load_config(str(folder.files / "config.json"))
     source = str(folder.files / "config.json")
+    config = load_config(source)
     try:
         validate_model(config.model)  # a damaged or hostile config.json is refused before anything is allocated
         if config.model.vocab_size < 1:
