@@ -1,7 +1,8 @@
 """Decoding speed: MiniGPT's engine against llama.cpp running the same weights exported to GGUF f32.
 
     python benchmarks/decode_vs_llama_cpp.py [--shapes small medium qwen3] [--new-tokens 128 512]
-        [--rows 1 8] [--prompt-tokens 64] [--variants eager compiled bfloat16] [--baseline /work/main]
+        [--rows 1 8] [--prompt-tokens 64] [--variants eager compiled bfloat16 compiled-bfloat16]
+        [--baseline /work/main]
         [--threads N] [--repeats 3] [--json out.json]
 
 Each shape is a randomly initialised model with a 6,400-token byte-level BPE vocabulary (trained
@@ -18,10 +19,13 @@ Contestants, alternated run by run so machine load hits all alike (median of --r
                 --threads threads; greedy by the argmax of each step's logits. Several rows run
                 one after another (its `Llama` class decodes one sequence).
     eager       MiniGPT's Engine as generate/chat/serve/eval use it: the rows decoded as one batch.
-    compiled    Engine(compile=True): the decoding step through torch.compile (the compilation is
-                done in a warm-up run first and not timed; it is quoted separately).
+    compiled    Engine(compile=True): the decoding step through torch.compile, on a CPU with the
+                weights frozen into C++ matrix kernels (minigpt.engine.CPU_DECODE_COMPILATION).
+                The compilation is done in a warm-up run first and not timed; it is quoted separately.
     bfloat16    the eager engine on a copy of the model in bfloat16 (only where the CPU has
-                AVX512-BF16 or AMX); its tokens are compared with float32's.
+                AVX512-BF16 or AMX); its tokens are compared with llama.cpp's float32 ones.
+    compiled-bfloat16  both: the compiled step over the bfloat16 copy (half the bytes to read per
+                token, where one row's decoding is bound by memory bandwidth).
     baseline    with --baseline PATH, the eager engine of another MiniGPT checkout (e.g. main
                 before this change), run from that checkout's code on the same weights.
 
@@ -197,7 +201,8 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--variants", nargs="+", default=["eager"], choices=["eager", "compiled", "bfloat16"])
+    parser.add_argument("--variants", nargs="+", default=["eager", "compiled", "compiled-bfloat16"],
+                        choices=["eager", "compiled", "bfloat16", "compiled-bfloat16"])
     parser.add_argument("--baseline", type=Path, help="another MiniGPT checkout whose eager engine runs too (e.g. main)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads of every contestant")
     parser.add_argument("--repeats", type=int, default=3)
@@ -218,12 +223,12 @@ def main() -> int:
     from minigpt.runtime import cpu_has_fast_bfloat16
 
     has_llama_cpp = importlib.util.find_spec("llama_cpp") is not None
-    variants = [name for name in arguments.variants if name != "bfloat16" or cpu_has_fast_bfloat16()]
+    variants = [name for name in arguments.variants if "bfloat16" not in name or cpu_has_fast_bfloat16()]
     print(f"CPU: {cpu_description()}; {arguments.threads} threads each; torch {torch.__version__}")
     if not has_llama_cpp:
         print("llama_cpp is not importable: llama.cpp is skipped (pip install llama-cpp-python compiles it, about 15 minutes)")
     if variants != arguments.variants:
-        print("no AVX512-BF16 or AMX on this CPU: the bfloat16 variant is skipped")
+        print("no AVX512-BF16 or AMX on this CPU: the bfloat16 variants are skipped")
     print(f"greedy, {arguments.prompt_tokens}-token prompts; tokens/s = new tokens / whole run; median of {arguments.repeats}, alternated")
     tokenizer = build_tokenizer()
     longest = arguments.prompt_tokens + max(arguments.new_tokens)
@@ -239,12 +244,13 @@ def main() -> int:
                 export_gguf(model, tokenizer, work / f"{shape}-gguf", "f32")
                 contestants["llama.cpp"] = LlamaCpp(work / f"{shape}-gguf" / GGUF_FILE_NAME, longest, arguments.threads)
             for name in variants:
-                contestants[name] = Worker(ROOT, weights, arguments.threads, "bfloat16" if name == "bfloat16" else "float32",
-                                           compile=name == "compiled")
+                contestants[name] = Worker(ROOT, weights, arguments.threads, "bfloat16" if "bfloat16" in name else "float32",
+                                           compile=name.startswith("compiled"))
             if arguments.baseline:
                 contestants["baseline"] = Worker(arguments.baseline.resolve(), weights, arguments.threads)
             print(f"\n{shape}: {model.num_parameters() / 1e6:.1f}M parameters")
-            print(f"{'rows':>4} {'new':>5} | " + " | ".join(f"{name:>13}" for name in contestants) + " | MiniGPT eager / others")
+            reference = "llama.cpp" if has_llama_cpp else "eager"
+            print(f"{'rows':>4} {'new':>5} | " + " | ".join(f"{name:>17}" for name in contestants) + f" | each / {reference}")
             for rows in arguments.rows:
                 generator = torch.Generator().manual_seed(rows)
                 prompts = [torch.randint(4, VOCAB_SIZE, (arguments.prompt_tokens,), generator=generator).tolist() for _ in range(rows)]
@@ -259,18 +265,19 @@ def main() -> int:
                             seconds, tokens[name] = contestant.decode(prompts, new_tokens)
                             speeds[name].append(rows * new_tokens / seconds)
                     median = {name: statistics.median(values) for name, values in speeds.items()}
-                    ratios = {name: median.get("eager", float("nan")) / value for name, value in median.items() if name != "eager"}
+                    ratios = {name: value / median[reference] for name, value in median.items() if name != reference}
                     agreement = {name: float(np.mean(np.array(tokens[name]) == np.array(tokens[next(iter(tokens))])))
                                  for name in tokens}
-                    print(f"{rows:>4} {new_tokens:>5} | " + " | ".join(f"{median[name]:>9,.1f} t/s" for name in contestants)
-                          + " | " + ", ".join(f"{ratios[name]:.2f}x {name}" for name in ratios))
-                    if "compiled" in warm_up:
-                        print(f"{'':>10}   compiled: first run (compilation included) {warm_up['compiled']:.0f} s")
+                    print(f"{rows:>4} {new_tokens:>5} | " + " | ".join(f"{median[name]:>13,.1f} t/s" for name in contestants)
+                          + " | " + ", ".join(f"{name} {ratio:.2f}x" for name, ratio in ratios.items()))
+                    compiled = [f"{name} {seconds:.0f} s" for name, seconds in warm_up.items() if name.startswith("compiled")]
+                    if compiled:
+                        print(f"{'':>10}   first run, compilation included: " + ", ".join(compiled))
                     differing = [f"{name} {share:.0%}" for name, share in agreement.items() if share < 1]
                     if differing:
                         print(f"{'':>10}   tokens equal to {next(iter(tokens))}'s: " + ", ".join(differing))
                     results.append({"shape": shape, "parameters": model.num_parameters(), "rows": rows, "new_tokens": new_tokens,
-                                    "tokens_per_second": median, "eager_over": ratios, "token_agreement": agreement,
+                                    "tokens_per_second": median, f"over_{reference}": ratios, "token_agreement": agreement,
                                     "first_run_seconds": warm_up})
             for contestant in contestants.values():
                 contestant.close()

@@ -36,19 +36,23 @@ the window is cut there and finishes with "length", like a row that used up max_
 (each token costs the whole prefix), the same tokens. It is kept as the reference the cache is
 measured and checked against (`--no-kv-cache`, tutorial 7, benchmarks/generate_throughput.py).
 
-`Engine(model, compile=True)` runs step 2 through torch.compile (see `Engine.__init__`); the
+`Engine(model, compile=True)` runs step 2 through torch.compile (see `compiled_decode_step`); the
 tokens are the eager engine's. benchmarks/decode_vs_llama_cpp.py measures both against llama.cpp.
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Literal, Sequence
+from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 import torch
 
 from minigpt.errors import UserInputError
 from minigpt.model import GPT, KVCache
+
+log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]  # a stop id was sampled / the token budget is used up
 
@@ -208,6 +212,51 @@ def decode_logits(model: GPT, newest: torch.Tensor, positions: torch.Tensor, cac
     return model.lm_head(model.trunk(newest, positions.unsqueeze(1), cache)[:, -1])
 
 
+# How inductor compiles the decoding step on a CPU. `freezing` treats the weights as constants,
+# which lets `max_autotune` lay each weight matrix out for the C++ matrix kernels it generates
+# (the CPP backend) instead of calling MKL's, whose one-row products stream a (out, in) matrix at
+# half the memory bandwidth on some CPUs. The `small` preset, one row, 1 thread on a 2-core AMD
+# EPYC (AVX-512): eager 115 tokens/s, compiled 135, frozen and autotuned 220. The autotuner's
+# timings per matrix shape are not printed (they would fill the user's terminal).
+CPU_DECODE_COMPILATION = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                          "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+
+# One compiled step per model, shared by its engines (a chat's fresh engine per reply compiles
+# nothing new): the model's parameters, their version counters when it was compiled, the step.
+_compiled_steps: weakref.WeakKeyDictionary[GPT, tuple[list[torch.nn.Parameter], list[int], Callable[..., torch.Tensor]]] = (
+    weakref.WeakKeyDictionary())
+
+
+def compiled_decode_step(model: GPT) -> Callable[..., torch.Tensor]:
+    """`decode_logits` through torch.compile for `model`: compiled at its first call (tens of
+    seconds on a small CPU, less when inductor's on-disk cache has the kernels), again for a new
+    batch size or cache capacity. On a CPU the weights are frozen into the compiled step
+    (CPU_DECODE_COMPILATION): a step is compiled afresh when any weight changed in place since
+    (training, load_state_dict), which each parameter's version counter tells. If compilation
+    fails (no C compiler, say), it says so once and the step runs eagerly."""
+    known = _compiled_steps.get(model)
+    if known is not None and [parameter._version for parameter in known[0]] == known[1]:
+        return known[2]
+    import torch._inductor.config as inductor_config  # imported with the first compilation, not with the engine
+
+    parameters = list(model.parameters())
+    versions = [parameter._version for parameter in parameters]
+    compiled = torch.compile(decode_logits, fullgraph=True)
+    settings = CPU_DECODE_COMPILATION if parameters[0].device.type == "cpu" else {}
+
+    def step(model: GPT, newest: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        try:
+            with inductor_config.patch(settings):
+                return compiled(model, newest, positions, cache)
+        except Exception as error:  # noqa: BLE001 - any compiler failure means: decode eagerly
+            log.warning("torch.compile failed (%s); decoding without compilation.", str(error).splitlines()[0])
+            _compiled_steps[model] = parameters, versions, decode_logits
+            return decode_logits(model, newest, positions, cache)
+
+    _compiled_steps[model] = parameters, versions, step
+    return step
+
+
 class Engine:
     """Decodes a changing batch of rows with one model: `add`, `cancel`, `step`, or `generate`.
 
@@ -219,15 +268,14 @@ class Engine:
         self.model = model
         self.use_kv_cache = use_kv_cache
         # compile=True: the decoding step (the model's trunk and head for one token per row) runs
-        # through torch.compile, over a cache whose shapes stay fixed while the rows do (static_shapes).
-        # It pays the compilation first (a minute or more on a small CPU; again when the rows or the
-        # cache size change, after which the sizes are compiled as symbolic) to save Python and kernel
-        # overhead at every token: worth it for long or many generations, measured in
-        # benchmarks/decode_vs_llama_cpp.py. Opt-in.
+        # through torch.compile (`compiled_decode_step`), over a cache whose shapes stay fixed while
+        # the rows do (static_shapes). It pays the compilation first (tens of seconds on a small CPU;
+        # again when the rows or the cache size change, after which the sizes are compiled as
+        # symbolic) to save time at every token: worth it for long or many generations, measured in
+        # benchmarks/decode_vs_llama_cpp.py. Opt-in (`minigpt generate --compile`).
         if compile and not use_kv_cache:
             raise ValueError("Engine(compile=True) compiles the KV-cache decoding step; it needs use_kv_cache=True.")
         self.compile = compile
-        self._decode_logits = torch.compile(decode_logits, fullgraph=True) if compile else decode_logits
         self.device = next(model.parameters()).device
         self.pending: list[_Row] = []  # added, prefilled at the next step
         self._mode_to_restore: bool | None = None  # the model's training flag, while the engine holds it in eval mode
@@ -317,7 +365,8 @@ class Engine:
         """Logits (rows, vocab) after feeding each decoding row's newest token at its own position."""
         newest = self.tokens.gather(1, (self.lengths - 1)[:, None])  # (rows, 1)
         positions = self.cache.begin(1)  # the host-side bookkeeping stays out of a compiled step
-        logits = self._decode_logits(self.model, newest, positions, self.cache)
+        step = compiled_decode_step(self.model) if self.compile else decode_logits
+        logits = step(self.model, newest, positions, self.cache)
         self.cache.end(1)
         return logits
 

@@ -141,6 +141,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated_half * sin
 
 
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                        scale: float | None) -> torch.Tensor:
+    """Attention for one new token per row (a decoding step), written out: q (batch, heads, 1,
+    head_dim) over the cache's k, v (batch, kv_heads, keys, head_dim), `mask` (batch, 1, 1, keys)
+    True where the query sees a key. The same numbers as F.scaled_dot_product_attention, whose CPU
+    kernel works in blocks sized for many queries: for one query it cost 66 µs per layer in float32
+    and 140 µs in bfloat16 (the `small` preset, 192 keys), where this, compiled, costs a few."""
+    batch, heads, _, head_dim = q.shape
+    kv_heads = k.size(1)
+    # The query heads that share a key/value head (grouped-query attention) side by side: (batch, kv_heads, group, head_dim).
+    q = q.view(batch, kv_heads, heads // kv_heads, head_dim)
+    scores = (q @ k.transpose(-1, -2)).float() * (head_dim ** -0.5 if scale is None else scale)
+    if mask is not None:
+        scores = scores.masked_fill(~mask.view(batch, 1, 1, -1), float("-inf"))
+    return (scores.softmax(-1).to(v.dtype) @ v).view(batch, heads, 1, head_dim)
+
+
 class KVCache:
     """Keys and values of past positions, one pair of tensors per layer, for fast generation.
 
@@ -319,10 +336,13 @@ class CausalSelfAttention(nn.Module):
         if upcast:
             q, k, v = q.float(), k.float(), v.float()
         with torch.autocast("cpu", enabled=False) if upcast else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=(cache is None and time > 1 and mask is None),
-                dropout_p=self.dropout if self.training else 0.0, scale=self.scale, enable_gqa=self.n_kv_head != self.n_head,
-            )
+            if cache is not None and time == 1:
+                y = one_query_attention(q, k, v, mask, self.scale)
+            else:
+                y = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, is_causal=(cache is None and time > 1 and mask is None),
+                    dropout_p=self.dropout if self.training else 0.0, scale=self.scale, enable_gqa=self.n_kv_head != self.n_head,
+                )
         y = y.transpose(1, 2).contiguous().view(batch, time, self.n_head * self.head_dim)  # heads side by side again
         return self.o_proj(y)
 

@@ -1,10 +1,14 @@
 """The decoding engine and the incremental detokenizer: batching changes the cost, never the tokens or the text."""
 
+import contextlib
+import copy
 import dataclasses
+from typing import Iterator
 
 import pytest
 import torch
 
+import minigpt.engine as engine_module
 from minigpt.config import ModelConfig
 from minigpt.engine import BatchSampling, Engine, Request, SamplingConfig, next_token_distribution, next_token_probabilities
 from minigpt.errors import UserInputError
@@ -137,6 +141,56 @@ def test_the_compiled_step_decodes_the_eager_tokens():
         return got
 
     assert staggered(Engine(model, compile=True)) == staggered(Engine(model))
+    with torch.no_grad():  # the CPU's compiled step holds the weights as constants: a change must reach it
+        model.lm_head.weight.mul_(-1.0)
+    assert staggered(Engine(model, compile=True)) == staggered(Engine(model))
+
+
+@contextlib.contextmanager
+def compilations_counted(failing: bool = False) -> Iterator[list]:
+    """torch.compile replaced by a recorder: each function compiled is listed, and the "compiled"
+    function is the eager one (or, with `failing`, one that raises as a missing C compiler would):
+    what the engine does around the compiler, without waiting for it."""
+    compiled = []
+
+    def recorder(function, **options):
+        compiled.append(function)
+        if not failing:
+            return function
+
+        def broken(*arguments):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+        return broken
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine_module.torch, "compile", recorder)
+        yield compiled
+
+
+def test_a_compiled_engine_compiles_once_per_model_and_again_when_its_weights_change(model, caplog):
+    """Engines over one model share its compiled step (a chat's engine per reply compiles nothing
+    new); a weight changed in place (a frozen step would keep the old one) means a new compilation;
+    a compiler that fails is said once, and the step runs eagerly with the same tokens."""
+    fresh = copy.deepcopy(model)
+    requests = [Request(prompt, GREEDY) for prompt in prompts(5, 9)]
+    eager, _ = run(Engine(fresh), requests)
+    with compilations_counted() as compiled:
+        assert run(Engine(fresh, compile=True), requests)[0] == eager
+        assert run(Engine(fresh, compile=True), requests)[0] == eager
+        assert len(compiled) == 1
+        with torch.no_grad():
+            fresh.lm_head.weight.mul_(-1.0)
+        assert run(Engine(fresh, compile=True), requests)[0] == run(Engine(fresh), requests)[0] != eager
+        assert len(compiled) == 2
+    with compilations_counted(failing=True) as compiled, caplog.at_level("WARNING", "minigpt.engine"):
+        other = copy.deepcopy(model)
+        engine = Engine(other, compile=True)
+        assert run(engine, requests)[0] == eager
+        assert run(Engine(other, compile=True), requests)[0] == eager
+    assert len(compiled) == 1
+    assert [record.getMessage() for record in caplog.records] == [
+        "torch.compile failed (InvalidCxxCompiler: No working C++ compiler found); decoding without compilation."]
 
 
 def test_stop_ids_and_max_tokens_per_row(model):
@@ -275,6 +329,11 @@ def test_generate_command_decodes_several_prompts_together_and_prints_them_in_or
     together = printed("--prompt", "The", "--prompt", "def f")
     assert together == printed("--prompt", "The") + printed("--prompt", "def f")  # batched = one after another
     assert together == printed("--prompt", "The", "--prompt", "def f", "--no-kv-cache")
+    with compilations_counted() as compiled:
+        assert together == printed("--prompt", "The", "--prompt", "def f", "--compile")
+    assert compiled == [engine_module.decode_logits]  # the flag reached the engine: one step compiled
+    assert generate_command.main([*flags, "--compile", "--no-kv-cache"]) == 2
+    assert capsys.readouterr().err == "error: --compile compiles the KV-cache decoding step: drop --no-kv-cache to use it.\n"
     first = together.splitlines()[0][len("The"):]
     stop = first.strip()[:2]
     if stop:  # the text ends before a --stop string

@@ -254,3 +254,19 @@ def test_rotary_embedding_matches_a_hand_computation():
         [math.cos(2), -math.sin(0.02), math.sin(2), math.cos(0.02)],
     ])
     torch.testing.assert_close(rotated, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_query_attention_is_pytorchs_attention_for_a_decoding_step(dtype):
+    """The written-out attention of one new token per row gives F.scaled_dot_product_attention's
+    numbers: grouped-query heads, a per-row mask over the cache, Gemma's own scale."""
+    from minigpt.model import one_query_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 8, 1, 16, dtype=dtype), torch.randn(3, 2, 10, 16, dtype=dtype), torch.randn(3, 2, 10, 16, dtype=dtype)
+    mask = torch.arange(10)[None, None, None, :] < torch.tensor([10, 4, 7])[:, None, None, None]  # rows at different lengths
+    for row_mask, scale in ((None, None), (mask, None), (mask, 0.3)):
+        expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=row_mask,
+                                                                    scale=scale, enable_gqa=True)
+        torch.testing.assert_close(one_query_attention(q, k, v, row_mask, scale).float(), expected,
+                                   **({} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}))
