@@ -273,7 +273,7 @@ def main() -> int:
                     compiled = [f"{name} {seconds:.0f} s" for name, seconds in warm_up.items() if name.startswith("compiled")]
                     if compiled:
                         print(f"{'':>10}   first run, compilation included: " + ", ".join(compiled))
-                    differing = [f"{name} {share:.0%}" for name, share in agreement.items() if share < 1]
+                    differing = [f"{name} {share:.1%}" for name, share in agreement.items() if share < 1]
                     if differing:
                         print(f"{'':>10}   tokens equal to {next(iter(tokens))}'s: " + ", ".join(differing))
                     results.append({"shape": shape, "parameters": model.num_parameters(), "rows": rows, "new_tokens": new_tokens,

@@ -1,6 +1,7 @@
 """Three minutes of training on Tiny Shakespeare, end to end: how good a model does a CPU make?
 
     python benchmarks/shakespeare_3min.py --data tinyshakespeare.txt --output-dir DIR [--seconds 164] [--eager]
+        [--set KEY=VALUE ...]
 
 The first 90% of the file is the training data and the last 10% the validation data (written to
 DIR as train.txt and val.txt). The run trains a 512-token BPE tokenizer, then the model below
@@ -32,6 +33,7 @@ from minigpt.files import atomic_write_bytes  # noqa: E402
 from minigpt.cli.common import setup_logging  # noqa: E402
 from minigpt.config import apply_overrides, preset_config  # noqa: E402
 from minigpt.data import TokenBlockStream  # noqa: E402
+from minigpt.errors import UserInputError  # noqa: E402
 from minigpt.evaluation import evaluate  # noqa: E402
 from minigpt.run import prepare_run  # noqa: E402
 
@@ -50,7 +52,14 @@ def main() -> None:
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--seconds", type=float, default=164.0, help="the training budget, compilation included")
     parser.add_argument("--eager", action="store_true", help="do not torch.compile the model (compiling counts against the budget)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="try another setting instead of the one below, e.g. --set model.dropout=0.1 (repeatable)")
     arguments = parser.parse_args()
+    changed = dict(assignment.partition("=")[::2] for assignment in arguments.set)
+    if "" in changed or "" in changed.values():
+        parser.error("--set takes KEY=VALUE, for example --set model.n_embd=192")
+    if not Path(arguments.data).is_file():
+        parser.error(f"--data {arguments.data} is not a file: give the path of tinyshakespeare.txt")
     setup_logging()
     start = time.perf_counter()
 
@@ -60,11 +69,14 @@ def main() -> None:
     atomic_write_bytes(output / "train.txt", text[:split].encode("utf-8"))
     atomic_write_bytes(output / "val.txt", text[split:].encode("utf-8"))
 
-    config = apply_overrides(preset_config("tiny"), {
-        **SETTINGS, "train.data_files": [str(output / "train.txt")], "train.val_data_files": [str(output / "val.txt")],
-        "train.max_time": arguments.seconds, "train.compile": not arguments.eager,
-        "train.output_dir": str(output / "runs"), "train.run_name": f"shakespeare-3min-{int(time.time())}",
-    })
+    try:
+        config = apply_overrides(preset_config("tiny"), {
+            **SETTINGS, **changed, "train.data_files": [str(output / "train.txt")], "train.val_data_files": [str(output / "val.txt")],
+            "train.max_time": arguments.seconds, "train.compile": not arguments.eager,
+            "train.output_dir": str(output / "runs"), "train.run_name": f"shakespeare-3min-{int(time.time())}",
+        })
+    except UserInputError as error:  # an unknown --set key or a value of the wrong kind: the config's one sentence
+        parser.error(str(error))
     trainer = prepare_run(config, show_progress=False)
     summary = trainer.train()
 
