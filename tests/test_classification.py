@@ -435,3 +435,25 @@ def test_labels_true_one_and_one_point_zero_are_not_merged_into_one_class(tmp_pa
     assert f"{path}:2: field 'labels': label True is a bool where a class" in caplog.text
     assert f"{path}:3: field 'labels': label 1.0 is a float where a class" in caplog.text
     assert build_label_maps(records, ["labels"]) == {"labels": [0, 1]}
+
+
+def test_training_batches_group_texts_of_about_one_length_and_still_see_each_text_once_an_epoch():
+    """Each run of LENGTH_GROUP_BATCHES batches is sorted by length before it is cut: much less padding
+    than random batches, every record once per epoch, a different grouping next epoch."""
+    from minigpt.labelled_data import LENGTH_GROUP_BATCHES
+
+    generator = np.random.default_rng(0)
+    lengths = generator.integers(1, 200, size=LENGTH_GROUP_BATCHES * 8 * 3 + 5)  # three groups of 8-record batches and a short tail
+    encoded = EncodedRecords([np.full(length, 7, dtype=np.int64) for length in lengths], np.zeros((len(lengths), 1), dtype=np.int64))
+    stream = ClassificationBatches(encoded, 8, pad_id=0, seed=1)
+    first, second = stream._order(0), stream._order(1)
+    assert sorted(first) == sorted(second) == list(range(len(lengths)))
+    assert not np.array_equal(first, second)
+
+    def padding_share(order: np.ndarray) -> float:
+        batches = [lengths[order[start : start + 8]] for start in range(0, len(order), 8)]
+        return sum(batch.max() * len(batch) - batch.sum() for batch in batches) / sum(batch.max() * len(batch) for batch in batches)
+
+    shuffled = np.random.default_rng([1, 0]).permutation(len(lengths))
+    assert padding_share(first) < padding_share(shuffled) / 3
+    assert set(first[-5:]) == set(shuffled[-5:])  # the epoch's short last batch stays last

@@ -177,6 +177,9 @@ def test_an_explicit_max_steps_caps_the_epochs_and_warmup_ratio_becomes_steps(tm
     assert half.train_config.max_steps == math.ceil(1.5 * epoch_steps)  # the preset's 200 steps are replaced
     plain = tiny(tmp_path, corpus_jsonl, tokenizer_file, "plain", **settings, **{"train.max_steps": 5})
     assert plain.train_config.epoch_steps == 0  # no epochs asked: the text is not read an extra time to count them
+    floor = tiny(tmp_path, corpus_jsonl, tokenizer_file, "floor", **settings, **{"train.max_steps": 2, "train.min_epochs": 2})
+    assert floor.train_config.max_steps == 2 * epoch_steps  # too few steps for 2 epochs of this data: raised
+    assert f"2 steps are {2 / epoch_steps:.2g} epochs of this data: raised to {2 * epoch_steps} steps" in caplog.text
     with pytest.raises(UserInputError, match="warmup-ratio"):
         tiny(tmp_path, corpus_jsonl, tokenizer_file, "timed", **settings, **{
             "train.max_steps": 0, "train.max_time": 5.0, "train.warmup_ratio": 0.1})
