@@ -3,7 +3,8 @@
 
     baseline  TF-IDF of character 1-3-grams + logistic regression (scikit-learn: pip install -e ".[bench]"),
               once with scikit-learn's defaults and once tuned on the built-in set
-    MiniGPT   `train-classifier` with its default CPU recipe (--max-time bounds it, 600 s by default)
+    MiniGPT   `train-classifier` with its default CPU recipe (--max-time bounds it, 600 s by default;
+              --group-by-length on|off|auto replaces the recipe's auto: texts of about one length batched together)
 
 The set (one classification task):
 
@@ -129,11 +130,13 @@ def fresh_split(number: int, records: list[LabelledRecord], task: str, fraction:
     return write_records(directory / "train.jsonl", sides["train"]), write_records(directory / "val.jsonl", sides["val"])
 
 
-def minigpt(train_file: Path, output_dir: Path, max_time: float, validation: list, task: str) -> tuple[float, float, Path, RunConfig]:
+def minigpt(train_file: Path, output_dir: Path, max_time: float, validation: list, task: str,
+            group_by_length: str = "") -> tuple[float, float, Path, RunConfig]:
     """(macro-F1 of the last model on the validation split, wall seconds, the run directory, its configuration)."""
     start = time.perf_counter()
     status = train_classifier.main(["--data-files", str(train_file), "--val-fraction", "0", "--output-dir", str(output_dir),
-                                    "--run-name", "bench", "--max-time", str(max_time), "--tasks", task])
+                                    "--run-name", "bench", "--max-time", str(max_time), "--tasks", task,
+                                    *(["--group-by-length", group_by_length] if group_by_length else [])])
     seconds = time.perf_counter() - start
     if status != 0:
         raise SystemExit(f"train-classifier exited with status {status}")
@@ -153,7 +156,8 @@ def describe_recipe(config: RunConfig) -> str:
     tokenizer = "characters" if train.tokenizer_type == "char" else train.tokenizer_type.upper()
     return (f"{model.n_layer} layer{'s' if model.n_layer != 1 else ''} x {model.n_embd} wide, {tokenizer} vocabulary {model.vocab_size}, "
             f"block {model.block_size}, {train.pooling} pooling, language-model loss x{train.lm_loss_weight:g}, "
-            f"batch {train.batch_size}, learning rate {train.learning_rate:g}, {train.dtype}")
+            f"batch {train.batch_size}{' grouped by length: ' + train.group_by_length if train.group_by_length != 'off' else ''}, learning rate {train.learning_rate:g}, "
+            f"{train.dtype}")
 
 
 def cpu_model() -> str:
@@ -177,6 +181,8 @@ def main() -> None:
                         help="their validation records (default: 10%% of --data-files held out by the hash of the text)")
     parser.add_argument("--task", default="", help="the task to score when the records label several (default: the only one)")
     parser.add_argument("--max-time", type=float, default=600.0, help="MiniGPT's training budget in seconds")
+    parser.add_argument("--group-by-length", choices=("on", "off", "auto"), default="",
+                        help="train MiniGPT with this --group-by-length instead of the recipe's (auto)")
     parser.add_argument("--output-dir", type=Path, default=None, help="where MiniGPT's run goes (default: a temporary folder)")
     parser.add_argument("--fresh-splits", type=int, default=0, metavar="N",
                         help="also score all three on N other splits of the same texts, not used to tune the recipe")
@@ -222,7 +228,7 @@ def main() -> None:
     baseline_f1, baseline_seconds = baseline(train, validation, task)
     print(f"baseline, tuned (TF-IDF char 1-3-grams within words + logistic regression, C=10): macro-F1 {baseline_f1:.4f} "
           f"in {baseline_seconds:.1f} s")
-    minigpt_f1, minigpt_seconds, run, config = minigpt(train_file, output_dir, arguments.max_time, validation, task)
+    minigpt_f1, minigpt_seconds, run, config = minigpt(train_file, output_dir, arguments.max_time, validation, task, arguments.group_by_length)
     summary = json.loads((run / "summary.json").read_text())
     print(f"MiniGPT recipe: {describe_recipe(config)}")
     epochs = summary["steps"] * config.train.batch_size / len(train)
@@ -237,7 +243,8 @@ def main() -> None:
         train_file, val_file = fresh_split(number, train + validation, task, fraction, output_dir / f"split{number}")
         train_split, validation_split = read_labelled_records([train_file]), read_labelled_records([val_file])
         scores = (baseline(train_split, validation_split, task, tuned=False)[0], baseline(train_split, validation_split, task)[0],
-                  minigpt(train_file, output_dir / f"split{number}", arguments.max_time, validation_split, task)[0])
+                  minigpt(train_file, output_dir / f"split{number}", arguments.max_time, validation_split, task,
+                          arguments.group_by_length)[0])
         fresh.append(scores)
         print(f"fresh split {number} ({len(train_split)} training, {len(validation_split)} validation records): macro-F1 baseline with "
               f"defaults {scores[0]:.4f}, tuned {scores[1]:.4f}, MiniGPT {scores[2]:.4f}")

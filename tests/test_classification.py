@@ -150,7 +150,7 @@ def test_long_texts_are_cut_and_counted_and_the_stream_resumes_exactly(tmp_path,
         next(batches)
     state = stream.state_dict()
     expected = [next(batches) for _ in range(3)]
-    assert state == {"epoch": {"passes": 1, "position": 4}}  # 21 records: 6 batches a pass, the last one short
+    assert state == {"epoch": {"passes": 1, "position": 4}, "group_by_length": False}  # 21 records: 6 batches a pass, the last one short
     resumed = ClassificationBatches(encoded, 4, tokenizer.pad_id, seed=3)
     resumed.load_state_dict(state)
     for want, got in zip(expected, iter(resumed)):
@@ -437,15 +437,17 @@ def test_labels_true_one_and_one_point_zero_are_not_merged_into_one_class(tmp_pa
     assert build_label_maps(records, ["labels"]) == {"labels": [0, 1]}
 
 
-def test_training_batches_group_texts_of_about_one_length_and_still_see_each_text_once_an_epoch():
-    """Each run of LENGTH_GROUP_BATCHES batches is sorted by length before it is cut: much less padding
-    than random batches, every record once per epoch, a different grouping next epoch."""
+def test_group_by_length_batches_texts_of_about_one_length_and_still_sees_each_text_once_an_epoch():
+    """With group_by_length each run of LENGTH_GROUP_BATCHES batches is sorted by length before it
+    is cut: much less padding than random batches, every record once per epoch, a different
+    grouping next epoch. Without it (the default) the order is the plain shuffle. A checkpoint's
+    position belongs to one of the two orders: resuming in the other is refused."""
     from minigpt.labelled_data import LENGTH_GROUP_BATCHES
 
     generator = np.random.default_rng(0)
     lengths = generator.integers(1, 200, size=LENGTH_GROUP_BATCHES * 8 * 3 + 5)  # three groups of 8-record batches and a short tail
     encoded = EncodedRecords([np.full(length, 7, dtype=np.int64) for length in lengths], np.zeros((len(lengths), 1), dtype=np.int64))
-    stream = ClassificationBatches(encoded, 8, pad_id=0, seed=1)
+    stream = ClassificationBatches(encoded, 8, pad_id=0, seed=1, group_by_length=True)
     first, second = stream._order(0), stream._order(1)
     assert sorted(first) == sorted(second) == list(range(len(lengths)))
     assert not np.array_equal(first, second)
@@ -454,6 +456,16 @@ def test_training_batches_group_texts_of_about_one_length_and_still_see_each_tex
         batches = [lengths[order[start : start + 8]] for start in range(0, len(order), 8)]
         return sum(batch.max() * len(batch) - batch.sum() for batch in batches) / sum(batch.max() * len(batch) for batch in batches)
 
-    shuffled = np.random.default_rng([1, 0]).permutation(len(lengths))
+    shuffled = ClassificationBatches(encoded, 8, pad_id=0, seed=1)._order(0)
+    assert np.array_equal(shuffled, np.random.default_rng([1, 0]).permutation(len(lengths)))
     assert padding_share(first) < padding_share(shuffled) / 3
     assert set(first[-5:]) == set(shuffled[-5:])  # the epoch's short last batch stays last
+    state = stream.state_dict()
+    assert state["group_by_length"] is True
+    with pytest.raises(UserInputError, match="saved with --group-by-length and this run asks without"):
+        ClassificationBatches(encoded, 8, pad_id=0, seed=1).load_state_dict(state)
+    ClassificationBatches(encoded, 8, pad_id=0, seed=1).load_state_dict({"epoch": {"passes": 0, "position": 8}})  # an older checkpoint: ungrouped
+    from minigpt.classification import LARGE_SET_RECORDS, groups_by_length
+
+    assert [groups_by_length("auto", LARGE_SET_RECORDS), groups_by_length("auto", LARGE_SET_RECORDS + 1)] == [False, True]
+    assert groups_by_length("on", 10) and not groups_by_length("off", 10**6)

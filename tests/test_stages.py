@@ -73,10 +73,10 @@ def test_an_explicit_step_count_still_bounds_an_epoch_run(capsys):
 
 
 def test_the_classify_recipes_epoch_floor_gives_way_to_a_length_the_user_gives(capsys):
-    """The recipe's 800 steps grow to 5 epochs of a large set (min_epochs); a --max-steps or
+    """The recipe's 800 steps grow to 8 epochs of a large set (min_epochs); a --max-steps or
     --num-epochs typed on the command line is the run's length as given."""
     recipe = printed_config(capsys, "--stage", "classify")
-    assert (recipe["max_steps"], recipe["min_epochs"]) == (800, 5)
+    assert (recipe["max_steps"], recipe["min_epochs"], recipe["group_by_length"]) == (800, 8, "auto")
     assert printed_config(capsys, "--stage", "classify", "--max-steps", "100")["min_epochs"] == 0
     assert printed_config(capsys, "--stage", "classify", "--num-epochs", "2")["min_epochs"] == 0
 

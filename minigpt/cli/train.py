@@ -56,6 +56,9 @@ FLAGS: dict[str, list[Flag]] = {
         Flag(("--pooling",), "train.pooling", "last: the last real token's vector feeds the heads; mean: the average over real tokens; max: each feature's largest value over them"),
         Flag(("--freeze-trunk",), "train.freeze_trunk", "train only the heads on the frozen --init-from model (a linear probe)"),
         Flag(("--lm-loss-weight",), "train.lm_loss_weight", "add this times the next-token loss on the texts to the classification loss (0 = off)"),
+        Flag(("--group-by-length",), "train.group_by_length", "on: batch texts of about one length together (less padding, about twice the "
+             "steps per second; the batches' mix of texts changes, which cost 0.015 macro-F1 on the built-in set); auto: on for a set of "
+             "more than 5,000 texts. A resumed run keeps what it started with"),
     ],
     "data": [
         Flag(("--data-files", "--train-file"), "train.data_files", "training data: .jsonl/.txt files, directories or globs (none: the built-in corpus)"),
