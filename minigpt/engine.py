@@ -232,11 +232,18 @@ def compiled_decode_step(model: GPT) -> Callable[..., torch.Tensor]:
     seconds on a small CPU, less when inductor's on-disk cache has the kernels), again for a new
     batch size or cache capacity. On a CPU the weights are frozen into the compiled step
     (CPU_DECODE_COMPILATION): a step is compiled afresh when any weight changed in place since
-    (training, load_state_dict), which each parameter's version counter tells. If compilation
-    fails (no C compiler, say), it says so once and the step runs eagerly."""
+    (training, load_state_dict), which each parameter's version counter tells, after
+    torch.compiler.reset(). If compilation fails (no C compiler, say), it says so once and the step
+    runs eagerly."""
     known = _compiled_steps.get(model)
-    if known is not None and [parameter._version for parameter in known[0]] == known[1]:
-        return known[2]
+    if known is not None:
+        if [parameter._version for parameter in known[0]] == known[1]:
+            return known[2]
+        # torch.compile keeps its compiled graphs per function, not per torch.compile call: only
+        # clearing them all makes the next call compile with the new weights (other compiled code in
+        # this process, a compiled training model say, compiles again at its next call too).
+        log.info("The model's weights changed since its decoding step was compiled: compiling it again.")
+        torch.compiler.reset()
     import torch._inductor.config as inductor_config  # imported with the first compilation, not with the engine
 
     parameters = list(model.parameters())

@@ -181,8 +181,11 @@ def test_a_compiled_engine_compiles_once_per_model_and_again_when_its_weights_ch
         assert len(compiled) == 1
         with torch.no_grad():
             fresh.lm_head.weight.mul_(-1.0)
-        assert run(Engine(fresh, compile=True), requests)[0] == run(Engine(fresh), requests)[0] != eager
-        assert len(compiled) == 2
+        resets = []
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(engine_module.torch.compiler, "reset", lambda: resets.append(True))
+            assert run(Engine(fresh, compile=True), requests)[0] == run(Engine(fresh), requests)[0] != eager
+        assert len(compiled) == 2 and resets == [True]  # the old graphs (frozen weights) are forgotten first
     with compilations_counted(failing=True) as compiled, caplog.at_level("WARNING", "minigpt.engine"):
         other = copy.deepcopy(model)
         engine = Engine(other, compile=True)
