@@ -3,6 +3,7 @@
 import contextlib
 import copy
 import dataclasses
+import logging
 from typing import Iterator
 
 import pytest
@@ -192,7 +193,7 @@ def test_a_compiled_engine_compiles_once_per_model_and_again_when_its_weights_ch
         assert run(engine, requests)[0] == eager
         assert run(Engine(other, compile=True), requests)[0] == eager
     assert len(compiled) == 1
-    assert [record.getMessage() for record in caplog.records] == [
+    assert [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING] == [
         "torch.compile failed (InvalidCxxCompiler: No working C++ compiler found); decoding without compilation."]
 
 
