@@ -156,7 +156,7 @@ def describe_recipe(config: RunConfig) -> str:
     tokenizer = "characters" if train.tokenizer_type == "char" else train.tokenizer_type.upper()
     return (f"{model.n_layer} layer{'s' if model.n_layer != 1 else ''} x {model.n_embd} wide, {tokenizer} vocabulary {model.vocab_size}, "
             f"block {model.block_size}, {train.pooling} pooling, language-model loss x{train.lm_loss_weight:g}, "
-            f"batch {train.batch_size}{' grouped by length: ' + train.group_by_length if train.group_by_length != 'off' else ''}, learning rate {train.learning_rate:g}, "
+            f"batch {train.batch_size} (--group-by-length {train.group_by_length}), learning rate {train.learning_rate:g}, "
             f"{train.dtype}")
 
 

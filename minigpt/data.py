@@ -654,6 +654,7 @@ class RecordBatches:
         self.loop, self.seed = loop, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = EpochState()  # position: records of this pass's order already batched
+        self._drawn: tuple[tuple[int, int], np.ndarray] | None = None  # ((pass, batch size), its order): drawn once a pass
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch.as_dict()}
@@ -668,6 +669,13 @@ class RecordBatches:
 
     def _order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.count) if self.loop else np.arange(self.count)
+
+    def _pass_order(self, epoch: int) -> np.ndarray:
+        """`_order(epoch)`, drawn once per pass (and batch size, which a subclass's order may depend on), not once per batch."""
+        key = (epoch, self.batch_size)
+        if self._drawn is None or self._drawn[0] != key:
+            self._drawn = key, self._order(epoch)
+        return self._drawn[1]
 
     def __iter__(self) -> Iterator[Any]:
         if self.loop:
@@ -686,7 +694,7 @@ class RecordBatches:
             start = self.epoch
             for _ in range(self.rank):  # the batches of the processes before this one
                 start = self._after_batch(start)
-            chosen = self._order(start.passes)[start.position : start.position + self.batch_size]
+            chosen = self._pass_order(start.passes)[start.position : start.position + self.batch_size]
             for _ in range(self.world_size):  # the round: this process's batch and the others'
                 self.epoch = self._after_batch(self.epoch)
             yield self._batch(chosen)

@@ -35,6 +35,8 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     sampling_from_arguments(arguments)  # a bad flag is refused before the model loads
+    if arguments.compile and not arguments.kv_cache:
+        raise UserInputError("--compile compiles the KV-cache decoding step: drop --no-kv-cache to use it.")
     loaded = load_language_model(arguments.model, select_device(arguments.device))
     model, tokenizer = loaded.model, loaded.tokenizer
     sampling = sampling_from_arguments(arguments, tokenizer.sampling_defaults)
@@ -47,8 +49,6 @@ def main(argv: list[str] | None = None) -> int:
         else:
             prompt_ids = tokenizer.encode_prompt(prompt)  # a new document: after <|endoftext|>, or the folder's BOS
         requests.append(Request(prompt_ids, sampling))
-    if arguments.compile and not arguments.kv_cache:
-        raise UserInputError("--compile compiles the KV-cache decoding step: drop --no-kv-cache to use it.")
     engine = Engine(model, use_kv_cache=arguments.kv_cache, compile=arguments.compile)
     started = -1
     for piece in stream_text(engine, tokenizer, requests, arguments.stop):
