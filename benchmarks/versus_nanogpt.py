@@ -29,6 +29,15 @@ the fastest round's in the table (other work on the machine only ever slows a mu
 a short one often runs between interruptions; an average over a busy second would understate the
 peak and overstate the MFU).
 
+Two columns bound what any speed-up can reach: "floor" is each program's FLOPs per iteration at
+that peak (100% MFU), the shortest iteration this CPU allows for the work, and "ceiling" is
+nanoGPT's measured time over that floor. Where nanoGPT itself runs at a high MFU, the ceiling is
+low: on a 2-core AMD EPYC (AVX-512, float32 peak about 200 GFLOP/s) nanoGPT's baby GPT took 38.6
+ms per iteration in an idle sitting (51% MFU) and MiniGPT's floor is 21.0 ms, a ceiling of 1.84x.
+1.5x (25.7 ms) would need 82% MFU over MiniGPT's whole step, while its 86 matrix multiplies alone
+take 24 ms of its 37.6 (profiled, compiled float32, at 85% of the peak): under 2 ms would be left
+for attention, norms, rotary, SwiGLU, the loss and the optimizer, which take 14 ms.
+
 nanoGPT runs as its README says for a CPU: --device=cpu --compile=False, in float32 (it has no
 CPU autocast). The MiniGPT variants: eager-float32 and compiled-float32 (the same precision as
 nanoGPT, without and with --enable-compile), eager-auto and compiled-auto (--dtype auto: bfloat16
@@ -257,14 +266,16 @@ def main() -> int:
             print(f"\n{shape_name}: {shape.description} ({shape.n_layer} layers, {shape.n_head} heads, width {shape.n_embd}, "
                   f"block {shape.block_size}, batch {shape.batch_size}: {tokens:,} tokens per iteration); "
                   f"float32 peak {peak / 1e9:.1f} GFLOP/s")
-            print(f"  {'program':<26} {'ms/iter':>9} {'tokens/s':>10} {'vs nanoGPT':>11} {'MFU':>6}")
+            print(f"  {'program':<26} {'ms/iter':>9} {'tokens/s':>10} {'vs nanoGPT':>11} {'MFU':>6} {'floor ms':>9} {'ceiling':>8}")
             reference = statistics.median(medians["nanoGPT"])
             for program in programs:
                 milliseconds = statistics.median(medians[program])
                 tokens_per_second = 1000 * tokens / milliseconds
+                floor = 1000 * flops[program] * tokens / peak  # the iteration's FLOPs at the peak: no step can be shorter
                 print(f"  {program:<26} {milliseconds:>9.1f} {tokens_per_second:>10,.0f} {reference / milliseconds:>10.2f}x "
-                      f"{flops[program] * tokens_per_second / peak:>6.1%}")
-            print()
+                      f"{flops[program] * tokens_per_second / peak:>6.1%} {floor:>9.1f} {reference / floor:>7.2f}x")
+            print("  floor: the iteration's FLOPs at this CPU's float32 peak (100% MFU); ceiling: nanoGPT's time over that floor,\n"
+                  "  the most any program doing that many FLOPs could be faster than nanoGPT here.\n")
     return 0
 
 
