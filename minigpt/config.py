@@ -111,6 +111,7 @@ class TrainConfig:
     tokenizer_samples: int = 0  # documents used to train the tokenizer; 0 = all
     retrain_tokenizer: bool = False
     # optimisation
+    optimizer: str = "adamw"  # muon: Muon for the blocks' matrices, AdamW for the rest (minigpt.optim)
     learning_rate: float = 1e-3
     min_lr_ratio: float = 0.1  # the schedule's floor as a fraction of the peak learning rate
     min_learning_rate: float = 0.0  # an absolute floor instead; 0 = min_lr_ratio x learning_rate
@@ -258,6 +259,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 CHOICES = {
+    "train.optimizer": ("adamw", "muon"),
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "train.tokenizer_type": ("bpe", "char", "auto"),
     "train.device": ("auto", "cpu", "cuda", "mps"),

@@ -62,12 +62,13 @@ from minigpt.lora import LoRALinear
 from minigpt.loss import loss_chunk_positions
 from minigpt.model import CPU_FLOAT32_ATTENTION_MAX_KEYS, GPT
 from minigpt.objective import Batch, Objective
-from minigpt.optim import build_optimizer
+from minigpt.optim import build_optimizer, trained_by_muon
 from minigpt.runtime import autocast, synchronize
 
 log = logging.getLogger("minigpt.memory")
 
 ADAMW_STATES = 2  # exp_avg and exp_avg_sq, each the size of its parameter
+MUON_STATES = 1  # the momentum buffer, the size of its matrix (--optimizer muon, for the blocks' matrices)
 FIT_MARGIN = 0.9  # plan for at most this share of the memory the device has free
 THROUGHPUT_GAIN = 1.1  # a larger micro-batch must raise tokens/s by 10% to be worth its memory
 PROBE_SECONDS = 10.0  # stop probing larger micro-batches once one takes longer than this
@@ -316,7 +317,9 @@ def estimate_memory(model: torch.nn.Module, config: RunConfig, batch_size: int, 
         parameters=counts, batch_size=batch_size, block_size=config.model.block_size, dtype=dtype,
         accumulation=accumulation or train.gradient_accumulation_steps, attention=path,
         weights=sum(parameter.numel() * parameter.element_size() for parameter in model.parameters()),  # a LoRA base may be bfloat16
-        gradients=trainable, optimizer_state=ADAMW_STATES * trainable,
+        gradients=trainable, optimizer_state=parameter_bytes * sum(
+            (MUON_STATES if train.optimizer == "muon" and trained_by_muon(name, parameter) else ADAMW_STATES) * parameter.numel()
+            for name, parameter in model.named_parameters() if parameter.requires_grad),
         weight_copies=weight_copy_bytes(model, dtype, False, language_model and not chunked),
         weight_copies_checkpointed=weight_copy_bytes(model, dtype, True, language_model and not chunked),
         activations=tokens * (layers * saved.block + saved.output - saved.first_block_less) - unkept + rotary,
@@ -588,7 +591,9 @@ def dry_run_report(estimate: MemoryEstimate, config: RunConfig, budget: DeviceMe
                         f"accumulation {estimate.accumulation}: {tokens_per_step:,} tokens per optimizer step"),
         ("weights", gb(estimate.weights)),
         ("gradients", f"{gb(estimate.gradients)} ({accumulating})"),
-        ("optimizer state", f"{gb(estimate.optimizer_state)} (AdamW: {ADAMW_STATES} per trainable parameter)"),
+        ("optimizer state", f"{gb(estimate.optimizer_state)} " + (
+            f"(Muon: {MUON_STATES} per value of the blocks' matrices, AdamW: {ADAMW_STATES} per other trainable parameter)"
+            if train.optimizer == "muon" else f"(AdamW: {ADAMW_STATES} per trainable parameter)")),
     ]
     if estimate.weight_copies:
         rows.append(("weight copies", f"{gb(estimate.weight_copies)} ({dtype} autocast's, kept for the backward pass; "

@@ -4,6 +4,12 @@ AdamW with two parameter groups: matrices (attention and MLP weights, the embedd
 decay, which keeps them from growing without bound; vectors (RMSNorm gains) do not, since
 shrinking a gain towards zero only fights the normalisation.
 
+--optimizer muon trains the transformer blocks' matrices with Muon instead (torch.optim.Muon) and
+keeps AdamW for the rest. Muon orthogonalises each matrix's momentum (a few Newton-Schulz
+iterations) before the update, so every direction of a layer's map moves at the same rate rather
+than the few that dominate its gradient. Its learning rate is scaled to give updates of AdamW's
+size ("match_rms_adamw"), so the learning rate and weight decay tuned for AdamW carry over.
+
 The schedule warms the learning rate up linearly from near zero (early gradients are large and
 noisy, and Adam's moment estimates are not yet reliable), then decays it to a floor.
 """
@@ -17,9 +23,56 @@ import torch
 from minigpt.config import TrainConfig
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig, device_type: str) -> torch.optim.AdamW:
-    """AdamW over the model's trainable parameters, with and without weight decay."""
-    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+def build_optimizer(model: torch.nn.Module, train: TrainConfig, device_type: str) -> torch.optim.AdamW | MuonAndAdamW:
+    """The optimizer train.optimizer names, over the model's trainable parameters: AdamW, or Muon
+    for the blocks' matrices with AdamW for the rest."""
+    named = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+    if train.optimizer == "muon":
+        matrices = [parameter for name, parameter in named if trained_by_muon(name, parameter)]
+        others = [parameter for name, parameter in named if not trained_by_muon(name, parameter)]
+        muon = torch.optim.Muon(matrices, lr=train.learning_rate, weight_decay=train.weight_decay, adjust_lr_fn="match_rms_adamw")
+        return MuonAndAdamW(muon, adamw(others, train, device_type))
+    return adamw([parameter for _, parameter in named], train, device_type)
+
+
+def trained_by_muon(name: str, parameter: torch.nn.Parameter) -> bool:
+    """Muon takes the blocks' weight matrices: linear maps from one hidden space to another. The
+    token embedding and output head (a row per token), vectors (gains, biases) and a classifier's
+    head stay with AdamW. (A LoRA run or a frozen trunk trains no such matrix: run.check_config
+    refuses Muon there.)"""
+    return parameter.dim() == 2 and ".blocks." in f".{name}"
+
+
+class MuonAndAdamW:
+    """torch.optim.Muon and AdamW stepping as one optimizer: one list of parameter groups (the
+    schedule sets every group's learning rate), one step, one state dict holding both."""
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW):
+        self.muon, self.adamw = muon, adamw
+        self.defaults: dict = {}  # not fused as a whole: the trainer reads back a bad step's flag itself
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
+def adamw(parameters: list[torch.nn.Parameter], train: TrainConfig, device_type: str) -> torch.optim.AdamW:
+    """AdamW over `parameters`, matrices with weight decay and vectors without."""
     decay = [parameter for parameter in parameters if parameter.dim() >= 2]
     no_decay = [parameter for parameter in parameters if parameter.dim() < 2]
     groups = [

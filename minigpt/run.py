@@ -283,6 +283,9 @@ def check_config(config: RunConfig, given: Mapping[str, str] | None = None, sour
     check_stage_settings(config, given, source)
     if config.train.lora_rank and not config.train.init_from:
         raise UserInputError("LoRA trains small adapters on a frozen, already trained model: give that model with --init-from.")
+    if config.train.optimizer == "muon" and (config.train.lora_rank or config.train.freeze_trunk):
+        raise UserInputError(f"--optimizer muon trains the transformer blocks' weight matrices, and a run with "
+                             f"{'--lora-rank' if config.train.lora_rank else '--freeze-trunk'} trains none of them: use --optimizer adamw.")
     return stage_of(config)
 
 

@@ -364,6 +364,12 @@ class Trainer:
                 f"with the same number (torchrun --nproc_per_node ... totalling {saved_by}), since each process's data "
                 "position belongs to its own share of the documents."
             )
+        saved_with = "muon" if "muon" in state["optimizer"] else "adamw"
+        if saved_with != self.train_config.optimizer:
+            raise UserInputError(
+                f"Checkpoint {checkpoint_dir} was trained with --optimizer {saved_with} and this run asks for "
+                f"{self.train_config.optimizer}: resume with --optimizer {saved_with}, since one optimizer's state does not carry over to the other."
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         self.train_batches.load_state_dict(state["processes"][rank()]["train_stream"])
         set_rng_state(state["processes"][rank()]["rng"])

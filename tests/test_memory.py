@@ -125,12 +125,13 @@ class LiveTensors(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("vocabulary", [512, 4096])
-@pytest.mark.parametrize("dtype, checkpointing, accumulation", [
-    (torch.float32, False, 1), (torch.float32, True, 1), (torch.float32, False, 2), (torch.bfloat16, False, 1), (torch.bfloat16, True, 2),
+@pytest.mark.parametrize("dtype, checkpointing, accumulation, optimizer", [
+    (torch.float32, False, 1, "adamw"), (torch.float32, True, 1, "adamw"), (torch.float32, False, 2, "adamw"),
+    (torch.bfloat16, False, 1, "adamw"), (torch.bfloat16, True, 2, "adamw"), (torch.float32, False, 1, "muon"),
 ])
-def test_the_tensor_peak_of_two_training_steps(vocabulary, dtype, checkpointing, accumulation):
+def test_the_tensor_peak_of_two_training_steps(vocabulary, dtype, checkpointing, accumulation, optimizer):
     config = apply_overrides(preset_config("tiny"), {"model.vocab_size": vocabulary, "model.block_size": 128, "model.n_embd": 128,
-                                                     "train.gradient_accumulation_steps": accumulation})
+                                                     "train.gradient_accumulation_steps": accumulation, "train.optimizer": optimizer})
     torch.manual_seed(0)
     model = GPT(config.model)
     model.gradient_checkpointing = checkpointing

@@ -78,8 +78,10 @@ FLAGS: dict[str, list[Flag]] = {
         Flag(("--block-size",), "model.block_size", "context length in tokens (from a pretrained folder: 512, or its context if shorter)"),
     ],
     "optimisation": [
+        Flag(("--optimizer",), "train.optimizer", "adamw, or muon: Muon for the transformer blocks' matrices and AdamW for "
+             "the rest, at the same learning rate and weight decay (kept by --resume)"),
         Flag(("--learning-rate", "--lr"), "train.learning_rate", "peak learning rate"),
-        Flag(("--weight-decay",), "train.weight_decay", "AdamW weight decay for the matrices"),
+        Flag(("--weight-decay",), "train.weight_decay", "weight decay for the matrices"),
         Flag(("--adam-beta1",), "train.beta1", "AdamW's decay rate of the gradient's running average"),
         Flag(("--adam-beta2",), "train.beta2", "AdamW's decay rate of the squared gradient's running average"),
         Flag(("--grad-clip", "--max-grad-norm"), "train.grad_clip", "clip the gradient norm to this (0 = off)"),
@@ -202,7 +204,7 @@ HUGGING_FACE_ONLY_FLAGS = {
     "--load-best-model-at-end": "the best checkpoint is always kept (--keep-checkpoints keeps the newest besides it)",
     "--metric-for-best-model": "each stage has its own metric (validation loss; macro-F1 for classify)",
     "--greater-is-better": "each stage has its own metric (validation loss; macro-F1 for classify)",
-    "--optim": "MiniGPT trains with AdamW (--weight-decay, --adam-beta1, --adam-beta2)",
+    "--optim": "choose with --optimizer adamw or muon (and --weight-decay, --adam-beta1, --adam-beta2)",
     "--adam-epsilon": "AdamW's epsilon is fixed at PyTorch's default",
     "--tf32": "--dtype chooses the precision",
     "--use-cpu": "use --device cpu",
