@@ -25,6 +25,11 @@ Then, with bfloat16: batch 32 2.123, batch 16 2.107 and 2.121; batch 16 with Muo
 2.108 (its orthogonalisation costs about a sixth of the steps); batch 32 with Muon 2.106. Dropout
 0.1 (2.418), width 192 (2.278), blocks of 256 tokens at batch 16 (2.133) and a vocabulary of 1,024
 (2.136) did worse.
+
+On that CPU --dtype auto's probe sits near its margin at this shape: it timed bfloat16 at 72-79%
+of float32's step (the margin is 75%), so a busy machine may train in float32, at about 60% of the
+tokens/s and 0.01-0.05 bits/byte worse (the log's "CPU precision" line says which).
+--set train.dtype=bfloat16 pins it for comparisons.
 """
 
 from __future__ import annotations
