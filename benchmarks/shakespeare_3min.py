@@ -89,9 +89,9 @@ def main() -> None:
             "train.max_time": arguments.seconds, "train.compile": not arguments.eager,
             "train.output_dir": str(output / "runs"), "train.run_name": f"shakespeare-3min-{int(time.time())}",
         })
-    except UserInputError as error:  # an unknown --set key or a value of the wrong kind: the config's one sentence
+        trainer = prepare_run(config, show_progress=False)  # checks the values too (train.optimizer=sgd, say)
+    except UserInputError as error:  # an unknown --set key or a value it cannot take: the config's one sentence
         parser.error(str(error))
-    trainer = prepare_run(config, show_progress=False)
     summary = trainer.train()
 
     # The whole validation file, exactly as scripts/evaluate.py reads it.
